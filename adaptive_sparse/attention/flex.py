@@ -1,0 +1,42 @@
+"""FlexAttention backend: the same mask, converted with `BlockSparseMask.to_flex()`."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptive_sparse.masks import BlockSparseMask
+
+
+def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: BlockSparseMask, scale: float, return_lse: bool = False,
+                           compile: bool | None = None):
+    """q [B, Hq, N, D], k/v [B, Hkv, M, D]. Rows with no block give zeros (Flex's behaviour).
+
+    `compile` defaults to True on CUDA (eager Flex materializes scores) and False elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    Hq, Hkv = q.shape[1], k.shape[1]
+    m = mask if mask.heads in (1, Hq) else mask.expand_heads(Hq)
+    fn = flex_attention
+    if compile is None:
+        compile = q.is_cuda
+    if compile:
+        fn = _compiled()
+    out = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv,
+             return_lse=return_lse)
+    if return_lse:
+        o, lse = out
+        # Flex reports lse in natural log; empty rows come back as -inf
+        return o, lse.float()
+    return out
+
+
+_COMPILED = None
+
+
+def _compiled():
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED

@@ -1,0 +1,69 @@
+"""Torch-only block-sparse attention: the ground truth for every test.
+
+Chunked over query blocks, so memory is O(chunk_rows * kv_len * heads), never O(N^2). Within a
+chunk it scores the chunk's rows against the keys up to the last one they can see, masks by the
+block mask (expanded to elements) and the end-aligned causal rule, and takes an fp32 softmax.
+GQA: the Hq / Hkv query heads of a group are folded into the row dimension, so K and V are
+never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptive_sparse.masks import BlockSparseMask
+
+# elements of the fp32 score tile of one chunk: bounds the chunk's memory (~4 bytes each)
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: BlockSparseMask, scale: float, return_lse: bool = False,
+                        chunk_elements: int = _CHUNK_ELEMENTS):
+    """q [B, Hq, N, D], k/v [B, Hkv, M, D]; mask of batch 1|B and heads 1|Hkv|Hq.
+
+    Returns out [B, Hq, N, D] in q.dtype (and lse fp32 [B, Hq, N], -inf for empty rows)."""
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    bs = mask.block_size
+    offset = M - N if mask.causal else 0
+    dense = mask.to_dense()  # [Bm, Hm, Qb, Kb]
+    if mask.heads == 1:
+        dense = dense[:, :, None].expand(-1, Hkv, G, -1, -1)
+    elif mask.heads == Hkv:
+        dense = dense[:, :, None].expand(-1, -1, G, -1, -1)
+    else:  # one mask per query head
+        dense = dense.view(mask.batch, Hkv, G, *dense.shape[2:])
+    dense = dense.expand(B, -1, -1, -1, -1)  # [B, Hkv, G, Qb, Kb]
+
+    kf, vf = k.float(), v.float()
+    out = torch.empty(B, Hkv, G, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
+    qg = q.view(B, Hkv, G, N, D)
+    rows_per_chunk = max(bs, (chunk_elements // max(1, B * Hq * M)) // bs * bs)
+    for r0 in range(0, N, rows_per_chunk):
+        r1 = min(N, r0 + rows_per_chunk)
+        kv_end = min(M, r1 - 1 + offset + 1) if mask.causal else M
+        qc = qg[:, :, :, r0:r1].float()  # [B, Hkv, G, R, D]
+        s = torch.matmul(qc.reshape(B, Hkv, G * (r1 - r0), D), kf[:, :, :kv_end].transpose(-1, -2))
+        s = s.view(B, Hkv, G, r1 - r0, kv_end) * scale
+        rows = torch.arange(r0, r1, device=q.device)
+        cols = torch.arange(kv_end, device=q.device)
+        keep = dense[..., rows // bs, :][..., cols // bs]  # [B, Hkv, G, R, kv_end]
+        if mask.causal:
+            keep = keep & (cols[None, :] <= rows[:, None] + offset)
+        s = s.masked_fill(~keep, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        o = torch.matmul(p.view(B, Hkv, G * (r1 - r0), kv_end), vf[:, :, :kv_end])
+        o = o.view(B, Hkv, G, r1 - r0, -1)
+        o = torch.where(l > 0, o / l.clamp_min(1e-30), torch.zeros_like(o))
+        out[:, :, :, r0:r1] = o.to(q.dtype)
+        lse[:, :, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
+    out = out.view(B, Hq, N, -1)
+    if return_lse:
+        return out, lse.view(B, Hq, N)
+    return out

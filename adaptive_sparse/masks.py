@@ -1,0 +1,388 @@
+"""The one mask type every part of adaptive-sparse speaks.
+
+`BlockSparseMask` stores FlexAttention's block layout: for each (batch, head, query block) the
+number of key blocks read and their indices, ascending. Blocks are square (`block_size` rows of
+queries by `block_size` keys). Causal masks align queries to the end of the keys: query row `i`
+sits at absolute position `i + (kv_len - q_len)` and sees keys `j <= i + (kv_len - q_len)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    return (length + block_size - 1) // block_size
+
+
+def block_causal(q_len: int, kv_len: int, block_size: int, *, causal: bool = True,
+                 device=None) -> torch.Tensor:
+    """Blocks that hold at least one visible (query, key) pair. bool [Qb, Kb]."""
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    if not causal:
+        return torch.ones(qb, kb, dtype=torch.bool, device=device)
+    offset = kv_len - q_len
+    last_row = torch.clamp((torch.arange(qb, device=device) + 1) * block_size, max=q_len) - 1
+    first_key = torch.arange(kb, device=device) * block_size
+    return first_key[None, :] <= (last_row + offset)[:, None]
+
+
+def diagonal_blocks(q_len: int, kv_len: int, block_size: int, *, device=None) -> torch.Tensor:
+    """Key blocks crossed by the causal diagonal of each query block. bool [Qb, Kb].
+
+    Keeping them guarantees every query row sees at least its own key."""
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    offset = kv_len - q_len
+    rows = torch.arange(qb, device=device)
+    first = (rows * block_size + offset) // block_size
+    last = (torch.clamp((rows + 1) * block_size, max=q_len) - 1 + offset) // block_size
+    cols = torch.arange(kb, device=device)
+    return (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
+
+
+def _fail(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseMask:
+    """Block-sparse attention mask in FlexAttention's layout.
+
+    kv_num_blocks: int32 [B, H, Qb]      key blocks read by each query block
+    kv_indices:    int32 [B, H, Qb, Kb]  their indices; the first `kv_num_blocks` entries are
+                                         strictly ascending, the rest is padding in [0, Kb)
+    block_size, q_len, kv_len, causal    geometry; Qb = ceil(q_len / bs), Kb = ceil(kv_len / bs)
+
+    `H` is 1 (broadcast over all heads), the number of KV heads (one mask per GQA group), or the
+    number of query heads. `B` is 1 (broadcast) or the batch size.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_size: int
+    q_len: int
+    kv_len: int
+    causal: bool = True
+
+    def __post_init__(self):
+        self._validate()
+
+    # ---- construction -------------------------------------------------------------------
+    def _validate(self) -> None:
+        bs, q_len, kv_len = self.block_size, self.q_len, self.kv_len
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
+            raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(bs))
+        for name, val in (("q_len", q_len), ("kv_len", kv_len)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise _fail(name, "a positive int", repr(val))
+        if not isinstance(self.causal, bool):
+            raise _fail("causal", "a bool", repr(self.causal))
+        if self.causal and q_len > kv_len:
+            raise _fail("q_len", f"<= kv_len ({kv_len}) for a causal mask", q_len)
+        n, idx = self.kv_num_blocks, self.kv_indices
+        if not isinstance(n, torch.Tensor):
+            raise _fail("kv_num_blocks", "a torch.Tensor", type(n).__name__)
+        if not isinstance(idx, torch.Tensor):
+            raise _fail("kv_indices", "a torch.Tensor", type(idx).__name__)
+        if n.dtype != torch.int32:
+            raise _fail("kv_num_blocks", "dtype torch.int32", n.dtype)
+        if idx.dtype != torch.int32:
+            raise _fail("kv_indices", "dtype torch.int32", idx.dtype)
+        if n.device != idx.device:
+            raise _fail("kv_indices", f"device {n.device} (that of kv_num_blocks)", idx.device)
+        qb, kb = num_blocks(q_len, bs), num_blocks(kv_len, bs)
+        if n.dim() != 3:
+            raise _fail("kv_num_blocks", "rank 3 [B, H, Qb]", tuple(n.shape))
+        if n.shape[2] != qb:
+            raise _fail("kv_num_blocks", f"Qb = ceil(q_len / block_size) = {qb} in dim 2",
+                        tuple(n.shape))
+        if idx.dim() != 4:
+            raise _fail("kv_indices", "rank 4 [B, H, Qb, Kb]", tuple(idx.shape))
+        if tuple(idx.shape) != (n.shape[0], n.shape[1], qb, kb):
+            raise _fail("kv_indices", f"shape {(n.shape[0], n.shape[1], qb, kb)} "
+                        f"(Kb = ceil(kv_len / block_size))", tuple(idx.shape))
+        if n.shape[0] < 1 or n.shape[1] < 1:
+            raise _fail("kv_num_blocks", "B >= 1 and H >= 1", tuple(n.shape))
+        if n.numel() and (int(n.min()) < 0 or int(n.max()) > kb):
+            raise _fail("kv_num_blocks", f"values in [0, {kb}]",
+                        f"range [{int(n.min())}, {int(n.max())}]")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= kb):
+            raise _fail("kv_indices", f"values in [0, {kb})",
+                        f"range [{int(idx.min())}, {int(idx.max())}]")
+        valid = self._valid_slots()
+        if kb > 1:
+            step = idx[..., 1:] - idx[..., :-1]
+            both = valid[..., 1:]
+            if bool(((step <= 0) & both).any()):
+                raise _fail("kv_indices", "strictly ascending indices (no duplicates) in the "
+                            "first kv_num_blocks entries of each row", "a repeated or unsorted row")
+        if self.causal:
+            allowed = block_causal(q_len, kv_len, bs, device=idx.device)  # [Qb, Kb]
+            ok = torch.gather(allowed.expand(*idx.shape[:2], qb, kb), 3, idx.long())
+            if bool((valid & ~ok).any()):
+                raise _fail("kv_indices", "only blocks inside the causal region "
+                            "(a key block after every query of its query block)",
+                            "a block above the causal diagonal")
+
+    def _valid_slots(self) -> torch.Tensor:
+        kb = self.kv_indices.shape[-1]
+        ar = torch.arange(kb, device=self.kv_indices.device)
+        return ar < self.kv_num_blocks[..., None]  # [B, H, Qb, Kb]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, *, block_size: int, q_len: int, kv_len: int,
+                   causal: bool = True) -> "BlockSparseMask":
+        """dense: bool [B, H, Qb, Kb], True where a tile is computed."""
+        if not isinstance(dense, torch.Tensor):
+            raise _fail("dense", "a bool torch.Tensor [B, H, Qb, Kb]", type(dense).__name__)
+        if dense.dtype != torch.bool:
+            raise _fail("dense", "dtype torch.bool", dense.dtype)
+        if dense.dim() != 4:
+            raise _fail("dense", "rank 4 [B, H, Qb, Kb]", tuple(dense.shape))
+        kb = dense.shape[-1]
+        num = dense.sum(-1, dtype=torch.int32)
+        # selected blocks first (ascending), then the others (ascending): a permutation per row
+        key = (~dense).to(torch.int64) * kb + torch.arange(kb, device=dense.device)
+        idx = torch.argsort(key, dim=-1).to(torch.int32)
+        return cls(num, idx.contiguous(), block_size, q_len, kv_len, causal)
+
+    @classmethod
+    def from_indices(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *,
+                     block_size: int, q_len: int, kv_len: int, causal: bool = True,
+                     sort: bool = True) -> "BlockSparseMask":
+        """Build from FlexAttention-style indices. With `sort`, the first kv_num_blocks entries
+        of each row may come in any order and are sorted; duplicates are still refused."""
+        if sort and isinstance(kv_indices, torch.Tensor) and isinstance(kv_num_blocks, torch.Tensor) \
+                and kv_indices.dim() == 4 and kv_num_blocks.dim() == 3 \
+                and kv_indices.shape[:3] == kv_num_blocks.shape and not kv_indices.dtype.is_floating_point:
+            kb = kv_indices.shape[-1]
+            valid = torch.arange(kb, device=kv_indices.device) < kv_num_blocks[..., None].long()
+            big = torch.iinfo(torch.int64).max // 2
+            keyed = torch.where(valid, kv_indices.long(), big + kv_indices.long())
+            kv_indices = torch.sort(keyed, dim=-1).values
+            kv_indices = torch.where(kv_indices >= big, kv_indices - big, kv_indices)
+            kv_indices = kv_indices.to(torch.int32).contiguous()
+        return cls(kv_num_blocks, kv_indices, block_size, q_len, kv_len, causal)
+
+    @classmethod
+    def full(cls, batch: int, heads: int, *, block_size: int, q_len: int, kv_len: int,
+             causal: bool = True, device=None) -> "BlockSparseMask":
+        """Every block of the (causal) region."""
+        allowed = block_causal(q_len, kv_len, block_size, causal=causal, device=device)
+        return cls.from_dense(allowed.expand(batch, heads, *allowed.shape).contiguous(),
+                              block_size=block_size, q_len=q_len, kv_len=kv_len, causal=causal)
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.kv_num_blocks.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return num_blocks(self.q_len, self.block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return num_blocks(self.kv_len, self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def allowed(self) -> torch.Tensor:
+        """bool [Qb, Kb]: the causal block region (everything when not causal)."""
+        return block_causal(self.q_len, self.kv_len, self.block_size, causal=self.causal,
+                            device=self.device)
+
+    # ---- conversions ----------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """bool [B, H, Qb, Kb]."""
+        valid = self._valid_slots()
+        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.device)
+        dense.scatter_(3, self.kv_indices.long(), valid)
+        return dense
+
+    def to(self, device) -> "BlockSparseMask":
+        return BlockSparseMask(self.kv_num_blocks.to(device), self.kv_indices.to(device),
+                               self.block_size, self.q_len, self.kv_len, self.causal)
+
+    def to_flex(self):
+        """FlexAttention `BlockMask` built from the kv indices (never from an N x N mask).
+
+        Every listed block is a partial block. The mask_mod looks the element's block up in the
+        [B, H, Qb, Kb] table and applies the end-aligned causal rule, so the BlockMask is exact
+        even where Flex evaluates mask_mod alone (its eager CPU path).
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        offset = self.kv_len - self.q_len
+        table = self.to_dense()
+        bs, causal = self.block_size, self.causal
+        one_b, one_h = self.batch == 1, self.heads == 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = table[0 if one_b else b, 0 if one_h else h, q_idx // bs, kv_idx // bs]
+            if causal:
+                keep = keep & (kv_idx <= q_idx + offset)
+            return keep
+
+        return BlockMask.from_kv_blocks(
+            self.kv_num_blocks, self.kv_indices, BLOCK_SIZE=bs,
+            mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len))
+
+    @classmethod
+    def from_flex(cls, block_mask, *, causal: bool = True) -> "BlockSparseMask":
+        """Back from a FlexAttention `BlockMask` (partial and full blocks are merged)."""
+        q_len, kv_len = block_mask.seq_lengths
+        bs_q, bs_k = block_mask.BLOCK_SIZE
+        if bs_q != bs_k:
+            raise _fail("block_mask", "square blocks", block_mask.BLOCK_SIZE)
+        qb, kb = num_blocks(q_len, bs_q), num_blocks(kv_len, bs_q)
+
+        def dense_of(num, idx):
+            num, idx = num[..., :qb], idx[..., :qb, :kb]
+            ar = torch.arange(idx.shape[-1], device=idx.device)
+            out = torch.zeros(*idx.shape[:3], kb, dtype=torch.bool, device=idx.device)
+            out.scatter_(3, idx.long(), ar < num[..., None])
+            return out
+
+        dense = dense_of(block_mask.kv_num_blocks, block_mask.kv_indices)
+        if block_mask.full_kv_num_blocks is not None:
+            dense |= dense_of(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+        return cls.from_dense(dense, block_size=bs_q, q_len=q_len, kv_len=kv_len, causal=causal)
+
+    def to_bsr(self, batch: int = 0, head: int = 0):
+        """scipy BSR for one (batch, head): shape [Qb*bs, Kb*bs], blocks (bs, bs) of ones.
+
+        `indptr` and `indices` are the layout FlashInfer-style planners take (with R = C =
+        block_size and M = q_len, N = kv_len; the matrix shape is padded to whole blocks)."""
+        import numpy as np
+        import scipy.sparse as sp
+
+        indptr, indices = self.bsr_layout(batch, head)
+        bs = self.block_size
+        data = np.ones((len(indices), bs, bs), dtype=np.bool_)
+        return sp.bsr_array((data, indices, indptr),
+                            shape=(self.num_q_blocks * bs, self.num_kv_blocks * bs))
+
+    def bsr_layout(self, batch: int = 0, head: int = 0):
+        """(indptr int32 [Qb+1], indices int32 [nnz]) of one (batch, head) as numpy arrays."""
+        import numpy as np
+
+        if not (0 <= batch < self.batch) or not (0 <= head < self.heads):
+            raise _fail("batch/head", f"indices in [0, {self.batch}) x [0, {self.heads})",
+                        (batch, head))
+        num = self.kv_num_blocks[batch, head].cpu().numpy().astype(np.int64)
+        idx = self.kv_indices[batch, head].cpu().numpy()
+        indptr = np.zeros(len(num) + 1, dtype=np.int32)
+        indptr[1:] = np.cumsum(num)
+        indices = np.concatenate([idx[r, :num[r]] for r in range(len(num))]) if len(num) \
+            else np.zeros(0, np.int32)
+        return indptr, indices.astype(np.int32)
+
+    @classmethod
+    def from_bsr(cls, matrices, *, block_size: int, q_len: int, kv_len: int,
+                 causal: bool = True) -> "BlockSparseMask":
+        """From a nested list [B][H] of scipy BSR arrays (as produced by `to_bsr`)."""
+        qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+        dense = torch.zeros(len(matrices), len(matrices[0]), qb, kb, dtype=torch.bool)
+        for b, row in enumerate(matrices):
+            for h, m in enumerate(row):
+                if tuple(m.blocksize) != (block_size, block_size):
+                    raise _fail("matrices", f"blocksize {(block_size, block_size)}", m.blocksize)
+                for r in range(qb):
+                    cols = m.indices[m.indptr[r]:m.indptr[r + 1]]
+                    dense[b, h, r, torch.as_tensor(cols, dtype=torch.long)] = True
+        return cls.from_dense(dense, block_size=block_size, q_len=q_len, kv_len=kv_len,
+                              causal=causal)
+
+    # ---- heads ----------------------------------------------------------------------------
+    def expand_heads(self, num_heads: int) -> "BlockSparseMask":
+        """One mask per query head. H = 1 broadcasts; H = Hkv repeats each group's mask."""
+        h = self.heads
+        if num_heads == h:
+            return self
+        if num_heads % h:
+            raise _fail("num_heads", f"a multiple of the mask's head count {h}", num_heads)
+        rep = num_heads // h
+        return BlockSparseMask(self.kv_num_blocks.repeat_interleave(rep, dim=1),
+                               self.kv_indices.repeat_interleave(rep, dim=1),
+                               self.block_size, self.q_len, self.kv_len, self.causal)
+
+    def group_union(self, group_size: int) -> "BlockSparseMask":
+        """Per-query-head mask -> per-KV-group mask: a group reads the union of its heads."""
+        h = self.heads
+        if group_size < 1 or h % group_size:
+            raise _fail("group_size", f"a divisor of the mask's head count {h}", group_size)
+        dense = self.to_dense()
+        dense = dense.view(self.batch, h // group_size, group_size, *dense.shape[2:]).any(2)
+        return BlockSparseMask.from_dense(dense, block_size=self.block_size, q_len=self.q_len,
+                                          kv_len=self.kv_len, causal=self.causal)
+
+    # ---- statistics -----------------------------------------------------------------------
+    def density(self) -> float:
+        """Selected blocks / blocks in the causal region (all blocks when not causal)."""
+        total = int(self.allowed().sum()) * self.batch * self.heads
+        return float(self.kv_num_blocks.sum(dtype=torch.int64)) / max(total, 1)
+
+    def density_per_head(self) -> torch.Tensor:
+        """float [H]: density of each head, averaged over the batch."""
+        total = int(self.allowed().sum()) * self.batch
+        return self.kv_num_blocks.sum((0, 2), dtype=torch.int64).double() / max(total, 1)
+
+    def __repr__(self) -> str:
+        return (f"BlockSparseMask(B={self.batch}, H={self.heads}, Qb={self.num_q_blocks}, "
+                f"Kb={self.num_kv_blocks}, block_size={self.block_size}, q_len={self.q_len}, "
+                f"kv_len={self.kv_len}, causal={self.causal}, density={self.density():.3f})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, BlockSparseMask):
+            return NotImplemented
+        return ((self.block_size, self.q_len, self.kv_len, self.causal)
+                == (other.block_size, other.q_len, other.kv_len, other.causal)
+                and self.kv_num_blocks.shape == other.kv_num_blocks.shape
+                and bool(torch.equal(self.to_dense().cpu(), other.to_dense().cpu())))
+
+    __hash__ = None
+
+
+def combine(*masks: BlockSparseMask, op: str = "or") -> BlockSparseMask:
+    """Union ("or") or intersection ("and") of masks of the same geometry."""
+    if not masks:
+        raise _fail("masks", "at least one mask", 0)
+    first = masks[0]
+    dense = first.to_dense()
+    for m in masks[1:]:
+        if (m.block_size, m.q_len, m.kv_len, m.causal) != \
+                (first.block_size, first.q_len, first.kv_len, first.causal):
+            raise _fail("masks", "the same block_size, q_len, kv_len and causal", repr(m))
+        other = m.to_dense()
+        if op == "or":
+            dense = dense | other
+        elif op == "and":
+            dense = dense & other
+        else:
+            raise _fail("op", "'or' or 'and'", repr(op))
+    return BlockSparseMask.from_dense(dense, block_size=first.block_size, q_len=first.q_len,
+                                      kv_len=first.kv_len, causal=first.causal)
+
+
+def blocks_per_row_for_density(density: float, q_len: int, kv_len: int, block_size: int) -> int:
+    """The uniform per-row block budget whose density is closest to `density`."""
+    allowed = block_causal(q_len, kv_len, block_size)
+    per_row = allowed.sum(1)
+    best, best_err = 1, math.inf
+    for k in range(1, int(per_row.max()) + 1):
+        d = float(torch.clamp(per_row, max=k).sum()) / float(per_row.sum())
+        if abs(d - density) < best_err:
+            best, best_err = k, abs(d - density)
+    return best
