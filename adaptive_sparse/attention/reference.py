@@ -47,16 +47,16 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kv_end = min(M, r1 - 1 + offset + 1) if mask.causal else M
         qc = qg[:, :, :, r0:r1].float()  # [B, Hkv, G, R, D]
         s = torch.matmul(qc.reshape(B, Hkv, G * (r1 - r0), D), kf[:, :, :kv_end].transpose(-1, -2))
-        s = s.view(B, Hkv, G, r1 - r0, kv_end) * scale
+        s = s.view(B, Hkv, G, r1 - r0, kv_end).mul_(scale)
         rows = torch.arange(r0, r1, device=q.device)
         cols = torch.arange(kv_end, device=q.device)
         keep = dense[..., rows // bs, :][..., cols // bs]  # [B, Hkv, G, R, kv_end]
         if mask.causal:
-            keep = keep & (cols[None, :] <= rows[:, None] + offset)
-        s = s.masked_fill(~keep, float("-inf"))
+            keep &= cols[None, :] <= rows[:, None] + offset
+        s.masked_fill_(~keep, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
+        p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         o = torch.matmul(p.view(B, Hkv, G * (r1 - r0), kv_end), vf[:, :, :kv_end])
         o = o.view(B, Hkv, G, r1 - r0, -1)
