@@ -16,7 +16,7 @@ from adaptive_sparse.masks import BlockSparseMask
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "triton", "flex")
+BACKENDS = ("auto", "reference", "gather", "triton", "flex")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -84,7 +84,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k, v: [B, Hkv, M, D], Hq % Hkv == 0 (GQA; K/V are not repeated)
     mask: BlockSparseMask with q_len = N, kv_len = M, batch 1|B, heads 1|Hkv|Hq
     scale: defaults to 1 / sqrt(D)
-    backend: "auto" (triton on CUDA, reference elsewhere), "reference", "triton", "flex"
+    backend: "auto" (triton on CUDA, reference elsewhere), "reference", "gather" (PyTorch,
+        work proportional to density: the fast path on CPU), "triton", "flex"
     return_lse: also return the natural-log log-sum-exp, float32 [B, Hq, N] (-inf for rows
         that select no block; their output is zeros)
     check_finite: refuse NaN/inf inputs (one extra pass over q, k, v)
@@ -101,6 +102,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         case "reference":
             from adaptive_sparse.attention.reference import reference_attention
             return reference_attention(q, k, v, mask, scale, return_lse)
+        case "gather":
+            from adaptive_sparse.attention.gather import gather_attention
+            return gather_attention(q, k, v, mask, scale, return_lse)
         case "flex":
             from adaptive_sparse.attention.flex import flex_attention_forward
             return flex_attention_forward(q, k, v, mask, scale, return_lse)
