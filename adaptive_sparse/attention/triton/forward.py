@@ -1,0 +1,289 @@
+"""Block-sparse attention forward in Triton.
+
+Each program owns BLOCK_M query rows of one query block: `GH` query heads of one KV group times
+`RB` rows (GH > 1 only when the mask is shared by the group, so one K/V tile load serves GH
+heads). It walks the first `kv_num_blocks` entries of its row of `kv_indices` (never the whole
+key range), with an online softmax in fp32. Tiles that need no masking run first; the at most two
+tiles crossed by the causal diagonal or by the end of the keys run last with the mask applied.
+Causal masks are end-aligned: query row i sits at position i + kv_len - q_len.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows, stride_km, stride_vm,
+                 N_KV, OFFSET, QK_SCALE,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_DESC:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N]
+    else:
+        k_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_km + offs_d[:, None]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[None, :] < N_KV, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    s = tl.dot(q, k, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
+    if MASKED:
+        keep = offs_n[None, :] < N_KV
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= rows[:, None] + OFFSET)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.math.exp2(s * QK_SCALE - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WRITE_O:
+        if USE_DESC:
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM],
+                                               strides=[stride_vm, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v = v_desc.load([start_n, 0])
+        else:
+            v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vm + offs_d[None, :]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=offs_n[:, None] < N_KV, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def bsa_fwd_kernel(
+    Q, K, V, O, LSE, KV_NUM, KV_IDX,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_km,
+    stride_vb, stride_vh, stride_vm,
+    stride_ob, stride_oh, stride_om,
+    stride_nb, stride_nh, stride_nq,
+    stride_ib, stride_ih, stride_iq,
+    H_Q, N_Q, N_KV, OFFSET, QK_SCALE, HEADS_PER_MASK,
+    G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr, DENSE: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr,
+):
+    """Grid (Qb * BS // RB, B * H_Q // GH). Q/O [B, H_Q, N_Q, D]; K/V [B, H_Q // G, N_KV, D];
+    KV_NUM int32 [Bm, Hm, Qb], KV_IDX int32 [Bm, Hm, Qb, Kb] (batch stride 0 broadcasts);
+    LSE fp32 [B, H_Q, N_Q] (natural log). DENSE ignores the index tables (full causal rows)."""
+    BLOCK_M: tl.constexpr = GH * RB
+    SPLIT: tl.constexpr = BS // BLOCK_N
+    SUBS: tl.constexpr = BS // RB
+    pid = tl.program_id(0)
+    qb = tl.num_programs(0) // SUBS - 1 - pid // SUBS  # longest rows first
+    r0 = qb * BS + (pid % SUBS) * RB
+    bh = tl.program_id(1)
+    b = (bh // (H_Q // GH)).to(tl.int64)
+    h0 = (bh % (H_Q // GH)) * GH
+    hk = (h0 // G).to(tl.int64)
+    hm = (h0 // HEADS_PER_MASK).to(tl.int64)
+
+    offs_i = tl.arange(0, BLOCK_M)
+    rows = r0 + offs_i % RB  # [BLOCK_M]
+    heads = (h0 + offs_i // RB).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < N_Q
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh \
+        + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    # key blocks below `full_below` are visible to every row of this program
+    if CAUSAL:
+        full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
+    else:
+        full_below = N_KV // BS
+    idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
+    if DENSE:
+        if CAUSAL:
+            n_blk = (tl.minimum(qb * BS + BS, N_Q) - 1 + OFFSET) // BS + 1
+        else:
+            n_blk = tl.cdiv(N_KV, BS)
+        n_full = tl.minimum(n_blk, full_below)
+    else:
+        n_blk = tl.load(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq)
+        last = tl.load(idx_base + tl.maximum(n_blk - 1, 0))
+        prev = tl.load(idx_base + tl.maximum(n_blk - 2, 0))
+        n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
+            + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
+        n_full = n_blk - n_masked
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, n_full * SPLIT):
+        if DENSE:
+            kb = t // SPLIT
+        else:
+            kb = tl.load(idx_base + t // SPLIT)
+        start_n = kb * BS + (t % SPLIT) * BLOCK_N
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows,
+                                     stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
+                                     HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
+                                     DOT_PREC)
+    for t in range(n_full * SPLIT, n_blk * SPLIT):
+        if DENSE:
+            kb = t // SPLIT
+        else:
+            kb = tl.load(idx_base + t // SPLIT)
+        start_n = kb * BS + (t % SPLIT) * BLOCK_N
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows,
+                                     stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
+                                     HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
+                                     DOT_PREC)
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    if WRITE_O:
+        o = acc / l_safe[:, None]
+        o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh \
+            + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + (b * H_Q + heads) * N_Q + rows, lse, mask=row_ok)
+
+
+def _configs():
+    out = []
+    for use_desc in (True, False):
+        for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3),
+                                                (128, 128, 8, 2), (64, 64, 4, 3)):
+            for gh in (1, 2, 4, 8):
+                if block_m // gh >= 16:
+                    out.append(triton.Config(
+                        {"GH": gh, "RB": block_m // gh, "BLOCK_N": block_n, "USE_DESC": use_desc},
+                        num_warps=warps, num_stages=stages))
+    return out
+
+
+def canonical_heads(block_m: int, bs: int, g: int, shared: bool) -> int | None:
+    """Fewest query heads per program that fill BLOCK_M rows with at most BS rows per head."""
+    for gh in (1, 2, 4, 8):
+        if block_m // gh <= bs and (gh == 1 or (shared and g % gh == 0)):
+            return gh
+    return None
+
+
+def keep(config, args) -> bool:
+    """Whether an autotune config fits the launch: tile shapes, GQA grouping, registers."""
+    kw = config.kwargs
+    gh, rb, block_n = kw["GH"], kw["RB"], kw["BLOCK_N"]
+    bs, d = args["BS"], args["HEAD_DIM"]
+    if gh != canonical_heads(gh * rb, bs, args["G"], args["SHARED"]):
+        return False
+    if bs % rb or bs % block_n:
+        return False
+    if gh * rb * d > 128 * 128 or block_n * d > 128 * 128:
+        return False
+    if d >= 256 and config.num_stages > 2:
+        return False
+    return True
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if keep(c, args)]
+    return kept or [c for c in configs if c.kwargs["GH"] == 1 and c.kwargs["RB"] <= args["BS"]
+                    and args["BS"] % c.kwargs["BLOCK_N"] == 0][:1]
+
+
+bsa_fwd_autotuned = triton.autotune(
+    configs=_configs(),
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "WRITE_O", "DOT_PREC"],
+    prune_configs_by={"early_config_prune": _prune},
+)(bsa_fwd_kernel)
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                        device="cuda" if torch.cuda.is_available()
+                                                        else "cpu"))
+        _ALLOCATOR_SET = True
+
+
+def default_config(block_size: int, head_dim: int, g: int, shared: bool) -> dict:
+    """One fixed config (tests, the interpreter): BLOCK_M = min(64, block_size) rows."""
+    block_m = min(64, block_size) if head_dim <= 128 else min(32, block_size)
+    gh = canonical_heads(block_m, block_size, g, shared) or 1
+    return {"GH": gh, "RB": block_m // gh, "BLOCK_N": min(64, block_size), "USE_DESC": False,
+            "num_warps": 4, "num_stages": 2}
+
+
+def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causal: bool,
+                   scale: float, heads_per_mask: int, shared: bool, dense: bool = False,
+                   write_o: bool = True, return_lse: bool = False, config: dict | None = None):
+    """Launch `bsa_fwd_kernel`. q [B, Hq, N, D], k/v [B, Hkv, M, D] (last dim contiguous);
+    kv_num_blocks int32 [Bm, Hm, Qb], kv_indices int32 [Bm, Hm, Qb, Kb] (ignored when dense).
+    Returns (out [B, Hq, N, D] or None, lse fp32 [B, Hq, N] or None)."""
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    out = torch.empty_like(q) if write_o else q.new_empty(1)
+    lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device) if return_lse \
+        else q.new_empty(1, dtype=torch.float32)
+    sn = kv_num_blocks.stride()
+    si = kv_indices.stride()
+    bstride_n = 0 if kv_num_blocks.shape[0] == 1 else sn[0]
+    bstride_i = 0 if kv_indices.shape[0] == 1 else si[0]
+    qb = triton.cdiv(N, block_size)
+    offset = M - N if causal else 0
+    ob = out.stride() if write_o else (0, 0, 0)
+    args = (q, k, v, out, lse, kv_num_blocks, kv_indices,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            ob[0], ob[1], ob[2],
+            bstride_n, sn[1], sn[2],
+            bstride_i, si[1], si[2],
+            Hq, N, M, offset, scale * LOG2E, heads_per_mask)
+    meta = dict(G=Hq // Hkv, BS=block_size, HEAD_DIM=D, SHARED=shared, CAUSAL=causal,
+                DENSE=dense, WRITE_O=write_o, WRITE_LSE=return_lse,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    _ensure_allocator()
+    if config is None:
+        def grid(m):
+            return (qb * (block_size // m["RB"]), B * Hq // m["GH"])
+        bsa_fwd_autotuned[grid](*args, **meta)
+    else:
+        cfg = dict(config)
+        grid = (qb * (block_size // cfg["RB"]), B * Hq // cfg["GH"])
+        bsa_fwd_kernel[grid](*args, **meta, **cfg)
+    return (out if write_o else None), (lse if return_lse else None)
+
+
+def check_head_dim(d: int) -> None:
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim in {HEAD_DIMS} for the triton backend, got {d}")
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)
