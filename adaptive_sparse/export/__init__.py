@@ -1,0 +1,47 @@
+"""Portable, versioned artifacts: masks, static patterns and gates (see format.py).
+
+    from adaptive_sparse.export import save_masks, load_masks, load_sparsifier
+    save_masks("out/masks", {0: mask0, 1: mask1}, model=model, method="pattern:sliding_window")
+    art = load_masks("out/masks")          # verified: version, schema, every sha256
+    handle = load_sparsifier(model, "out/gate")   # model now runs sparse attention
+    handle.detach()
+"""
+
+from adaptive_sparse.export.convert import LAYOUTS, convert_artifact, to_bsr, to_dense, to_flex
+from adaptive_sparse.export.fingerprint import (
+    config_fingerprint, fingerprint_differences, model_fingerprint)
+from adaptive_sparse.export.format import (
+    FORMAT_NAME, FORMAT_VERSION, ArtifactError, RawArtifact, check_manifest, read_artifact,
+    write_artifact)
+from adaptive_sparse.export.masks import (
+    MaskArtifact, aggregate_static, crop, load_masks, save_masks, save_static, static_recall)
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "ArtifactError", "MaskArtifact", "RawArtifact",
+    "aggregate_static", "check_manifest", "config_fingerprint", "convert_artifact", "crop",
+    "export_main", "fingerprint_differences", "load_artifact", "load_masks", "load_sparsifier",
+    "model_fingerprint", "read_artifact", "save_masks", "save_static", "static_recall",
+    "to_bsr", "to_dense", "to_flex", "write_artifact",
+]
+
+
+def export_main(argv=None) -> int:
+    """`adaptive-sparse export ...` (see adaptive_sparse/export/cli.py)."""
+    from adaptive_sparse.export.cli import export_main as main
+    return main(argv)
+
+
+def load_sparsifier(model, path):
+    """Attach a gate or static artifact to `model` (see adaptive_sparse/export/attach.py)."""
+    from adaptive_sparse.export.attach import load_sparsifier as load
+    return load(model, path)
+
+
+def load_artifact(path):
+    """Any artifact, verified: a MaskArtifact (masks/static) or a GateArtifact (gate)."""
+    raw = read_artifact(path)
+    if raw.manifest["kind"] == "gate":
+        from adaptive_sparse.export.gates import gate_from_raw
+        return gate_from_raw(raw)
+    from adaptive_sparse.export.masks import masks_from_raw
+    return masks_from_raw(raw)

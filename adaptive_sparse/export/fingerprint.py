@@ -1,0 +1,131 @@
+"""Base-model fingerprint: what an artifact must agree on with the model it is attached to.
+
+The fingerprint names the architecture and the shapes attention depends on (layers, heads, KV
+heads, head_dim, rotary settings) and holds the canonical model config with its sha256. Runtime
+keys that do not change the computation (dtype, cache and output flags, token ids, label maps,
+transformers version, private `_` keys) are left out of the canonical config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+FINGERPRINT_FIELDS = ("architecture", "model_type", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim", "hidden_size", "rotary", "config_sha256")
+
+_VOLATILE_KEYS = frozenset({
+    "transformers_version", "architectures", "output_hidden_states", "output_attentions",
+    "return_dict", "dtype", "torch_dtype", "use_cache", "chunk_size_feed_forward",
+    "id2label", "label2id", "problem_type", "pad_token_id", "bos_token_id", "eos_token_id",
+    "sep_token_id", "decoder_start_token_id", "tokenizer_class", "name_or_path",
+    "attn_implementation", "use_return_dict", "tf_legacy_loss", "torchscript",
+})
+
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+                "rope_local_base_freq", "max_position_embeddings", "sliding_window",
+                "layer_types")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, ASCII only, no NaN: the same bytes on every machine."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: dicts with str keys, lists, scalars; anything else as its str."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return str(value)
+
+
+def canonical_config(config) -> dict:
+    """The model config as a plain dict without runtime-only keys (recursively)."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items()
+                    if k not in _VOLATILE_KEYS and not str(k).startswith("_")}
+        if isinstance(d, list):
+            return [strip(v) for v in d]
+        return d
+
+    return _plain(strip(raw))
+
+
+def config_fingerprint(config, *, architecture: str | None = None) -> dict:
+    """Fingerprint of a transformers `PretrainedConfig` (see the module docstring).
+
+    `architecture` defaults to `config.architectures[0]`, else the model type."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    hidden = int(text.hidden_size)
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    if architecture is None:
+        archs = getattr(config, "architectures", None) or []
+        architecture = archs[0] if archs else str(getattr(config, "model_type", "unknown"))
+    canon = canonical_config(config)
+    text_dict = text.to_dict() if hasattr(text, "to_dict") else {}
+    rotary = _plain({k: text_dict[k] for k in _ROTARY_KEYS if k in text_dict})
+    return {
+        "architecture": str(architecture),
+        "model_type": str(getattr(config, "model_type", "") or ""),
+        "num_layers": int(text.num_hidden_layers),
+        "num_heads": heads,
+        "num_kv_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "hidden_size": hidden,
+        "rotary": rotary,
+        "config_sha256": sha256_hex(canonical_json(canon).encode()),
+        "config": canon,
+    }
+
+
+def model_fingerprint(model) -> dict:
+    """Fingerprint of a Hugging Face model: its config, with the model class as architecture."""
+    if not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers model with a .config, "
+                        f"got {type(model).__name__}")
+    return config_fingerprint(model.config, architecture=type(model).__name__)
+
+
+def _short(value: Any) -> str:
+    text = canonical_json(_plain(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fingerprint_differences(stored: dict, actual: dict) -> list[str]:
+    """Human-readable differences, named by field ("num_kv_heads: artifact 2, model 4").
+
+    When only the config hash differs, the differing config keys are named."""
+    diffs = []
+    for field in FINGERPRINT_FIELDS:
+        if field == "config_sha256":
+            continue
+        if stored.get(field) != actual.get(field):
+            diffs.append(f"{field}: artifact {_short(stored.get(field))}, "
+                         f"model {_short(actual.get(field))}")
+    if stored.get("config_sha256") != actual.get("config_sha256"):
+        a, b = stored.get("config") or {}, actual.get("config") or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            diffs.extend(f"config.{k}: artifact {_short(a.get(k, '<absent>'))}, "
+                         f"model {_short(b.get(k, '<absent>'))}" for k in keys[:8])
+        else:
+            diffs.append(f"config_sha256: artifact {stored.get('config_sha256')}, "
+                         f"model {actual.get('config_sha256')}")
+    return diffs

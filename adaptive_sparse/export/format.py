@@ -1,0 +1,376 @@
+"""The artifact format: a directory with `manifest.json` and `*.safetensors` files.
+
+manifest.json (format_version 1), every key required, no others:
+  format            "adaptive-sparse-artifact"
+  format_version    1 (an int; newer versions are refused with a message to upgrade)
+  kind              "gate" | "masks" | "static"
+  created_by        "adaptive-sparse <version>"
+  model             base-model fingerprint (see fingerprint.py) or null
+  block_size        16 | 32 | 64 | 128
+  method            {"name": str, "params": {...}}
+  stats             {"density": float | null, "layers": [{"layer", "density", "per_head"}]}
+  content           kind-specific (masks.py, gates.py)
+  files             {"<name>.safetensors": {"sha256": hex, "size": int}}
+  manifest_sha256   sha256 of the canonical JSON of every other key: any edit is caught
+
+Writes are atomic: everything goes to a hidden directory beside the target, is fsynced, and is
+renamed into place; a crash leaves only that hidden directory, which the next write to the same
+target removes once its writer process is gone. Loading reads each tensor file once, checks its
+size and sha256, and parses those same bytes with safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from adaptive_sparse.export.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
+from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES
+
+FORMAT_NAME = "adaptive-sparse-artifact"
+FORMAT_VERSION = 1
+KINDS = ("gate", "masks", "static")
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,120}\.safetensors")
+_TOP_KEYS = ("format", "format_version", "kind", "created_by", "model", "block_size", "method",
+             "stats", "content", "files", "manifest_sha256")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read or trusted; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class RawArtifact:
+    """A verified artifact: its manifest and the tensors of every file (CPU)."""
+    path: Path
+    manifest: dict
+    tensors: dict[str, dict[str, torch.Tensor]]  # file name -> tensor name -> tensor
+
+
+# ---- manifest checks ---------------------------------------------------------------------------
+
+def _fail(field: str, expected: str, got: Any) -> ArtifactError:
+    text = repr(got)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return ArtifactError(f"manifest.{field}: expected {expected}, got {text}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def req_dict(obj, field: str, keys: tuple[str, ...] | None = None) -> dict:
+    """`obj` must be a dict (with exactly `keys`, when given)."""
+    if not isinstance(obj, dict):
+        raise _fail(field, "an object", type(obj).__name__)
+    if keys is not None:
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            raise _fail(f"{field}.{missing[0]}", "a value (key missing)", "nothing")
+        extra = sorted(k for k in obj if k not in keys)
+        if extra:
+            raise _fail(f"{field}.{extra[0]}", f"no such key (allowed: {', '.join(keys)})",
+                        extra[0])
+    return obj
+
+
+def req_int(v, field: str, lo: int | None = None, hi: int | None = None) -> int:
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise _fail(field, "an int" + rng, v)
+    return v
+
+
+def req_num(v, field: str, lo: float | None = None, hi: float | None = None) -> float:
+    if not _is_num(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _fail(field, f"a finite number in [{lo}, {hi}]", v)
+    return float(v)
+
+
+def req_str(v, field: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(v, str) or (choices is not None and v not in choices):
+        raise _fail(field, f"one of {choices}" if choices else "a string", v)
+    return v
+
+
+def req_list(v, field: str, max_len: int | None = None) -> list:
+    if not isinstance(v, list) or (max_len is not None and len(v) > max_len):
+        raise _fail(field, "a list" + (f" of at most {max_len} items" if max_len else ""),
+                    type(v).__name__ if not isinstance(v, list) else f"{len(v)} items")
+    return v
+
+
+def req_bool(v, field: str) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(field, "true or false", v)
+    return v
+
+
+def _check_fingerprint(fp) -> None:
+    if fp is None:
+        return
+    req_dict(fp, "model", FINGERPRINT_FIELDS + ("config",))
+    req_str(fp["architecture"], "model.architecture")
+    req_str(fp["model_type"], "model.model_type")
+    for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
+        req_int(fp[key], f"model.{key}", 1, 1 << 20)
+    if fp["num_heads"] % fp["num_kv_heads"]:
+        raise _fail("model.num_kv_heads", f"a divisor of num_heads ({fp['num_heads']})",
+                    fp["num_kv_heads"])
+    req_dict(fp["rotary"], "model.rotary")
+    if not isinstance(fp["config_sha256"], str) or not _HEX64.fullmatch(fp["config_sha256"]):
+        raise _fail("model.config_sha256", "64 lowercase hex digits", fp["config_sha256"])
+    req_dict(fp["config"], "model.config")
+    if sha256_hex(canonical_json(fp["config"]).encode()) != fp["config_sha256"]:
+        raise _fail("model.config_sha256", "the sha256 of model.config", fp["config_sha256"])
+
+
+def _check_stats(stats) -> None:
+    req_dict(stats, "stats", ("density", "layers"))
+    if stats["density"] is not None:
+        req_num(stats["density"], "stats.density", 0.0, 1.0)
+    for i, layer in enumerate(req_list(stats["layers"], "stats.layers", 1 << 16)):
+        f = f"stats.layers[{i}]"
+        req_dict(layer, f, ("layer", "density", "per_head"))
+        req_int(layer["layer"], f + ".layer", 0, 1 << 16)
+        req_num(layer["density"], f + ".density", 0.0, 1.0)
+        for j, d in enumerate(req_list(layer["per_head"], f + ".per_head", 1 << 16)):
+            req_num(d, f"{f}.per_head[{j}]", 0.0, 1.0)
+
+
+def check_manifest(m) -> dict:
+    """Validate a parsed manifest; raise ArtifactError naming the first bad field.
+
+    Order: format name, version (a future one is refused before anything else is read),
+    integrity hash, then the schema."""
+    if not isinstance(m, dict):
+        raise ArtifactError(f"manifest: expected a JSON object, got {type(m).__name__}")
+    if m.get("format") != FORMAT_NAME:
+        raise _fail("format", repr(FORMAT_NAME), m.get("format"))
+    version = m.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise _fail("format_version", "a positive int", version)
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"manifest.format_version: this artifact has format version {version}, but this "
+            f"adaptive-sparse reads versions up to {FORMAT_VERSION}; upgrade adaptive-sparse")
+    digest = m.get("manifest_sha256")
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        raise _fail("manifest_sha256", "64 lowercase hex digits", digest)
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    if manifest_digest(body) != digest:
+        raise ArtifactError("manifest.manifest_sha256: the manifest was edited after it was "
+                            "written (its content no longer matches manifest_sha256)")
+    req_dict(m, "manifest", _TOP_KEYS)
+    req_str(m["kind"], "kind", KINDS)
+    req_str(m["created_by"], "created_by")
+    _check_fingerprint(m["model"])
+    if m["block_size"] not in SUPPORTED_BLOCK_SIZES or not _is_int(m["block_size"]):
+        raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", m["block_size"])
+    req_dict(m["method"], "method", ("name", "params"))
+    req_str(m["method"]["name"], "method.name")
+    req_dict(m["method"]["params"], "method.params")
+    _check_stats(m["stats"])
+    req_dict(m["content"], "content")
+    files = req_dict(m["files"], "files")
+    if not files:
+        raise _fail("files", "at least one tensor file", {})
+    for name, entry in files.items():
+        if not _FILE_NAME.fullmatch(name) or ".." in name:
+            raise _fail("files", "plain file names ending in .safetensors", name)
+        req_dict(entry, f"files.{name}", ("sha256", "size"))
+        if not isinstance(entry["sha256"], str) or not _HEX64.fullmatch(entry["sha256"]):
+            raise _fail(f"files.{name}.sha256", "64 lowercase hex digits", entry["sha256"])
+        req_int(entry["size"], f"files.{name}.size", 8, 1 << 44)
+    return m
+
+
+def manifest_digest(body: Mapping) -> str:
+    return sha256_hex(canonical_json(body).encode())
+
+
+def parse_manifest(data: bytes) -> dict:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity; then `check_manifest`."""
+    def no_dupes(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise ArtifactError(f"manifest: duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    def no_constants(name):
+        raise ArtifactError(f"manifest: {name} is not allowed in JSON")
+
+    try:
+        text = data.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=no_dupes, parse_constant=no_constants)
+    except ArtifactError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"manifest: not valid UTF-8 JSON ({type(e).__name__}: "
+                            f"{str(e)[:120]})") from None
+    return check_manifest(obj)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove hidden partial/old directories of `out` left by writers that have died."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-(\d+)-[0-9a-f]+")
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def build_manifest(*, kind: str, model: dict | None, block_size: int, method: Mapping,
+                   stats: Mapping, content: Mapping) -> dict:
+    from adaptive_sparse import __version__
+
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+        "created_by": f"adaptive-sparse {__version__}", "model": model,
+        "block_size": block_size,
+        "method": {"name": str(method.get("name", "")), "params": dict(method.get("params", {}))},
+        "stats": dict(stats), "content": dict(content),
+    }
+
+
+def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                   *, overwrite: bool = False) -> Path:
+    """Write `tensors` ({file name: {tensor name: tensor}}) and the manifest atomically.
+
+    `manifest` is `build_manifest(...)`'s dict; `files` and `manifest_sha256` are filled in
+    here and the result is checked with `check_manifest` before anything is renamed into place.
+    An existing `out` is refused unless `overwrite` (and then only if it holds a manifest.json,
+    so a directory that is not an artifact is never removed)."""
+    from safetensors.torch import save
+
+    blobs, files = {}, {}
+    for name, group in tensors.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"tensors: file names must end in .safetensors, got {name!r}")
+        data = save({k: v.detach().cpu().clone().contiguous() for k, v in group.items()})
+        blobs[name] = data
+        files[name] = {"sha256": sha256_hex(data), "size": len(data)}
+    body = dict(manifest)
+    body["files"] = files
+    body.pop("manifest_sha256", None)
+    full = dict(body, manifest_sha256=manifest_digest(body))
+    check_manifest(json.loads(canonical_json(full)))
+    blobs[MANIFEST] = (json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
+                       + "\n").encode()
+    return write_dir_atomic(out, blobs, overwrite=overwrite, marker=MANIFEST)
+
+
+def write_dir_atomic(out, blobs: Mapping[str, bytes], *, overwrite: bool = False,
+                     marker: str = MANIFEST) -> Path:
+    """Write {file name: bytes} as directory `out`, all or nothing (the last name in `blobs`
+    is written last). An existing `out` is replaced only with `overwrite` and only when it
+    holds `marker` (so a directory we did not write is never removed)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"out: {out} already exists (pass overwrite=True / --overwrite)")
+    if out.exists() and not (out / marker).is_file():
+        raise ValueError(f"out: {out} exists and was not written by adaptive-sparse (no "
+                         f"{marker}); refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name, data in blobs.items():
+            _write_file(tmp / name, data)
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def read_artifact(path) -> RawArtifact:
+    """Read and verify an artifact directory: manifest schema and integrity, every file's size
+    and sha256, and the safetensors parse of exactly the bytes that were hashed."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{path}: not an artifact directory (no {MANIFEST})")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes")
+    manifest = parse_manifest(mpath.read_bytes())
+    tensors = {}
+    for name, entry in manifest["files"].items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise ArtifactError(f"files.{name}: listed in the manifest but missing from {path}")
+        size = fpath.stat().st_size
+        if size != entry["size"]:
+            raise ArtifactError(f"files.{name}: size is {size} bytes, the manifest says "
+                                f"{entry['size']}")
+        data = fpath.read_bytes()
+        if len(data) != entry["size"] or sha256_hex(data) != entry["sha256"]:
+            raise ArtifactError(f"files.{name}: sha256 does not match the manifest "
+                                "(the file is corrupted or was modified)")
+        try:
+            tensors[name] = load(data)
+        except Exception as e:  # safetensors raises its own error types on malformed input
+            raise ArtifactError(f"files.{name}: not a valid safetensors file "
+                                f"({type(e).__name__}: {str(e)[:120]})") from None
+    return RawArtifact(path, manifest, tensors)
