@@ -1,0 +1,340 @@
+"""Block scores -> BlockSparseMask: threshold, top-k, top-p (cumulative mass), density budgets.
+
+Scores are `[B, H, Qb, Kb]`. By default they are logits: each query-block row is turned into a
+probability distribution by a softmax over its causal blocks. With `scores_are_probs=True` they
+are non-negative maps (e.g. `block_attention_maps`) and each row is divided by its sum.
+
+Some blocks can be forced: the sink (key block 0), the diagonal (key blocks crossed by the causal
+diagonal, `masks.diagonal_blocks`) and `local_blocks` more key blocks right before the diagonal.
+Forced blocks count inside a budget: a top-k of 4 with sink and diagonal forced keeps those two
+plus the two best others (a row keeps all its forced blocks even when they exceed the budget).
+For top-p their probability mass counts toward p.
+
+Budgets can vary per layer (`layer_schedule="linear"` multiplies the budget by a factor that
+ramps from 1 at layer 0 to `layer_scale_end` at the last layer) and per head (`head_budgets`).
+A budget multiplier f > 1 always means "keep more": top-k keeps ceil(k * f) blocks, density keeps
+ceil(min(1, density * f) * allowed) blocks, top-p uses min(1, p * f), threshold uses tau / f.
+
+Every result is causal and computed with vectorized torch ops (no Python loop over rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks, num_blocks
+
+KINDS = ("threshold", "top_k", "top_p", "density")
+LAYER_SCHEDULES = ("constant", "linear")
+
+# slack for ceil() of float budgets and for the cumulative sums of top-p
+_CEIL_EPS = 1e-9
+_MASS_EPS = 1e-5
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Policy:
+    """How block scores become a mask.
+
+    kind: "threshold" (keep blocks whose row probability >= tau), "top_k" (k blocks per row),
+        "top_p" (smallest set of blocks whose cumulative row probability reaches p), or
+        "density" (per-row budget ceil(density * causal blocks in the row)).
+    tau, k, p, density: the parameter of `kind` (the others stay None).
+    keep_sink: force key block 0.  keep_diagonal: force the diagonal key blocks.
+    local_blocks: force this many more key blocks right before the first diagonal block.
+    layer_schedule: "constant" or "linear" (budget factor 1 at layer 0 -> layer_scale_end at the
+        last layer).
+    head_budgets: None, or one entry per head of the scores: floats are multipliers of the
+        budget; ints are absolute blocks-per-row budgets (kinds "top_k" and "density" only;
+        the layer factor still multiplies them).
+    """
+
+    kind: str
+    tau: float | None = None
+    k: int | None = None
+    p: float | None = None
+    density: float | None = None
+    keep_sink: bool = True
+    keep_diagonal: bool = True
+    local_blocks: int = 0
+    layer_schedule: str = "constant"
+    layer_scale_end: float = 1.0
+    head_budgets: list | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        param = {"threshold": "tau", "top_k": "k", "top_p": "p", "density": "density"}[self.kind]
+        for name in ("tau", "k", "p", "density"):
+            if name != param and getattr(self, name) is not None:
+                raise ValueError(f"{name}: not a parameter of kind {self.kind!r} "
+                                 f"(which takes {param}), got {getattr(self, name)!r}")
+        val = getattr(self, param)
+        if val is None:
+            raise ValueError(f"{param}: required by kind {self.kind!r}")
+        if self.kind == "threshold" and not (_is_real(val) and 0.0 <= val <= 1.0):
+            raise ValueError(f"tau: expected a float in [0, 1], got {val!r}")
+        if self.kind == "top_k" and not (_is_int(val) and val >= 1):
+            raise ValueError(f"k: expected a positive int, got {val!r}")
+        if self.kind in ("top_p", "density") and not (_is_real(val) and 0.0 < val <= 1.0):
+            raise ValueError(f"{param}: expected a float in (0, 1], got {val!r}")
+        for name in ("keep_sink", "keep_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if not (_is_int(self.local_blocks) and self.local_blocks >= 0):
+            raise ValueError(f"local_blocks: expected a non-negative int, got {self.local_blocks!r}")
+        if self.layer_schedule not in LAYER_SCHEDULES:
+            raise ValueError(f"layer_schedule: expected one of {LAYER_SCHEDULES}, "
+                             f"got {self.layer_schedule!r}")
+        if not (_is_real(self.layer_scale_end) and self.layer_scale_end > 0):
+            raise ValueError(f"layer_scale_end: expected a positive float, "
+                             f"got {self.layer_scale_end!r}")
+        if self.head_budgets is not None:
+            hb = self.head_budgets
+            if isinstance(hb, torch.Tensor):
+                hb = hb.tolist()
+            if not isinstance(hb, (list, tuple)) or not hb \
+                    or not all(_is_real(x) and x > 0 for x in hb):
+                raise ValueError(f"head_budgets: expected a non-empty list of positive numbers, "
+                                 f"got {self.head_budgets!r}")
+            if len({_is_int(x) for x in hb}) > 1:
+                raise ValueError("head_budgets: expected all ints (absolute budgets) or all "
+                                 f"floats (multipliers), got {self.head_budgets!r}")
+            if _is_int(hb[0]) and self.kind not in ("top_k", "density"):
+                raise ValueError("head_budgets: int entries are blocks-per-row budgets, "
+                                 f"valid for kinds 'top_k' and 'density', not {self.kind!r}")
+            self.head_budgets = list(hb)
+
+    # ---- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; `Policy.from_dict(p.to_dict()) == p`."""
+        d = asdict(self)
+        if d["head_budgets"] is not None:
+            d["head_budgets"] = list(d["head_budgets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        if not isinstance(d, dict):
+            raise TypeError(f"policy: expected a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"policy: unknown keys {unknown}; expected a subset of {sorted(names)}")
+        if "kind" not in d:
+            raise ValueError("policy: expected a 'kind' key")
+        return cls(**d)
+
+    @classmethod
+    def coerce(cls, policy) -> "Policy":
+        """A Policy from a Policy or a dict (as read from JSON / YAML)."""
+        if isinstance(policy, Policy):
+            return policy
+        if isinstance(policy, dict):
+            return cls.from_dict(policy)
+        raise TypeError(f"policy: expected a Policy or a dict, got {type(policy).__name__}")
+
+    # ---- selection --------------------------------------------------------------------------
+    def layer_factor(self, layer_idx: int = 0, num_layers: int = 1) -> float:
+        """Budget multiplier of layer `layer_idx` under the layer schedule."""
+        if not (_is_int(num_layers) and num_layers >= 1):
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        if not (_is_int(layer_idx) and 0 <= layer_idx < num_layers):
+            raise ValueError(f"layer_idx: expected an int in [0, {num_layers}), got {layer_idx!r}")
+        if self.layer_schedule == "constant" or num_layers == 1:
+            return 1.0
+        return 1.0 + (self.layer_scale_end - 1.0) * layer_idx / (num_layers - 1)
+
+    def select(self, scores: torch.Tensor, *, q_len: int, kv_len: int, block_size: int,
+               layer_idx: int = 0, num_layers: int = 1,
+               scores_are_probs: bool = False) -> torch.Tensor:
+        """The selected tiles, bool [B, H, Qb, Kb] (inside the causal region). See `to_mask`."""
+        factor = self.layer_factor(layer_idx, num_layers)
+        _check_scores(scores, q_len, kv_len, block_size, scores_are_probs)
+        H = scores.shape[1]
+        dev = scores.device
+        allowed = block_causal(q_len, kv_len, block_size, device=dev)  # [Qb, Kb]
+        forced = forced_blocks(q_len, kv_len, block_size, keep_sink=self.keep_sink,
+                               keep_diagonal=self.keep_diagonal,
+                               local_blocks=self.local_blocks, device=dev)
+        probs = row_probs(scores, allowed, scores_are_probs)  # [B, H, Qb, Kb]
+        hb = self.head_budgets
+        if hb is not None and len(hb) != H:
+            raise ValueError(f"head_budgets: expected {H} entries (one per head of scores), "
+                             f"got {len(hb)}")
+        absolute = hb is not None and _is_int(hb[0])
+        mult = torch.tensor(hb if hb is not None else [1.0] * H, dtype=torch.float64)
+        mult = (mult * factor).to(dev)  # [H]
+        if self.kind == "threshold":
+            tau = (self.tau / mult).to(probs.dtype)
+            keep = probs >= tau[None, :, None, None]
+        elif self.kind == "top_p":
+            keep = _top_p(probs, allowed, forced, torch.clamp(mult * self.p, max=1.0))
+        else:
+            if absolute:
+                k_rows = torch.ceil(mult - _CEIL_EPS)[:, None].expand(H, allowed.shape[0])
+            elif self.kind == "top_k":
+                k_rows = torch.ceil(mult * self.k - _CEIL_EPS)[:, None].expand(H, allowed.shape[0])
+            else:
+                dens = torch.clamp(mult * self.density, max=1.0)  # [H]
+                per_row = allowed.sum(-1).to(torch.float64)  # [Qb]
+                k_rows = torch.ceil(dens[:, None] * per_row[None, :] - _CEIL_EPS)
+            keep = _top_count(probs, allowed, forced, k_rows.clamp_min(1).long()[None])
+        return (keep | forced) & allowed
+
+    def to_mask(self, scores: torch.Tensor, *, q_len: int, kv_len: int, block_size: int,
+                layer_idx: int = 0, num_layers: int = 1,
+                scores_are_probs: bool = False) -> BlockSparseMask:
+        """scores float [B, H, Qb, Kb] (logits, or non-negative maps with `scores_are_probs`)
+        -> causal BlockSparseMask with the same B and H.
+
+        layer_idx, num_layers: where this layer sits, for `layer_schedule="linear"`."""
+        dense = self.select(scores, q_len=q_len, kv_len=kv_len, block_size=block_size,
+                            layer_idx=layer_idx, num_layers=num_layers,
+                            scores_are_probs=scores_are_probs)
+        return BlockSparseMask.from_dense(dense, block_size=block_size, q_len=q_len,
+                                          kv_len=kv_len, causal=True)
+
+
+def _check_scores(scores, q_len, kv_len, block_size, scores_are_probs) -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores: expected a torch.Tensor [B, H, Qb, Kb], "
+                        f"got {type(scores).__name__}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores: expected rank 4 [B, H, Qb, Kb], got shape {tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        raise ValueError(f"scores: expected a floating dtype, got {scores.dtype}")
+    for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_size", block_size)):
+        if not (_is_int(val) and val >= 1):
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    if q_len > kv_len:
+        raise ValueError(f"q_len: expected <= kv_len ({kv_len}) for a causal mask, got {q_len}")
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    if tuple(scores.shape[2:]) != (qb, kb):
+        raise ValueError(f"scores: expected [B, H, {qb}, {kb}] (ceil(q_len / block_size), "
+                         f"ceil(kv_len / block_size)), got shape {tuple(scores.shape)}")
+    if scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ValueError(f"scores: expected B >= 1 and H >= 1, got shape {tuple(scores.shape)}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN values")
+    if scores_are_probs:
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("scores: expected finite values with scores_are_probs=True, "
+                             "found inf")
+        if bool((scores < 0).any()):
+            raise ValueError("scores: expected non-negative values with scores_are_probs=True")
+    elif bool(torch.isposinf(scores).any()):
+        raise ValueError("scores: expected finite logits or -inf, found +inf")
+
+
+def row_probs(scores: torch.Tensor, allowed: torch.Tensor, scores_are_probs: bool = False):
+    """Row distributions over the causal blocks: float [B, H, Qb, Kb], 0 outside `allowed`.
+
+    Logits: softmax over allowed blocks (a row of all -inf gives zeros). Probabilities: divided
+    by the row sum over allowed blocks (a zero row stays zero)."""
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    s = scores.to(dtype)
+    if scores_are_probs:
+        p = torch.where(allowed, s, torch.zeros((), dtype=dtype, device=s.device))
+        return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+
+
+def forced_blocks(q_len: int, kv_len: int, block_size: int, *, keep_sink: bool = True,
+                  keep_diagonal: bool = True, local_blocks: int = 0, device=None) -> torch.Tensor:
+    """bool [Qb, Kb]: sink (key block 0), diagonal blocks, and `local_blocks` key blocks just
+    before the first diagonal block of each row; all within the causal region."""
+    allowed = block_causal(q_len, kv_len, block_size, device=device)
+    out = torch.zeros_like(allowed)
+    if keep_sink:
+        out[:, 0] = True
+    if keep_diagonal:
+        out |= diagonal_blocks(q_len, kv_len, block_size, device=device)
+    if local_blocks:
+        qb, kb = allowed.shape
+        first = (torch.arange(qb, device=device) * block_size + kv_len - q_len) // block_size
+        cols = torch.arange(kb, device=device)
+        out |= (cols[None, :] < first[:, None]) & (cols[None, :] >= first[:, None] - local_blocks)
+    return out & allowed
+
+
+def _top_count(probs, allowed, forced, k_rows):
+    """Keep the k_rows[b|1, h, r] best blocks of each row, forced blocks ranked first."""
+    key = torch.where(allowed, probs, torch.full_like(probs, -1.0))
+    key = torch.where(forced, torch.full_like(probs, 2.0), key)
+    kmax = max(1, min(int(k_rows.max()), probs.shape[-1]))
+    idx = key.topk(kmax, dim=-1).indices  # [B, H, Qb, kmax]
+    slot = torch.arange(kmax, device=probs.device) < k_rows[..., None]
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    keep.scatter_(-1, idx, slot.expand(idx.shape))
+    return keep
+
+
+def _top_p(probs, allowed, forced, p_head):
+    """Smallest prefix (forced blocks first, then by descending probability) whose mass reaches
+    p_head[h]; a row whose total mass is below p keeps every allowed block."""
+    key = torch.where(allowed, probs, torch.full_like(probs, -1.0))
+    key = torch.where(forced, probs + 2.0, key)
+    order = key.argsort(dim=-1, descending=True)
+    sp = torch.gather(probs, -1, order).to(torch.float64)
+    before = torch.cumsum(sp, -1) - sp  # mass of the blocks ranked ahead
+    slot = before < (p_head.to(torch.float64) - _MASS_EPS)[None, :, None, None]
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    keep.scatter_(-1, order, slot)
+    return keep
+
+
+def _plain(kind, name, value, scores, q_len, kv_len, block_size, keep_sink, keep_diagonal,
+           local_blocks, scores_are_probs):
+    pol = Policy(kind, **{name: value}, keep_sink=keep_sink, keep_diagonal=keep_diagonal,
+                 local_blocks=local_blocks)
+    return pol.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=block_size,
+                       scores_are_probs=scores_are_probs)
+
+
+def threshold_mask(scores: torch.Tensor, tau: float, *, q_len: int, kv_len: int,
+                   block_size: int, keep_sink: bool = True, keep_diagonal: bool = True,
+                   local_blocks: int = 0, scores_are_probs: bool = False) -> BlockSparseMask:
+    """scores float [B, H, Qb, Kb] -> blocks with row probability >= tau (plus forced ones)."""
+    return _plain("threshold", "tau", tau, scores, q_len, kv_len, block_size, keep_sink,
+                  keep_diagonal, local_blocks, scores_are_probs)
+
+
+def top_k_mask(scores: torch.Tensor, k: int, *, q_len: int, kv_len: int, block_size: int,
+               keep_sink: bool = True, keep_diagonal: bool = True, local_blocks: int = 0,
+               scores_are_probs: bool = False) -> BlockSparseMask:
+    """scores float [B, H, Qb, Kb] -> k blocks per row, forced blocks counted inside k."""
+    return _plain("top_k", "k", k, scores, q_len, kv_len, block_size, keep_sink,
+                  keep_diagonal, local_blocks, scores_are_probs)
+
+
+def top_p_mask(scores: torch.Tensor, p: float, *, q_len: int, kv_len: int, block_size: int,
+               keep_sink: bool = True, keep_diagonal: bool = True, local_blocks: int = 0,
+               scores_are_probs: bool = False) -> BlockSparseMask:
+    """scores float [B, H, Qb, Kb] -> per row, the smallest set (forced blocks first) whose
+    cumulative probability reaches p."""
+    return _plain("top_p", "p", p, scores, q_len, kv_len, block_size, keep_sink,
+                  keep_diagonal, local_blocks, scores_are_probs)
+
+
+def density_mask(scores: torch.Tensor, density: float, *, q_len: int, kv_len: int,
+                 block_size: int, keep_sink: bool = True, keep_diagonal: bool = True,
+                 local_blocks: int = 0, scores_are_probs: bool = False) -> BlockSparseMask:
+    """scores float [B, H, Qb, Kb] -> per row the ceil(density * causal blocks) best blocks."""
+    return _plain("density", "density", density, scores, q_len, kv_len, block_size, keep_sink,
+                  keep_diagonal, local_blocks, scores_are_probs)
