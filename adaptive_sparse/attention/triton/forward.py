@@ -22,7 +22,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows, stride_km, stride_vm,
+def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, stride_vm,
                  N_KV, OFFSET, QK_SCALE,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
@@ -30,11 +30,9 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows, stride_km, str
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, HEAD_DIM)
     if USE_DESC:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N]
+        k = tl.trans(k_src.load([start_n, 0]))  # [D, BLOCK_N]
     else:
-        k_ptrs = k_base + offs_n.to(tl.int64)[None, :] * stride_km + offs_d[:, None]
+        k_ptrs = k_src + offs_n.to(tl.int64)[None, :] * stride_km + offs_d[:, None]
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[None, :] < N_KV, other=0.0)
         else:
@@ -55,12 +53,9 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows, stride_km, str
     l_i = l_i * alpha + tl.sum(p, 1)
     if WRITE_O:
         if USE_DESC:
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM],
-                                               strides=[stride_vm, 1],
-                                               block_shape=[BLOCK_N, HEAD_DIM])
-            v = v_desc.load([start_n, 0])
+            v = v_src.load([start_n, 0])
         else:
-            v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vm + offs_d[None, :]
+            v_ptrs = v_src + offs_n.to(tl.int64)[:, None] * stride_vm + offs_d[None, :]
             if MASKED:
                 v = tl.load(v_ptrs, mask=offs_n[:, None] < N_KV, other=0.0)
             else:
@@ -108,8 +103,13 @@ def bsa_fwd_kernel(
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh \
         + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_src = K + b * stride_kb + hk * stride_kh
+    v_src = V + b * stride_vb + hk * stride_vh
+    if USE_DESC:  # TMA: one descriptor per program, over this KV head's [N_KV, D] rows
+        k_src = tl.make_tensor_descriptor(k_src, shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[N_KV, HEAD_DIM], strides=[stride_vm, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
 
     # key blocks below `full_below` are visible to every row of this program
     if CAUSAL:
@@ -140,7 +140,7 @@ def bsa_fwd_kernel(
         else:
             kb = tl.load(idx_base + t // SPLIT)
         start_n = kb * BS + (t % SPLIT) * BLOCK_N
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
                                      DOT_PREC)
@@ -150,7 +150,7 @@ def bsa_fwd_kernel(
         else:
             kb = tl.load(idx_base + t // SPLIT)
         start_n = kb * BS + (t % SPLIT) * BLOCK_N
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, rows,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
                                      DOT_PREC)
