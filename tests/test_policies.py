@@ -1,0 +1,214 @@
+"""Policies against a per-row Python oracle in fp64, plus budgets, schedules and serialization."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from adaptive_sparse.masks import block_causal, diagonal_blocks, num_blocks
+from adaptive_sparse.policies import (Policy, density_mask, forced_blocks, threshold_mask,
+                                      top_k_mask, top_p_mask)
+
+GEOMS = [(300, 420, 64), (257, 257, 64), (40, 1000, 32), (1000, 1000, 128), (63, 64, 16)]
+
+
+def _scores(q_len, kv_len, bs, B=2, H=3, seed=0, probs=False):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, H, num_blocks(q_len, bs), num_blocks(kv_len, bs), generator=g) * 2
+    return s.exp() if probs else s
+
+
+def _row_probs64(scores, allowed, probs):
+    s = scores.double()
+    if probs:
+        p = torch.where(allowed, s, 0.0)
+        return p / p.sum(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(~allowed, -math.inf), -1)
+
+
+def _brute(scores, q_len, kv_len, bs, kind, val, forced, probs=False):
+    """Per-row Python selection: forced blocks first, then the rest by descending probability."""
+    allowed = block_causal(q_len, kv_len, bs)
+    p = _row_probs64(scores, allowed, probs)
+    out = torch.zeros(scores.shape, dtype=torch.bool)
+    B, H, Qb, Kb = scores.shape
+    for b in range(B):
+        for h in range(H):
+            for r in range(Qb):
+                cols = [c for c in range(Kb) if allowed[r, c]]
+                f = [c for c in cols if forced[r, c]]
+                rest = sorted((c for c in cols if not forced[r, c]), key=lambda c: -p[b, h, r, c])
+                if kind == "threshold":
+                    keep = f + [c for c in rest if p[b, h, r, c] >= val]
+                elif kind == "top_k":
+                    keep = f + rest[:max(0, val - len(f))]
+                elif kind == "density":
+                    budget = math.ceil(val * len(cols) - 1e-9)
+                    keep = f + rest[:max(0, budget - len(f))]
+                else:
+                    keep, mass = [], 0.0
+                    for c in sorted(f, key=lambda c: -p[b, h, r, c]) + rest:
+                        if mass >= val - 1e-5:  # the policy reaches p within 1e-5
+                            break
+                        keep.append(c)
+                        mass += float(p[b, h, r, c])
+                    keep += f
+                out[b, h, r, keep] = True
+    return out
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("kind,val", [("top_k", 1), ("top_k", 3), ("top_p", 0.5), ("top_p", 0.9),
+                                      ("threshold", 0.05), ("density", 0.3), ("density", 1.0)])
+@pytest.mark.parametrize("sink,diag,local", [(True, True, 0), (False, False, 0), (True, False, 2)])
+def test_policy_matches_brute_force(geom, kind, val, sink, diag, local):
+    q_len, kv_len, bs = geom
+    scores = _scores(q_len, kv_len, bs, seed=GEOMS.index(geom) * 100 + int(val * 10))
+    forced = forced_blocks(q_len, kv_len, bs, keep_sink=sink, keep_diagonal=diag,
+                           local_blocks=local)
+    pol = Policy(kind, **{{"top_k": "k", "top_p": "p", "threshold": "tau",
+                           "density": "density"}[kind]: val},
+                 keep_sink=sink, keep_diagonal=diag, local_blocks=local)
+    mask = pol.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=bs)
+    want = _brute(scores, q_len, kv_len, bs, kind, val, forced)
+    assert torch.equal(mask.to_dense(), want)
+    assert mask.causal and (mask.batch, mask.heads) == (2, 3)
+
+
+@pytest.mark.parametrize("kind,val", [("top_p", 0.8), ("top_k", 2), ("threshold", 0.1)])
+def test_scores_are_probs_normalizes_rows(kind, val):
+    q_len, kv_len, bs = 500, 700, 64
+    maps = _scores(q_len, kv_len, bs, probs=True, seed=3)
+    forced = forced_blocks(q_len, kv_len, bs)
+    name = {"top_k": "k", "top_p": "p", "threshold": "tau"}[kind]
+    got = Policy(kind, **{name: val}).select(maps * 7.5, q_len=q_len, kv_len=kv_len,
+                                             block_size=bs, scores_are_probs=True)
+    assert torch.equal(got, _brute(maps, q_len, kv_len, bs, kind, val, forced, probs=True))
+
+
+def test_forced_blocks_count_inside_top_k():
+    q_len = kv_len = 64 * 10
+    scores = _scores(q_len, kv_len, 64, seed=1)
+    dense = top_k_mask(scores, 4, q_len=q_len, kv_len=kv_len, block_size=64).to_dense()
+    assert dense[..., 0].all()
+    assert (dense & diagonal_blocks(q_len, kv_len, 64)).sum(-1).eq(1).all()
+    per_row = dense.sum(-1)
+    assert per_row[..., 3:].eq(4).all()
+    assert per_row[..., :4].tolist() == [[[1, 2, 3, 4]] * 3] * 2
+    # forced blocks beyond the budget are still kept
+    dense = top_k_mask(scores, 1, q_len=q_len, kv_len=kv_len, block_size=64,
+                       local_blocks=3).to_dense()
+    assert dense.sum(-1)[..., 9].eq(5).all()
+
+
+def test_top_p_forced_mass_counts():
+    q_len = kv_len = 64 * 6
+    # all mass on the sink: top_p keeps only the forced blocks
+    scores = torch.full((1, 1, 6, 6), -30.0)
+    scores[..., 0] = 10.0
+    dense = top_p_mask(scores, 0.9, q_len=q_len, kv_len=kv_len, block_size=64).to_dense()
+    want = forced_blocks(q_len, kv_len, 64)
+    assert torch.equal(dense[0, 0], want)
+    dense = top_p_mask(scores, 0.9, q_len=q_len, kv_len=kv_len, block_size=64,
+                       keep_diagonal=False, keep_sink=False).to_dense()
+    assert dense[0, 0].sum(-1).eq(1).all() and dense[0, 0, :, 0].all()
+
+
+def test_top_p_one_keeps_every_block_with_mass():
+    q_len = kv_len = 64 * 8
+    scores = _scores(q_len, kv_len, 64, seed=4)
+    scores[..., 2] = -math.inf  # a block with no mass is not needed to reach p = 1
+    dense = top_p_mask(scores, 1.0, q_len=q_len, kv_len=kv_len, block_size=64,
+                       keep_sink=False, keep_diagonal=False).to_dense()
+    want = block_causal(q_len, kv_len, 64).clone()
+    want[:, 2] = False
+    assert torch.equal(dense, want.expand_as(dense))
+
+
+def test_density_budget_per_row():
+    q_len, kv_len = 64 * 20, 64 * 30
+    scores = _scores(q_len, kv_len, 64, seed=5)
+    allowed = block_causal(q_len, kv_len, 64).sum(-1)
+    for d in (0.1, 0.25, 0.5):
+        dense = density_mask(scores, d, q_len=q_len, kv_len=kv_len, block_size=64).to_dense()
+        want = torch.ceil(allowed.double() * d - 1e-9).clamp_min(2).long()
+        assert torch.equal(dense.sum(-1), want.expand(2, 3, -1))
+
+
+def test_threshold_keeps_blocks_above_tau():
+    q_len = kv_len = 64 * 12
+    scores = _scores(q_len, kv_len, 64, seed=6)
+    allowed = block_causal(q_len, kv_len, 64)
+    p = _row_probs64(scores, allowed, False)
+    dense = threshold_mask(scores, 0.2, q_len=q_len, kv_len=kv_len, block_size=64,
+                           keep_sink=False, keep_diagonal=False).to_dense()
+    assert torch.equal(dense, (p >= 0.2) & allowed)
+    assert dense.sum() > 0
+
+
+def test_linear_layer_schedule():
+    q_len = kv_len = 64 * 32
+    scores = _scores(q_len, kv_len, 64, seed=7)
+    pol = Policy("top_k", k=4, layer_schedule="linear", layer_scale_end=3.0)
+    counts = [pol.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=64, layer_idx=i,
+                          num_layers=5).kv_num_blocks[..., -1].unique().tolist() for i in range(5)]
+    assert counts == [[4], [6], [8], [10], [12]]
+    assert pol.layer_factor(0, 5) == 1.0 and pol.layer_factor(4, 5) == 3.0
+    const = Policy("top_k", k=4, layer_scale_end=3.0)
+    assert const.layer_factor(4, 5) == 1.0
+    down = Policy("density", density=0.5, layer_schedule="linear", layer_scale_end=0.5)
+    d0 = down.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=64, layer_idx=0,
+                      num_layers=2).density()
+    d1 = down.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=64, layer_idx=1,
+                      num_layers=2).density()
+    assert d1 < 0.75 * d0
+
+
+def test_head_budgets_multipliers_and_absolute():
+    q_len = kv_len = 64 * 32
+    scores = _scores(q_len, kv_len, 64, H=3, seed=8)
+    m = Policy("top_k", k=4, head_budgets=[0.5, 1.0, 2.0]).to_mask(
+        scores, q_len=q_len, kv_len=kv_len, block_size=64)
+    assert m.kv_num_blocks[..., -1].tolist() == [[2, 4, 8]] * 2
+    m = Policy("density", density=0.5, head_budgets=[3, 5, 7]).to_mask(
+        scores, q_len=q_len, kv_len=kv_len, block_size=64)
+    assert m.kv_num_blocks[..., -1].tolist() == [[3, 5, 7]] * 2
+    lo = Policy("top_p", p=0.9, head_budgets=[0.5, 1.0, 1.0]).to_mask(
+        scores, q_len=q_len, kv_len=kv_len, block_size=64).density_per_head()
+    assert lo[0] < lo[1]
+    th = Policy("threshold", tau=0.05, head_budgets=[1.0, 1.0, 4.0]).to_mask(
+        scores, q_len=q_len, kv_len=kv_len, block_size=64).density_per_head()
+    assert th[2] > th[1]
+
+
+def test_neg_inf_logits_and_causality():
+    q_len, kv_len = 130, 900
+    scores = _scores(q_len, kv_len, 64, seed=9)
+    scores[..., 1::2] = -math.inf
+    allowed = block_causal(q_len, kv_len, 64)
+    for pol in (Policy("top_k", k=50), Policy("top_p", p=0.99), Policy("threshold", tau=0.0)):
+        dense = pol.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=64).to_dense()
+        assert not (dense & ~allowed).any()
+
+
+def test_dict_round_trip():
+    for pol in (Policy("top_p", p=0.95, keep_sink=False),
+                Policy("top_k", k=8, local_blocks=2, layer_schedule="linear",
+                       layer_scale_end=0.5, head_budgets=[1.0, 2.0]),
+                Policy("density", density=0.25, head_budgets=[2, 3])):
+        d = json.loads(json.dumps(pol.to_dict()))
+        assert Policy.from_dict(d) == pol
+        assert Policy.coerce(d) == pol
+
+
+def test_fast_at_8k_by_30_layers():
+    qb = 8192 // 64
+    scores = torch.randn(1, 9, qb, qb)
+    t0 = time.perf_counter()
+    for layer in range(30):
+        Policy("top_p", p=0.9, local_blocks=1, layer_schedule="linear",
+               layer_scale_end=0.5).to_mask(scores, q_len=8192, kv_len=8192, block_size=64,
+                                            layer_idx=layer, num_layers=30)
+    assert time.perf_counter() - t0 < 30.0
