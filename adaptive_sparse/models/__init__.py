@@ -1,0 +1,27 @@
+"""Pretrained models: loading (presets, GGUF, HF folders) and sparse attention through
+transformers' AttentionInterface, driven by per-layer mask providers."""
+
+from adaptive_sparse.models.attention import (
+    ATTN_NAME,
+    disable_sparse_attention,
+    enable_sparse_attention,
+    local_window_attention,
+    register,
+    sparse_attention,
+)
+from adaptive_sparse.models.loading import (
+    PRESETS,
+    Preset,
+    is_chat_model,
+    load_model,
+    model_fingerprint,
+    resolve_model_path,
+)
+from adaptive_sparse.models.providers import CaptureProvider, OracleProvider, PatternProvider
+
+__all__ = [
+    "ATTN_NAME", "CaptureProvider", "OracleProvider", "PRESETS", "PatternProvider", "Preset",
+    "disable_sparse_attention", "enable_sparse_attention", "is_chat_model", "load_model",
+    "local_window_attention", "model_fingerprint", "register", "resolve_model_path",
+    "sparse_attention",
+]

@@ -1,0 +1,193 @@
+"""Route the attention of any Hugging Face causal LM through `block_sparse_attention`.
+
+`register()` adds the name "adaptive_sparse" to transformers' `AttentionInterface` (the attention
+function) and `AttentionMaskInterface` (the mask builder). No modeling file is copied: every model
+whose attention layers call `ALL_ATTENTION_FUNCTIONS.get_interface(...)` (Llama, Mistral, Qwen,
+Gemma 3, ...) runs through it once `model.config._attn_implementation == "adaptive_sparse"`.
+
+For each layer a *provider* decides the mask: `provider(layer_idx, q, k) -> BlockSparseMask | None`
+with q [B, Hq, N, D] (after rotary) and k [B, Hkv, M, D] (the whole KV cache when decoding,
+N < M); None means dense causal attention.
+
+Limits:
+- No padding: the mask builder returns no mask (causality is applied by the attention itself)
+  and refuses a 2D attention mask with padded positions; run one sequence per batch or equal
+  lengths.
+- Layers that the model marks as sliding-window (Gemma 3's local layers) run exact, chunked
+  sliding-window attention; the provider is not called for them.
+- No attention dropout and no logit soft-capping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_sparse.attention.api import BACKENDS, block_sparse_attention
+from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
+
+ATTN_NAME = "adaptive_sparse"
+_STATE = "_adaptive_sparse_state"
+_STACK = "_adaptive_sparse_stack"
+_LOCAL_CHUNK = 256
+
+
+class _State:
+    """What the attention function needs, stored on every attention module of one model."""
+
+    def __init__(self, provider, block_size: int, backend: str):
+        self.provider = provider
+        self.block_size = block_size
+        self.backend = backend
+
+
+def adaptive_sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
+                         kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: no mask (our attention applies causality itself).
+
+    Refuses a 2D attention mask that pads any position, which this attention cannot honour."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+            and not bool(attention_mask.all()):
+        raise ValueError("attention_mask: padding is not supported by the adaptive_sparse "
+                         "attention; pass sequences of equal length without padding")
+    return None
+
+
+def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
+                                      value: torch.Tensor, attention_mask, scaling=None,
+                                      dropout: float = 0.0, sliding_window=None, softcap=None,
+                                      **kwargs):
+    """AttentionInterface entry.
+
+    query [B, Hq, N, D], key/value [B, Hkv, M, D] (M >= N; queries are the last N positions).
+    Returns (out [B, N, Hq, D], None)."""
+    state = module.__dict__.get(_STATE)
+    if state is None:
+        raise RuntimeError("adaptive_sparse attention: this model has no provider; wrap the call "
+                           "in `with sparse_attention(model, provider):`")
+    if attention_mask is not None:
+        raise ValueError("attention_mask: the adaptive_sparse attention takes no explicit mask "
+                         "(padding and custom masks are not supported)")
+    if dropout:
+        raise ValueError(f"dropout: expected 0 (no attention dropout), got {dropout}")
+    if softcap is not None:
+        raise ValueError(f"softcap: logit soft-capping is not supported, got {softcap}")
+    B, Hq, N, D = query.shape
+    M = key.shape[2]
+    scale = float(scaling) if scaling is not None else D ** -0.5
+    if sliding_window is not None:
+        out = local_window_attention(query, key, value, window=int(sliding_window), scale=scale)
+    else:
+        mask = state.provider(module.layer_idx, query, key) if state.provider is not None else None
+        if mask is None:
+            mask = _full_mask(N, M, state.block_size, str(query.device))
+        out = block_sparse_attention(query, key, value, mask, scale=scale, backend=state.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=64)
+def _full_mask(q_len: int, kv_len: int, block_size: int, device: str) -> BlockSparseMask:
+    return BlockSparseMask.full(1, 1, block_size=block_size, q_len=q_len, kv_len=kv_len,
+                                device=torch.device(device))
+
+
+def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
+                           scale: float, chunk: int = _LOCAL_CHUNK) -> torch.Tensor:
+    """Exact causal sliding-window attention, end-aligned: query i (absolute position
+    i + M - N) sees keys j with pos - window < j <= pos.
+
+    q [B, Hq, N, D], k/v [B, Hkv, M, D] -> [B, Hq, N, D]; memory O(chunk * (chunk + window))."""
+    B, Hq, N, D = q.shape
+    M = k.shape[2]
+    offset = M - N
+    out = torch.empty(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        k0 = max(0, r0 + offset - window + 1)
+        k1 = r1 + offset
+        pos = torch.arange(r0, r1, device=q.device)[:, None] + offset
+        cols = torch.arange(k0, k1, device=q.device)[None, :]
+        keep = (cols <= pos) & (cols > pos - window)  # [R, C]
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(
+            q[:, :, r0:r1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=keep, scale=scale,
+            enable_gqa=Hq != k.shape[1])
+    return out
+
+
+def register() -> None:
+    """Add "adaptive_sparse" to transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, adaptive_sparse_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, adaptive_sparse_mask)
+
+
+def _attention_modules(model):
+    mods = [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and "Attention" in type(m).__name__]
+    if not mods:
+        raise ValueError(f"model: no attention modules with a layer_idx found in "
+                         f"{type(model).__name__}")
+    return mods
+
+
+def _set_impl(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+def enable_sparse_attention(model, provider, *, block_size: int = 64,
+                            backend: str = "auto") -> None:
+    """Route `model`'s attention through `provider` until `disable_sparse_attention(model)`.
+
+    provider: callable (layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None,
+        or None for dense causal attention through `block_sparse_attention`.
+    block_size: block size of the dense mask used when the provider returns None.
+    backend: passed to `block_sparse_attention`. Calls nest (the previous state is restored)."""
+    if provider is not None and not callable(provider):
+        raise TypeError(f"provider: expected a callable (layer_idx, q, k) -> BlockSparseMask | "
+                        f"None, got {type(provider).__name__}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    register()
+    mods = _attention_modules(model)
+    stack = model.__dict__.setdefault(_STACK, [])
+    stack.append((model.config._attn_implementation, mods[0].__dict__.get(_STATE)))
+    state = _State(provider, block_size, backend)
+    for m in mods:
+        m.__dict__[_STATE] = state
+    _set_impl(model, ATTN_NAME)
+
+
+def disable_sparse_attention(model) -> None:
+    """Undo the last `enable_sparse_attention` on `model`."""
+    stack = model.__dict__.get(_STACK)
+    if not stack:
+        raise RuntimeError("model: sparse attention is not enabled")
+    impl, previous = stack.pop()
+    for m in _attention_modules(model):
+        if previous is None:
+            m.__dict__.pop(_STATE, None)
+        else:
+            m.__dict__[_STATE] = previous
+    _set_impl(model, impl)
+
+
+@contextlib.contextmanager
+def sparse_attention(model, provider, *, block_size: int = 64, backend: str = "auto"):
+    """`with sparse_attention(model, provider): model(ids)` runs every attention layer through
+    `block_sparse_attention` with the provider's masks, and restores the previous attention
+    implementation on exit."""
+    enable_sparse_attention(model, provider, block_size=block_size, backend=backend)
+    try:
+        yield model
+    finally:
+        disable_sparse_attention(model)

@@ -1,0 +1,198 @@
+"""Mask providers: per layer, `(layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None`.
+
+- `PatternProvider`: a named pattern of the zoo (`adaptive_sparse.patterns.make_pattern`).
+- `OracleProvider`: the true attention's block map through a `Policy` (the upper bound).
+- `CaptureProvider`: wraps any provider and records, per layer, the density of its masks and
+  (optionally) their attention recall, the share of the true attention mass they keep. Recall
+  needs the true block maps, computed chunked from the q and k the layer sees: about the cost of
+  one more dense attention per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptive_sparse.attention.block_maps import attention_recall, block_attention_maps
+from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+def _check_layers(layers):
+    if layers is None:
+        return None
+    try:
+        out = frozenset(int(i) for i in layers)
+    except (TypeError, ValueError):
+        raise TypeError(f"layers: expected an iterable of layer indices, got {layers!r}") from None
+    if any(i < 0 for i in out):
+        raise ValueError(f"layers: expected non-negative layer indices, got {sorted(out)}")
+    return out
+
+
+class PatternProvider:
+    """A pattern of the zoo for every layer (or only `layers`; the others stay dense).
+
+    name: a key of `adaptive_sparse.patterns.PATTERNS`; params: that pattern's parameters
+    (`PATTERN_PARAMS[name]`). Input-dependent patterns get the layer's q and k."""
+
+    def __init__(self, name: str, block_size: int = 64, layers=None, **params):
+        from adaptive_sparse.patterns import PATTERN_PARAMS, PATTERNS
+
+        if name not in PATTERNS:
+            raise ValueError(f"name: expected one of {sorted(PATTERNS)}, got {name!r}")
+        unknown = sorted(set(params) - set(PATTERN_PARAMS.get(name, {})))
+        if unknown:
+            raise ValueError(f"params: {unknown} are not parameters of pattern {name!r} "
+                             f"(it takes {sorted(PATTERN_PARAMS.get(name, {}))})")
+        self.name = name
+        self.block_size = _check_block_size(block_size)
+        self.layers = _check_layers(layers)
+        self.params = params
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        from adaptive_sparse.patterns import make_pattern
+
+        if self.layers is not None and layer_idx not in self.layers:
+            return None
+        B, Hq, N, _ = q.shape
+        return make_pattern(self.name, q_len=N, kv_len=k.shape[2], num_heads=Hq,
+                            block_size=self.block_size, batch=B, q=q, k=k, device=q.device,
+                            **self.params)
+
+    def describe(self) -> dict:
+        return {"pattern": self.name, "block_size": self.block_size,
+                "layers": sorted(self.layers) if self.layers is not None else None,
+                **{k: v for k, v in self.params.items()}}
+
+
+class OracleProvider:
+    """Masks from the true attention: `block_attention_maps(q, k)` ranked by `target`
+    ("sum": attention mass per tile, "max": row-normalized tile max), through `policy`.
+
+    policy: a `Policy` or its dict. num_layers: the model's layer count, for per-layer budget
+    schedules (`Policy.layer_schedule`); None treats every layer as layer 0 of 1 unless the
+    schedule is constant."""
+
+    def __init__(self, policy, target: str = "sum", block_size: int = 64,
+                 num_layers: int | None = None, layers=None):
+        from adaptive_sparse.policies import Policy
+
+        if target not in ("sum", "max"):
+            raise ValueError(f"target: expected 'sum' or 'max', got {target!r}")
+        if num_layers is not None and (isinstance(num_layers, bool)
+                                       or not isinstance(num_layers, int) or num_layers < 1):
+            raise ValueError(f"num_layers: expected a positive int or None, got {num_layers!r}")
+        self.policy = Policy.coerce(policy)
+        self.target = target
+        self.block_size = _check_block_size(block_size)
+        self.num_layers = num_layers
+        self.layers = _check_layers(layers)
+        self.last_maps = None  # (q, block_sum) of the last call, reused by CaptureProvider
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        if self.layers is not None and layer_idx not in self.layers:
+            return None
+        bmax, bsum = block_attention_maps(q, k, block_size=self.block_size)  # [B, Hq, Qb, Kb]
+        self.last_maps = (q, bsum)
+        scores = bsum if self.target == "sum" else bmax
+        if self.num_layers is None:
+            layer, layers = 0, 1
+        else:
+            layer, layers = layer_idx, self.num_layers
+        return self.policy.to_mask(scores, q_len=q.shape[2], kv_len=k.shape[2],
+                                   block_size=self.block_size, layer_idx=layer,
+                                   num_layers=layers, scores_are_probs=True)
+
+    def describe(self) -> dict:
+        return {"pattern": "oracle", "target": self.target, "block_size": self.block_size,
+                "policy": self.policy.to_dict()}
+
+
+class CaptureProvider:
+    """Wraps `inner` (a provider or None for dense) and records per layer:
+    density of the masks (over the causal region) and, with `recall`, the attention recall
+    (share of the true attention mass inside the selected tiles), mean and per head.
+
+    keep_maps: also keep the last call's masks (bool [B, H, Qb, Kb]) and true block maps
+    (block_max, block_sum float [B, Hq, Qb, Kb]) per layer, in `self.masks` / `self.maps`.
+    block_size: block size of the dense mask when `inner` returns None."""
+
+    def __init__(self, inner=None, *, recall: bool = True, keep_maps: bool = False,
+                 block_size: int = 64):
+        if inner is not None and not callable(inner):
+            raise TypeError(f"inner: expected a provider callable or None, got "
+                            f"{type(inner).__name__}")
+        self.inner = inner
+        self.recall = bool(recall)
+        self.keep_maps = bool(keep_maps)
+        self.block_size = _check_block_size(getattr(inner, "block_size", block_size))
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats: dict[int, dict] = {}
+        self.masks: dict[int, torch.Tensor] = {}
+        self.maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        mask = self.inner(layer_idx, q, k) if self.inner is not None else None
+        B, Hq, N, _ = q.shape
+        M = k.shape[2]
+        shown = mask if mask is not None else BlockSparseMask.full(
+            1, 1, block_size=self.block_size, q_len=N, kv_len=M, device=q.device)
+        st = self.stats.setdefault(layer_idx, {"calls": 0, "selected": 0.0, "total": 0.0,
+                                               "recall_sum": torch.zeros(Hq, dtype=torch.float64),
+                                               "recall_calls": 0})
+        st["calls"] += 1
+        st["selected"] += shown.density()
+        st["total"] += 1.0
+        need_maps = self.keep_maps or (self.recall and mask is not None)
+        bmax = bsum = None
+        if need_maps:
+            last = getattr(self.inner, "last_maps", None)
+            if last is not None and last[0] is q and not self.keep_maps \
+                    and last[1].shape[-1] == shown.num_kv_blocks:
+                bsum = last[1]
+            else:
+                bmax, bsum = block_attention_maps(q, k, block_size=shown.block_size)
+        if self.recall:
+            if mask is None:
+                rec = torch.ones(Hq, dtype=torch.float64)
+            else:
+                dense = shown.to_dense()
+                if dense.shape[0] not in (1, B):
+                    raise ValueError(f"mask: expected batch 1 or {B}, got {dense.shape[0]}")
+                rec = attention_recall(bsum, dense.expand(B, *dense.shape[1:])).double().cpu()
+            st["recall_sum"] += rec
+            st["recall_calls"] += 1
+        if self.keep_maps:
+            self.masks[layer_idx] = shown.to_dense().cpu()
+            self.maps[layer_idx] = (bmax.cpu(), bsum.cpu())
+        return mask
+
+    def per_layer(self) -> list[dict]:
+        """[{layer, density, recall, recall_per_head}] in layer order (recall None when off)."""
+        out = []
+        for layer in sorted(self.stats):
+            st = self.stats[layer]
+            row = {"layer": layer, "density": st["selected"] / max(st["total"], 1.0),
+                   "recall": None, "recall_per_head": None}
+            if st["recall_calls"]:
+                heads = st["recall_sum"] / st["recall_calls"]
+                row["recall"] = float(heads.mean())
+                row["recall_per_head"] = [float(x) for x in heads]
+            out.append(row)
+        return out
+
+    def summary(self) -> dict:
+        """Mean density and recall over the recorded layers."""
+        rows = self.per_layer()
+        if not rows:
+            return {"density": None, "recall": None}
+        recalls = [r["recall"] for r in rows if r["recall"] is not None]
+        return {"density": sum(r["density"] for r in rows) / len(rows),
+                "recall": sum(recalls) / len(recalls) if recalls else None}
