@@ -1,0 +1,199 @@
+"""Evaluators: what measures a configuration (see ``sweeps.objectives.Evaluator``).
+
+- ``ModelEvaluator``: a pretrained model on packed validation documents, through
+  ``adaptive_sparse.evaluate.evaluate`` with a ``PatternProvider``, ``OracleProvider`` or
+  ``GateProvider``. Imports of the model stack happen on first use.
+- ``SyntheticEvaluator``: closed-form metrics with the same keys and no model, for tests of the
+  sweep machinery and dry runs (``evaluator: {factory: sweeps.evaluators:SyntheticEvaluator}``).
+
+``build_evaluator({"factory": "module:callable", "args": {...}})`` builds either, or any other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+POLICY_FIELDS = {"kind": str, "tau": float, "k": int, "p": float, "density": float,
+                 "keep_sink": bool, "keep_diagonal": bool, "local_blocks": int,
+                 "layer_schedule": str, "layer_scale_end": float, "head_budgets": list}
+
+
+def build_evaluator(spec: Mapping[str, Any] | None):
+    """``spec = {"factory": "pkg.module:name", "args": {...}}``; default ModelEvaluator."""
+    spec = dict(spec or {})
+    factory = spec.pop("factory", "sweeps.evaluators:ModelEvaluator")
+    args = spec.pop("args", {}) or {}
+    if spec:
+        raise ValueError(f"evaluator: unknown keys {sorted(spec)}, expected factory and args")
+    if not isinstance(factory, str) or ":" not in factory:
+        raise ValueError(f"evaluator.factory: expected 'module:callable', got {factory!r}")
+    module, _, name = factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"evaluator.factory: cannot import {factory!r}: {e}") from None
+    return fn(**args)
+
+
+def _policy_density(policy: Mapping[str, Any], num_blocks: int) -> float:
+    kind = policy["kind"]
+    if kind == "density":
+        d = policy["density"]
+    elif kind == "top_k":
+        d = policy["k"] / num_blocks
+    elif kind == "top_p":
+        d = policy["p"] ** 6
+    else:
+        d = 1.0 - policy["tau"]
+    return d
+
+
+class SyntheticEvaluator:
+    """Closed-form stand-in for a model: density from the parameters, quality loss
+    ``ppl_change = quality[family] * 0.05 * (1 - d)^2 / d`` (smaller quality factor = better
+    method), recall ``1 - (1 - d)^2 * quality``. ``families`` maps each pattern name to its
+    parameters ``{name: type}``; gate and oracle always exist.
+
+    ``sleep`` (seconds per evaluate) and ``marker_dir`` (writes ``<pid>.running`` during an
+    evaluation) let tests kill a worker mid-trial."""
+
+    def __init__(self, families: Mapping[str, Mapping[str, str]] | None = None, *,
+                 num_blocks: int = 64, num_layers: int = 4, sleep: float = 0.0,
+                 marker_dir: str | None = None, quality: Mapping[str, float] | None = None,
+                 screen: bool = False):
+        self.families = {k: dict(v) for k, v in (families or {
+            "sliding_window": {"window": "int"}, "strided": {"stride": "int"}}).items()}
+        self.num_blocks, self.num_layers = num_blocks, num_layers
+        self.sleep, self.marker_dir = sleep, marker_dir
+        self.quality = {"oracle": 0.3, "gate": 0.5, **(quality or {})}
+        self.evaluations = 0
+        if screen:
+            self.screen = self._screen
+
+    def parameters(self, family: str) -> Mapping[str, Any]:
+        if family in ("gate", "oracle"):
+            return {"policy": dict, "target": str, "gates": str}
+        if family not in self.families:
+            raise ValueError(f"method: unknown method {family!r}, expected one of "
+                             f"{sorted(self.families) + ['gate', 'oracle']}")
+        return self.families[family]
+
+    def _density(self, family: str, params: Mapping[str, Any]) -> float:
+        self.parameters(family)
+        if "policy" in params:
+            d = _policy_density(params["policy"], self.num_blocks)
+        else:
+            unknown = sorted(set(params) - set(self.families[family]))
+            if unknown:
+                raise ValueError(f"params: unknown parameters {unknown} for {family!r}")
+            numbers = [float(v) for v in params.values()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            d = (sum(numbers) + 1.0) / self.num_blocks
+        return min(1.0, max(1.0 / self.num_blocks, d))
+
+    def _screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
+        d = self._density(family, params)
+        q = self.quality.get(family, 1.0)
+        return {"density": d, "recall": 1.0 - (1.0 - d) ** 2 * q}
+
+    def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        marker = None
+        if self.marker_dir is not None:
+            marker = os.path.join(self.marker_dir, f"{os.getpid()}.running")
+            with open(marker, "w") as f:
+                f.write(family)
+        try:
+            if self.sleep:
+                time.sleep(self.sleep)
+            d = self._density(family, params)
+            q = self.quality.get(family, 1.0)
+            ramp = params.get("policy", {}).get("layer_scale_end", 1.0)
+            per_layer = [min(1.0, d * (1 + (ramp - 1) * i / max(1, self.num_layers - 1)))
+                         for i in range(self.num_layers)]
+            self.evaluations += 1
+            return {"density": d, "ppl_change": q * 0.05 * (1.0 - d) ** 2 / d,
+                    "recall": 1.0 - (1.0 - d) ** 2 * q, "per_layer_density": per_layer,
+                    "perplexity_dense": 10.0,
+                    "perplexity": 10.0 * (1 + q * 0.05 * (1.0 - d) ** 2 / d)}
+        finally:
+            if marker is not None and os.path.exists(marker):
+                os.remove(marker)
+
+
+class ModelEvaluator:
+    """A pretrained model on validation sequences (shape [S, seq_len]).
+
+    model: preset or path for ``adaptive_sparse.models.load_model``; seq_len, num_sequences:
+    validation data packed from ``load_corpus(corpus)``'s validation split; gates: directory of
+    trained gates (for gate/* methods; a policy file may name its own). The dense perplexity is
+    computed once and cached (``dense_cache``)."""
+
+    def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
+                 num_sequences: int = 4, block_size: int = 64, corpus: str = "default",
+                 split_seed: int = 0, gates: str | None = None, device: str = "cpu",
+                 model_obj=None, tokenizer=None, sequences=None):
+        self.model_name, self.seq_len, self.num_sequences = model, seq_len, num_sequences
+        self.block_size, self.corpus, self.split_seed = block_size, corpus, split_seed
+        self.gates, self.device = gates, device
+        self._model, self._tokenizer, self._sequences = model_obj, tokenizer, sequences
+        self._gate_sets: dict[str, Any] = {}
+        self.dense_cache: dict = {}
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from adaptive_sparse.models import load_model
+            self._model, self._tokenizer = load_model(self.model_name, dtype=torch.float32)
+            self._model.to(self.device).eval()
+        if self._sequences is None:
+            from adaptive_sparse.data import load_corpus, pack, split_documents
+            docs = split_documents(load_corpus(self.corpus), seed=self.split_seed,
+                                   fractions=(0.8, 0.1, 0.1))["validation"]
+            self._sequences = pack(self._tokenizer, docs, self.seq_len, self.num_sequences)
+        return self._model, self._sequences
+
+    def parameters(self, family: str) -> Mapping[str, Any]:
+        if family == "gate":
+            return {"policy": dict, "gates": str}
+        if family == "oracle":
+            return {"policy": dict, "target": str}
+        from adaptive_sparse.patterns import PATTERN_PARAMS
+        if family not in PATTERN_PARAMS or family == "oracle":
+            raise ValueError(f"method: unknown method {family!r}, expected one of "
+                             f"{sorted(PATTERN_PARAMS)}")
+        return PATTERN_PARAMS[family]
+
+    def provider(self, family: str, params: Mapping[str, Any]):
+        from adaptive_sparse.models import OracleProvider, PatternProvider
+        from adaptive_sparse.policies import Policy
+        if family == "oracle":
+            return OracleProvider(Policy.from_dict(dict(params["policy"])),
+                                  target=params.get("target", "sum"), block_size=self.block_size)
+        if family == "gate":
+            from gating import GateProvider, load_gates
+            where = params.get("gates", self.gates)
+            if where is None:
+                raise ValueError("gates: gate/* methods need a gates directory (evaluator "
+                                 "args.gates or params.gates)")
+            if where not in self._gate_sets:
+                self._gate_sets[where] = load_gates(where, self._load()[0])
+            return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])))
+        self.parameters(family)
+        return PatternProvider(family, block_size=self.block_size, **dict(params))
+
+    def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        from adaptive_sparse.evaluate import evaluate
+        model, sequences = self._load()
+        result = dict(evaluate(model, sequences, self.provider(family, params),
+                               dense_cache=self.dense_cache, progress=False))
+        per_layer = result.get("per_layer") or []
+        result["per_layer_density"] = [float(x["density"]) for x in per_layer
+                                       if isinstance(x, Mapping) and "density" in x] or None
+        if not math.isfinite(float(result["perplexity"])):
+            raise ValueError(f"perplexity: non-finite for {family} {dict(params)}")
+        return result
