@@ -1,7 +1,9 @@
 """Base-model fingerprint: what an artifact must agree on with the model it is attached to.
 
 The fingerprint names the architecture and the shapes attention depends on (layers, heads, KV
-heads, head_dim, rotary settings) and holds the canonical model config with its sha256. Runtime
+heads, head_dim, rotary settings), holds the canonical model config with its sha256, and (for a
+model) a sha256 of a sample of its weights (the first 256 values of every tensor, rounded to
+bfloat16 so that the fp32 and bf16 loads of one checkpoint agree). Runtime
 keys that do not change the computation (dtype, cache and output flags, token ids, label maps,
 transformers version, private `_` keys) are left out of the canonical config.
 """
@@ -13,7 +15,7 @@ import json
 from typing import Any
 
 FINGERPRINT_FIELDS = ("architecture", "model_type", "num_layers", "num_heads", "num_kv_heads",
-                      "head_dim", "hidden_size", "rotary", "config_sha256")
+                      "head_dim", "hidden_size", "rotary", "config_sha256", "weights_sha256")
 
 _VOLATILE_KEYS = frozenset({
     "transformers_version", "architectures", "output_hidden_states", "output_attentions",
@@ -91,6 +93,7 @@ def config_fingerprint(config, *, architecture: str | None = None) -> dict:
         "hidden_size": hidden,
         "rotary": rotary,
         "config_sha256": sha256_hex(canonical_json(canon).encode()),
+        "weights_sha256": None,
         "config": canon,
     }
 
@@ -100,7 +103,23 @@ def model_fingerprint(model) -> dict:
     if not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers model with a .config, "
                         f"got {type(model).__name__}")
-    return config_fingerprint(model.config, architecture=type(model).__name__)
+    fp = config_fingerprint(model.config, architecture=type(model).__name__)
+    fp["weights_sha256"] = weights_digest(model)
+    return fp
+
+
+def weights_digest(model) -> str:
+    """sha256 over (name, shape, first 256 values in bfloat16) of every state_dict tensor."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)};".encode())
+        sample = t.detach().flatten()[:256].cpu()
+        if sample.is_floating_point():
+            sample = sample.to(torch.bfloat16).view(torch.int16)
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _short(value: Any) -> str:
@@ -115,6 +134,8 @@ def fingerprint_differences(stored: dict, actual: dict) -> list[str]:
     diffs = []
     for field in FINGERPRINT_FIELDS:
         if field == "config_sha256":
+            continue
+        if field == "weights_sha256" and (stored.get(field) is None or actual.get(field) is None):
             continue
         if stored.get(field) != actual.get(field):
             diffs.append(f"{field}: artifact {_short(stored.get(field))}, "

@@ -137,6 +137,9 @@ def _check_fingerprint(fp) -> None:
     req_dict(fp["rotary"], "model.rotary")
     if not isinstance(fp["config_sha256"], str) or not _HEX64.fullmatch(fp["config_sha256"]):
         raise _fail("model.config_sha256", "64 lowercase hex digits", fp["config_sha256"])
+    w = fp["weights_sha256"]
+    if w is not None and (not isinstance(w, str) or not _HEX64.fullmatch(w)):
+        raise _fail("model.weights_sha256", "null or 64 lowercase hex digits", w)
     req_dict(fp["config"], "model.config")
     if sha256_hex(canonical_json(fp["config"]).encode()) != fp["config_sha256"]:
         raise _fail("model.config_sha256", "the sha256 of model.config", fp["config_sha256"])

@@ -1,0 +1,124 @@
+"""`load_sparsifier(model, path)`: attach an artifact to a Hugging Face model.
+
+After the call the model runs sparse attention on every forward with no other code:
+  gate   -> gating's GateProvider(gate_set, policy, model) decides each layer's mask
+  static -> the mask of the smallest length bucket >= the sequence, cropped (prefill only;
+            decoding steps with q_len != kv_len and longer sequences run dense)
+  masks  -> the stored mask when the sequence has exactly its length, else dense
+The returned `Sparsifier` detaches it again (`handle.detach()`, or use it as a context manager).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adaptive_sparse.export.fingerprint import fingerprint_differences, model_fingerprint
+from adaptive_sparse.export.format import ArtifactError, read_artifact
+from adaptive_sparse.export.masks import MaskArtifact, masks_from_raw
+
+
+def check_fingerprint(stored: dict | None, model, *, check_weights: bool = True) -> None:
+    """Refuse (ArtifactError) when `model` differs from the artifact's base model, naming every
+    differing field. `check_weights=False` accepts other weights of the same architecture."""
+    if stored is None:
+        return
+    actual = model_fingerprint(model)
+    if not check_weights:
+        actual["weights_sha256"] = None
+    diffs = fingerprint_differences(stored, actual)
+    if diffs:
+        raise ArtifactError("model: the artifact was made for a different base model: "
+                            + "; ".join(diffs))
+
+
+class ArtifactMaskProvider:
+    """Provider protocol over a mask or static artifact: (layer_idx, q [B,Hq,N,D],
+    k [B,Hkv,M,D]) -> BlockSparseMask | None. Masks are cached per (layer, length, device)."""
+
+    def __init__(self, artifact: MaskArtifact):
+        self.artifact = artifact
+        self._cache: dict = {}
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        n, m = q.shape[2], k.shape[2]
+        if n != m:
+            return None
+        key = (layer_idx, n, str(q.device))
+        if key not in self._cache:
+            mask = self.artifact.mask_for(layer_idx, n)
+            if mask is not None and mask.batch not in (1, q.shape[0]):
+                mask = None
+            self._cache[key] = None if mask is None else mask.to(q.device)
+        return self._cache[key]
+
+
+class Sparsifier:
+    """Handle returned by `load_sparsifier`: `.artifact`, `.provider`, `.detach()`."""
+
+    def __init__(self, model, artifact, provider, block_size: int):
+        self.model, self.artifact, self.provider = model, artifact, provider
+        self.block_size = block_size
+        self.attached = False
+
+    def attach(self, backend: str = "auto") -> "Sparsifier":
+        from adaptive_sparse.models import enable_sparse_attention
+
+        if self.attached:
+            raise RuntimeError("Sparsifier: already attached")
+        enable_sparse_attention(self.model, self.provider, block_size=self.block_size,
+                                backend=backend)
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        """Restore the model's previous attention."""
+        from adaptive_sparse.models import disable_sparse_attention
+
+        if not self.attached:
+            raise RuntimeError("Sparsifier: not attached")
+        disable_sparse_attention(self.model)
+        self.attached = False
+
+    def __enter__(self) -> "Sparsifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.attached:
+            self.detach()
+
+
+def load_sparsifier(model, path, *, backend: str = "auto",
+                    check_weights: bool = True) -> Sparsifier:
+    """Verify the artifact at `path` (format, every hash, fingerprint against `model`) and
+    attach it. Raises ArtifactError on any mismatch, naming the field."""
+    raw = read_artifact(Path(path))
+    kind = raw.manifest["kind"]
+    if kind == "gate" and raw.manifest["model"] is None:
+        raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint")
+    check_fingerprint(raw.manifest["model"], model, check_weights=check_weights)
+    if kind == "gate":
+        from adaptive_sparse.export.gates import gate_from_raw
+        from gating import GateProvider
+
+        art = gate_from_raw(raw)
+        param = next(model.parameters(), None)
+        if param is not None:
+            art.gate_set.to(param.device)
+        provider = GateProvider(art.gate_set, art.policy, model)
+    else:
+        art = masks_from_raw(raw)
+        n_layers = _num_layers(model)
+        bad = [layer for layer in art.layers if layer >= n_layers]
+        if bad:
+            raise ArtifactError(f"content.entries: layer {bad[0]} >= the model's "
+                                f"{n_layers} layers")
+        provider = ArtifactMaskProvider(art)
+    return Sparsifier(model, art, provider, raw.manifest["block_size"]).attach(backend)
+
+
+def _num_layers(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return int(cfg.num_hidden_layers)

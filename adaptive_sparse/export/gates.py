@@ -1,0 +1,138 @@
+"""Gate artifacts: trained gate weights plus the policy that turns their scores into masks.
+
+Files: `gates.safetensors` (the GateSet's state_dict, names `<layer>.<param>`).
+`content`: {"gate_config": GateConfig.to_dict(), "policy": Policy.to_dict()}.
+`stats`: densities measured on calibration text when given, else {"density": null, "layers": []}.
+The fingerprint of the base model is required. `gating` is imported lazily (it depends on this
+package, not the other way round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from adaptive_sparse.export.format import (
+    ArtifactError, RawArtifact, build_manifest, read_artifact, req_dict, write_artifact)
+
+GATES_FILE = "gates.safetensors"
+
+
+@dataclass(frozen=True)
+class GateArtifact:
+    """A verified gate artifact: the rebuilt GateSet (eval mode, CPU) and its Policy."""
+    path: Path
+    manifest: dict
+    gate_set: Any  # gating.gates.GateSet
+    policy: Any  # adaptive_sparse.policies.Policy
+
+    @property
+    def kind(self) -> str:
+        return "gate"
+
+    @property
+    def block_size(self) -> int:
+        return self.manifest["block_size"]
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.manifest["model"]
+
+
+def save_gate_artifact(out, gate_set, policy, *, model, method: str = "gates",
+                       params: Mapping | None = None, stats: Mapping | None = None,
+                       overwrite: bool = False) -> Path:
+    """Write a gate artifact.
+
+    gate_set: gating.gates.GateSet; policy: Policy or its dict; model: the base transformers
+    model (or its fingerprint dict) the gates were trained on; params: e.g. the sweep trial and
+    its measured ppl change / density; stats: {"density", "layers"} measured on calibration text.
+    """
+    from adaptive_sparse.export.fingerprint import model_fingerprint
+    from adaptive_sparse.policies import Policy
+    from gating.gates import GateSet
+
+    if not isinstance(gate_set, GateSet):
+        raise TypeError(f"gate_set: expected a gating GateSet, got {type(gate_set).__name__}")
+    policy = Policy.coerce(policy)
+    if model is None:
+        raise ValueError("model: a gate artifact needs the base model (or its fingerprint)")
+    fp = model if isinstance(model, dict) else model_fingerprint(model)
+    cfg = gate_set.config
+    _check_config_against(cfg, fp, lambda field, msg: ValueError(f"gate_set: {field} {msg}"))
+    state = {k: v.detach().cpu() for k, v in gate_set.state_dict().items()}
+    manifest = build_manifest(
+        kind="gate", model=fp, block_size=cfg.block_size,
+        method={"name": method, "params": dict(params or {})},
+        stats=dict(stats or {"density": None, "layers": []}),
+        content={"gate_config": cfg.to_dict(), "policy": policy.to_dict()})
+    return write_artifact(out, manifest, {GATES_FILE: state}, overwrite=overwrite)
+
+
+def _check_config_against(cfg, fp: dict, err) -> None:
+    for field, fp_field in (("num_layers", "num_layers"), ("num_heads", "num_heads"),
+                            ("num_kv_heads", "num_kv_heads"), ("head_dim", "head_dim")):
+        if getattr(cfg, field) != fp[fp_field]:
+            raise err(field, f"is {getattr(cfg, field)} but the model has {fp[fp_field]}")
+
+
+def gate_from_raw(raw: RawArtifact) -> GateArtifact:
+    """Rebuild the GateSet and Policy of a verified gate artifact (raises ArtifactError)."""
+    from adaptive_sparse.policies import Policy
+    from gating.gates import GateConfig, GateSet
+
+    m = raw.manifest
+    if m["kind"] != "gate":
+        raise ArtifactError(f"{raw.path}: expected a gate artifact, got kind {m['kind']!r}")
+    if m["model"] is None:
+        raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint, "
+                            "got null")
+    content = req_dict(m["content"], "content", ("gate_config", "policy"))
+    req_dict(content["gate_config"], "content.gate_config")
+    req_dict(content["policy"], "content.policy")
+    try:
+        cfg = GateConfig.from_dict(content["gate_config"])
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"manifest.content.gate_config: {e}") from None
+    try:
+        policy = Policy.from_dict(content["policy"])
+    except (ValueError, TypeError) as e:
+        raise ArtifactError(f"manifest.content.policy: {e}") from None
+    if cfg.block_size != m["block_size"]:
+        raise ArtifactError(f"manifest.content.gate_config.block_size: expected block_size "
+                            f"{m['block_size']}, got {cfg.block_size}")
+
+    def err(field, msg):
+        return ArtifactError(f"manifest.content.gate_config.{field}: {msg}")
+
+    _check_config_against(cfg, m["model"], err)
+    if set(raw.tensors) != {GATES_FILE}:
+        raise ArtifactError(f"manifest.files: expected exactly {GATES_FILE!r}, got "
+                            f"{sorted(raw.tensors)}")
+    state = raw.tensors[GATES_FILE]
+    with torch.device("cpu"):
+        gate_set = GateSet(cfg)
+    expected = gate_set.state_dict()
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:3]
+        extra = sorted(set(state) - set(expected))[:3]
+        raise ArtifactError(f"{GATES_FILE}: tensor names do not match the gate config "
+                            f"(missing {missing}, unexpected {extra})")
+    for name, t in state.items():
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+            raise ArtifactError(f"{GATES_FILE}: {name}: expected {want.dtype} "
+                                f"{tuple(want.shape)}, got {t.dtype} {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{GATES_FILE}: {name}: expected finite values")
+    gate_set.load_state_dict(state, strict=True)
+    gate_set.eval()
+    return GateArtifact(raw.path, m, gate_set, policy)
+
+
+def load_gate_artifact(path) -> GateArtifact:
+    """Read and verify a gate artifact (raises ArtifactError)."""
+    return gate_from_raw(read_artifact(path))

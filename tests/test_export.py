@@ -1,0 +1,477 @@
+"""Artifacts: round trips, converters, corruption and edit detection, fingerprints, atomicity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_sparse.attention.api import block_sparse_attention
+from adaptive_sparse.attention.block_maps import attention_recall, block_attention_maps
+from adaptive_sparse.export import (
+    ArtifactError, FORMAT_VERSION, aggregate_static, convert_artifact, crop, load_masks, save_masks,
+    save_static, static_recall, to_bsr, to_dense, to_flex)
+from adaptive_sparse.export.fingerprint import canonical_json, sha256_hex
+from adaptive_sparse.export.format import manifest_digest
+from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_mask(gen, batch, heads, n, bs=16, p=0.4, m=None) -> BlockSparseMask:
+    m = n if m is None else m
+    qb, kb = -(-n // bs), -(-m // bs)
+    dense = (torch.rand(batch, heads, qb, kb, generator=gen) < p) & block_causal(n, m, bs)
+    dense |= diagonal_blocks(n, m, bs)
+    return BlockSparseMask.from_dense(dense, block_size=bs, q_len=n, kv_len=m)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+def tiny_llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+               max_position_embeddings=512)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def rewrite_manifest(path: Path, edit, *, rehash: bool) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    if rehash:
+        body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+        m["manifest_sha256"] = manifest_digest(body)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+def test_mask_artifact_round_trip_is_bit_identical(tmp_path, gen):
+    masks = {0: random_mask(gen, 2, 4, 100), 1: random_mask(gen, 2, 2, 100, m=160),
+             3: random_mask(gen, 1, 4, 100)}
+    path = save_masks(tmp_path / "art", masks, method="random", params={"p": 0.4},
+                      inputs={"seq_len": 100})
+    art = load_masks(path)
+    assert art.kind == "masks" and art.layers == [0, 1, 3]
+    for layer, m in masks.items():
+        got = art.layer_masks()[layer]
+        assert got.kv_num_blocks.dtype == torch.int32 and got.kv_indices.dtype == torch.int32
+        assert torch.equal(got.kv_num_blocks, m.kv_num_blocks)
+        assert torch.equal(got.kv_indices, m.kv_indices)
+        assert (got.q_len, got.kv_len, got.causal) == (m.q_len, m.kv_len, m.causal)
+    stats = art.manifest["stats"]
+    sel = sum(int(m.kv_num_blocks.sum()) for m in masks.values())
+    tot = sum(int(m.allowed().sum()) * m.batch * m.heads for m in masks.values())
+    assert stats["density"] == pytest.approx(sel / tot)
+    per_head = {e["layer"]: e["per_head"] for e in stats["layers"]}
+    assert per_head[1] == pytest.approx(masks[1].density_per_head().tolist())
+    assert art.manifest["method"] == {"name": "random", "params": {"p": 0.4}}
+    assert art.manifest["format_version"] == FORMAT_VERSION
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_aggregate_static_matches_a_loop(gen):
+    n, bs, heads = 160, 16, 3
+    docs = [random_mask(gen, 2, heads, n, p=0.5) for _ in range(3)]
+    frac, budget = 0.5, 4
+    got = aggregate_static(docs, min_fraction=frac, max_blocks_per_row=budget).to_dense()[0]
+    dense = torch.cat([d.to_dense() for d in docs])  # [6, H, Qb, Kb]
+    allowed, diag = block_causal(n, n, bs), diagonal_blocks(n, n, bs)
+    qb = allowed.shape[0]
+    for h in range(heads):
+        for r in range(qb):
+            forced = {c for c in range(qb) if diag[r, c] or c == 0}
+            freq = {c: float(dense[:, h, r, c].double().mean()) for c in range(qb)
+                    if allowed[r, c]}
+            cand = [c for c, f in freq.items() if (f >= frac and f > 0) or c in forced]
+            cand.sort(key=lambda c: (c not in forced, -freq[c], abs(r - c)))
+            want = set(cand[:budget])
+            assert {c for c in range(qb) if got[h, r, c]} == want, (h, r)
+    unlimited = aggregate_static(docs, min_fraction=0.0, max_blocks_per_row=None)
+    sink = torch.zeros_like(allowed)
+    sink[:, 0] = True
+    assert torch.equal(unlimited.to_dense()[0], (dense.any(0) | diag | sink) & allowed)
+
+
+def test_static_artifact_round_trip_and_recall(tmp_path, gen):
+    n, bs, heads = 128, 16, 4
+    static = {layer: aggregate_static([random_mask(gen, 2, heads, n) for _ in range(2)],
+                                      min_fraction=0.5, max_blocks_per_row=3)
+              for layer in range(2)}
+    q = torch.randn(2, heads, n, 8, generator=gen)
+    k = torch.randn(2, 2, n, 8, generator=gen)
+    _, block_sum = block_attention_maps(q, k, block_size=bs)
+    rec = [float(static_recall(static[layer], block_sum).mean()) for layer in range(2)]
+    assert rec[0] == pytest.approx(float(attention_recall(block_sum, static[0].to_dense()).mean()))
+    recall = {n: {"mean": sum(rec) / 2, "per_layer": rec, "docs": 2}}
+    path = save_static(tmp_path / "s", {n: static}, min_fraction=0.5, max_blocks_per_row=3,
+                       calibration_docs=4, recall=recall)
+    art = load_masks(path)
+    assert art.kind == "static" and art.buckets == [n]
+    for layer, m in static.items():
+        assert torch.equal(art.layer_masks(n)[layer].kv_indices, m.kv_indices)
+        assert torch.equal(art.layer_masks(n)[layer].kv_num_blocks, m.kv_num_blocks)
+    assert art.manifest["content"]["static"]["recall"][str(n)]["per_layer"] == rec
+    cropped = art.mask_for(0, 70)
+    assert (cropped.q_len, cropped.kv_len) == (70, 70)
+    assert torch.equal(cropped.to_dense(), static[0].to_dense()[:, :, :5, :5])
+    assert art.mask_for(0, n + 1) is None
+
+
+# ---- converters -------------------------------------------------------------------------------
+
+def fp64_masked_attention(q, k, v, mask: BlockSparseMask):
+    """Oracle: dense fp64 attention with the block mask expanded to elements."""
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    bs = mask.block_size
+    dense = mask.expand_heads(Hq if mask.heads != 1 else 1).to_dense()
+    elem = dense.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :N, :M]
+    elem = elem & (torch.arange(M)[None, :] <= torch.arange(N)[:, None] + (M - N))
+    kk = k.double().repeat_interleave(Hq // Hkv, 1)
+    vv = v.double().repeat_interleave(Hq // Hkv, 1)
+    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(D)
+    s = s.masked_fill(~elem, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ vv
+
+
+def test_flex_conversion_matches_reference_and_fp64(tmp_path, gen):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from safetensors.torch import load_file
+
+    n, heads, kv_heads, d = 200, 4, 2, 16
+    mask = random_mask(gen, 1, heads, n)
+    path = save_masks(tmp_path / "m", {0: mask})
+    q = torch.randn(1, heads, n, d, generator=gen)
+    k = torch.randn(1, kv_heads, n, d, generator=gen)
+    v = torch.randn(1, kv_heads, n, d, generator=gen)
+    loaded = load_masks(path).layer_masks()[0]
+    ref = block_sparse_attention(q, k, v, loaded, backend="reference")
+    via_backend = block_sparse_attention(q, k, v, loaded, backend="flex")
+    via_convert = flex_attention(q, k, v, block_mask=to_flex(path, 0), enable_gqa=True)
+    oracle = fp64_masked_attention(q, k, v, mask)
+    err_ref = (ref.double() - oracle).abs().max()
+    for out in (via_backend, via_convert):
+        assert torch.isfinite(out).all()
+        assert (out.double() - oracle).abs().max() <= max(4 * err_ref, 1e-5)
+    torch.testing.assert_close(via_convert, ref, atol=2e-5, rtol=1e-4)
+    # the on-disk flex layout rebuilds the same BlockMask
+    out_dir = convert_artifact(path, "flex", tmp_path / "flex")
+    layout = json.loads((out_dir / "layout.json").read_text())
+    t = load_file(out_dir / "flex.safetensors")
+    off = n - n
+
+    def causal(b, h, qi, ki):
+        return ki <= qi + off
+
+    rebuilt = BlockMask.from_kv_blocks(t["layers.0.kv_num_blocks"], t["layers.0.kv_indices"],
+                                       BLOCK_SIZE=layout["block_size"], mask_mod=causal,
+                                       seq_lengths=(n, n))
+    assert torch.equal(BlockSparseMask.from_flex(rebuilt).to_dense(), mask.to_dense())
+
+
+def test_bsr_and_dense_conversions_match_to_dense(tmp_path, gen):
+    from safetensors.torch import load_file
+
+    masks = {0: random_mask(gen, 2, 3, 90), 1: random_mask(gen, 1, 2, 64, m=150)}
+    path = save_masks(tmp_path / "m", masks)
+    for layer, m in masks.items():
+        want = m.to_dense()
+        assert torch.equal(to_dense(path, layer), want)
+        mats = to_bsr(path, layer)
+        bs = m.block_size
+        for b in range(m.batch):
+            for h in range(m.heads):
+                blocks = torch.as_tensor(mats[b][h].toarray()[::bs, ::bs])
+                assert torch.equal(blocks, want[b, h]), (layer, b, h)
+    dense_dir = convert_artifact(path, "dense", tmp_path / "dense")
+    bsr_dir = convert_artifact(path, "bsr", tmp_path / "bsr")
+    dense_t, bsr_t = load_file(dense_dir / "dense.safetensors"), load_file(bsr_dir / "bsr.safetensors")
+    for layer, m in masks.items():
+        want = m.to_dense()
+        assert torch.equal(dense_t[f"layers.{layer}.mask"], want)
+        indptr, indices = bsr_t[f"layers.{layer}.indptr"], bsr_t[f"layers.{layer}.indices"]
+        rebuilt = torch.zeros_like(want)
+        for b in range(m.batch):
+            for h in range(m.heads):
+                for r in range(want.shape[2]):
+                    cols = indices[b, h, indptr[b, h, r]:indptr[b, h, r + 1]].long()
+                    rebuilt[b, h, r, cols] = True
+                assert bool((indices[b, h, indptr[b, h, -1]:] == -1).all())
+        assert torch.equal(rebuilt, want)
+    with pytest.raises(ValueError, match="to: expected one of"):
+        convert_artifact(path, "csr", tmp_path / "x")
+
+
+# ---- corruption and edits ---------------------------------------------------------------------
+
+@pytest.fixture
+def small_artifact(tmp_path, gen):
+    return save_masks(tmp_path / "small", {0: random_mask(gen, 1, 2, 48),
+                                           1: random_mask(gen, 1, 2, 48)},
+                      method="random", params={"p": 0.4, "note": "x"}, inputs={"seq_len": 48})
+
+
+def test_every_flipped_byte_of_the_tensor_file_is_caught(small_artifact):
+    f = small_artifact / "masks.safetensors"
+    data = f.read_bytes()
+    assert len(data) < 4096
+    for i in range(len(data)):
+        for flip in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[i] ^= flip
+            f.write_bytes(bytes(bad))
+            with pytest.raises(ArtifactError, match="masks.safetensors"):
+                load_masks(small_artifact)
+    f.write_bytes(data)
+    load_masks(small_artifact)
+    f.write_bytes(data[:-1])
+    with pytest.raises(ArtifactError, match="size"):
+        load_masks(small_artifact)
+    f.write_bytes(data + b"\0")
+    with pytest.raises(ArtifactError, match="size"):
+        load_masks(small_artifact)
+    f.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_masks(small_artifact)
+
+
+def test_every_flipped_byte_of_the_manifest_is_caught(small_artifact):
+    f = small_artifact / "manifest.json"
+    data = f.read_bytes()
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        f.write_bytes(bytes(bad))
+        with pytest.raises(ArtifactError):
+            load_masks(small_artifact)
+
+
+def _leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+        yield path, obj
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+        yield path, obj
+    else:
+        yield path, obj
+
+
+def _edited(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 + 0.01
+    if isinstance(value, str):
+        return value + "x"
+    if value is None:
+        return 0
+    if isinstance(value, list):
+        return value[:-1] if value else [0]
+    return {**value, "extra": 1} if value else {"extra": 1}
+
+
+def _set(obj, path, value):
+    for p in path[:-1]:
+        obj = obj[p]
+    obj[path[-1]] = value
+
+
+def test_every_edited_manifest_field_is_caught(small_artifact):
+    base = json.loads((small_artifact / "manifest.json").read_text())
+    paths = [p for p, _ in _leaves(base) if p]
+    assert len(paths) > 40
+    for path in paths:
+        def edit(m, path=path):
+            cur = m
+            for p in path:
+                cur = cur[p]
+            _set(m, path, _edited(cur))
+        (small_artifact / "manifest.json").write_text(json.dumps(base))
+        rewrite_manifest(small_artifact, edit, rehash=False)
+        with pytest.raises(ArtifactError, match="manifest"):
+            load_masks(small_artifact)
+    for key in base:
+        m = dict(base)
+        del m[key]
+        (small_artifact / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ArtifactError, match="manifest"):
+            load_masks(small_artifact)
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    (("content", "entries", 0, "q_len"), 64, "masks.safetensors: layers.0: expected shapes"),
+    (("content", "entries", 0, "key"), "layers.9", "content.entries\\[0\\].key"),
+    (("content", "entries", 0, "causal"), "yes", "content.entries\\[0\\].causal"),
+    (("stats", "density"), 0.123, "stats.density"),
+    (("stats", "density"), 1.5, "stats.density"),
+    (("block_size",), 24, "block_size"),
+    (("kind",), "weights", "kind"),
+    (("files", "masks.safetensors", "size"), 7, "files.masks.safetensors.size"),
+    (("files", "masks.safetensors", "sha256"), "ab" * 32, "sha256 does not match"),
+    (("method", "params"), [], "method.params"),
+])
+def test_consistent_but_wrong_manifest_is_refused_by_field(small_artifact, path, value, needle):
+    rewrite_manifest(small_artifact, lambda m: _set(m, path, value), rehash=True)
+    with pytest.raises(ArtifactError, match=needle):
+        load_masks(small_artifact)
+
+
+def test_future_format_version_is_refused_clearly(small_artifact):
+    rewrite_manifest(small_artifact, lambda m: m.update(format_version=FORMAT_VERSION + 1),
+                     rehash=True)
+    with pytest.raises(ArtifactError, match=f"format version {FORMAT_VERSION + 1}.*upgrade"):
+        load_masks(small_artifact)
+    rewrite_manifest(small_artifact, lambda m: m.update(format="other-format"), rehash=True)
+    with pytest.raises(ArtifactError, match="manifest.format: expected"):
+        load_masks(small_artifact)
+
+
+def test_no_pickle_and_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_masks(tmp_path)
+    src = (REPO / "adaptive_sparse" / "export" / "format.py").read_text()
+    src += (REPO / "adaptive_sparse" / "export" / "masks.py").read_text()
+    assert "pickle" not in src.replace("unpickled", "") and "torch.load" not in src
+
+
+# ---- fingerprints -----------------------------------------------------------------------------
+
+def test_fingerprint_mismatch_is_refused_naming_the_field(tmp_path, gen):
+    from adaptive_sparse.export.attach import check_fingerprint
+    from adaptive_sparse.export.fingerprint import model_fingerprint
+
+    model = tiny_llama()
+    path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 4, 64)}, model=model)
+    stored = load_masks(path).fingerprint
+    assert stored == json.loads(canonical_json(model_fingerprint(model)))
+    assert stored["config_sha256"] == sha256_hex(canonical_json(stored["config"]).encode())
+    check_fingerprint(stored, model)
+    check_fingerprint(stored, tiny_llama(seed=0))
+    cases = [(tiny_llama(num_key_value_heads=4), "num_kv_heads: artifact 2, model 4"),
+             (tiny_llama(num_hidden_layers=3), "num_layers: artifact 2, model 3"),
+             (tiny_llama(rms_norm_eps=1e-5), "config.rms_norm_eps"),
+             (tiny_llama(rope_theta=500000.0), "rotary"),
+             (tiny_llama(seed=1), "weights_sha256")]
+    for other, needle in cases:
+        with pytest.raises(ArtifactError, match="different base model") as info:
+            check_fingerprint(stored, other)
+        assert needle in str(info.value)
+    check_fingerprint(stored, tiny_llama(seed=1), check_weights=False)
+    fp32 = tiny_llama(seed=2)
+    bf16 = tiny_llama(seed=2).to(torch.bfloat16)
+    check_fingerprint(json.loads(canonical_json(model_fingerprint(fp32))), bf16)
+
+
+def test_static_artifact_attaches_and_detaches(tmp_path, gen):
+    from adaptive_sparse.export import load_sparsifier
+    from adaptive_sparse.models import sparse_attention
+
+    model = tiny_llama()
+    n, bs = 64, 16
+    static = {layer: aggregate_static([random_mask(gen, 1, 4, n, p=0.3)], min_fraction=0.5)
+              for layer in range(2)}
+    path = save_static(tmp_path / "s", {n: static}, model=model, min_fraction=0.5,
+                       max_blocks_per_row=None, calibration_docs=1)
+    ids = torch.randint(0, 97, (1, 50), generator=gen)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparse_attention(model, lambda i, q, k: crop(static[i], q.shape[2]), block_size=bs):
+            want = model(ids).logits
+        handle = load_sparsifier(model, path)
+        got = model(ids).logits
+        handle.detach()
+        after = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, dense, atol=1e-4)
+    torch.testing.assert_close(after, dense)
+    with pytest.raises(ArtifactError, match="num_kv_heads"):
+        load_sparsifier(tiny_llama(num_key_value_heads=4), path)
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+def test_exception_mid_write_leaves_nothing(tmp_path, gen, monkeypatch):
+    import adaptive_sparse.export.format as fmt
+
+    calls = []
+    real = fmt._write_file
+
+    def failing(path, data):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        real(path, data)
+
+    monkeypatch.setattr(fmt, "_write_file", failing)
+    with pytest.raises(OSError, match="injected"):
+        save_masks(tmp_path / "art", {0: random_mask(gen, 1, 2, 64)})
+    assert calls == ["masks.safetensors", "manifest.json"]
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(fmt, "_write_file", real)
+    first = save_masks(tmp_path / "art", {0: random_mask(gen, 1, 2, 64)})
+    with pytest.raises(ValueError, match="already exists"):
+        save_masks(first, {0: random_mask(gen, 1, 2, 64)})
+    new = random_mask(gen, 1, 2, 64, p=0.9)
+    save_masks(first, {0: new}, overwrite=True)
+    assert torch.equal(load_masks(first).layer_masks()[0].to_dense(), new.to_dense())
+    assert os.listdir(tmp_path) == ["art"]
+    (tmp_path / "user").mkdir()
+    with pytest.raises(ValueError, match="not written by adaptive-sparse"):
+        save_masks(tmp_path / "user", {0: new}, overwrite=True)
+
+
+def test_killed_writer_leaves_no_artifact(tmp_path):
+    out = tmp_path / "art"
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        import adaptive_sparse.export.format as fmt
+        from adaptive_sparse.export import save_masks
+        from adaptive_sparse.masks import BlockSparseMask
+        real = fmt._write_file
+        def slow(path, data):
+            real(path, data)
+            print("WROTE", path.name, flush=True)
+            time.sleep(60)
+        fmt._write_file = slow
+        save_masks({str(out)!r}, {{0: BlockSparseMask.full(1, 2, block_size=16, q_len=64,
+                                                            kv_len=64)}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("WROTE masks.safetensors"), line
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".art.partial-")
+    with pytest.raises(ArtifactError, match="not an artifact"):
+        load_masks(out)
+    save_masks(out, {0: BlockSparseMask.full(1, 2, block_size=16, q_len=64, kv_len=64)})
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    assert load_masks(out).layers == [0]
