@@ -1,0 +1,236 @@
+"""Gates: shapes, block-causality, pooling, rotary at block positions, configs, checkpoints and
+the mask provider on a tiny random Llama."""
+
+import math
+
+import pytest
+import torch
+
+from adaptive_sparse.masks import block_causal
+from gating.gates import (
+    PRESETS,
+    GateConfig,
+    GateSet,
+    block_positions,
+    gate_parameter_count,
+    parameter_report,
+    pool_blocks,
+)
+from gating.provider import GateProvider, QKCapture, load_gates, save_gates
+
+
+def tiny_llama(seed=0, layers=2, heads=4, kv_heads=2, hidden=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      intermediate_size=2 * hidden, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def config(**kw):
+    base = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16)
+    return GateConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("heads,kv_heads,shared", [(4, 4, False), (4, 2, False), (4, 2, True),
+                                                   (6, 2, True)])
+@pytest.mark.parametrize("q_len,kv_len", [(64, 64), (50, 50), (37, 80)])
+def test_shapes_and_block_causality(heads, kv_heads, shared, q_len, kv_len):
+    c = config(num_heads=heads, num_kv_heads=kv_heads, share_kv_group=shared, init="random")
+    gates = GateSet(c)
+    q = torch.randn(2, heads, q_len, 16)
+    k = torch.randn(2, kv_heads, kv_len, 16)
+    s = gates.scores(1, q, k)
+    qb, kb = math.ceil(q_len / 16), math.ceil(kv_len / 16)
+    assert s.shape == (2, kv_heads if shared else heads, qb, kb)
+    allowed = block_causal(q_len, kv_len, 16)
+    assert torch.isneginf(s[..., ~allowed]).all()
+    assert torch.isfinite(s[..., allowed]).all()
+    s.masked_fill(~allowed, 0).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates[1].parameters())
+
+
+def test_pool_blocks_matches_fp64_loop():
+    x = torch.randn(2, 3, 45, 8, dtype=torch.float64)
+    out = pool_blocks(x, 16, ("avg", "max", "min"))
+    for b in range(3):
+        chunk = x[:, :, 16 * b:16 * (b + 1)]
+        torch.testing.assert_close(out["avg"][:, :, b], chunk.mean(2))
+        torch.testing.assert_close(out["max"][:, :, b], chunk.amax(2))
+        torch.testing.assert_close(out["min"][:, :, b], chunk.amin(2))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_rotary_at_block_positions(shared):
+    """Scores == (rotate(proj(pooled q)) . rotate(proj(pooled k))) / sqrt(d), rotating with
+    transformers' Llama rotary at each block's first-token position (end-aligned queries)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    model = tiny_llama(heads=4, kv_heads=2)
+    c = GateConfig.from_model(model, block_size=16, share_kv_group=shared, init="random")
+    gate = GateSet(c)[0].double()
+    q_len, kv_len = 40, 72
+    q = torch.randn(1, 4, q_len, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, kv_len, 16, dtype=torch.float64)
+    got = gate(q, k)
+
+    qf = torch.cat([pool_blocks(q, 16, [p])[p] for p in c.q_pooling], -1)
+    kf = torch.cat([pool_blocks(k, 16, [p])[p] for p in c.k_pooling], -1)
+    if shared:
+        qf = qf.view(1, 2, 2, 3, -1).permute(0, 1, 3, 2, 4).reshape(1, 2, 3, -1)
+    else:
+        kf = kf.repeat_interleave(2, dim=1)
+    qg = torch.einsum("bhqi,hio->bhqo", qf, gate.wq)
+    kg = torch.einsum("bhki,hio->bhko", kf, gate.wk)
+    rope = LlamaRotaryEmbedding(LlamaConfig(**model.config.to_dict())).double()
+    q_pos = torch.arange(3) * 16 + (kv_len - q_len)
+    k_pos = torch.arange(5) * 16
+    cos_q, sin_q = rope(qg, q_pos[None])
+    cos_k, sin_k = rope(kg, k_pos[None])
+    qr, _ = apply_rotary_pos_emb(qg, qg, cos_q, sin_q)
+    kr, _ = apply_rotary_pos_emb(kg, kg, cos_k, sin_k)
+    want = qr @ kr.transpose(-1, -2) / math.sqrt(16)
+    allowed = block_causal(q_len, kv_len, 16)
+    torch.testing.assert_close(got[..., allowed], want[..., allowed].to(got.dtype),
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(block_positions(q_len, kv_len, 16)[0], q_pos)
+
+
+def test_identity_init_scores_average_pooled_dot():
+    c = config(use_rotary=False)
+    q, k = torch.randn(1, 4, 48, 16), torch.randn(1, 2, 48, 16)
+    got = GateSet(c)[0](q, k)
+    qa = pool_blocks(q, 16, ["avg"])["avg"]
+    ka = pool_blocks(k, 16, ["avg"])["avg"].repeat_interleave(2, 1)
+    want = qa @ ka.transpose(-1, -2) / 4.0
+    allowed = block_causal(48, 48, 16)
+    torch.testing.assert_close(got[..., allowed], want[..., allowed], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(q_pooling=("median",)), "q_pooling"),
+    (dict(k_pooling=()), "k_pooling"),
+    (dict(k_pooling=("max", "max")), "k_pooling"),
+    (dict(gate_dim=0), "gate_dim"),
+    (dict(gate_dim=-8), "gate_dim"),
+    (dict(gate_dim=7, init="random"), "gate_dim"),
+    (dict(gate_dim=8), "init"),
+    (dict(block_size=48), "block_size"),
+    (dict(block_size=256), "block_size"),
+    (dict(num_kv_heads=3), "num_kv_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(init="zeros"), "init"),
+    (dict(rope_inv_freq=(1.0, 2.0)), "rope_inv_freq"),
+])
+def test_bad_configs_raise(kw, field):
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        config(**kw)
+
+
+def test_wrong_input_shapes_raise():
+    gate = GateSet(config())[0]
+    with pytest.raises(ValueError, match="^q: expected"):
+        gate(torch.randn(1, 3, 32, 16), torch.randn(1, 2, 32, 16))
+    with pytest.raises(ValueError, match="^k: expected"):
+        gate(torch.randn(1, 4, 32, 16), torch.randn(1, 4, 32, 16))
+
+
+def test_config_dict_round_trip():
+    c = config(share_kv_group=True, rope_inv_freq=tuple(float(i + 1) for i in range(8)))
+    assert GateConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="^config: expected keys"):
+        GateConfig.from_dict(c.to_dict() | {"bogus": 1})
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_parameter_count(shared):
+    c = config(share_kv_group=shared, gate_dim=8, init="random", q_pooling=("avg", "max"))
+    assert gate_parameter_count(c) == sum(p.numel() for p in GateSet(c).parameters())
+    rows = {(r["model"], r["share_kv_group"]): r for r in parameter_report()}
+    assert rows[("smollm2-135m", False)]["base_params"] == PRESETS["smollm2-135m"].parameter_count()
+    assert 130e6 < rows[("smollm2-135m", False)]["base_params"] < 140e6
+    assert 7.9e9 < rows[("llama3-8b-shapes", False)]["base_params"] < 8.1e9
+    assert rows[("smollm2-135m", True)]["gate_params"] < rows[("smollm2-135m", False)]["gate_params"]
+
+
+def test_capture_gives_pre_rotary_qk():
+    """Captured q/k, rotated with the model's own rotary, equal what the attention receives."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny_llama()
+    seen = {}
+
+    def attn(module, q, k, v, mask, **kw):
+        seen[module.layer_idx] = (q, k)
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("test_gates_seen", attn)
+    AttentionMaskInterface.register("test_gates_seen", sdpa_mask)
+    model.set_attn_implementation("test_gates_seen")
+    ids = torch.randint(0, 128, (2, 33))
+    with QKCapture(model) as cap, torch.no_grad():
+        model(ids)
+    model.set_attn_implementation("sdpa")
+    cos, sin = model.model.rotary_emb(cap.q[0], torch.arange(33)[None])
+    for layer in range(2):
+        assert cap.q[layer].shape == (2, 4, 33, 16) and cap.k[layer].shape == (2, 2, 33, 16)
+        qr, kr = apply_rotary_pos_emb(cap.q[layer], cap.k[layer], cos, sin)
+        torch.testing.assert_close(qr, seen[layer][0])
+        torch.testing.assert_close(kr, seen[layer][1])
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_llama()
+    gates = GateSet(GateConfig.from_model(model, block_size=16, init="random"))
+    save_gates(gates, tmp_path / "g", metadata={"note": "x"})
+    assert not list((tmp_path / "g").glob("*.pt")) and not list((tmp_path / "g").glob("*.pkl"))
+    back = load_gates(tmp_path / "g", model)
+    assert back.config == gates.config
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    torch.testing.assert_close(back.scores(1, q, k), gates.scores(1, q, k))
+    with pytest.raises(ValueError, match="^num_heads: expected 4"):
+        load_gates(tmp_path / "g", tiny_llama(heads=2, kv_heads=2))
+    data = bytearray((tmp_path / "g" / "gates.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "g" / "gates.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="gates.safetensors: expected sha256"):
+        load_gates(tmp_path / "g")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gate_provider_masks_follow_policy(shared):
+    from adaptive_sparse.models import sparse_attention
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama()
+    gates = GateSet(GateConfig.from_model(model, block_size=16, init="random",
+                                          share_kv_group=shared))
+    policy = Policy(kind="top_k", k=2)
+    provider = GateProvider(gates, policy, model)
+    provider.keep_scores = True
+    masks = {}
+
+    def recording(layer_idx, q, k):
+        m = provider(layer_idx, q, k)
+        masks[layer_idx] = m
+        return m
+
+    ids = torch.randint(0, 128, (1, 80))
+    with torch.no_grad(), sparse_attention(model, recording, block_size=16, backend="reference"):
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    for layer in range(2):
+        q_pre, k_pre = provider.capture.q[layer], provider.capture.k[layer]
+        want = policy.to_mask(gates[layer](q_pre, k_pre), q_len=80, kv_len=80, block_size=16,
+                              layer_idx=layer, num_layers=2)
+        assert masks[layer] == want
+        assert masks[layer].heads == (2 if shared else 4)
+        assert masks[layer].density() < 1.0
+    provider.detach()
+    assert not any(m._forward_hooks for m in model.modules())
