@@ -475,3 +475,69 @@ def test_killed_writer_leaves_no_artifact(tmp_path):
     save_masks(out, {0: BlockSparseMask.full(1, 2, block_size=16, q_len=64, kv_len=64)})
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
     assert load_masks(out).layers == [0]
+
+
+# ---- gate artifacts ---------------------------------------------------------------------------
+
+def _trained_looking_gates(model, gen):
+    gates = pytest.importorskip("gating.gates")
+    gs = gates.GateSet(gates.GateConfig.from_model(model, block_size=16))
+    with torch.no_grad():
+        for p in gs.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return gs
+
+
+def test_gate_artifact_round_trip_gives_identical_logits(tmp_path, gen):
+    from adaptive_sparse.export import load_gate_artifact, load_sparsifier, save_gate_artifact
+    from adaptive_sparse.models import sparse_attention
+    from adaptive_sparse.policies import Policy
+    gating = pytest.importorskip("gating")
+
+    model = tiny_llama()
+    gs = _trained_looking_gates(model, gen)
+    policy = Policy(kind="top_k", k=2)
+    path = save_gate_artifact(tmp_path / "g", gs, policy, model=model,
+                              params={"trial": 3, "ppl_change": 0.01})
+    art = load_gate_artifact(path)
+    assert art.policy.to_dict() == policy.to_dict()
+    assert art.gate_set.config.to_dict() == gs.config.to_dict()
+    for (name, a), (name_b, b) in zip(art.gate_set.state_dict().items(), gs.state_dict().items()):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b)
+    ids = torch.randint(0, 97, (1, 80), generator=gen)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with gating.GateProvider(gs, policy, model) as live, \
+                sparse_attention(model, live, block_size=16):
+            want = model(ids).logits
+        with load_sparsifier(model, path) as handle:
+            got = model(ids).logits
+            assert handle.attached
+        assert not handle.attached
+        after = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, dense, atol=1e-4)
+    torch.testing.assert_close(after, dense)
+    with pytest.raises(ArtifactError, match="num_layers: artifact 2, model 3"):
+        load_sparsifier(tiny_llama(num_hidden_layers=3), path)
+    with pytest.raises(ArtifactError, match="weights_sha256"):
+        load_sparsifier(tiny_llama(seed=5), path)
+
+
+def test_gate_artifact_refuses_inconsistent_content(tmp_path, gen):
+    from adaptive_sparse.export import load_gate_artifact, save_gate_artifact
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama()
+    gs = _trained_looking_gates(model, gen)
+    path = save_gate_artifact(tmp_path / "g", gs, Policy(kind="top_k", k=2), model=model)
+    cases = [(("content", "policy", "kind"), "nope", "content.policy"),
+             (("content", "gate_config", "num_heads"), 8, "content.gate_config"),
+             (("content", "gate_config", "block_size"), 32, "block_size"),
+             (("model",), None, "manifest.model")]
+    good = (path / "manifest.json").read_text()
+    for field, value, needle in cases:
+        (path / "manifest.json").write_text(good)
+        rewrite_manifest(path, lambda m: _set(m, field, value), rehash=True)
+        with pytest.raises(ArtifactError, match=needle):
+            load_gate_artifact(path)

@@ -13,11 +13,13 @@ from adaptive_sparse.export.fingerprint import (
 from adaptive_sparse.export.format import (
     FORMAT_NAME, FORMAT_VERSION, ArtifactError, RawArtifact, check_manifest, read_artifact,
     write_artifact)
+from adaptive_sparse.export.gates import GateArtifact, load_gate_artifact, save_gate_artifact
 from adaptive_sparse.export.masks import (
     MaskArtifact, aggregate_static, crop, load_masks, save_masks, save_static, static_recall)
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "ArtifactError", "MaskArtifact", "RawArtifact",
+    "FORMAT_NAME", "FORMAT_VERSION", "LAYOUTS", "ArtifactError", "GateArtifact", "MaskArtifact",
+    "RawArtifact", "load_gate_artifact", "save_gate_artifact",
     "aggregate_static", "check_manifest", "config_fingerprint", "convert_artifact", "crop",
     "export_main", "fingerprint_differences", "load_artifact", "load_masks", "load_sparsifier",
     "model_fingerprint", "read_artifact", "save_masks", "save_static", "static_recall",

@@ -55,7 +55,8 @@ class ArtifactMaskProvider:
 
 
 class Sparsifier:
-    """Handle returned by `load_sparsifier`: `.artifact`, `.provider`, `.detach()`."""
+    """Handle returned by `load_sparsifier`: `.artifact`, `.provider`, `.detach()` (removes
+    the gate's capture hooks too), `.attach()` again, or `with load_sparsifier(...):`."""
 
     def __init__(self, model, artifact, provider, block_size: int):
         self.model, self.artifact, self.provider = model, artifact, provider
@@ -67,6 +68,8 @@ class Sparsifier:
 
         if self.attached:
             raise RuntimeError("Sparsifier: already attached")
+        if getattr(self.provider, "capture", False) is None:
+            self.provider.attach(self.model)
         enable_sparse_attention(self.model, self.provider, block_size=self.block_size,
                                 backend=backend)
         self.attached = True
@@ -79,6 +82,8 @@ class Sparsifier:
         if not self.attached:
             raise RuntimeError("Sparsifier: not attached")
         disable_sparse_attention(self.model)
+        if callable(getattr(self.provider, "detach", None)):
+            self.provider.detach()
         self.attached = False
 
     def __enter__(self) -> "Sparsifier":
