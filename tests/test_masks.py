@@ -1,0 +1,147 @@
+"""BlockSparseMask round trips (hypothesis): dense <-> indices <-> Flex BlockMask <-> scipy BSR."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive_sparse.masks import (BlockSparseMask, block_causal, blocks_per_row_for_density,
+                                   combine, diagonal_blocks, num_blocks)
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def masks(draw, max_heads=3):
+    bs = draw(st.sampled_from([16, 32, 64]))
+    causal = draw(st.booleans())
+    kv_len = draw(st.integers(1, 5 * bs + 7))
+    q_len = draw(st.integers(1, kv_len)) if causal else draw(st.integers(1, 5 * bs + 7))
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, max_heads))
+    seed, p = draw(st.integers(0, 2**31 - 1)), draw(st.floats(0.0, 1.0))
+    g = torch.Generator().manual_seed(seed)
+    allowed = block_causal(q_len, kv_len, bs, causal=causal)
+    dense = (torch.rand(B, H, *allowed.shape, generator=g) < p) & allowed
+    return BlockSparseMask.from_dense(dense, block_size=bs, q_len=q_len, kv_len=kv_len,
+                                      causal=causal), dense
+
+
+@SETTINGS
+@given(masks())
+def test_dense_round_trip(md):
+    m, dense = md
+    assert torch.equal(m.to_dense(), dense)
+    assert torch.equal(m.kv_num_blocks, dense.sum(-1, dtype=torch.int32))
+    num, idx = m.kv_num_blocks, m.kv_indices
+    valid = torch.arange(idx.shape[-1]) < num[..., None]
+    step = idx[..., 1:] - idx[..., :-1]
+    assert ((step > 0) | ~valid[..., 1:]).all()
+
+
+@SETTINGS
+@given(masks(), st.integers(0, 2**31 - 1))
+def test_indices_round_trip_unsorted(md, seed):
+    m, dense = md
+    g = torch.Generator().manual_seed(seed)
+    num, idx = m.kv_num_blocks, m.kv_indices.clone()
+    kb = idx.shape[-1]
+    valid = torch.arange(kb) < num[..., None]
+    # shuffle the valid prefix of every row
+    noise = torch.rand(idx.shape, generator=g) + (~valid).float() * 2
+    perm = noise.argsort(-1)
+    shuffled = torch.gather(idx, -1, perm)
+    back = BlockSparseMask.from_indices(num, shuffled, block_size=m.block_size, q_len=m.q_len,
+                                        kv_len=m.kv_len, causal=m.causal)
+    assert back == m and torch.equal(back.to_dense(), dense)
+
+
+@SETTINGS
+@given(masks())
+def test_flex_round_trip(md):
+    m, dense = md
+    bm = m.to_flex()
+    assert tuple(bm.seq_lengths) == (m.q_len, m.kv_len)
+    back = BlockSparseMask.from_flex(bm, causal=m.causal)
+    assert back == m
+    assert torch.equal(bm.to_dense()[..., :m.num_q_blocks, :m.num_kv_blocks].bool(), dense)
+
+
+@SETTINGS
+@given(masks())
+def test_bsr_round_trip(md):
+    m, dense = md
+    mats = [[m.to_bsr(b, h) for h in range(m.heads)] for b in range(m.batch)]
+    bs = m.block_size
+    for b in range(m.batch):
+        for h in range(m.heads):
+            arr = mats[b][h].toarray()
+            assert arr.shape == (m.num_q_blocks * bs, m.num_kv_blocks * bs)
+            blocks = arr.reshape(m.num_q_blocks, bs, m.num_kv_blocks, bs).any((1, 3))
+            assert np.array_equal(blocks, dense[b, h].numpy())
+            indptr, indices = m.bsr_layout(b, h)
+            assert indptr.dtype == np.int32 and indices.dtype == np.int32
+            assert np.array_equal(np.diff(indptr), m.kv_num_blocks[b, h].numpy())
+    back = BlockSparseMask.from_bsr(mats, block_size=bs, q_len=m.q_len, kv_len=m.kv_len,
+                                    causal=m.causal)
+    assert back == m
+
+
+@SETTINGS
+@given(masks())
+def test_density(md):
+    m, dense = md
+    allowed = block_causal(m.q_len, m.kv_len, m.block_size, causal=m.causal)
+    total = int(allowed.sum()) * m.batch * m.heads
+    assert m.density() == pytest.approx(int(dense.sum()) / total)
+    per_head = dense.sum((0, 2, 3)).double() / (int(allowed.sum()) * m.batch)
+    assert torch.allclose(m.density_per_head(), per_head)
+
+
+@SETTINGS
+@given(masks(), st.integers(1, 4))
+def test_expand_heads_and_group_union(md, rep):
+    m, dense = md
+    e = m.expand_heads(m.heads * rep)
+    assert e.heads == m.heads * rep
+    assert torch.equal(e.to_dense(), dense.repeat_interleave(rep, dim=1))
+    assert e.group_union(rep) == m
+    # union of distinct heads: any over each group
+    if m.heads > 1:
+        u = m.group_union(m.heads)
+        assert torch.equal(u.to_dense(), dense.any(1, keepdim=True))
+
+
+def test_full_diagonal_and_combine():
+    for q_len, kv_len, bs in ((100, 100, 32), (37, 300, 64), (300, 300, 128), (1, 1, 16)):
+        full = BlockSparseMask.full(1, 2, block_size=bs, q_len=q_len, kv_len=kv_len)
+        assert full.density() == 1.0
+        allowed = block_causal(q_len, kv_len, bs)
+        # element-level check of the causal region and diagonal
+        off = kv_len - q_len
+        rows = torch.arange(q_len)[:, None]
+        cols = torch.arange(kv_len)[None, :]
+        vis = cols <= rows + off
+        tiles = torch.zeros(num_blocks(q_len, bs), num_blocks(kv_len, bs), dtype=torch.bool)
+        tiles.index_put_((rows.expand_as(vis)[vis] // bs, cols.expand_as(vis)[vis] // bs),
+                         torch.tensor(True))
+        assert torch.equal(allowed, tiles)
+        diag = diagonal_blocks(q_len, kv_len, bs)
+        on = cols == rows + off
+        dt = torch.zeros_like(tiles)
+        dt.index_put_((rows.expand_as(on)[on] // bs, cols.expand_as(on)[on] // bs),
+                      torch.tensor(True))
+        assert torch.equal(diag, dt)
+        d = BlockSparseMask.from_dense(diag.expand(1, 2, *diag.shape).contiguous(),
+                                       block_size=bs, q_len=q_len, kv_len=kv_len)
+        assert combine(full, d, op="and") == d and combine(full, d, op="or") == full
+
+
+def test_blocks_per_row_for_density():
+    q_len = kv_len = 64 * 64
+    allowed = block_causal(q_len, kv_len, 64).sum(-1)
+    for d in (0.1, 0.25, 0.5):
+        k = blocks_per_row_for_density(d, q_len, kv_len, 64)
+        got = float(allowed.clamp(max=k).sum()) / float(allowed.sum())
+        worse = [float(allowed.clamp(max=j).sum()) / float(allowed.sum()) for j in (k - 1, k + 1)]
+        assert all(abs(got - d) <= abs(w - d) for w in worse)
