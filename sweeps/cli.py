@@ -157,6 +157,48 @@ def _resolve(args) -> tuple[SweepConfig, Path]:
     return cfg, run_dir
 
 
+def run_sweep(cfg: SweepConfig, run_dir: str | Path, *, workers: int = 1, join: bool = False,
+              progress: bool = True, evaluator=None, worker_argv: list[str] | None = None
+              ) -> dict[str, int]:
+    """Run a sweep: record ``sweep.json``, enqueue slots (unless ``join``), run the workers.
+
+    workers == 1 runs in this process (with ``evaluator`` when given); more start
+    ``python -m sweeps.cli sweep <worker_argv> --worker`` processes. Returns ``trial_counts``."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    cfg.storage = storage_url(cfg.storage, run_dir)
+    objective = build_objective(cfg, evaluator)
+    study = _open(cfg, run_dir)
+    _atomic_write(run_dir / "sweep.json", json.dumps(
+        {"study_name": cfg.name, "storage": cfg.storage, "objectives": cfg.objectives,
+         "config": asdict(cfg)}, indent=2))
+    if not join:
+        added = ensure_slots(study, cfg.n_trials)
+        log.info("study %r in %s: %d slots (%d new)", cfg.name, cfg.storage, cfg.n_trials, added)
+    stop = threading.Event()
+    bar = threading.Thread(target=_progress, args=(study, trial_counts(study)["slots"], stop,
+                                                   progress), daemon=True)
+    bar.start()
+    codes = [0]
+    try:
+        if workers == 1:
+            run_worker(study, objective, poll_interval=min(1.0, cfg.heartbeat_interval))
+        else:
+            if worker_argv is None:
+                raise ValueError("worker_argv: needed to start worker processes")
+            cmd = [sys.executable, "-m", "sweeps.cli", "sweep", *worker_argv, "--worker",
+                   "--run-dir", str(run_dir), "--storage", cfg.storage, "--study-name", cfg.name]
+            procs = [subprocess.Popen(cmd) for _ in range(workers)]
+            codes = [p.wait() for p in procs]
+    finally:
+        stop.set()
+        bar.join()
+    counts = trial_counts(study)
+    counts["worker_failures"] = sum(c != 0 for c in codes)
+    return counts
+
+
 def sweep_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
@@ -165,39 +207,15 @@ def sweep_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg, run_dir = _resolve(args)
-    objective = build_objective(cfg)
-    study = _open(cfg, run_dir)
     if args.worker:
-        run_worker(study, objective, poll_interval=min(1.0, cfg.heartbeat_interval))
+        run_worker(_open(cfg, run_dir), build_objective(cfg),
+                   poll_interval=min(1.0, cfg.heartbeat_interval))
         return 0
-    _atomic_write(run_dir / "sweep.json", json.dumps(
-        {"study_name": cfg.name, "storage": cfg.storage, "objectives": cfg.objectives,
-         "config": asdict(cfg)}, indent=2))
-    if not args.join:
-        added = ensure_slots(study, cfg.n_trials)
-        log.info("study %r in %s: %d slots (%d new)", cfg.name, cfg.storage, cfg.n_trials, added)
-    total = trial_counts(study)["slots"]
-    stop = threading.Event()
-    bar = threading.Thread(target=_progress, args=(study, total, stop, not args.no_progress),
-                           daemon=True)
-    bar.start()
-    try:
-        if args.workers == 1:
-            run_worker(study, objective, poll_interval=min(1.0, cfg.heartbeat_interval))
-            codes = [0]
-        else:
-            cmd = [sys.executable, "-m", "sweeps.cli", "sweep", *argv,
-                   "--worker", "--run-dir", str(run_dir), "--storage", cfg.storage,
-                   "--study-name", cfg.name]
-            procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
-            codes = [p.wait() for p in procs]
-    finally:
-        stop.set()
-        bar.join()
-    counts = trial_counts(study)
+    counts = run_sweep(cfg, run_dir, workers=args.workers, join=args.join,
+                       progress=not args.no_progress, worker_argv=argv)
     print(f"{counts['done']}/{counts['slots']} trials done ({counts['complete']} complete, "
           f"{counts['pruned']} pruned, {counts['fail']} failed); run dir {run_dir}")
-    return 0 if all(c == 0 for c in codes) and counts["done"] == counts["slots"] else 1
+    return 0 if counts["done"] == counts["slots"] else 1
 
 
 def frontier_main(argv: list[str] | None = None) -> int:

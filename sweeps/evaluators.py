@@ -125,37 +125,65 @@ class SyntheticEvaluator:
                 os.remove(marker)
 
 
-class ModelEvaluator:
-    """A pretrained model on validation sequences (shape [S, seq_len]).
+class _RecordQK:
+    """Provider that keeps each layer's post-rotary q [B, Hq, N, D], k [B, Hkv, M, D] and their
+    block sums [B, Hq, Qb, Kb], and leaves attention dense."""
 
-    model: preset or path for ``adaptive_sparse.models.load_model``; seq_len, num_sequences:
-    validation data packed from ``load_corpus(corpus)``'s validation split; gates: directory of
-    trained gates (for gate/* methods; a policy file may name its own). The dense perplexity is
-    computed once and cached (``dense_cache``)."""
+    def __init__(self, block_size: int):
+        self.block_size, self.layers = block_size, {}
+
+    def __call__(self, layer_idx, q, k):
+        from adaptive_sparse.attention.block_maps import block_attention_maps
+        bsum = block_attention_maps(q, k, block_size=self.block_size)[1]
+        self.layers[layer_idx] = (q.detach(), k.detach(), bsum)
+        return None
+
+
+class ModelEvaluator:
+    """A pretrained model on validation sequences (LongTensor [S, seq_len]).
+
+    model: preset or path for ``adaptive_sparse.models.load_model`` (or pass ``model_obj``,
+    ``sequences``); validation data: ``num_sequences`` packed from ``load_corpus(corpus)``'s
+    validation split. gates: directory of trained gates for gate/* methods (a policy file may
+    name its own). Perplexity runs every attention layer through ``sparse_attention`` with the
+    method's provider; the dense baseline runs the same path with no mask and is cached.
+
+    ``screen`` (the cheap stage): the first ``screen_sequences`` sequences' post-rotary q, k
+    and true block sums are recorded once per layer; a method is then screened by building its
+    masks from them and measuring density and attention recall, with no model forward."""
 
     def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
                  num_sequences: int = 4, block_size: int = 64, corpus: str = "default",
                  split_seed: int = 0, gates: str | None = None, device: str = "cpu",
-                 model_obj=None, tokenizer=None, sequences=None):
+                 backend: str = "auto", screen_sequences: int = 1, model_obj=None,
+                 sequences=None):
         self.model_name, self.seq_len, self.num_sequences = model, seq_len, num_sequences
         self.block_size, self.corpus, self.split_seed = block_size, corpus, split_seed
-        self.gates, self.device = gates, device
-        self._model, self._tokenizer, self._sequences = model_obj, tokenizer, sequences
+        self.gates, self.device, self.backend = gates, device, backend
+        self.screen_sequences = screen_sequences
+        self._model, self._sequences = model_obj, sequences
         self._gate_sets: dict[str, Any] = {}
-        self.dense_cache: dict = {}
+        self._dense_nll: float | None = None
+        self._qk: dict | None = None
 
     def _load(self):
         if self._model is None:
             import torch
             from adaptive_sparse.models import load_model
-            self._model, self._tokenizer = load_model(self.model_name, dtype=torch.float32)
+            self._model, tokenizer = load_model(self.model_name, dtype=torch.float32)
             self._model.to(self.device).eval()
+            if self._sequences is None:
+                from adaptive_sparse.data import load_corpus, pack, split_documents
+                docs = split_documents(load_corpus(self.corpus), seed=self.split_seed,
+                                       fractions=(0.8, 0.1, 0.1))["validation"]
+                self._sequences = pack(tokenizer, docs, self.seq_len, self.num_sequences)
         if self._sequences is None:
-            from adaptive_sparse.data import load_corpus, pack, split_documents
-            docs = split_documents(load_corpus(self.corpus), seed=self.split_seed,
-                                   fractions=(0.8, 0.1, 0.1))["validation"]
-            self._sequences = pack(self._tokenizer, docs, self.seq_len, self.num_sequences)
+            raise ValueError("sequences: expected validation token ids [S, N] with model_obj")
         return self._model, self._sequences
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._load()[0].config.num_hidden_layers)
 
     def parameters(self, family: str) -> Mapping[str, Any]:
         if family == "gate":
@@ -163,7 +191,7 @@ class ModelEvaluator:
         if family == "oracle":
             return {"policy": dict, "target": str}
         from adaptive_sparse.patterns import PATTERN_PARAMS
-        if family not in PATTERN_PARAMS or family == "oracle":
+        if family not in PATTERN_PARAMS:
             raise ValueError(f"method: unknown method {family!r}, expected one of "
                              f"{sorted(PATTERN_PARAMS)}")
         return PATTERN_PARAMS[family]
@@ -173,7 +201,8 @@ class ModelEvaluator:
         from adaptive_sparse.policies import Policy
         if family == "oracle":
             return OracleProvider(Policy.from_dict(dict(params["policy"])),
-                                  target=params.get("target", "sum"), block_size=self.block_size)
+                                  target=params.get("target", "sum"), block_size=self.block_size,
+                                  num_layers=self.num_layers)
         if family == "gate":
             from gating import GateProvider, load_gates
             where = params.get("gates", self.gates)
@@ -186,14 +215,54 @@ class ModelEvaluator:
         self.parameters(family)
         return PatternProvider(family, block_size=self.block_size, **dict(params))
 
-    def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        from adaptive_sparse.evaluate import evaluate
+    def _nll(self, provider) -> float:
+        import torch
+        from adaptive_sparse.models import sparse_attention
         model, sequences = self._load()
-        result = dict(evaluate(model, sequences, self.provider(family, params),
-                               dense_cache=self.dense_cache, progress=False))
-        per_layer = result.get("per_layer") or []
-        result["per_layer_density"] = [float(x["density"]) for x in per_layer
-                                       if isinstance(x, Mapping) and "density" in x] or None
-        if not math.isfinite(float(result["perplexity"])):
+        losses = []
+        with torch.no_grad(), sparse_attention(model, provider, block_size=self.block_size,
+                                               backend=self.backend):
+            for seq in sequences:
+                ids = seq[None].to(self.device)
+                losses.append(float(model(input_ids=ids, labels=ids).loss))
+        return sum(losses) / len(losses)
+
+    def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        from adaptive_sparse.models import CaptureProvider
+        if self._dense_nll is None:
+            self._dense_nll = self._nll(None)
+        capture = CaptureProvider(self.provider(family, params), recall=True,
+                                  block_size=self.block_size)
+        nll = self._nll(capture)
+        if not math.isfinite(nll):
             raise ValueError(f"perplexity: non-finite for {family} {dict(params)}")
-        return result
+        summary, per_layer = capture.summary(), capture.per_layer()
+        return {"perplexity_dense": math.exp(self._dense_nll), "perplexity": math.exp(nll),
+                "density": summary["density"], "recall": summary["recall"],
+                "per_layer_density": [row["density"] for row in per_layer]}
+
+    def screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
+        import torch
+        from adaptive_sparse.attention.block_maps import attention_recall
+        from adaptive_sparse.models import sparse_attention
+        model, sequences = self._load()
+        if self._qk is None:
+            rec = _RecordQK(self.block_size)
+            with torch.no_grad(), sparse_attention(model, rec, block_size=self.block_size,
+                                                   backend=self.backend):
+                model(input_ids=sequences[: self.screen_sequences].to(self.device))
+            self._qk = rec.layers
+        provider = self.provider(family, params)
+        dens, recs = [], []
+        with torch.no_grad():
+            for layer, (q, k, bsum) in sorted(self._qk.items()):
+                mask = provider(layer, q, k)
+                if mask is None:
+                    dens.append(1.0)
+                    recs.append(1.0)
+                    continue
+                dm = mask.to_dense()
+                dens.append(float(mask.density()))
+                recs.append(float(attention_recall(bsum, dm.expand(q.shape[0], *dm.shape[1:]))
+                                  .mean()))
+        return {"density": sum(dens) / len(dens), "recall": sum(recs) / len(recs)}

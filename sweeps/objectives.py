@@ -46,6 +46,7 @@ OBJECTIVES: dict[str, str] = {
     "needle_accuracy": "maximize",
 }
 
+HAS_SET_CONSTRAINT = hasattr(optuna.Trial, "set_constraint")  # else a constraints_func
 POLICY_FAMILIES = ("gate", "oracle")
 POLICY_KINDS = ("threshold", "top_k", "top_p", "density")
 POLICY_KIND_PARAM = {"threshold": "tau", "top_k": "k", "top_p": "p", "density": "density"}
@@ -375,10 +376,14 @@ class SweepObjective:
         return out
 
     def _constrain(self, trial: optuna.Trial, density: float) -> None:
-        if self.max_density is not None:
-            trial.set_user_attr("constraint", [density - self.max_density])
+        if self.max_density is None:
+            return
+        trial.set_user_attr("constraint", [density - self.max_density])
+        if HAS_SET_CONSTRAINT and "constraints:max_density" not in trial.system_attrs:
+            trial.set_constraint("max_density", density - self.max_density)
 
 
 def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna ``constraints_func``: feasible when every value is <= 0 (the density budget)."""
+    """Optuna < 5 ``constraints_func`` (Optuna 5 reads ``Trial.set_constraint``): feasible when
+    every value is <= 0 (the density budget)."""
     return list(trial.user_attrs.get("constraint", [0.0]))

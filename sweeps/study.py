@@ -58,11 +58,9 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sweeps.objectives import check_objectives, constraints_func, directions
+from sweeps.objectives import HAS_SET_CONSTRAINT, check_objectives, constraints_func, directions
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
-                        module=r"(optuna|sweeps)\.")
 
 SAMPLERS = ("tpe", "nsga2")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -119,6 +117,8 @@ def storage_url(storage: str | None, run_dir: str | Path | None) -> str:
         return f"sqlite:///{path}"
     if not isinstance(storage, str) or not storage:
         raise ValueError(f"storage: expected a URL string, got {storage!r}")
+    if storage.startswith("journal:"):
+        return f"journal:{Path(storage[len('journal:'):].removeprefix('//')).resolve()}"
     if storage.endswith((".log", ".journal")) and "://" not in storage:
         return f"journal:{Path(storage).resolve()}"
     return storage
@@ -139,9 +139,15 @@ def open_storage(storage: str | None = None, run_dir: str | Path | None = None, 
     if isinstance(grace, bool) or not isinstance(grace, int) or grace <= heartbeat_interval:
         raise ValueError(f"grace_period: expected an int > heartbeat_interval "
                          f"({heartbeat_interval}), got {grace!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _open_storage(url, heartbeat_interval, grace, max_retry)
+
+
+def _open_storage(url: str, heartbeat_interval: int, grace: int, max_retry: int | None):
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     if url.startswith("journal:"):
-        path = Path(url[len("journal:"):].removeprefix("//"))
+        path = Path(url[len("journal:"):])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = JournalFileBackend(str(path))
@@ -169,10 +175,13 @@ def open_storage(storage: str | None = None, run_dir: str | Path | None = None, 
 def make_sampler(name: str = "tpe", *, seed: int | None = 0, constrained: bool = False,
                  population_size: int = 20, n_startup_trials: int = 10):
     """TPE (default; multivariate, grouped for the per-method conditional space) or NSGA-II."""
-    cf = constraints_func if constrained else None
+    cf = constraints_func if constrained and not HAS_SET_CONSTRAINT else None
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          constraints_func=cf, n_startup_trials=n_startup_trials)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              constraints_func=cf,
+                                              n_startup_trials=n_startup_trials)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=cf,
                                              population_size=population_size)
@@ -271,7 +280,9 @@ class _Heartbeat:
 def _reap_stale(study: optuna.Study) -> None:
     storage = study._storage
     if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
 
 
 def _retry_now(study: optuna.Study, trial: optuna.Trial) -> None:

@@ -1,0 +1,269 @@
+"""Sweeps in one process: search spaces, objectives, fronts, reports, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from sweeps.cli import SweepConfig, frontier_main, run_sweep
+from sweeps.evaluators import ModelEvaluator, SyntheticEvaluator
+from sweeps.frontier import best_within, pareto_front, write_report
+from sweeps.objectives import Screening, SearchSpace, SweepObjective
+from sweeps.study import open_storage, open_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+METHODS = {
+    "sliding_window": {"window": {"low": 1, "high": 30}},
+    "strided": {"stride": {"low": 1, "high": 30}},
+    "oracle/density": {"density": {"low": 0.05, "high": 0.9}, "target": "sum"},
+    "gate/top_p": {"p": {"low": 0.5, "high": 0.99}, "keep_sink": [True, False],
+                   "layer_schedule": ["constant", "linear"],
+                   "layer_scale_end": {"low": 0.5, "high": 2.0,
+                                       "when": {"layer_schedule": "linear"}}},
+}
+
+
+def _cfg(**kw) -> SweepConfig:
+    base = dict(name="t", methods=METHODS, n_trials=10, seed=3, n_startup_trials=4,
+                heartbeat_interval=1, grace_period=3,
+                evaluator={"factory": "sweeps.evaluators:SyntheticEvaluator"})
+    base.update(kw)
+    return SweepConfig.from_dict(base)
+
+
+def _trials(run_dir: Path, name: str = "t") -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=open_storage(None, run_dir))
+    return study.get_trials(deepcopy=False)
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, torch.randint(0, 96, (2, 256), generator=torch.Generator().manual_seed(seed))
+
+
+def test_tiny_model_two_methods_front_read_back(tmp_path):
+    pytest.importorskip("adaptive_sparse.models")
+    model, seqs = _tiny_llama(seed=11)
+    evaluator = ModelEvaluator(model_obj=model, sequences=seqs, block_size=16, backend="reference")
+    methods = {"sliding_window": {"window": {"low": 1, "high": 12}},
+               "oracle/density": {"density": {"low": 0.1, "high": 0.9}, "target": "sum"}}
+    cfg = _cfg(methods=methods, n_trials=8, screening={"min_recall": 0.0})
+    counts = run_sweep(cfg, tmp_path, evaluator=evaluator, progress=False)
+    assert counts["done"] == counts["slots"] == 8
+    trials = [t for t in _trials(tmp_path) if t.state == TrialState.COMPLETE]
+    assert len(trials) == 8
+    for t in trials:
+        ua = t.user_attrs
+        assert 0.0 < ua["density"] <= 1.0 and 0.0 < ua["recall"] <= 1.0 + 1e-6
+        assert ua["perplexity_dense"] > 1.0 and abs(ua["ppl_change"]) < 5.0
+        assert len(ua["per_layer_density"]) == 2
+        assert "screen_recall" in ua
+    report = write_report(tmp_path, budgets=[0.01, 10.0])
+    assert report["fronts"]["overall"], "empty Pareto front"
+    assert set(report["fronts"]) >= {"overall"} | {t.user_attrs["method"] for t in trials}
+    back = json.loads((tmp_path / "frontier.json").read_text())
+    assert back["fronts"] == report["fronts"]
+    csv_lines = (tmp_path / "frontier.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 8
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    policy = json.loads((tmp_path / "policy_within_1000pct.json").read_text())
+    assert set(policy) == {"method", "params"} and policy["method"] == "sliding_window"
+
+
+def test_oracle_front_beats_window_on_tiny_model_at_same_budget():
+    """The oracle's recall at a fixed density is at least the window's (it ranks by mass)."""
+    pytest.importorskip("adaptive_sparse.models")
+    model, seqs = _tiny_llama(seed=5)
+    ev = ModelEvaluator(model_obj=model, sequences=seqs, block_size=16, backend="reference")
+    win = ev.screen("sliding_window", {"window": 4})
+    ora = ev.screen("oracle", {"policy": {"kind": "density", "density": win["density"]},
+                               "target": "sum"})
+    assert ora["recall"] >= win["recall"] - 0.02
+    full = ev.evaluate("sliding_window", {"window": 4})
+    assert full["density"] == pytest.approx(win["density"], abs=0.05)
+
+
+def test_same_seed_same_trials(tmp_path):
+    runs = []
+    for name in ("a", "b", "c"):
+        seed = 7 if name != "c" else 8
+        run_sweep(_cfg(seed=seed, n_trials=12), tmp_path / name, progress=False)
+        runs.append([(t.user_attrs["slot"], t.params) for t in _trials(tmp_path / name)])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert len({json.dumps(p, sort_keys=True) for _, p in runs[0]}) == 12
+
+
+class _Interrupting(SyntheticEvaluator):
+    def __init__(self, stop_after: int):
+        super().__init__()
+        self.stop_after = stop_after
+
+    def evaluate(self, family, params):
+        if self.evaluations == self.stop_after:
+            raise KeyboardInterrupt
+        return super().evaluate(family, params)
+
+
+def test_interrupted_run_resumes_without_repeating(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_cfg(n_trials=10), tmp_path, evaluator=_Interrupting(4), progress=False)
+    before = {t.user_attrs["slot"]: t for t in _trials(tmp_path) if t.state == TrialState.COMPLETE}
+    assert len(before) == 4
+    resumed = SyntheticEvaluator()
+    counts = run_sweep(_cfg(n_trials=10), tmp_path, evaluator=resumed, progress=False)
+    assert resumed.evaluations == 6
+    assert counts["done"] == 10 and counts["complete"] == 10
+    after = [t for t in _trials(tmp_path) if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs["slot"] for t in after) == list(range(10))
+    for t in after:
+        if t.user_attrs["slot"] in before:
+            assert t.number == before[t.user_attrs["slot"]].number
+            assert t.params == before[t.user_attrs["slot"]].params
+    failed = [t for t in _trials(tmp_path) if t.state == TrialState.FAIL]
+    assert len(failed) == 1
+    again = SyntheticEvaluator()
+    run_sweep(_cfg(n_trials=10), tmp_path, evaluator=again, progress=False)
+    assert again.evaluations == 0
+
+
+def test_screening_prunes_low_recall_and_constraint_recorded(tmp_path):
+    ev = SyntheticEvaluator(screen=True)
+    cfg = _cfg(n_trials=16, screening={"min_recall": 0.6}, max_density=0.5, sampler="nsga2",
+               population_size=4)
+    counts = run_sweep(cfg, tmp_path, evaluator=ev, progress=False)
+    assert counts["done"] == 16
+    trials = _trials(tmp_path)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and complete and ev.evaluations == len(complete)
+    for t in pruned:
+        assert t.user_attrs["stage"] == "screened" and t.user_attrs["screen_recall"] < 0.6
+    for t in complete:
+        assert t.user_attrs["screen_recall"] >= 0.6
+        assert t.user_attrs["constraint"] == [pytest.approx(t.user_attrs["density"] - 0.5)]
+
+
+def test_screening_margin_uses_same_method_only():
+    s = Screening(margin=0.05)
+    done = optuna.trial.create_trial(values=[0.2, 0.1], user_attrs={
+        "method": "a", "density": 0.2, "recall": 0.9})
+    assert s.reject("a", 0.3, 0.8, [done]) is not None
+    assert s.reject("a", 0.3, 0.86, [done]) is None
+    assert s.reject("b", 0.3, 0.5, [done]) is None
+    assert s.reject("a", 0.1, 0.5, [done]) is None
+
+
+def test_pareto_front_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(20):
+        pts = [[rng.randint(0, 6), rng.randint(0, 6)] for _ in range(15)]
+        front = set(pareto_front(pts, ["minimize", "maximize"]))
+        for i, (a, b) in enumerate(pts):
+            dominated = any(c <= a and d >= b and (c < a or d > b) for c, d in pts)
+            assert (i in front) == (not dominated)
+
+
+def test_best_within_budget_picks_sparsest():
+    rows = [{"trial": 0, "method": "m", "density": 0.2, "ppl_change": 0.03},
+            {"trial": 1, "method": "m", "density": 0.4, "ppl_change": 0.008},
+            {"trial": 2, "method": "n", "density": 0.3, "ppl_change": 0.009},
+            {"trial": 3, "method": "n", "density": 0.1, "ppl_change": 0.2}]
+    assert best_within(rows, 0.01)["trial"] == 2
+    assert best_within(rows, 0.05)["trial"] == 0
+    assert best_within(rows, 0.01, methods=["m"])["trial"] == 1
+    assert best_within(rows, 0.001) is None
+
+
+def test_frontier_cli_prints_table_and_writes_policy(tmp_path, capsys):
+    run_sweep(_cfg(n_trials=12), tmp_path, progress=False)
+    assert frontier_main([str(tmp_path), "--budget", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "within +5% perplexity" in out
+    policy = json.loads((tmp_path / "policy_within_5pct.json").read_text())
+    report = json.loads((tmp_path / "frontier.json").read_text())
+    chosen = [r for r in report["trials"] if r["trial"] == report["best"]["0.05"]["overall"]][0]
+    assert policy == {"method": chosen["family"], "params": chosen["params"]}
+    assert chosen["ppl_change"] <= 0.05 and not chosen["method"].startswith("oracle")
+    eligible = [r["density"] for r in report["trials"]
+                if r["ppl_change"] <= 0.05 and not r["method"].startswith("oracle")]
+    assert chosen["density"] == min(eligible)
+
+
+def test_gate_params_map_to_policy(tmp_path):
+    space = SearchSpace.from_config({"gate/top_p": METHODS["gate/top_p"]})
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        method, values = space.suggest(trial)
+        call = method.to_call(values)
+        assert call["policy"]["kind"] == "top_p" and 0.5 <= call["policy"]["p"] <= 0.99
+        assert ("layer_scale_end" in call["policy"]) == (call["policy"]["layer_schedule"]
+                                                         == "linear")
+        seen.add(call["policy"]["layer_schedule"])
+        study.tell(trial, [0.5, 0.5])
+    assert seen == {"constant", "linear"}
+
+
+@pytest.mark.parametrize("methods, match", [
+    ({"no_such_pattern": {"x": [1, 2]}}, r"method: unknown method 'no_such_pattern'"),
+    ({"sliding_window": {"windw": {"low": 1, "high": 3}}},
+     r"methods\.sliding_window: unknown parameter 'windw'.*expected one of \['window'\]"),
+    ({"gate/top_q": {"p": [0.9]}}, r"unknown policy 'top_q'"),
+    ({"gate/top_p": {"tau": [0.1]}}, r"unknown parameter 'tau' for method 'gate/top_p'"),
+    ({}, r"methods: .*empty search space"),
+    ({"sliding_window": {"window": {"low": 5, "high": 1}}}, r"expected low <= high"),
+])
+def test_bad_search_space(methods, match):
+    with pytest.raises(ValueError, match=match):
+        SearchSpace.from_config(methods, SyntheticEvaluator())
+
+
+def test_empty_space_objective_refused():
+    with pytest.raises(ValueError, match="space: empty search space"):
+        SweepObjective(SearchSpace(()), SyntheticEvaluator())
+
+
+def test_unreachable_storage_url():
+    with pytest.raises(ValueError, match=r"storage: cannot open 'postgresql://u:\*\*\*@127"):
+        open_storage("postgresql://u:secret@127.0.0.1:9/nodb", heartbeat_interval=1)
+    with pytest.raises(ValueError, match="storage: expected sqlite"):
+        open_storage("nonsense-url", heartbeat_interval=1)
+
+
+def test_study_with_other_objectives_refused(tmp_path):
+    storage = open_storage(None, tmp_path, heartbeat_interval=1)
+    open_study(storage, "s", ["density", "ppl_change"])
+    with pytest.raises(ValueError, match=r"objectives: study 's' was created with objectives "
+                       r"\['density', 'ppl_change'\], not \['density', 'recall'\]"):
+        open_study(storage, "s", ["density", "recall"])
+    with pytest.raises(ValueError, match="objectives: unknown objective 'speed'"):
+        open_study(storage, "s2", ["density", "speed"])
+
+
+def test_bad_config_keys_and_sampler():
+    with pytest.raises(ValueError, match=r"config: unknown keys \['n_trails'\]"):
+        SweepConfig.from_dict({"n_trails": 3})
+    with pytest.raises(ValueError, match="sampler: expected one of"):
+        SweepConfig.from_dict({"sampler": "cmaes"})
+
+
+def test_repo_config_matches_pattern_zoo():
+    pytest.importorskip("adaptive_sparse.patterns")
+    from sweeps.cli import build_objective
+    cfg = SweepConfig.load(Path(__file__).parents[1] / "sweeps/configs/smollm2-frontier.yaml")
+    objective = build_objective(cfg)
+    assert {"gate/top_p", "oracle/density", "sliding_window"} <= set(objective.space.names)
