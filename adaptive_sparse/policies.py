@@ -93,7 +93,8 @@ class Policy:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not (_is_int(self.local_blocks) and self.local_blocks >= 0):
-            raise ValueError(f"local_blocks: expected a non-negative int, got {self.local_blocks!r}")
+            raise ValueError(f"local_blocks: expected a non-negative int, "
+                             f"got {self.local_blocks!r}")
         if self.layer_schedule not in LAYER_SCHEDULES:
             raise ValueError(f"layer_schedule: expected one of {LAYER_SCHEDULES}, "
                              f"got {self.layer_schedule!r}")
@@ -131,7 +132,8 @@ class Policy:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"policy: unknown keys {unknown}; expected a subset of {sorted(names)}")
+            raise ValueError(f"policy: unknown keys {unknown}; "
+                             f"expected a subset of {sorted(names)}")
         if "kind" not in d:
             raise ValueError("policy: expected a 'kind' key")
         return cls(**d)

@@ -27,7 +27,7 @@ def fp64_attention(q, k, v, mask, scale):
     Hkv, M = k.shape[1], k.shape[2]
     G, bs = Hq // Hkv, mask.block_size
     d = mask.to_dense()
-    d = d.expand(B, Hq, *d.shape[2:]) if mask.heads == 1 else d.repeat_interleave(Hq // mask.heads, 1)
+    d = d.expand(-1, Hq, -1, -1) if mask.heads == 1 else d.repeat_interleave(Hq // mask.heads, 1)
     d = d.expand(B, -1, -1, -1)
     rows, cols = torch.arange(N), torch.arange(M)
     keep = d[:, :, rows // bs][..., cols // bs] & (cols[None, :] <= rows[:, None] + M - N)
@@ -93,7 +93,8 @@ def test_reference_chunking_is_invisible():
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [(1, 2, 2, 200, 200, 16, 64, "q"), (1, 4, 2, 100, 333, 16, 32, "kv"),
+@pytest.mark.parametrize("case", [(1, 2, 2, 200, 200, 16, 64, "q"),
+                                  (1, 4, 2, 100, 333, 16, 32, "kv"),
                                   (2, 4, 1, 50, 50, 8, 16, "1")])
 def test_flex_matches_reference_on_cpu(case):
     B, Hq, Hkv, N, M, D, bs, mh = case

@@ -13,7 +13,7 @@ from adaptive_sparse.policies import Policy, forced_blocks
 
 
 def _pool_rows(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Mean over consecutive groups of `group` rows (dim 2): [B, H, L, D] -> [B, H, ceil(L/g), D]."""
+    """Mean over consecutive `group` rows (dim 2): [B, H, L, D] -> [B, H, ceil(L / g), D]."""
     B, H, L, D = x.shape
     n = (L + group - 1) // group
     xf = torch.nn.functional.pad(x, (0, 0, 0, n * group - L))
