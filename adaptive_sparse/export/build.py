@@ -1,0 +1,199 @@
+"""Build artifacts from a live model: record each layer's masks (and attention maps) while the
+model runs, then write mask, static and gate artifacts. Uses `adaptive_sparse.models` (and
+`gating` for gate sources), imported lazily."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from adaptive_sparse.export.masks import aggregate_static, mask_stats, save_masks, save_static
+from adaptive_sparse.masks import BlockSparseMask
+
+
+class Recorder:
+    """Provider wrapper: returns `inner`'s mask (None = dense) and keeps, per layer, the masks
+    it returned (a dense-causal mask where it returned None) and, with `maps`, the block_sum
+    attention maps float32 [B, Hq, Qb, Kb] of the same call."""
+
+    def __init__(self, inner, *, block_size: int, maps: bool = False):
+        self.inner, self.block_size, self.maps = inner, block_size, maps
+        self.masks: dict[int, list[BlockSparseMask]] = {}
+        self.block_sums: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        mask = self.inner(layer_idx, q, k) if self.inner is not None else None
+        n, m = q.shape[2], k.shape[2]
+        rec = mask if mask is not None else BlockSparseMask.full(
+            1, 1, block_size=self.block_size, q_len=n, kv_len=m, device=q.device)
+        self.masks.setdefault(layer_idx, []).append(rec.to("cpu"))
+        if self.maps:
+            from adaptive_sparse.attention.block_maps import block_attention_maps
+
+            _, bsum = block_attention_maps(q, k, block_size=self.block_size)
+            self.block_sums.setdefault(layer_idx, []).append(bsum.cpu())
+        return mask
+
+
+def record(model, sequences: torch.Tensor, provider, *, block_size: int,
+           maps: bool = False) -> Recorder:
+    """Run `model` on each row of `sequences` (LongTensor [S, N]) under `provider`."""
+    from adaptive_sparse.models import sparse_attention
+
+    rec = Recorder(provider, block_size=block_size, maps=maps)
+    device = next(model.parameters()).device
+    with torch.no_grad(), sparse_attention(model, rec, block_size=block_size):
+        for row in sequences:
+            model(row[None].to(device))
+    return rec
+
+
+def _batched(masks: Sequence[BlockSparseMask], heads: int) -> BlockSparseMask:
+    """Concatenate per-sequence masks along the batch, heads expanded to `heads` when 1."""
+    ms = [m.expand_heads(heads) if m.heads != heads else m for m in masks]
+    return BlockSparseMask(torch.cat([m.kv_num_blocks for m in ms]),
+                           torch.cat([m.kv_indices for m in ms]), ms[0].block_size,
+                           ms[0].q_len, ms[0].kv_len, ms[0].causal)
+
+
+def _num_heads(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return int(cfg.num_attention_heads)
+
+
+def export_masks(model, sequences: torch.Tensor, provider, out, *, block_size: int,
+                 method: str, params: Mapping | None = None, inputs: Mapping | None = None,
+                 overwrite: bool = False) -> Path:
+    """Mask artifact of `provider`'s masks on `sequences` [S, N]: per layer [S, Hq, Qb, Kb]."""
+    rec = record(model, sequences, provider, block_size=block_size)
+    heads = _num_heads(model)
+    masks = {layer: _batched(ms, heads) for layer, ms in sorted(rec.masks.items())}
+    return save_masks(out, masks, model=model, method=method, params=params,
+                      inputs={"num_sequences": int(sequences.shape[0]),
+                              "seq_len": int(sequences.shape[1]), **dict(inputs or {})},
+                      overwrite=overwrite)
+
+
+def _recall(rec: Recorder) -> dict:
+    from adaptive_sparse.attention.block_maps import attention_recall
+
+    per_layer = []
+    for layer in sorted(rec.masks):
+        vals = [float(attention_recall(bs, m.to_dense()).mean())
+                for m, bs in zip(rec.masks[layer], rec.block_sums[layer])]
+        per_layer.append(sum(vals) / len(vals))
+    return {"mean": sum(per_layer) / max(len(per_layer), 1), "per_layer": per_layer,
+            "docs": len(next(iter(rec.masks.values()), []))}
+
+
+class _StaticProvider:
+    def __init__(self, masks: Mapping[int, BlockSparseMask]):
+        self.masks = masks
+
+    def __call__(self, layer_idx, q, k):
+        m = self.masks.get(layer_idx)
+        return None if m is None else m.to(q.device)
+
+
+def export_static(model, calibration: Mapping[int, torch.Tensor],
+                  heldout: Mapping[int, torch.Tensor], provider, out, *, block_size: int,
+                  method: str, params: Mapping | None = None, min_fraction: float = 0.5,
+                  max_blocks_per_row: int | None = None, overwrite: bool = False) -> Path:
+    """Static artifact: for each bucket (sequence length), aggregate `provider`'s masks over the
+    calibration sequences [S, bucket], then measure the attention recall of the static masks
+    and of the live provider on the held-out sequences. The live recall is recorded in
+    `method.params.source_heldout_recall` for comparison."""
+    buckets, recall, live = {}, {}, {}
+    heads = _num_heads(model)
+    docs = 0
+    for bucket, seqs in sorted(calibration.items()):
+        rec = record(model, seqs, provider, block_size=block_size)
+        docs += int(seqs.shape[0])
+        buckets[bucket] = {layer: aggregate_static([_batched(ms, heads)],
+                                                   min_fraction=min_fraction,
+                                                   max_blocks_per_row=max_blocks_per_row)
+                           for layer, ms in sorted(rec.masks.items())}
+        held = heldout.get(bucket)
+        if held is None or held.shape[0] == 0:
+            recall[bucket] = None
+            continue
+        recall[bucket] = _recall(record(model, held, _StaticProvider(buckets[bucket]),
+                                        block_size=block_size, maps=True))
+        live[str(bucket)] = _recall(record(model, held, provider, block_size=block_size,
+                                           maps=True))
+    params = dict(params or {}, source_heldout_recall=live)
+    return save_static(out, buckets, model=model, method=method, params=params,
+                       min_fraction=min_fraction, max_blocks_per_row=max_blocks_per_row,
+                       calibration_docs=docs, recall=recall, overwrite=overwrite)
+
+
+def gate_stats(model, sequences: torch.Tensor, provider, *, block_size: int) -> dict:
+    """{"density", "layers"} of a gate provider's masks on calibration sequences."""
+    rec = record(model, sequences, provider, block_size=block_size)
+    return mask_stats([(layer, None, m) for layer, ms in rec.masks.items() for m in ms])
+
+
+# ---- sources (the policy-file format of sweeps/frontier.py) --------------------------------------
+
+def read_policy_file(path) -> dict:
+    """{"method": pattern name | "gate" | "oracle", "params": {...}}; a bare Policy dict is
+    read as {"method": "gate", "params": {"policy": <it>}}."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"policy_file: cannot read {path} ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"policy_file: expected a JSON object, got {type(obj).__name__}")
+    if "method" not in obj:
+        return {"method": "gate", "params": {"policy": obj}}
+    if not isinstance(obj.get("params", {}), dict):
+        raise ValueError("policy_file: expected params to be an object")
+    return {"method": str(obj["method"]), "params": dict(obj.get("params", {}))}
+
+
+def resolve_gates_dir(path) -> Path:
+    """A gate directory (holding gates.json) or a training run dir with `gates/` inside."""
+    p = Path(path)
+    for cand in (p, p / "gates"):
+        if (cand / "gates.json").is_file():
+            return cand
+    hits = sorted(p.glob("**/gates/gates.json")) if p.is_dir() else []
+    if len(hits) == 1:
+        return hits[0].parent
+    raise ValueError(f"gates: expected a gate directory (with gates.json) or a run directory "
+                     f"holding one, got {str(path)!r}" + (f" ({len(hits)} found)" if hits else ""))
+
+
+def make_source(model, *, pattern: str | None = None, pattern_params: Mapping | None = None,
+                policy_file=None, gates=None, block_size: int = 64):
+    """(provider, method name, params) from a pattern or a policy file (+ gates)."""
+    from adaptive_sparse.models import OracleProvider, PatternProvider
+
+    if (pattern is None) == (policy_file is None):
+        raise ValueError("source: give exactly one of --pattern or --policy-file")
+    if pattern is not None:
+        params = dict(pattern_params or {})
+        return (PatternProvider(pattern, block_size=block_size, **params),
+                f"pattern:{pattern}", params)
+    spec = read_policy_file(policy_file)
+    method, params = spec["method"], spec["params"]
+    if method == "gate":
+        from gating import GateProvider, load_gates
+
+        gdir = gates or params.get("gates")
+        if gdir is None:
+            raise ValueError("gates: the policy file names no gate directory; pass --gates")
+        gate_set = load_gates(resolve_gates_dir(gdir), model)
+        provider = GateProvider(gate_set, params["policy"], model)
+        return provider, "gate", {"policy": params["policy"], "gates": str(gdir)}
+    if method.startswith("oracle"):
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        return (OracleProvider(params["policy"], target=params.get("target", "sum"),
+                               block_size=block_size, num_layers=cfg.num_hidden_layers),
+                "oracle", params)
+    return PatternProvider(method, block_size=block_size, **params), f"pattern:{method}", params
