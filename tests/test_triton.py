@@ -153,17 +153,22 @@ def test_interpreter_block_maps_match_fp64(N, M, bs, causal):
     assert torch.allclose(bsum.sum(-1), torch.ones(()), atol=1e-4)
 
 
-def test_scores_to_kv_indices_top_k_and_threshold():
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("q_len, kv_len, bs", [(300, 300, 32), (100, 170, 16)])
+def test_scores_to_kv_indices_top_k_and_threshold(q_len, kv_len, bs):
     kt = _kernels()
     gen = torch.Generator().manual_seed(5)
-    q_len, kv_len, bs = 300, 300, 32
     allowed = block_causal(q_len, kv_len, bs)
     scores = torch.randn(2, 3, *allowed.shape, generator=gen)
+    diag = diagonal_blocks(q_len, kv_len, bs)
+    if CUDA:
+        scores, allowed, diag = scores.cuda(), allowed.cuda(), diag.cuda()
     num, idx = kt.scores_to_kv_indices(scores, q_len=q_len, kv_len=kv_len, block_size=bs,
                                        top_k=3)
     mask = BlockSparseMask(num, idx, bs, q_len, kv_len)  # validates order, range, causality
     dense = mask.to_dense()
-    diag = diagonal_blocks(q_len, kv_len, bs)
+    ar = torch.arange(allowed.shape[1], device=idx.device)
+    assert torch.equal(torch.sort(idx, -1).values, ar.expand_as(idx).to(idx.dtype))
     assert bool(dense[..., 0].all()) and bool(dense[..., diag].all())
     assert bool((num <= torch.clamp(allowed.sum(-1), max=3)).all())
     assert bool((num >= torch.clamp(allowed.sum(-1), max=2)).all())
