@@ -541,3 +541,64 @@ def test_gate_artifact_refuses_inconsistent_content(tmp_path, gen):
         rewrite_manifest(path, lambda m: _set(m, field, value), rehash=True)
         with pytest.raises(ArtifactError, match=needle):
             load_gate_artifact(path)
+
+
+# ---- builders and CLI -------------------------------------------------------------------------
+
+def test_export_masks_and_static_from_a_live_model(tmp_path, gen):
+    from adaptive_sparse.export import load_sparsifier
+    from adaptive_sparse.export.build import export_masks, export_static
+    from adaptive_sparse.models import OracleProvider, PatternProvider, sparse_attention
+
+    model = tiny_llama()
+    seqs = torch.randint(0, 97, (2, 96), generator=gen)
+    provider = PatternProvider("sliding_window", block_size=16, window=2)
+    path = export_masks(model, seqs, provider, tmp_path / "m", block_size=16,
+                        method="pattern:sliding_window", params={"window": 2})
+    art = load_masks(path)
+    assert art.layers == [0, 1] and art.manifest["content"]["inputs"]["seq_len"] == 96
+    q = torch.randn(1, 4, 96, 16, generator=gen)
+    direct = provider(0, q, q[:, :2])
+    assert torch.equal(art.layer_masks()[0].to_dense(),
+                       direct.expand_heads(4).to_dense().expand(2, -1, -1, -1))
+    with torch.no_grad():
+        with sparse_attention(model, provider, block_size=16):
+            want = model(seqs).logits
+        with load_sparsifier(model, path):
+            got = model(seqs).logits
+    assert torch.equal(got, want)
+
+    oracle = OracleProvider({"kind": "top_k", "k": 2}, block_size=16, num_layers=2)
+    calib = {64: torch.randint(0, 97, (3, 64), generator=gen)}
+    held = {64: torch.randint(0, 97, (2, 64), generator=gen)}
+    spath = export_static(model, calib, held, oracle, tmp_path / "s", block_size=16,
+                          method="oracle", params={"k": 2}, min_fraction=0.5,
+                          max_blocks_per_row=2)
+    sart = load_masks(spath)
+    rec = sart.manifest["content"]["static"]["recall"]["64"]
+    live = sart.manifest["method"]["params"]["source_heldout_recall"]["64"]
+    assert rec["docs"] == 2 and len(rec["per_layer"]) == 2 and 0 < rec["mean"] <= 1
+    assert live["mean"] >= rec["mean"] - 1e-6  # the live oracle keeps at least as much
+    assert int(sart.layer_masks(64)[0].kv_num_blocks.max()) <= 2
+    assert sart.manifest["content"]["static"]["calibration_docs"] == 3
+
+
+def test_cli_convert_verify_and_refusal(tmp_path, gen, capsys):
+    from adaptive_sparse.export import export_main
+
+    path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 2, 64)})
+    assert export_main(["verify", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "masks" and info["files"]["masks.safetensors"] > 0
+    for to in ("flex", "bsr", "dense"):
+        assert export_main(["convert", str(path), "--to", to, "--out",
+                            str(tmp_path / to)]) == 0
+        assert (tmp_path / to / f"{to}.safetensors").is_file()
+    capsys.readouterr()
+    data = bytearray((path / "masks.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "masks.safetensors").write_bytes(bytes(data))
+    assert export_main(["verify", str(path)]) == 2
+    assert "files.masks.safetensors: sha256 does not match" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main(["convert", str(path), "--to", "csr", "--out", str(tmp_path / "x")])
