@@ -22,12 +22,15 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         compile = q.is_cuda
     if compile:
         fn = _compiled()
-    out = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv,
-             return_lse=return_lse)
+    kwargs = {}
     if return_lse:
-        o, lse = out
-        # Flex reports lse in natural log; empty rows come back as -inf
-        return o, lse.float()
+        from torch.nn.attention.flex_attention import AuxRequest
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    out = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv, **kwargs)
+    if return_lse:
+        o, aux = out
+        # natural-log lse; Flex gives -inf for rows with no block
+        return o, aux.lse.float()
     return out
 
 
