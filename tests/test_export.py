@@ -602,3 +602,16 @@ def test_cli_convert_verify_and_refusal(tmp_path, gen, capsys):
     assert "files.masks.safetensors: sha256 does not match" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main(["convert", str(path), "--to", "csr", "--out", str(tmp_path / "x")])
+
+
+def test_export_and_verify_for_the_demo(tmp_path, gen):
+    from adaptive_sparse.export.build import export_and_verify
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama()
+    gs = _trained_looking_gates(model, gen)
+    res = export_and_verify(model, torch.randint(0, 97, (1, 96), generator=gen), gs,
+                            Policy(kind="top_p", p=0.8), tmp_path / "demo")
+    assert res["gate_logits_equal"] and res["masks_logits_equal"] and res["max_abs_diff"] == 0
+    assert res["gate"]["kind"] == "gate" and res["masks"]["kind"] == "masks"
+    assert 0 < res["gate"]["density"] < 1

@@ -197,3 +197,42 @@ def make_source(model, *, pattern: str | None = None, pattern_params: Mapping | 
                                block_size=block_size, num_layers=cfg.num_hidden_layers),
                 "oracle", params)
     return PatternProvider(method, block_size=block_size, **params), f"pattern:{method}", params
+
+
+def export_and_verify(model, sequence: torch.Tensor, gate_set, policy, out_dir, *,
+                      overwrite: bool = True) -> dict:
+    """The end of `make demo`: write a gate artifact and a mask artifact (the gate's masks on
+    `sequence` LongTensor [1, N]), reload both onto `model`, and compare the logits with the
+    live gates'. Returns {"gate": summary, "masks": summary, "gate_logits_equal",
+    "masks_logits_equal", "max_abs_diff"}."""
+    from adaptive_sparse.export.attach import load_sparsifier
+    from adaptive_sparse.export.cli import summary
+    from adaptive_sparse.export.gates import save_gate_artifact
+    from adaptive_sparse.models import sparse_attention
+    from gating import GateProvider
+
+    if sequence.dim() != 2 or sequence.shape[0] != 1:
+        raise ValueError(f"sequence: expected a LongTensor [1, N], got {tuple(sequence.shape)}")
+    out_dir = Path(out_dir)
+    bs = gate_set.config.block_size
+    device = next(model.parameters()).device
+    ids = sequence.to(device)
+    with torch.no_grad(), GateProvider(gate_set, policy, model) as live:
+        with sparse_attention(model, live, block_size=bs):
+            want = model(ids).logits
+        gate_path = save_gate_artifact(out_dir / "gate", gate_set, policy, model=model,
+                                       stats=gate_stats(model, sequence, live, block_size=bs),
+                                       overwrite=overwrite)
+        mask_path = export_masks(model, sequence, live, out_dir / "masks", block_size=bs,
+                                 method="gate", params={"policy": live.policy.to_dict()},
+                                 overwrite=overwrite)
+    with torch.no_grad():
+        with load_sparsifier(model, gate_path):
+            got_gate = model(ids).logits
+        with load_sparsifier(model, mask_path):
+            got_masks = model(ids).logits
+    return {"gate": summary(gate_path), "masks": summary(mask_path),
+            "gate_logits_equal": bool(torch.equal(got_gate, want)),
+            "masks_logits_equal": bool(torch.equal(got_masks, want)),
+            "max_abs_diff": max(float((got_gate - want).abs().max()),
+                                float((got_masks - want).abs().max()))}
