@@ -149,8 +149,11 @@ class ModelEvaluator:
     method's provider; the dense baseline runs the same path with no mask and is cached.
 
     ``screen`` (the cheap stage): the first ``screen_sequences`` sequences' post-rotary q, k
-    and true block sums are recorded once per layer; a method is then screened by building its
-    masks from them and measuring density and attention recall, with no model forward."""
+    and true block sums are recorded once per layer; a pattern or the oracle is then screened by
+    building its masks from them and measuring density and attention recall, with no model
+    forward. The gate scores pre-rotary features captured by hooks during a forward, so it is
+    screened by one forward over those sequences (still ``num_sequences / screen_sequences``
+    times cheaper than its perplexity)."""
 
     def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
                  num_sequences: int = 4, block_size: int = 64, corpus: str = "default",
@@ -211,7 +214,8 @@ class ModelEvaluator:
                                  "args.gates or params.gates)")
             if where not in self._gate_sets:
                 self._gate_sets[where] = load_gates(where, self._load()[0])
-            return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])))
+            return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])),
+                                model=self._load()[0])
         self.parameters(family)
         return PatternProvider(family, block_size=self.block_size, **dict(params))
 
@@ -227,13 +231,26 @@ class ModelEvaluator:
                 losses.append(float(model(input_ids=ids, labels=ids).loss))
         return sum(losses) / len(losses)
 
+    def _detached(self, provider):
+        """Run with ``provider``; remove its hooks from the model afterwards (gate capture)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            try:
+                yield provider
+            finally:
+                if hasattr(provider, "detach"):
+                    provider.detach()
+        return scope()
+
     def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
         from adaptive_sparse.models import CaptureProvider
         if self._dense_nll is None:
             self._dense_nll = self._nll(None)
-        capture = CaptureProvider(self.provider(family, params), recall=True,
-                                  block_size=self.block_size)
-        nll = self._nll(capture)
+        with self._detached(self.provider(family, params)) as provider:
+            capture = CaptureProvider(provider, recall=True, block_size=self.block_size)
+            nll = self._nll(capture)
         if not math.isfinite(nll):
             raise ValueError(f"perplexity: non-finite for {family} {dict(params)}")
         summary, per_layer = capture.summary(), capture.per_layer()
@@ -244,8 +261,16 @@ class ModelEvaluator:
     def screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
         import torch
         from adaptive_sparse.attention.block_maps import attention_recall
-        from adaptive_sparse.models import sparse_attention
+        from adaptive_sparse.models import CaptureProvider, sparse_attention
         model, sequences = self._load()
+        if family == "gate":
+            with self._detached(self.provider(family, params)) as provider, torch.no_grad():
+                capture = CaptureProvider(provider, recall=True, block_size=self.block_size)
+                with sparse_attention(model, capture, block_size=self.block_size,
+                                      backend=self.backend):
+                    model(input_ids=sequences[: self.screen_sequences].to(self.device))
+            summary = capture.summary()
+            return {"density": summary["density"], "recall": summary["recall"]}
         if self._qk is None:
             rec = _RecordQK(self.block_size)
             with torch.no_grad(), sparse_attention(model, rec, block_size=self.block_size,

@@ -32,6 +32,7 @@ reported front carries a measured perplexity.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -379,8 +380,10 @@ class SweepObjective:
         if self.max_density is None:
             return
         trial.set_user_attr("constraint", [density - self.max_density])
-        if HAS_SET_CONSTRAINT and "constraints:max_density" not in trial.system_attrs:
-            trial.set_constraint("max_density", density - self.max_density)
+        if HAS_SET_CONSTRAINT:
+            with warnings.catch_warnings():  # a retried trial carries its first constraint
+                warnings.simplefilter("ignore")
+                trial.set_constraint("max_density", density - self.max_density)
 
 
 def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
