@@ -36,7 +36,11 @@ log = logging.getLogger("sweeps")
 
 @dataclass
 class SweepConfig:
-    """A sweep, as written in YAML (see sweeps/configs/smollm2-frontier.yaml)."""
+    """A sweep, as written in YAML (see sweeps/configs/smollm2-frontier.yaml).
+
+    ``latency``: ``"module:callable"`` measuring ``latency_ms = fn(family, params, result)``
+    (e.g. our kernel timed on a GPU at the trial's masks), for ``objectives: [latency_ms,
+    ppl_change]``; without it the evaluator must report ``latency_ms`` itself."""
 
     name: str = "frontier"
     methods: dict = field(default_factory=dict)
@@ -49,6 +53,7 @@ class SweepConfig:
     evaluator: dict = field(default_factory=dict)
     screening: dict = field(default_factory=dict)
     max_density: float | None = None
+    latency: str | None = None
     heartbeat_interval: int = 10
     grace_period: int | None = None
     max_retry: int | None = 3
@@ -92,8 +97,22 @@ def _atomic_write(path: Path, text: str) -> None:
 def build_objective(cfg: SweepConfig, evaluator=None) -> SweepObjective:
     evaluator = evaluator if evaluator is not None else build_evaluator(cfg.evaluator)
     space = SearchSpace.from_config(cfg.methods, evaluator)
-    return SweepObjective(space, evaluator, cfg.objectives,
-                          screening=Screening(**cfg.screening), max_density=cfg.max_density)
+    latency = None
+    if cfg.latency is not None:
+        latency = _import(cfg.latency, "latency")
+    return SweepObjective(space, evaluator, cfg.objectives, screening=Screening(**cfg.screening),
+                          max_density=cfg.max_density, latency=latency)
+
+
+def _import(spec: str, name: str):
+    """``"module:callable"`` -> the callable."""
+    import importlib
+    module, _, attr = str(spec).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{name}: cannot import {spec!r} (expected 'module:callable'): "
+                         f"{e}") from None
 
 
 def _open(cfg: SweepConfig, run_dir: Path) -> optuna.Study:

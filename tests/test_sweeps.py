@@ -350,3 +350,21 @@ def test_gate_search_prunes_bad_trials_single_objective_only():
     multi = optuna.create_study(directions=["minimize", "minimize"])
     with pytest.raises(ValueError, match="Optuna cannot prune multi-objective studies"):
         gate_search(multi, objective, n_trials=1)
+
+
+def fake_latency(family, params, result):
+    return 2.0 + 10.0 * result["density"]
+
+
+def test_latency_objective_is_pluggable(tmp_path):
+    cfg = _cfg(objectives=["latency_ms", "ppl_change"], n_trials=5, storage=_journal(tmp_path),
+               latency="test_sweeps:fake_latency")
+    run_sweep(cfg, tmp_path, progress=False)
+    for t in _trials(tmp_path):
+        assert t.values[0] == pytest.approx(2.0 + 10.0 * t.user_attrs["density"])
+        assert t.user_attrs["latency_ms"] == t.values[0]
+    report = write_report(tmp_path)
+    assert report["cost"] == "latency_ms" and report["fronts"]["overall"]
+    with pytest.raises(ValueError, match="latency: cannot import 'nowhere:fn'"):
+        run_sweep(_cfg(latency="nowhere:fn", storage=_journal(tmp_path / "x")), tmp_path / "x",
+                  progress=False)
