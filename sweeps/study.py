@@ -244,7 +244,12 @@ def _claim(study: optuna.Study) -> optuna.Trial | None:
     """Atomically take one WAITING trial, or None; never creates a trial (see module doc)."""
     study._thread_local.cached_all_trials = None
     trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
+    if trial_id is None:
+        return None
+    storage = study._storage
+    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None:
+        storage.record_heartbeat(trial_id)  # at once: a trial without a beat is never reaped
+    return optuna.Trial(study, trial_id)
 
 
 class _Heartbeat:
