@@ -14,6 +14,7 @@ featurization runs in `GateDataModule.prepare_data` when the cache is missing.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -75,6 +76,7 @@ def train_main(argv: list[str] | None = None) -> GateCLI:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["fit", *argv]
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return GateCLI(GateDistillModule, GateDataModule, args=argv,
                    trainer_defaults=_trainer_defaults(), seed_everything_default=0,
                    save_config_kwargs={"overwrite": True})
