@@ -101,7 +101,8 @@ def _user_documents(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"spec: folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            raise ValueError(f"spec: folder {path} holds no text files "
+                             f"({', '.join(TEXT_SUFFIXES)})")
         docs = []
         for f in files:
             if f.suffix == ".jsonl":

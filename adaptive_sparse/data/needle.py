@@ -4,7 +4,8 @@ The needle sentence "One of the special magic numbers for {key} is: {value}." is
 between filler sentences at `depth` (0 = start, 1 = end) of a context sized so the whole prompt
 is about `length` tokens; the question asks for the number. Instruction-tuned models (a tokenizer
 with a chat template) get the prompt as a user turn, base models as plain text; both are followed
-by an answer prefix ("The special magic number for {key} ... is") that the model completes. A greedy answer is correct when the first number in it equals the value.
+by an answer prefix ("The special magic number for {key} ... is") that the model completes.
+A greedy answer is correct when the first number in it equals the value.
 """
 
 from __future__ import annotations

