@@ -301,3 +301,16 @@ def test_gpu_block_maps_match_fp64(bs, D):
     rmax, rsum = block_attention_maps(q.double(), k.double(), block_size=bs)
     assert float((bmax.double() - rmax).abs().max()) < 1e-4
     assert float((bsum.double() - rsum).abs().max()) < 1e-4
+
+
+def test_mean_blocks_per_row_is_cached_per_tensor_and_buckets_are_powers_of_two():
+    from adaptive_sparse.attention.triton import mean_blocks_per_row
+    from adaptive_sparse.attention.triton.forward import pow2_bucket
+    gen = torch.Generator().manual_seed(12)
+    mask = random_mask(1, 2, 200, 200, 32, 0.5, gen=gen)
+    expected = float(mask.kv_num_blocks.double().mean())
+    assert mean_blocks_per_row(mask) == pytest.approx(expected)
+    assert mean_blocks_per_row(mask) == pytest.approx(expected)  # cached
+    mask.kv_num_blocks.fill_(1)  # in-place change invalidates the cache
+    assert mean_blocks_per_row(mask) == 1.0
+    assert [pow2_bucket(x) for x in (0, 1, 1.5, 4, 4.1, 100)] == [1, 1, 2, 4, 8, 128]

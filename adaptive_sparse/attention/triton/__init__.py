@@ -5,6 +5,8 @@ Stand-alone: nothing here imports the reference implementation.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from adaptive_sparse.attention.triton.block_maps import block_attention_maps_triton
@@ -13,7 +15,7 @@ from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 from adaptive_sparse.masks import BlockSparseMask
 
 __all__ = ["triton_block_sparse_attention", "triton_dense_causal_attention",
-           "block_attention_maps_triton", "scores_to_kv_indices"]
+           "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row"]
 
 
 def _prepare(q, k, v):
@@ -28,16 +30,41 @@ def _interpreted(q) -> bool:
     return not q.is_cuda
 
 
+_BLOCKS_PER_ROW: dict[int, tuple[weakref.ref, int, float]] = {}
+
+
+def mean_blocks_per_row(mask: BlockSparseMask) -> float:
+    """Mean kept key blocks per (batch, head, query block) row of `mask`: the autotune bucket.
+
+    Read once per `kv_num_blocks` tensor (one device sync, cached while the tensor lives and is
+    unmodified); during CUDA-graph capture, when no sync is allowed, the width of `kv_indices`
+    (exact for top-k masks, an upper bound otherwise) stands in."""
+    num = mask.kv_num_blocks
+    hit = _BLOCKS_PER_ROW.get(id(num))
+    if hit is not None and hit[0]() is num and hit[1] == num._version:
+        return hit[2]
+    if num.is_cuda and torch.cuda.is_current_stream_capturing():
+        return float(min(mask.kv_indices.shape[-1], mask.num_kv_blocks))
+    value = float(num.float().mean())
+    if len(_BLOCKS_PER_ROW) > 256:
+        _BLOCKS_PER_ROW.clear()
+    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), num._version, value)
+    return value
+
+
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   mask: BlockSparseMask, scale: float, return_lse: bool = False,
-                                  *, config: dict | None = None):
+                                  *, config: dict | None = None,
+                                  blocks_per_row: float | None = None):
     """Block-sparse attention over the key blocks listed in `mask`.
 
     q [B, Hq, N, D], k/v [B, Hkv, M, D] (Hq % Hkv == 0; K/V never repeated), fp32/fp16/bf16,
     D in (16, 32, 64, 128, 256); mask: batch 1|B, heads 1|Hkv|Hq, q_len N, kv_len M.
     When the mask has 1 or Hkv heads, a program serves several query heads of one KV group.
     `config` pins the kernel's tile config (keys GH, RB, BLOCK_N, USE_DESC, num_warps,
-    num_stages); None autotunes on CUDA and uses a small fixed config in the interpreter.
+    num_stages); None autotunes on CUDA, keyed by the number of query blocks and the mean kept
+    blocks per row (`blocks_per_row`, or `mean_blocks_per_row(mask)` when None), and uses a small
+    fixed config in the interpreter.
     Returns out [B, Hq, N, D] in q.dtype, and lse fp32 [B, Hq, N] (natural log, -inf for rows
     with no visible key) when `return_lse`.
     """
@@ -46,11 +73,13 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     shared = mask.heads in (1, Hkv)
     if config is None and _interpreted(q):
         config = default_config(mask.block_size, q.shape[-1], Hq // Hkv, shared)
+    if config is None and blocks_per_row is None:
+        blocks_per_row = mean_blocks_per_row(mask)
     out, lse = launch_forward(
         q, k, v, kv_num_blocks=mask.kv_num_blocks.contiguous(),
         kv_indices=mask.kv_indices.contiguous(), block_size=mask.block_size, causal=mask.causal,
         scale=float(scale), heads_per_mask=Hq // mask.heads, shared=shared,
-        return_lse=return_lse, config=config)
+        return_lse=return_lse, config=config, blocks_per_row=blocks_per_row)
     return (out, lse) if return_lse else out
 
 

@@ -74,7 +74,7 @@ def bsa_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_nb, stride_nh, stride_nq,
     stride_ib, stride_ih, stride_iq,
-    H_Q, N_Q, N_KV, OFFSET, QK_SCALE, HEADS_PER_MASK,
+    H_Q, N_Q, N_KV, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
     G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -82,7 +82,9 @@ def bsa_fwd_kernel(
 ):
     """Grid (Qb * BS // RB, B * H_Q // GH). Q/O [B, H_Q, N_Q, D]; K/V [B, H_Q // G, N_KV, D];
     KV_NUM int32 [Bm, Hm, Qb], KV_IDX int32 [Bm, Hm, Qb, Kb] (batch stride 0 broadcasts);
-    LSE fp32 [B, H_Q, N_Q] (natural log). DENSE ignores the index tables (full causal rows)."""
+    LSE fp32 [B, H_Q, N_Q] (natural log). DENSE ignores the index tables (full causal rows).
+    QB_BUCKET / WORK_BUCKET are unused in the body: autotune keys (query blocks, kept blocks per
+    row, both rounded up to powers of two)."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     SUBS: tl.constexpr = BS // RB
@@ -172,7 +174,8 @@ def _configs():
     out = []
     for use_desc in (True, False):
         for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3),
-                                                (128, 128, 8, 2), (64, 64, 4, 3)):
+                                                (128, 128, 8, 2), (128, 128, 8, 3),
+                                                (64, 64, 4, 3), (64, 128, 4, 2)):
             for gh in (1, 2, 4, 8):
                 if block_m // gh >= 16:
                     out.append(triton.Config(
@@ -214,7 +217,8 @@ def _prune(configs, named_args, **kwargs):
 
 bsa_fwd_autotuned = triton.autotune(
     configs=_configs(),
-    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "WRITE_O", "DOT_PREC"],
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "WRITE_O", "DOT_PREC",
+         "QB_BUCKET", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_kernel)
 
@@ -239,11 +243,19 @@ def default_config(block_size: int, head_dim: int, g: int, shared: bool) -> dict
             "num_warps": 4, "num_stages": 2}
 
 
+def pow2_bucket(x: float) -> int:
+    """Smallest power of two >= x (>= 1): the autotune key of a size or a work estimate."""
+    return 1 << max(0, math.ceil(math.log2(max(1.0, float(x)))))
+
+
 def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causal: bool,
                    scale: float, heads_per_mask: int, shared: bool, dense: bool = False,
-                   write_o: bool = True, return_lse: bool = False, config: dict | None = None):
+                   write_o: bool = True, return_lse: bool = False, config: dict | None = None,
+                   blocks_per_row: float | None = None):
     """Launch `bsa_fwd_kernel`. q [B, Hq, N, D], k/v [B, Hkv, M, D] (last dim contiguous);
     kv_num_blocks int32 [Bm, Hm, Qb], kv_indices int32 [Bm, Hm, Qb, Kb] (ignored when dense).
+    `blocks_per_row` (mean kept key blocks per query block; None = the causal maximum) picks the
+    autotune bucket, so sparse launches are not run with a config tuned for dense rows.
     Returns (out [B, Hq, N, D] or None, lse fp32 [B, Hq, N] or None)."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -256,6 +268,9 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
     bstride_i = 0 if kv_indices.shape[0] == 1 else si[0]
     qb = triton.cdiv(N, block_size)
     offset = M - N if causal else 0
+    if blocks_per_row is None:
+        kb = triton.cdiv(M, block_size)
+        blocks_per_row = (2 * kb - qb + 1) / 2 if causal else kb
     ob = out.stride() if write_o else (0, 0, 0)
     args = (q, k, v, out, lse, kv_num_blocks, kv_indices,
             q.stride(0), q.stride(1), q.stride(2),
@@ -264,7 +279,8 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
             ob[0], ob[1], ob[2],
             bstride_n, sn[1], sn[2],
             bstride_i, si[1], si[2],
-            Hq, N, M, offset, scale * LOG2E, heads_per_mask)
+            Hq, N, M, offset, scale * LOG2E, heads_per_mask, pow2_bucket(qb),
+            pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=block_size, HEAD_DIM=D, SHARED=shared, CAUSAL=causal,
                 DENSE=dense, WRITE_O=write_o, WRITE_LSE=return_lse,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
