@@ -154,6 +154,10 @@ def test_bad_configs_raise(cache_dir, tmp_path):
         GateDistillModule(model_shapes=shapes, block_size=48)
     with pytest.raises(ValueError, match="^loss: expected"):
         GateDistillModule(loss="l1")
+    with pytest.raises(ValueError, match="^k_pooling: expected"):
+        GateDistillModule(block_size=BS, k_pooling=("max", "median"))
+    with pytest.raises(ValueError, match="^gate_dim: expected"):
+        GateDistillModule(block_size=BS, gate_dim=-8, init="random")
     with pytest.raises(ValueError, match="^block_size: expected"):
         datamodule(cache_dir, block_size=48)
     with pytest.raises(ValueError, match="^block_size: the cache at"):
