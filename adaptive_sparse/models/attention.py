@@ -84,7 +84,10 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
         mask = state.provider(module.layer_idx, query, key) if state.provider is not None else None
         if mask is None:
             mask = _full_mask(N, M, state.block_size, str(query.device))
-        out = block_sparse_attention(query, key, value, mask, scale=scale, backend=state.backend)
+        backend = state.backend
+        if backend == "auto" and not query.is_cuda:
+            backend = "gather"  # reference semantics, work proportional to density
+        out = block_sparse_attention(query, key, value, mask, scale=scale, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -149,7 +152,9 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64,
     provider: callable (layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None,
         or None for dense causal attention through `block_sparse_attention`.
     block_size: block size of the dense mask used when the provider returns None.
-    backend: passed to `block_sparse_attention`. Calls nest (the previous state is restored)."""
+    backend: passed to `block_sparse_attention`; "auto" runs "gather" on CPU (the reference
+        semantics with work proportional to density) and triton on CUDA. Calls nest (the
+        previous state is restored)."""
     if provider is not None and not callable(provider):
         raise TypeError(f"provider: expected a callable (layer_idx, q, k) -> BlockSparseMask | "
                         f"None, got {type(provider).__name__}")
