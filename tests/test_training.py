@@ -209,7 +209,9 @@ def test_cli_single_process_trains_and_exports(cache_dir, tmp_path):
     check_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_ddp_two_processes_on_cpu(cache_dir, tmp_path):
+    """2 gloo processes on CPU (95 s on the shared 2-core machine, hence `slow`)."""
     r = cli([*cli_args(cache_dir), "--trainer.strategy", "ddp", "--trainer.devices", "2"],
             tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
