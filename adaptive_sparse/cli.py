@@ -109,8 +109,11 @@ def _add_pattern(p: argparse.ArgumentParser, names: dict[str, type], *,
                  default: str | None = "dense") -> None:
     g = p.add_argument_group("pattern (any of PATTERN_PARAMS as --name value)")
     g.add_argument("--pattern", default=default, help="a pattern name, or oracle")
+    g.add_argument("--gates", default=None,
+                   help="a trained gate directory (or training run): evaluate the learned gate "
+                        "with --policy (implies --pattern gate)")
     g.add_argument("--policy", default=None,
-                   help="oracle policy kind: threshold | top_k | top_p | density")
+                   help="oracle / gate policy kind: threshold | top_k | top_p | density")
     for key in sorted(names):
         flags = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
         g.add_argument(*flags, dest=f"param__{key}", default=None, metavar="VALUE")
@@ -151,11 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mask.png")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("demo", help="dense vs patterns vs oracle on SmolLM2-135M, short context")
+    p = sub.add_parser("demo", help="train gates -> evaluate vs oracle and patterns -> sweep -> "
+                       "export, on SmolLM2-135M at a short context (--patterns-only: the zoo)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--docs", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default 1024; 2048 with --patterns-only)")
+    p.add_argument("--docs", type=int, default=2, help="held-out sequences evaluated")
+    p.add_argument("--train-docs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--trials", type=int, default=9)
+    p.add_argument("--density", type=float, default=0.35)
+    p.add_argument("--patterns-only", action="store_true",
+                   help="only dense vs patterns vs oracle (no gate training, sweep or export)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -189,9 +200,14 @@ def _passthrough(command: str, argv: list[str]) -> int:
 
 def setting_from_args(args) -> dict:
     """{"name", "pattern", params...} from parsed pattern options (strings converted)."""
-    return make_setting(args.pattern, args.policy,
-                        {k[len("param__"):]: v for k, v in vars(args).items()
-                         if k.startswith("param__") and v is not None})
+    params = {k[len("param__"):]: v for k, v in vars(args).items()
+              if k.startswith("param__") and v is not None}
+    if getattr(args, "gates", None):
+        if args.pattern not in ("dense", "gate"):
+            raise ValueError(f"gates: --gates evaluates the learned gate; drop --pattern "
+                             f"{args.pattern!r}")
+        return make_setting("gate", args.policy, {**params, "gates": args.gates})
+    return make_setting(args.pattern, args.policy, params)
 
 
 def make_setting(pattern: str, policy, params: dict) -> dict:
@@ -199,9 +215,18 @@ def make_setting(pattern: str, policy, params: dict) -> dict:
     parameters (strings from the command line, or typed values from YAML/JSON)."""
     from adaptive_sparse.patterns import PATTERN_PARAMS
 
-    if pattern not in PATTERN_PARAMS:
+    if pattern not in PATTERN_PARAMS and pattern != "gate":
         raise ValueError(f"pattern: expected one of {sorted(PATTERN_PARAMS)}, got {pattern!r}")
     params = dict(params)
+    if pattern == "gate":
+        gates = params.pop("gates", None)
+        if not gates:
+            raise ValueError("gates: the gate setting needs a trained gate directory (--gates DIR)")
+        oracle = make_setting("oracle", policy, params)
+        if set(oracle) - {"pattern", "policy"}:
+            raise ValueError(f"gate: unexpected parameters "
+                             f"{sorted(set(oracle) - {'pattern', 'policy'})}")
+        return {"pattern": "gate", "gates": str(gates), "policy": oracle["policy"]}
     if pattern == "oracle":
         fields = _policy_fields()
         pol = dict(policy) if isinstance(policy, dict) else {}
@@ -244,13 +269,24 @@ def setting_name(setting: dict) -> str:
     return " ".join(str(p) for p in parts)
 
 
-def make_provider(setting: dict, *, block_size: int, num_layers: int):
-    """The provider of a setting (None for dense)."""
+def make_provider(setting: dict, *, block_size: int, num_layers: int, model=None):
+    """The provider of a setting (None for dense). A gate provider is attached to `model`
+    (its pre-rotary capture hooks); call its `detach()` when done."""
     from adaptive_sparse.models import OracleProvider, PatternProvider
 
     params = {k: v for k, v in setting.items() if k not in ("pattern", "name")}
     if setting["pattern"] == "dense":
         return None
+    if setting["pattern"] == "gate":
+        if model is None:
+            raise ValueError("model: a gate setting needs the model its gates attach to")
+        # the front door reaches gating lazily, for gate settings only
+        from gating import GateProvider, load_gates
+
+        gates = Path(params["gates"])
+        if not (gates / "gates.json").exists() and (gates / "gates" / "gates.json").exists():
+            gates = gates / "gates"
+        return GateProvider(load_gates(gates, model), params["policy"], model)
     if setting["pattern"] == "oracle":
         target = params.pop("target", "sum")
         policy = params.pop("policy")
@@ -300,7 +336,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _run_settings(args, settings: list[dict], *, needle: bool = False) -> dict:
-    from adaptive_sparse.evaluate import evaluate, evaluate_needle
     from adaptive_sparse.models import load_model, model_fingerprint
 
     _check_run_args(args)
@@ -325,22 +360,16 @@ def _run_settings(args, settings: list[dict], *, needle: bool = False) -> dict:
     results = []
     dense_needle = None
     for setting in settings:
-        provider = make_provider(setting, block_size=args.block_size, num_layers=num_layers)
+        provider = make_provider(setting, block_size=args.block_size, num_layers=num_layers,
+                                 model=model)
         name = setting_name(setting)
-        r = evaluate(model, seqs, provider, dense_cache=cache, progress=not args.no_progress,
-                     recall=not args.no_recall, block_size=args.block_size,
-                     backend=args.backend, desc=name)
-        r = {"name": name, "setting": setting, **r}
-        if samples is not None:
-            if dense_needle is None:
-                dense_needle = evaluate_needle(model, tokenizer, samples, sparse=False,
-                                               progress=not args.no_progress)
-            sparse = evaluate_needle(model, tokenizer, samples, provider,
-                                     block_size=args.block_size, backend=args.backend,
-                                     progress=not args.no_progress)
-            r.update(needle_accuracy=sparse["needle_accuracy"],
-                     needle_accuracy_dense=dense_needle["needle_accuracy"],
-                     needle_answers=sparse["answers"], needle_length=samples[0].length)
+        try:
+            r = _run_one(args, model, tokenizer, seqs, provider, cache, samples, name,
+                         dense_needle, setting)
+        finally:
+            if hasattr(provider, "detach"):
+                provider.detach()
+        dense_needle = r.pop("_dense_needle")
         results.append(r)
     if getattr(args, "dense_cache", None):
         from adaptive_sparse.evaluate import write_json
@@ -350,6 +379,28 @@ def _run_settings(args, settings: list[dict], *, needle: bool = False) -> dict:
             "split": args.split, "seq_len": args.seq_len, "num_sequences": int(seqs.shape[0]),
             "block_size": args.block_size, "backend": args.backend,
             "seconds_load": load_s, "results": results}
+
+
+def _run_one(args, model, tokenizer, seqs, provider, cache, samples, name, dense_needle,
+             setting) -> dict:
+    from adaptive_sparse.evaluate import evaluate, evaluate_needle
+
+    r = evaluate(model, seqs, provider, dense_cache=cache, progress=not args.no_progress,
+                 recall=not args.no_recall, block_size=args.block_size,
+                 backend=args.backend, desc=name)
+    r = {"name": name, "setting": setting, **r}
+    if samples is not None:
+        if dense_needle is None:
+            dense_needle = evaluate_needle(model, tokenizer, samples, sparse=False,
+                                           progress=not args.no_progress)
+        sparse = evaluate_needle(model, tokenizer, samples, provider,
+                                 block_size=args.block_size, backend=args.backend,
+                                 progress=not args.no_progress)
+        r.update(needle_accuracy=sparse["needle_accuracy"],
+                 needle_accuracy_dense=dense_needle["needle_accuracy"],
+                 needle_answers=sparse["answers"], needle_length=samples[0].length)
+    r["_dense_needle"] = dense_needle
+    return r
 
 
 def cmd_eval(args) -> int:
@@ -475,6 +526,15 @@ DEMO_SETTINGS = [
 
 
 def cmd_demo(args) -> int:
+    if not args.patterns_only:
+        # the front door may reach every layer lazily (sweeps -> gating -> adaptive_sparse)
+        from sweeps.demo import run_demo
+
+        run_demo(args.out, model=args.model, seq_len=args.seq_len or 1024,
+                 train_docs=args.train_docs, val_docs=2, steps=args.steps, eval_docs=args.docs,
+                 density=args.density, trials=args.trials, progress=not args.no_progress)
+        return 0
+    args.seq_len = args.seq_len or 2048
     from adaptive_sparse.evaluate import write_json
 
     out = Path(args.out)

@@ -67,4 +67,4 @@ def test_gather_work_scales_with_density():
     a = block_sparse_attention(q, k, v, win, backend="gather")
     b = block_sparse_attention(q, k, v, win, backend="reference")
     assert torch.allclose(a, b, atol=1e-5)
-    assert win.density() < 0.3 * full.density()
+    assert win.density() < 0.5 * full.density()
