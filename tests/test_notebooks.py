@@ -33,7 +33,6 @@ def kernel_env(tmp_path, monkeypatch):
     return tmp_path / "run"
 
 
-@pytest.mark.slow
 def test_notebooks_execute_in_order(kernel_env):
     import nbformat
     from nbclient import NotebookClient
