@@ -143,7 +143,10 @@ def timed_attention(name: str, clock: Clock):
 
 
 def forward(model, ids, keep_logits: int = 1):
-    with torch.inference_mode():
+    """Logits [1, keep, V] (all when keep_logits=0). no_grad, not inference_mode: the triton
+    backend caches per-mask statistics keyed on tensor version counters, which inference
+    tensors lack."""
+    with torch.no_grad():
         return model(ids, use_cache=False, logits_to_keep=keep_logits).logits
 
 
@@ -171,7 +174,8 @@ def check_logits(model, ids, backend: str, block_size: int) -> dict:
     with sparse_attention(model, None, block_size=block_size, backend=backend):
         ours = forward(model, ids, keep_logits=0).double()
     norm = ref.norm()
-    out = dict(err_sdpa=float((sdpa - ref).norm() / norm), err_ours=float((ours - ref).norm() / norm),
+    out = dict(err_sdpa=float((sdpa - ref).norm() / norm),
+               err_ours=float((ours - ref).norm() / norm),
                max_abs_ours_vs_sdpa=float((ours - sdpa).abs().max()),
                max_abs_sdpa_vs_oracle=float((sdpa - ref).abs().max()),
                max_abs_ours_vs_oracle=float((ours - ref).abs().max()),
