@@ -40,15 +40,18 @@ def mean_blocks_per_row(mask: BlockSparseMask) -> float:
     unmodified); during CUDA-graph capture, when no sync is allowed, the width of `kv_indices`
     (exact for top-k masks, an upper bound otherwise) stands in."""
     num = mask.kv_num_blocks
+    version = None if num.is_inference() else num._version  # inference tensors have none
     hit = _BLOCKS_PER_ROW.get(id(num))
-    if hit is not None and hit[0]() is num and hit[1] == num._version:
+    if hit is not None and version is not None and hit[0]() is num and hit[1] == version:
         return hit[2]
     if num.is_cuda and torch.cuda.is_current_stream_capturing():
         return float(min(mask.kv_indices.shape[-1], mask.num_kv_blocks))
     value = float(num.float().mean())
+    if version is None:
+        return value
     if len(_BLOCKS_PER_ROW) > 256:
         _BLOCKS_PER_ROW.clear()
-    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), num._version, value)
+    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), version, value)
     return value
 
 
