@@ -68,8 +68,8 @@ def compare(model, tokenizer, gates_dir: Path, out: Path, *, seq_len: int, docs:
         ("gate (learned), density", lambda: GateProvider(gate_set, policy, model)),
         ("oracle (block sum), density", lambda: OracleProvider(policy, target="sum",
                                                                block_size=bs, num_layers=layers)),
-        (f"sliding_window {window}", lambda: PatternProvider("sliding_window", block_size=bs,
-                                                             window=window)),
+        (f"sliding_window {window - bs} + sink block", lambda: PatternProvider(
+            "sliding_window", block_size=bs, window=max(bs, window - bs), sink_blocks=1)),
         (f"longformer {window - bs} + 1 global", lambda: PatternProvider(
             "longformer", block_size=bs, window=window - bs, global_blocks=1)),
         (f"bigbird {max(bs, window - 2 * bs)} + 1 global + 1 random", lambda: PatternProvider(
