@@ -20,15 +20,21 @@ BACKENDS = ("auto", "reference", "gather", "triton", "flex")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_head_tensor(name: str, t, dtypes=_DTYPES) -> None:
+    """A rank-4 tensor of one of `dtypes`: q [B, Hq, N, D] or k/v [B, Hkv, M, D]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        want = "[B, Hq, N, D]" if name == "q" else "[B, Hkv, M, D]"
+        raise ValueError(f"{name}: expected rank 4 {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype in ({names}), got {t.dtype}")
+
+
 def _check_inputs(q, k, v, mask, scale, check_finite: bool) -> float:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            want = "[B, Hq, N, D]" if name == "q" else "[B, Hkv, M, D]"
-            raise ValueError(f"{name}: expected rank 4 {want}, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+        check_head_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -47,14 +47,10 @@ def check_geometry(q_len, kv_len, num_heads, block_size, batch) -> None:
 def check_qk(q, k, *, q_len, kv_len, num_heads, batch, block_size, device):
     """Validate q [B, Hq, N, D] and k [B, Hkv, M, D] against the geometry arguments (which
     default to the tensors' own) and return (N, M, B, Hq, Hkv)."""
+    from adaptive_sparse.attention.api import check_head_tensor
+
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            want = "[B, Hq, N, D]" if name == "q" else "[B, Hkv, M, D]"
-            raise ValueError(f"{name}: expected rank 4 {want}, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
+        check_head_tensor(name, t, _DTYPES)
     if q.device != k.device:
         raise ValueError(f"k: expected device {q.device} (that of q), got {k.device}")
     B, Hq, N, D = q.shape
