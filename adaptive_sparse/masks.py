@@ -72,6 +72,18 @@ class BlockSparseMask:
     def __post_init__(self):
         self._validate()
 
+    @classmethod
+    def _trusted(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int,
+                 q_len: int, kv_len: int, causal: bool = True) -> "BlockSparseMask":
+        """A mask built without `_validate`: for internal callers whose tensors are valid by
+        construction (no device sync, no extra launch). Users construct masks normally."""
+        obj = object.__new__(cls)
+        for name, val in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
+                          ("block_size", block_size), ("q_len", q_len), ("kv_len", kv_len),
+                          ("causal", causal)):
+            object.__setattr__(obj, name, val)
+        return obj
+
     # ---- construction -------------------------------------------------------------------
     def _validate(self) -> None:
         bs, q_len, kv_len = self.block_size, self.q_len, self.kv_len
@@ -136,8 +148,12 @@ class BlockSparseMask:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, *, block_size: int, q_len: int, kv_len: int,
-                   causal: bool = True) -> "BlockSparseMask":
-        """dense: bool [B, H, Qb, Kb], True where a tile is computed."""
+                   causal: bool = True, validate: bool = True) -> "BlockSparseMask":
+        """dense: bool [B, H, Qb, Kb], True where a tile is computed.
+
+        validate=False skips the value checks of the result (which sync with the device): only
+        for callers whose `dense` is inside the causal region and of the right shape by
+        construction, e.g. `Policy.to_mask` on a hot path."""
         if not isinstance(dense, torch.Tensor):
             raise _fail("dense", "a bool torch.Tensor [B, H, Qb, Kb]", type(dense).__name__)
         if dense.dtype != torch.bool:
@@ -149,6 +165,8 @@ class BlockSparseMask:
         # selected blocks first (ascending), then the others (ascending): a permutation per row
         key = (~dense).to(torch.int64) * kb + torch.arange(kb, device=dense.device)
         idx = torch.argsort(key, dim=-1).to(torch.int32)
+        if not validate:
+            return cls._trusted(num, idx.contiguous(), block_size, q_len, kv_len, causal)
         return cls(num, idx.contiguous(), block_size, q_len, kv_len, causal)
 
     @classmethod
@@ -212,7 +230,7 @@ class BlockSparseMask:
         return dense
 
     def to(self, device) -> "BlockSparseMask":
-        return BlockSparseMask(self.kv_num_blocks.to(device), self.kv_indices.to(device),
+        return BlockSparseMask._trusted(self.kv_num_blocks.to(device), self.kv_indices.to(device),
                                self.block_size, self.q_len, self.kv_len, self.causal)
 
     def to_flex(self):
@@ -314,7 +332,7 @@ class BlockSparseMask:
         if num_heads % h:
             raise _fail("num_heads", f"a multiple of the mask's head count {h}", num_heads)
         rep = num_heads // h
-        return BlockSparseMask(self.kv_num_blocks.repeat_interleave(rep, dim=1),
+        return BlockSparseMask._trusted(self.kv_num_blocks.repeat_interleave(rep, dim=1),
                                self.kv_indices.repeat_interleave(rep, dim=1),
                                self.block_size, self.q_len, self.kv_len, self.causal)
 
@@ -326,7 +344,7 @@ class BlockSparseMask:
         dense = self.to_dense()
         dense = dense.view(self.batch, h // group_size, group_size, *dense.shape[2:]).any(2)
         return BlockSparseMask.from_dense(dense, block_size=self.block_size, q_len=self.q_len,
-                                          kv_len=self.kv_len, causal=self.causal)
+                                          kv_len=self.kv_len, causal=self.causal, validate=False)
 
     # ---- statistics -----------------------------------------------------------------------
     def density(self) -> float:
@@ -373,7 +391,7 @@ def combine(*masks: BlockSparseMask, op: str = "or") -> BlockSparseMask:
         else:
             raise _fail("op", "'or' or 'and'", repr(op))
     return BlockSparseMask.from_dense(dense, block_size=first.block_size, q_len=first.q_len,
-                                      kv_len=first.kv_len, causal=first.causal)
+                                      kv_len=first.kv_len, causal=first.causal, validate=False)
 
 
 def blocks_per_row_for_density(density: float, q_len: int, kv_len: int, block_size: int) -> int:

@@ -159,11 +159,13 @@ class Policy:
         return 1.0 + (self.layer_scale_end - 1.0) * layer_idx / (num_layers - 1)
 
     def select(self, scores: torch.Tensor, *, q_len: int, kv_len: int, block_size: int,
-               layer_idx: int = 0, num_layers: int = 1,
-               scores_are_probs: bool = False) -> torch.Tensor:
-        """The selected tiles, bool [B, H, Qb, Kb] (inside the causal region). See `to_mask`."""
+               layer_idx: int = 0, num_layers: int = 1, scores_are_probs: bool = False,
+               validate: bool = True) -> torch.Tensor:
+        """The selected tiles, bool [B, H, Qb, Kb] (inside the causal region). See `to_mask`.
+
+        No host-device sync happens here except the value checks of `validate`."""
         factor = self.layer_factor(layer_idx, num_layers)
-        _check_scores(scores, q_len, kv_len, block_size, scores_are_probs)
+        _check_scores(scores, q_len, kv_len, block_size, scores_are_probs, validate)
         H = scores.shape[1]
         dev = scores.device
         allowed = block_causal(q_len, kv_len, block_size, device=dev)  # [Qb, Kb]
@@ -176,8 +178,9 @@ class Policy:
             raise ValueError(f"head_budgets: expected {H} entries (one per head of scores), "
                              f"got {len(hb)}")
         absolute = hb is not None and _is_int(hb[0])
-        mult = torch.tensor(hb if hb is not None else [1.0] * H, dtype=torch.float64)
-        mult = (mult * factor).to(dev)  # [H]
+        mult_host = [float(x) * factor for x in (hb if hb is not None else [1.0] * H)]
+        # pageable host -> device copy with non_blocking: staged at once, no device sync
+        mult = torch.tensor(mult_host, dtype=torch.float64).to(dev, non_blocking=True)  # [H]
         if self.kind == "threshold":
             tau = (self.tau / mult).to(probs.dtype)
             keep = probs >= tau[None, :, None, None]
@@ -192,24 +195,79 @@ class Policy:
                 dens = torch.clamp(mult * self.density, max=1.0)  # [H]
                 per_row = allowed.sum(-1).to(torch.float64)  # [Qb]
                 k_rows = torch.ceil(dens[:, None] * per_row[None, :] - _CEIL_EPS)
-            keep = _top_count(probs, allowed, forced, k_rows.clamp_min(1).long()[None])
+            kmax = self._max_count(mult_host, absolute, allowed.shape[-1])
+            keep = _top_count(probs, allowed, forced, k_rows.clamp_min(1).long()[None], kmax)
         return (keep | forced) & allowed
 
+    def _max_count(self, mult_host: list, absolute: bool, kb: int) -> int:
+        """Host-side upper bound of the per-row budgets of "top_k" / "density" (no sync): the
+        largest multiplier applied to the largest row (a row holds at most Kb causal blocks)."""
+        m = max(mult_host)
+        if absolute:
+            bound = math.ceil(m - _CEIL_EPS)
+        elif self.kind == "top_k":
+            bound = math.ceil(m * self.k - _CEIL_EPS)
+        else:
+            bound = math.ceil(min(1.0, m * self.density) * kb - _CEIL_EPS)
+        return max(1, min(bound, kb))
+
+    def expected_blocks_per_row(self, *, q_len: int, kv_len: int, block_size: int,
+                                layer_idx: int = 0, num_layers: int = 1,
+                                heads: int | None = None) -> float | None:
+        """Mean kept blocks per (head, query block) row that a "top_k" / "density" policy
+        gives, computed on the host: exact for scores with no -inf among the causal blocks;
+        None for "threshold" / "top_p", whose count depends on the scores. An autotuning hint
+        (`remember_blocks_per_row`), not a bound."""
+        if self.kind not in ("top_k", "density"):
+            return None
+        factor = self.layer_factor(layer_idx, num_layers)
+        hb = self.head_budgets
+        if hb is None:
+            hb = [1.0] * (heads or 1)
+        absolute = _is_int(hb[0])
+        qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+        offset = kv_len - q_len
+        rows = []  # (causal blocks, forced blocks) of each query-block row
+        for r in range(qb):
+            first = (r * block_size + offset) // block_size
+            last = (min((r + 1) * block_size, q_len) - 1 + offset) // block_size
+            forced = set(range(first, last + 1)) if self.keep_diagonal else set()
+            forced |= set(range(max(0, first - self.local_blocks), first))
+            forced |= {0} if self.keep_sink else set()
+            rows.append((min(kb, last + 1), len({c for c in forced if c <= last})))
+        total = 0.0
+        for x in hb:
+            m = float(x) * factor
+            for allowed, n_forced in rows:
+                if absolute:
+                    k = math.ceil(m - _CEIL_EPS)
+                elif self.kind == "top_k":
+                    k = math.ceil(m * self.k - _CEIL_EPS)
+                else:
+                    k = math.ceil(min(1.0, m * self.density) * allowed - _CEIL_EPS)
+                total += min(allowed, max(1, k, n_forced))
+        return total / (len(hb) * qb)
+
     def to_mask(self, scores: torch.Tensor, *, q_len: int, kv_len: int, block_size: int,
-                layer_idx: int = 0, num_layers: int = 1,
-                scores_are_probs: bool = False) -> BlockSparseMask:
+                layer_idx: int = 0, num_layers: int = 1, scores_are_probs: bool = False,
+                validate: bool = True) -> BlockSparseMask:
         """scores float [B, H, Qb, Kb] (logits, or non-negative maps with `scores_are_probs`)
         -> causal BlockSparseMask with the same B and H.
 
-        layer_idx, num_layers: where this layer sits, for `layer_schedule="linear"`."""
+        layer_idx, num_layers: where this layer sits, for `layer_schedule="linear"`.
+        validate=False skips the checks that read values (NaN / inf / negative scores; the
+        mask's range checks, true by construction here), so the call never syncs with the
+        device: for hot paths such as `GateProvider`. NaN scores then give an unspecified (but
+        causal, valid) mask."""
         dense = self.select(scores, q_len=q_len, kv_len=kv_len, block_size=block_size,
                             layer_idx=layer_idx, num_layers=num_layers,
-                            scores_are_probs=scores_are_probs)
+                            scores_are_probs=scores_are_probs, validate=validate)
         return BlockSparseMask.from_dense(dense, block_size=block_size, q_len=q_len,
-                                          kv_len=kv_len, causal=True)
+                                          kv_len=kv_len, causal=True, validate=validate)
 
 
-def _check_scores(scores, q_len, kv_len, block_size, scores_are_probs) -> None:
+def _check_scores(scores, q_len, kv_len, block_size, scores_are_probs,
+                  values: bool = True) -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores: expected a torch.Tensor [B, H, Qb, Kb], "
                         f"got {type(scores).__name__}")
@@ -228,6 +286,8 @@ def _check_scores(scores, q_len, kv_len, block_size, scores_are_probs) -> None:
                          f"ceil(kv_len / block_size)), got shape {tuple(scores.shape)}")
     if scores.shape[0] < 1 or scores.shape[1] < 1:
         raise ValueError(f"scores: expected B >= 1 and H >= 1, got shape {tuple(scores.shape)}")
+    if not values:
+        return
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores: expected no NaN values")
     if scores_are_probs:
@@ -275,11 +335,12 @@ def forced_blocks(q_len: int, kv_len: int, block_size: int, *, keep_sink: bool =
     return out & allowed
 
 
-def _top_count(probs, allowed, forced, k_rows):
-    """Keep the k_rows[b|1, h, r] best blocks of each row, forced blocks ranked first."""
+def _top_count(probs, allowed, forced, k_rows, kmax: int):
+    """Keep the k_rows[b|1, h, r] best blocks of each row, forced blocks ranked first.
+
+    kmax: a host-side bound >= every k_rows entry (in [1, Kb]), so no sync reads k_rows."""
     key = torch.where(allowed, probs, torch.full_like(probs, -1.0))
     key = torch.where(forced, torch.full_like(probs, 2.0), key)
-    kmax = max(1, min(int(k_rows.max()), probs.shape[-1]))
     idx = key.topk(kmax, dim=-1).indices  # [B, H, Qb, kmax]
     slot = torch.arange(kmax, device=probs.device) < k_rows[..., None]
     keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)

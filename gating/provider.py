@@ -172,6 +172,15 @@ def load_gates(directory, model=None, *, map_location="cpu") -> GateSet:
     return gate_set.to(map_location)
 
 
+def _remember_blocks_per_row(mask, value: float) -> None:
+    """Hand the triton backend its autotune statistic (no-op without triton)."""
+    try:
+        from adaptive_sparse.attention.triton import remember_blocks_per_row
+    except ImportError:  # triton not installed: its backend is unavailable anyway
+        return
+    remember_blocks_per_row(mask, value)
+
+
 def _as_policy(policy):
     from adaptive_sparse.policies import Policy
 
@@ -202,6 +211,7 @@ class GateProvider:
         self._k_hist: dict[int, torch.Tensor] = {}
         self.last_scores: dict[int, torch.Tensor] = {}
         self.keep_scores = False
+        self._bpr: dict[tuple, float | None] = {}
         if model is not None:
             self.attach(model)
 
@@ -257,10 +267,33 @@ class GateProvider:
         param = gate.wq
         return gate(q_pre.to(param.device), k_pre.to(param.device))
 
+    def _blocks_per_row(self, layer_idx: int, q_len: int, kv_len: int, heads: int):
+        """The policy's host-side mean blocks per row (None when it depends on the scores),
+        cached per (policy, layer, lengths, heads)."""
+        c = self.gate_set.config
+        key = (repr(self.policy), layer_idx, q_len, kv_len, heads)
+        if key not in self._bpr:
+            if len(self._bpr) > 4096:
+                self._bpr.clear()
+            self._bpr[key] = self.policy.expected_blocks_per_row(
+                q_len=q_len, kv_len=kv_len, block_size=c.block_size, layer_idx=layer_idx,
+                num_layers=c.num_layers, heads=heads)
+        return self._bpr[key]
+
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        """The layer's mask, built without any host-device sync: the policy's value checks
+        are skipped (the scores come from the gate, the mask is valid by construction), and
+        for top-k / density policies on CUDA the mean blocks per row is handed to the triton
+        backend from the host (`remember_blocks_per_row`) instead of being read back."""
         scores = self.scores(layer_idx, q.shape[2], k.shape[2]).to(q.device)
         if self.keep_scores:
             self.last_scores[layer_idx] = scores
-        return self.policy.to_mask(scores, q_len=q.shape[2], kv_len=k.shape[2],
-                                   block_size=self.gate_set.config.block_size,
-                                   layer_idx=layer_idx, num_layers=self.gate_set.config.num_layers)
+        c = self.gate_set.config
+        mask = self.policy.to_mask(scores, q_len=q.shape[2], kv_len=k.shape[2],
+                                   block_size=c.block_size, layer_idx=layer_idx,
+                                   num_layers=c.num_layers, validate=False)
+        if scores.is_cuda:
+            bpr = self._blocks_per_row(layer_idx, q.shape[2], k.shape[2], scores.shape[1])
+            if bpr is not None:
+                _remember_blocks_per_row(mask, bpr)
+        return mask

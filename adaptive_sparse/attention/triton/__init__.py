@@ -15,7 +15,8 @@ from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 from adaptive_sparse.masks import BlockSparseMask
 
 __all__ = ["triton_block_sparse_attention", "triton_dense_causal_attention",
-           "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row"]
+           "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row",
+           "remember_blocks_per_row"]
 
 
 def _prepare(q, k, v):
@@ -30,7 +31,27 @@ def _interpreted(q) -> bool:
     return not q.is_cuda
 
 
-_BLOCKS_PER_ROW: dict[int, tuple[weakref.ref, int, float]] = {}
+_BLOCKS_PER_ROW: dict[int, tuple[weakref.ref, int | None, float]] = {}
+
+
+def _version(num: torch.Tensor):
+    return None if num.is_inference() else num._version  # inference tensors have none
+
+
+def _store(num: torch.Tensor, version, value: float) -> None:
+    if len(_BLOCKS_PER_ROW) > 256:
+        _BLOCKS_PER_ROW.clear()
+    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), version, value)
+
+
+def remember_blocks_per_row(mask: BlockSparseMask, value: float) -> None:
+    """Record `value` as the mean kept blocks per row of `mask` (the autotune bucket), so the
+    kernel call reads no statistic from the device. For mask builders that know the count on the
+    host (e.g. `Policy.expected_blocks_per_row` for top-k / density policies); only the tuning
+    choice depends on it, never the result. Kept while `mask.kv_num_blocks` lives unmodified."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"value: expected a non-negative float, got {value!r}")
+    _store(mask.kv_num_blocks, _version(mask.kv_num_blocks), float(value))
 
 
 def mean_blocks_per_row(mask: BlockSparseMask) -> float:
@@ -38,20 +59,19 @@ def mean_blocks_per_row(mask: BlockSparseMask) -> float:
 
     Read once per `kv_num_blocks` tensor (one device sync, cached while the tensor lives and is
     unmodified); during CUDA-graph capture, when no sync is allowed, the width of `kv_indices`
-    (exact for top-k masks, an upper bound otherwise) stands in."""
+    (exact for top-k masks, an upper bound otherwise) stands in. A value recorded by
+    `remember_blocks_per_row` is returned without a sync (inference tensors included: only
+    recorded values are kept for them)."""
     num = mask.kv_num_blocks
-    version = None if num.is_inference() else num._version  # inference tensors have none
+    version = _version(num)
     hit = _BLOCKS_PER_ROW.get(id(num))
-    if hit is not None and version is not None and hit[0]() is num and hit[1] == version:
+    if hit is not None and hit[0]() is num and hit[1] == version:
         return hit[2]
     if num.is_cuda and torch.cuda.is_current_stream_capturing():
         return float(min(mask.kv_indices.shape[-1], mask.num_kv_blocks))
     value = float(num.float().mean())
-    if version is None:
-        return value
-    if len(_BLOCKS_PER_ROW) > 256:
-        _BLOCKS_PER_ROW.clear()
-    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), version, value)
+    if version is not None:
+        _store(num, version, value)
     return value
 
 
