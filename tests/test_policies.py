@@ -212,3 +212,32 @@ def test_fast_at_8k_by_30_layers():
                layer_scale_end=0.5).to_mask(scores, q_len=8192, kv_len=8192, block_size=64,
                                             layer_idx=layer, num_layers=30)
     assert time.perf_counter() - t0 < 30.0
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(kind="top_k", k=3), Policy(kind="top_k", k=2, local_blocks=1),
+    Policy(kind="density", density=0.3), Policy(kind="density", density=0.2, keep_sink=False),
+    Policy(kind="top_k", k=4, layer_schedule="linear", layer_scale_end=2.0),
+])
+@pytest.mark.parametrize("n", [200, 517])
+def test_unvalidated_fast_path_equals_validated_and_host_count_matches(policy, n):
+    """The sync-free path (validate=False) builds the same mask, which passes full validation;
+    the host-side expected blocks per row equals the mask's real mean."""
+    from adaptive_sparse.masks import BlockSparseMask
+
+    g = torch.Generator().manual_seed(n)
+    qb = (n + 31) // 32
+    scores = torch.randn(1, 3, qb, qb, generator=g)
+    kw = dict(q_len=n, kv_len=n, block_size=32, layer_idx=2, num_layers=4)
+    fast = policy.to_mask(scores, validate=False, **kw)
+    slow = policy.to_mask(scores, **kw)
+    assert fast == slow
+    BlockSparseMask(fast.kv_num_blocks, fast.kv_indices, 32, n, n)  # full validation passes
+    expect = policy.expected_blocks_per_row(q_len=n, kv_len=n, block_size=32, layer_idx=2,
+                                            num_layers=4, heads=3)
+    assert expect == pytest.approx(float(slow.kv_num_blocks.float().mean()))
+
+
+def test_threshold_and_top_p_have_no_host_count():
+    for pol in (Policy(kind="threshold", tau=0.05), Policy(kind="top_p", p=0.9)):
+        assert pol.expected_blocks_per_row(q_len=256, kv_len=256, block_size=32) is None

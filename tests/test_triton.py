@@ -314,3 +314,19 @@ def test_mean_blocks_per_row_is_cached_per_tensor_and_buckets_are_powers_of_two(
     mask.kv_num_blocks.fill_(1)  # in-place change invalidates the cache
     assert mean_blocks_per_row(mask) == 1.0
     assert [pow2_bucket(x) for x in (0, 1, 1.5, 4, 4.1, 100)] == [1, 1, 2, 4, 8, 128]
+
+
+def test_remember_blocks_per_row_is_read_back_and_checked():
+    from adaptive_sparse.attention.triton import mean_blocks_per_row, remember_blocks_per_row
+    gen = torch.Generator().manual_seed(13)
+    mask = random_mask(1, 2, 200, 200, 32, 0.5, gen=gen)
+    remember_blocks_per_row(mask, 3.25)  # a host-side hint: read back without a device read
+    assert mean_blocks_per_row(mask) == 3.25
+    mask.kv_num_blocks.fill_(2)  # in-place change drops the hint
+    assert mean_blocks_per_row(mask) == 2.0
+    with torch.inference_mode():
+        inf_mask = random_mask(1, 2, 200, 200, 32, 0.5, gen=gen)
+        assert mean_blocks_per_row(inf_mask) == pytest.approx(
+            float(inf_mask.kv_num_blocks.double().mean()))
+    with pytest.raises(ValueError, match="value: expected a non-negative float"):
+        remember_blocks_per_row(mask, -1.0)
