@@ -42,10 +42,10 @@ def train_gates(out: Path, *, model: str, seq_len: int, train_docs: int, val_doc
     return gates
 
 
-def compare(model, tokenizer, gates_dir: Path, out: Path, *, seq_len: int, docs: int,
-            density: float, progress: bool) -> list[dict]:
+def compare(model, tokenizer, gates_dir: Path, *, seq_len: int, docs: int, density: float,
+            progress: bool) -> tuple[list[dict], torch.Tensor]:
     """Dense vs the learned gate vs the oracle vs zoo patterns at one target density, on
-    validation documents the gate never saw."""
+    validation documents the gate never saw. Returns (rows, sequences LongTensor [S, N])."""
     from adaptive_sparse.data import load_corpus, pack, split_documents
     from adaptive_sparse.evaluate import evaluate
     from adaptive_sparse.masks import block_causal
@@ -92,7 +92,7 @@ def compare(model, tokenizer, gates_dir: Path, out: Path, *, seq_len: int, docs:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"| method | density | perplexity | change vs dense | attention recall |\n|---|---|---|---|---|"
+    head = "| method | density | perplexity | change vs dense | attention recall |\n|---|---|---|---|---|"
     lines = [f"| dense | 1.000 | {rows[0]['perplexity_dense']:.3f} | - | 1.000 |"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['density']:.3f} | {r['perplexity']:.3f} | "
@@ -142,7 +142,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m", seq_
     t_train = time.perf_counter() - t0
     net, tok = load_model(model)
     _step(f"2/4 evaluate on {eval_docs} held-out documents at density ~{density}", t0)
-    rows, seqs = compare(net, tok, gates_dir, out, seq_len=seq_len, docs=eval_docs,
+    rows, seqs = compare(net, tok, gates_dir, seq_len=seq_len, docs=eval_docs,
                          density=density, progress=progress)
     print(table(rows))
     from adaptive_sparse.plots import plot_tradeoff
