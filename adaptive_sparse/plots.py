@@ -43,6 +43,10 @@ def plot_block_attention(block_map: torch.Tensor, mask: torch.Tensor, out, *, ti
         ax.set_ylabel("query block")
     if title:
         fig.suptitle(title)
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out) -> Path:
     fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +71,4 @@ def plot_tradeoff(results: list[dict], out, *, title: str = "") -> Path:
     ax.set_ylabel("perplexity change vs dense (%)")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out)

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 
 from adaptive_sparse.models import sparse_attention
 from adaptive_sparse.policies import Policy
-from benchmarks.attention import environment
+from benchmarks.attention import _write, environment
 
 # LlamaConfig fields of SmolLM2-135M(-Instruct), as `load_model("smollm2-135m").config` reports
 # them; `--check-config` compares them with the loaded GGUF model where it is installed.
@@ -288,13 +287,6 @@ def markdown(env, rows, a) -> str:
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
                      f"{100 * r['gate_share']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ def compare(model, tokenizer, gates_dir: Path, *, seq_len: int, docs: int, densi
     validation documents the gate never saw. Returns (rows, sequences LongTensor [S, N])."""
     from adaptive_sparse.data import load_corpus, pack, split_documents
     from adaptive_sparse.evaluate import evaluate
-    from adaptive_sparse.masks import block_causal
+    from adaptive_sparse.masks import blocks_per_row_for_density
     from adaptive_sparse.models import OracleProvider, PatternProvider
     from adaptive_sparse.policies import Policy
     from gating import GateProvider, load_gates
@@ -58,11 +58,8 @@ def compare(model, tokenizer, gates_dir: Path, *, seq_len: int, docs: int, densi
     docs_all = split_documents(load_corpus("default"), seed=0)["validation"]
     seqs = pack(tokenizer, docs_all, seq_len, max_sequences=docs)
     policy = Policy(kind="density", density=density)
-    # the window (in tokens) whose density is closest to the target at this length
-    per_row = block_causal(seq_len, seq_len, bs).sum(1).float()
-    blocks = max(1, min(range(1, len(per_row) + 1), key=lambda w: abs(
-        float(torch.clamp(per_row, max=w + 1).sum() / per_row.sum()) - density)))
-    window = blocks * bs
+    # the window: the uniform per-row budget closest to the target, less the diagonal block
+    window = max(1, blocks_per_row_for_density(density, seq_len, seq_len, bs) - 1) * bs
     gate_set = load_gates(gates_dir, model)
     settings = [
         ("gate (learned), density", lambda: GateProvider(gate_set, policy, model)),
