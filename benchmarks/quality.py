@@ -1,0 +1,368 @@
+"""Quality at fixed densities: the learned gate vs the oracle vs every zoo pattern.
+
+Issue 3's table: perplexity change and attention recall at densities 0.05 / 0.1 / 0.25 / 0.5, on
+validation documents the gate never trained on, for the learned gate (``density`` policy), the
+oracle (same policy on the true block-sum map) and each pattern of the zoo, its parameters
+calibrated to the density. Then, optionally, issue 5's Optuna sweep over every method at one
+length, and its frontier report.
+
+    PYTHONPATH=. python3 benchmarks/quality.py --out runs/quality --seq-lens 4096 8192 \\
+        --train-seq-len 8192 --train-docs 48 --steps 600 --eval-docs 8 --device cuda \\
+        --sweep-seq-len 4096 --sweep-trials 150
+
+Every stage resumes: trained gates are reused, each evaluation is appended to OUT/quality.json
+as it finishes (a restart skips what is there), the sweep is an Optuna study in OUT/sweep.
+
+Calibration. A pattern's parameters for a target density come from one ordered family per
+pattern (one knob; the others fixed at common settings, written in ``FAMILIES``): every member
+is screened (masks built on one sequence's recorded q/k, no forward; ``ModelEvaluator.screen``)
+and the member whose density is closest to the target is evaluated. Static patterns cannot go
+below their forced blocks (sink + diagonal), so the achieved density is always reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+DENSITIES = (0.05, 0.1, 0.25, 0.5)
+
+
+def _ints(lo: int, hi: int, n: int = 14) -> list[int]:
+    """About n distinct integers from lo to hi, geometrically spaced."""
+    if hi <= lo:
+        return [lo]
+    vals = {round(lo * (hi / lo) ** (i / (n - 1))) for i in range(n)}
+    return sorted(v for v in vals if lo <= v <= hi)
+
+
+def families(seq_len: int, bs: int) -> dict[str, list[dict]]:
+    """pattern -> members (parameter dicts) ordered by increasing density."""
+    kb = math.ceil(seq_len / bs)
+    win = _ints(1, kb)
+    return {
+        "sliding_window": [{"window": w * bs, "sink_blocks": 1} for w in win],
+        "longformer": [{"window": w * bs, "global_blocks": 1} for w in win],
+        "bigbird": [{"window": w * bs, "global_blocks": 1, "random_blocks": 2, "seed": 0}
+                    for w in win],
+        # half of the budget local, the rest from every stride-th key block
+        "strided": [{"local_blocks": max(1, w // 2), "stride": max(2, round(2 * kb / max(1, w)))}
+                    for w in win],
+        "lsh": [{"n_buckets": 2 * b, "n_rounds": 2, "seed": 0}
+                for b in reversed(_ints(1, max(2, kb // 4)))],
+        "hierarchical": [{"budget": float(w)} for w in win],
+        "vertical_slash": [{"n_vertical": max(1, w // 2), "n_slash": max(1, w - w // 2)}
+                           for w in win],
+        "antidiagonal": [{"threshold": t, "stride": 16}
+                         for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995,
+                                   0.998, 0.999)],
+    }
+
+
+def calibrate(evaluator, family: str, members: list[dict], targets) -> dict[float, dict]:
+    """target density -> {"params", "screen_density", "screen_recall"} of the closest member
+    (ties: the sparser). Screens each member once."""
+    screened = []
+    for params in members:
+        s = evaluator.screen(family, params)
+        screened.append((float(s["density"]), float(s.get("recall", float("nan"))), params))
+    out = {}
+    for t in targets:
+        d, r, p = min(screened, key=lambda x: (abs(x[0] - t), x[0]))
+        out[t] = {"params": p, "screen_density": d, "screen_recall": r}
+    return out
+
+
+class Results:
+    """Rows in OUT/quality.json, written atomically after every evaluation."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        self.data.setdefault("meta", {}).update(meta)
+
+    def key(self, seq_len: int, method: str, target: float) -> str:
+        return f"{seq_len}|{method}|{target}"
+
+    def get(self, key: str):
+        return next((r for r in self.data["rows"] if r["key"] == key), None)
+
+    def add(self, row: dict) -> None:
+        self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
+        self.save()
+
+    def save(self) -> None:
+        from adaptive_sparse.evaluate import write_json
+        write_json(self.path, self.data)
+
+
+def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSITIES,
+                   block_size: int = 64, patterns: list[str] | None = None,
+                   log=print) -> None:
+    """Gate, oracle and the calibrated patterns at each density, appended to `results`."""
+    fams = families(seq_len, block_size)
+    if patterns is not None:
+        fams = {k: v for k, v in fams.items() if k in patterns}
+    plan = []
+    for d in densities:
+        policy = {"kind": "density", "density": d}
+        plan.append(("gate", d, {"policy": policy}, None))
+        plan.append(("oracle", d, {"policy": policy, "target": "sum"}, None))
+    for fam, members in fams.items():
+        todo = [d for d in densities if results.get(results.key(seq_len, fam, d)) is None]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        cal = calibrate(evaluator, fam, members, todo)
+        log(f"  calibrated {fam} in {time.perf_counter() - t0:.1f} s: " + ", ".join(
+            f"{d} -> {c['screen_density']:.3f}" for d, c in cal.items()))
+        plan.extend((fam, d, c["params"], c) for d, c in cal.items())
+    for method, d, params, cal in plan:
+        key = results.key(seq_len, method, d)
+        if results.get(key) is not None:
+            continue
+        t0 = time.perf_counter()
+        r = evaluator.evaluate(method, params)
+        row = {"key": key, "seq_len": seq_len, "method": method, "target_density": d,
+               "params": params, "density": r["density"], "ppl_change":
+               r["perplexity"] / r["perplexity_dense"] - 1.0, "perplexity": r["perplexity"],
+               "perplexity_dense": r["perplexity_dense"], "recall": r["recall"],
+               "per_layer_density": r["per_layer_density"],
+               "seconds": time.perf_counter() - t0}
+        if cal is not None:
+            row["screen_density"] = cal["screen_density"]
+        results.add(row)
+        log(f"  [{seq_len}] {method:<15} target {d:<5} density {row['density']:.3f}  ppl "
+            f"{100 * row['ppl_change']:+7.2f}%  recall {row['recall']:.3f}  "
+            f"({row['seconds']:.1f} s)")
+
+
+def _interp_density(points: list[tuple[float, float]], ppl: float) -> float | None:
+    """Density at which a method's (density, ppl_change) curve reaches `ppl`, interpolating
+    log(ppl_change) linearly in density between measured points; None outside the range."""
+    pts = sorted(points)
+    for (d0, p0), (d1, p1) in zip(pts, pts[1:]):
+        lo, hi = sorted((p0, p1))
+        if lo <= ppl <= hi and p0 > 0 and p1 > 0 and p0 != p1:
+            t = (math.log(ppl) - math.log(p0)) / (math.log(p1) - math.log(p0))
+            return d0 + t * (d1 - d0)
+    return None
+
+
+def summary(results: Results, seq_len: int, densities=DENSITIES) -> dict:
+    """Per target density: gate, oracle, best pattern (lowest ppl change among patterns whose
+    achieved density is at most 1.1x the gate's), and the targets of issue 3."""
+    rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
+    by = {(r["method"], r["target_density"]): r for r in rows}
+    oracle_pts = [(r["density"], r["ppl_change"]) for r in rows if r["method"] == "oracle"]
+    out = []
+    for d in densities:
+        gate, oracle = by.get(("gate", d)), by.get(("oracle", d))
+        if gate is None or oracle is None:
+            continue
+        pats = [r for r in rows if r["method"] not in ("gate", "oracle")
+                and r["target_density"] == d and r["density"] <= 1.1 * gate["density"]]
+        best = min(pats, key=lambda r: r["ppl_change"]) if pats else None
+        same_ppl = _interp_density(oracle_pts, gate["ppl_change"])
+        out.append({"target": d, "gate": gate, "oracle": oracle, "best_pattern": best,
+                    "oracle_density_at_gate_ppl": same_ppl,
+                    "gate_over_oracle_density": None if same_ppl is None
+                    else gate["density"] / same_ppl,
+                    "gate_beats_patterns": all(gate["ppl_change"] < r["ppl_change"] for r in rows
+                                               if r["method"] not in ("gate", "oracle")
+                                               and r["density"] <= gate["density"] * 1.1
+                                               and r["target_density"] == d)})
+    return {"seq_len": seq_len, "rows": out}
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['density']:.3f} / {100 * r['ppl_change']:+.1f}% / {r['recall']:.3f}"
+
+
+def markdown(results: Results, seq_lens) -> str:
+    lines = []
+    for n in seq_lens:
+        s = summary(results, n)
+        if not s["rows"]:
+            continue
+        dense = s["rows"][0]["gate"]["perplexity_dense"]
+        lines += [f"### {n} tokens (dense perplexity {dense:.3f})", "",
+                  "Cells: achieved density / perplexity change vs dense / attention recall.", "",
+                  "| target density | learned gate | oracle | best pattern | pattern cell | "
+                  "oracle density at the gate's ppl | gate / oracle density | gate beats every "
+                  "pattern |", "|---|---|---|---|---|---|---|---|"]
+        for row in s["rows"]:
+            best = row["best_pattern"]
+            ratio = row["gate_over_oracle_density"]
+            od = row["oracle_density_at_gate_ppl"]
+            lines.append(
+                f"| {row['target']} | {_cell(row['gate'])} | {_cell(row['oracle'])} | "
+                f"{best['method'] if best else '-'} | {_cell(best)} | "
+                f"{'-' if od is None else f'{od:.3f}'} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{'yes' if row['gate_beats_patterns'] else 'no'} |")
+        lines += ["", "Every pattern (achieved density / ppl change / recall; parameters in "
+                  "quality.json):", "", "| method | " + " | ".join(
+                      str(d) for d in DENSITIES) + " |", "|---" * (len(DENSITIES) + 1) + "|"]
+        rows = [r for r in results.data["rows"] if r["seq_len"] == n]
+        for m in dict.fromkeys(r["method"] for r in rows):
+            by = {r["target_density"]: r for r in rows if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(_cell(by.get(d)) for d in DENSITIES) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: Results, seq_lens, path: Path) -> Path | None:
+    """Perplexity change vs achieved density, one panel per length, one curve per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lens = [n for n in seq_lens if any(r["seq_len"] == n for r in results.data["rows"])]
+    if not lens:
+        return None
+    fig, axes = plt.subplots(1, len(lens), figsize=(6.5 * len(lens), 4.6), squeeze=False)
+    for ax, n in zip(axes[0], lens):
+        rows = [r for r in results.data["rows"] if r["seq_len"] == n]
+        for k, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            pts = sorted((r["density"], 100 * r["ppl_change"]) for r in rows if r["method"] == m)
+            style = {"gate": dict(color="k", lw=2.2), "oracle": dict(color="k", ls="--")}.get(
+                m, dict(color=f"C{k % 10}", lw=1))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
+                    **style)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlabel("density (share of causal blocks computed)")
+        ax.set_ylabel("perplexity change vs dense (%)")
+        ax.set_title(f"SmolLM2-135M, {n} tokens, held-out documents")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def environment(device: str) -> dict:
+    import transformers
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": device,
+           "cpu_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--gates", default=None, help="trained gate directory (else train them)")
+    p.add_argument("--seq-lens", type=int, nargs="*", default=[4096],
+                   help="lengths of the quality table (none: train and/or sweep only)")
+    p.add_argument("--train-seq-len", type=int, default=4096)
+    p.add_argument("--train-docs", type=int, default=24)
+    p.add_argument("--val-docs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval-docs", type=int, default=8)
+    p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    p.add_argument("--patterns", nargs="*", default=None, help="default: every pattern")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="gather",
+                   help="attention backend of the sparse passes (fp32 'gather' by default)")
+    p.add_argument("--sweep-seq-len", type=int, default=0, help="0: no sweep")
+    p.add_argument("--sweep-trials", type=int, default=150)
+    p.add_argument("--sweep-docs", type=int, default=4)
+    p.add_argument("--sweep-config", default="sweeps/configs/smollm2-frontier.yaml")
+    return p
+
+
+def train(out: Path, args) -> tuple[Path, dict]:
+    """Gates trained through the LightningCLI entry (reused when present) and their cost."""
+    from sweeps.demo import train_gates
+
+    info_path = out / "training.json"
+    gates = out / "gates" / "demo" / "version_0" / "gates"
+    if (gates / "gates.json").exists() and info_path.exists():
+        return gates, json.loads(info_path.read_text())
+    accel = "gpu" if args.device.startswith("cuda") else "cpu"
+    t0 = time.perf_counter()
+    gates = train_gates(out, model=args.model, seq_len=args.train_seq_len,
+                        train_docs=args.train_docs, val_docs=args.val_docs, steps=args.steps,
+                        extra=["--trainer.accelerator", accel,
+                               "--data.num_threads", "null" if accel == "gpu" else "1"])
+    info = {"seconds": time.perf_counter() - t0, "steps": args.steps,
+            "train_sequences": args.train_docs, "seq_len": args.train_seq_len,
+            "train_tokens": args.train_docs * args.train_seq_len,
+            "tokens_seen": args.steps * args.train_seq_len, "device": args.device}
+    from adaptive_sparse.evaluate import write_json
+    write_json(info_path, info)
+    return gates, info
+
+
+def run_sweep_stage(out: Path, args, gates: Path) -> dict:
+    from sweeps.cli import SweepConfig, run_sweep
+    from sweeps.evaluators import ModelEvaluator
+    from sweeps.frontier import format_table, write_report
+
+    cfg = SweepConfig.load(args.sweep_config)
+    cfg = SweepConfig.from_dict({**asdict(cfg), "n_trials": args.sweep_trials,
+                                 "name": f"{cfg.name}-{args.sweep_seq_len}"})
+    evaluator = ModelEvaluator(args.model, seq_len=args.sweep_seq_len,
+                               num_sequences=args.sweep_docs, gates=str(gates),
+                               device=args.device, backend=args.backend)
+    run_sweep(cfg, out / "sweep", evaluator=evaluator, progress=True)
+    report = write_report(out / "sweep")
+    print(format_table(report), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.gates:
+        gates, training = Path(args.gates), None
+    else:
+        print(f"== training gates at {args.train_seq_len} tokens on {args.device}", flush=True)
+        gates, training = train(out, args)
+        print(f"   {training}", flush=True)
+    from sweeps.evaluators import ModelEvaluator
+
+    results = Results(out / "quality.json", {"environment": environment(args.device),
+                                             "gates": str(gates), "training": training,
+                                             "eval_docs": args.eval_docs, "split": "validation",
+                                             "block_size": 64, "backend": args.backend})
+    for n in args.seq_lens:
+        print(f"== quality table at {n} tokens, {args.eval_docs} held-out sequences "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        ev = ModelEvaluator(args.model, seq_len=n, num_sequences=args.eval_docs,
+                            gates=str(gates), device=args.device, backend=args.backend)
+        evaluate_table(ev, results, n, densities=args.densities, patterns=args.patterns)
+        (out / "quality.md").write_text(markdown(results, args.seq_lens))
+        plot(results, args.seq_lens, out / "quality.png")
+        del ev
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print(markdown(results, args.seq_lens), flush=True)
+    if args.sweep_seq_len:
+        print(f"== sweep at {args.sweep_seq_len} tokens [{time.perf_counter() - t0:.0f} s]",
+              flush=True)
+        run_sweep_stage(out, args, gates)
+    print(f"== done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
