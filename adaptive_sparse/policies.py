@@ -164,7 +164,7 @@ class Policy:
         """The selected tiles, bool [B, H, Qb, Kb] (inside the causal region). See `to_mask`.
 
         No host-device sync happens here except the value checks of `validate`."""
-        factor = self.layer_factor(layer_idx, num_layers)
+        self.layer_factor(layer_idx, num_layers)
         _check_scores(scores, q_len, kv_len, block_size, scores_are_probs, validate)
         H = scores.shape[1]
         dev = scores.device
@@ -173,12 +173,7 @@ class Policy:
                                keep_diagonal=self.keep_diagonal,
                                local_blocks=self.local_blocks, device=dev)
         probs = row_probs(scores, allowed, scores_are_probs)  # [B, H, Qb, Kb]
-        hb = self.head_budgets
-        if hb is not None and len(hb) != H:
-            raise ValueError(f"head_budgets: expected {H} entries (one per head of scores), "
-                             f"got {len(hb)}")
-        absolute = hb is not None and _is_int(hb[0])
-        mult_host = [float(x) * factor for x in (hb if hb is not None else [1.0] * H)]
+        mult_host, absolute = self._multipliers(H, layer_idx, num_layers)
         # pageable host -> device copy with non_blocking: staged at once, no device sync
         mult = torch.tensor(mult_host, dtype=torch.float64).to(dev, non_blocking=True)  # [H]
         if self.kind == "threshold":
@@ -187,17 +182,58 @@ class Policy:
         elif self.kind == "top_p":
             keep = _top_p(probs, allowed, forced, torch.clamp(mult * self.p, max=1.0))
         else:
-            if absolute:
-                k_rows = torch.ceil(mult - _CEIL_EPS)[:, None].expand(H, allowed.shape[0])
-            elif self.kind == "top_k":
-                k_rows = torch.ceil(mult * self.k - _CEIL_EPS)[:, None].expand(H, allowed.shape[0])
-            else:
-                dens = torch.clamp(mult * self.density, max=1.0)  # [H]
-                per_row = allowed.sum(-1).to(torch.float64)  # [Qb]
-                k_rows = torch.ceil(dens[:, None] * per_row[None, :] - _CEIL_EPS)
+            k_rows = self._k_rows(mult, allowed, absolute)  # [H, Qb]
             kmax = self._max_count(mult_host, absolute, allowed.shape[-1])
-            keep = _top_count(probs, allowed, forced, k_rows.clamp_min(1).long()[None], kmax)
+            keep = _top_count(probs, allowed, forced, k_rows[None], kmax)
         return (keep | forced) & allowed
+
+    def _multipliers(self, heads: int, layer_idx: int, num_layers: int) -> tuple[list, bool]:
+        """(per-head budget multipliers with the layer factor, whether the budgets are
+        absolute), computed on the host."""
+        factor = self.layer_factor(layer_idx, num_layers)
+        hb = self.head_budgets
+        if hb is not None and len(hb) != heads:
+            raise ValueError(f"head_budgets: expected {heads} entries (one per head of scores), "
+                             f"got {len(hb)}")
+        absolute = hb is not None and _is_int(hb[0])
+        return [float(x) * factor for x in (hb if hb is not None else [1.0] * heads)], absolute
+
+    def _k_rows(self, mult: torch.Tensor, allowed: torch.Tensor, absolute: bool) -> torch.Tensor:
+        """int64 [H, Qb] blocks-per-row budgets ("top_k" / "density") from float64 multipliers
+        mult [H] and the causal region allowed [Qb, Kb] (on mult's device)."""
+        H, qb = mult.shape[0], allowed.shape[0]
+        if absolute:
+            k_rows = torch.ceil(mult - _CEIL_EPS)[:, None].expand(H, qb)
+        elif self.kind == "top_k":
+            k_rows = torch.ceil(mult * self.k - _CEIL_EPS)[:, None].expand(H, qb)
+        else:
+            dens = torch.clamp(mult * self.density, max=1.0)  # [H]
+            per_row = allowed.sum(-1).to(torch.float64)  # [Qb]
+            k_rows = torch.ceil(dens[:, None] * per_row[None, :] - _CEIL_EPS)
+        return k_rows.clamp_min(1).long()
+
+    def row_budgets(self, *, q_len: int, kv_len: int, block_size: int, heads: int,
+                    layer_idx: int = 0, num_layers: int = 1) -> torch.Tensor:
+        """int64 [heads, Qb] on the CPU: the blocks each (head, query-block) row keeps under a
+        "top_k" / "density" policy (forced blocks included, at least 1; a row keeps all its
+        forced blocks even beyond it), exactly the budgets `select` uses. For callers that
+        select on the device themselves (`scores_to_kv_indices(row_budgets=...)`)."""
+        if self.kind not in ("top_k", "density"):
+            raise ValueError(f"kind: expected 'top_k' or 'density' for row budgets, "
+                             f"got {self.kind!r}")
+        mult_host, absolute = self._multipliers(heads, layer_idx, num_layers)
+        mult = torch.tensor(mult_host, dtype=torch.float64)
+        return self._k_rows(mult, block_causal(q_len, kv_len, block_size), absolute)
+
+    def prob_thresholds(self, *, heads: int, layer_idx: int = 0,
+                        num_layers: int = 1) -> torch.Tensor:
+        """float32 [heads] on the CPU: the row-probability threshold of each head under a
+        "threshold" policy, exactly the values `select` compares the row probabilities with."""
+        if self.kind != "threshold":
+            raise ValueError(f"kind: expected 'threshold' for probability thresholds, "
+                             f"got {self.kind!r}")
+        mult_host, _ = self._multipliers(heads, layer_idx, num_layers)
+        return (self.tau / torch.tensor(mult_host, dtype=torch.float64)).to(torch.float32)
 
     def _max_count(self, mult_host: list, absolute: bool, kb: int) -> int:
         """Host-side upper bound of the per-row budgets of "top_k" / "density" (no sync): the

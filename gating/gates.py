@@ -217,14 +217,26 @@ def block_positions(q_len: int, kv_len: int, block_size: int, *, device=None):
     return q_pos, k_pos
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Half-split rotary: x [..., L, d] at positions [L] with inv_freq [d / 2]."""
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> torch.Tensor:
+    """(cos, sin) of half-split rotary at positions [L] with inv_freq [d / 2], computed in
+    float64 and cast to `dtype`: [2, L, d]."""
     ang = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64, copy=False)[None, :]
     ang = torch.cat([ang, ang], dim=-1)  # [L, d]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return torch.stack([ang.cos(), ang.sin()]).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d]: (-x2, x1) for the halves x1, x2 of the last dimension."""
     half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 tables: torch.Tensor | None = None) -> torch.Tensor:
+    """Half-split rotary: x [..., L, d] at positions [L] with inv_freq [d / 2]; `tables`
+    [2, L, d] (from `rotary_tables`, in x's dtype) skips computing cos/sin."""
+    cos, sin = rotary_tables(positions, inv_freq, x.dtype) if tables is None else tables
+    return x * cos + rotate_half(x) * sin
 
 
 class Gate(nn.Module):
@@ -305,6 +317,118 @@ class Gate(nn.Module):
         scores = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(c.gate_dim)
         allowed = block_causal(q_len, kv_len, c.block_size, device=scores.device)
         return scores.masked_fill(~allowed, float("-inf"))
+
+    def fast_scores(self, q: torch.Tensor, k: torch.Tensor, tables: "GateTables",
+                    *, causal_fill: bool = True) -> torch.Tensor:
+        """`forward` for inference with few kernel launches: q [B, Hq, N, D], k [B, Hkv, M, D]
+        pre-rotary (any float dtype and strides) -> scores [B, H, Qb, Kb] in the parameters'
+        dtype, equal to `forward` up to rounding. `tables` (from `gate_tables`) holds what
+        depends on the lengths only; with causal_fill=False the blocks outside the causal
+        region are left unmasked (for consumers that ignore them, such as
+        `scores_to_kv_indices`). No host-device sync: capturable in a CUDA graph."""
+        c = self.config
+        if tables.q_len != q.shape[2] or tables.kv_len != k.shape[2]:
+            raise _fail("tables", f"gate tables for q_len={q.shape[2]}, kv_len={k.shape[2]}",
+                        (tables.q_len, tables.kv_len))
+        wq, wk = self._fused_weights()
+        B, dtype = q.shape[0], wq.dtype
+        qcat = _pool_cat(q, c.block_size, c.q_pooling, dtype)  # [B, Hq, Qb, Pq*D]
+        kcat = _pool_cat(k, c.block_size, c.k_pooling, dtype)  # [B, Hkv, Kb, Pk*D]
+        Qb, Kb = qcat.shape[2], kcat.shape[2]
+        gd, G = c.gate_dim, c.group_size
+        if c.share_kv_group:
+            qcat = qcat.view(B, c.num_kv_heads, G, Qb, -1).permute(0, 1, 3, 2, 4)
+            qcat = qcat.reshape(B, c.num_kv_heads, Qb, -1)
+        R = 2 if c.use_rotary else 1
+        qg = torch.matmul(qcat, wq)  # [B, H, Qb, R * gd]
+        kg = torch.matmul(kcat, wk)  # [B, Hkv, Kb, Gk * R * gd]
+        Gk = 1 if c.share_kv_group else G
+        if c.use_rotary:
+            qg = (qg.view(B, -1, Qb, 2, gd) * tables.q_rot).sum(3)  # [B, H, Qb, gd]
+            kg = kg.view(B, c.num_kv_heads, Kb, Gk, 2, gd) * tables.k_rot
+            kr = torch.empty(B, c.num_kv_heads, Gk, Kb, gd, dtype=dtype, device=kg.device)
+            torch.sum(kg, 4, out=kr.permute(0, 1, 3, 2, 4))
+        else:
+            kr = kg.view(B, c.num_kv_heads, Kb, Gk, gd).permute(0, 1, 3, 2, 4)
+        qg = qg.view(B, c.num_kv_heads, Gk, Qb, gd)
+        scores = torch.matmul(qg, kr.transpose(-1, -2)).view(B, -1, Qb, Kb)  # [B, H, Qb, Kb]
+        if causal_fill:
+            scores = scores.masked_fill(~tables.allowed, float("-inf"))
+        return scores
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wq [H, Fq, R * gd], wk [Hkv, Fk, Gk * R * gd]): the projections with rotate_half
+        folded in (R = 2 with rotary: [W | W @ rotate_half]), the 1/sqrt(gate_dim) score scale
+        folded into wq, and the key heads of a KV group side by side. Cached while the
+        parameters are unchanged (in-place updates bump their version)."""
+        key = (self.wq._version, self.wk._version, self.wq.data_ptr(), self.wk.data_ptr(),
+               self.wq.dtype, self.wq.device)
+        if getattr(self, "_fused_key", None) != key:
+            c = self.config
+            with torch.no_grad():
+                wq = self.wq.detach() / math.sqrt(c.gate_dim)
+                wk = self.wk.detach()
+                if c.use_rotary:
+                    wq = torch.cat([wq, rotate_half(wq)], dim=-1)
+                    wk = torch.cat([wk, rotate_half(wk)], dim=-1)
+                Gk = 1 if c.share_kv_group else c.group_size
+                wk = wk.view(c.num_kv_heads, Gk, wk.shape[1], wk.shape[2]).permute(0, 2, 1, 3)
+                wk = wk.reshape(c.num_kv_heads, wk.shape[1], -1)
+            self._fused = (wq.contiguous(), wk.contiguous())
+            self._fused_key = key
+        return self._fused
+
+
+@dataclass(frozen=True)
+class GateTables:
+    """What a gate call needs that depends only on the lengths and the device.
+
+    q_rot [Qb, 2, gd] and k_rot [Kb, 1, 2, gd]: (cos, sin) at the block positions (None without
+    rotary); allowed: bool [Qb, Kb] block-causal region."""
+
+    q_len: int
+    kv_len: int
+    q_rot: torch.Tensor | None
+    k_rot: torch.Tensor | None
+    allowed: torch.Tensor
+
+
+def gate_tables(config: GateConfig, q_len: int, kv_len: int, *, device=None,
+                dtype=torch.float32) -> GateTables:
+    """`GateTables` for `Gate.fast_scores` at these lengths (cos/sin computed in float64 and
+    cast to `dtype`, the gate parameters' dtype)."""
+    c = config
+    allowed = block_causal(q_len, kv_len, c.block_size, device=device)
+    if not c.use_rotary:
+        return GateTables(q_len, kv_len, None, None, allowed)
+    q_pos, k_pos = block_positions(q_len, kv_len, c.block_size)
+    inv = c.inv_freq()
+    q_rot = rotary_tables(q_pos, inv, dtype).transpose(0, 1).contiguous()  # [Qb, 2, gd]
+    k_rot = rotary_tables(k_pos, inv, dtype).transpose(0, 1)[:, None].contiguous()
+    return GateTables(q_len, kv_len, q_rot.to(device, non_blocking=True),  # no device sync
+                      k_rot.to(device, non_blocking=True), allowed)
+
+
+def _pool_cat(x: torch.Tensor, block_size: int, kinds, dtype) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H, ceil(N / block_size), len(kinds) * D] in `dtype`: the poolings of
+    `pool_blocks` concatenated in `kinds` order, reading x in its own dtype (one reduction for
+    avg, one for max and min together when N is a multiple of the block size)."""
+    B, H, N, D = x.shape
+    if N % block_size:
+        pooled = pool_blocks(x.to(dtype), block_size, kinds)
+        return torch.cat([pooled[p] for p in kinds], dim=-1)
+    xv = x.view(B, H, N // block_size, block_size, D)
+    parts = {}
+    if "avg" in kinds:
+        parts["avg"] = xv.mean(3, dtype=dtype)
+    if "max" in kinds and "min" in kinds:
+        parts["min"], parts["max"] = torch.aminmax(xv, dim=3)
+    elif "max" in kinds or "min" in kinds:
+        one = "max" if "max" in kinds else "min"
+        parts[one] = xv.amax(3) if one == "max" else xv.amin(3)
+    if len(kinds) == 1:
+        return parts[kinds[0]].to(dtype)
+    return torch.cat([parts[p] for p in kinds], dim=-1).to(dtype)  # cat promotes bf16 -> fp32
 
 
 def _identity_init(heads: int, pools, head_dim: int, groups: int) -> torch.Tensor:

@@ -5,7 +5,9 @@
 `q [B, Hq, N, D]` and `k [B, Hkv, N, D]` per layer; nothing of the modeling code is copied.
 `GateProvider` is a provider for `adaptive_sparse.models.sparse_attention`: called with
 `(layer_idx, q, k)` (post-rotary) it scores the captured pre-rotary tensors with the layer's gate
-and turns the scores into a `BlockSparseMask` through `Policy.to_mask`.
+and turns the scores into a `BlockSparseMask` through `Policy.to_mask` (the reference path, used
+on CPU) or, on CUDA, through `Gate.fast_scores` and the one-launch Triton selection
+`scores_to_kv_indices` (same masks; see `GateProvider`), optionally replayed from a CUDA graph.
 
 Gate checkpoints are a directory: `gates.safetensors` (weights) and `gates.json` (format,
 version, GateConfig, sha256 of the weights, optional metadata). Never a pickle.
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from gating.gates import GateConfig, GateSet, model_shapes
+from adaptive_sparse.masks import BlockSparseMask
+from gating.gates import GateConfig, GateSet, gate_tables, model_shapes
+
+log = logging.getLogger(__name__)
 
 GATES_FORMAT = "adaptive-sparse-gates"
 GATES_VERSION = 1
@@ -191,6 +197,10 @@ def _as_policy(policy):
     raise _fail("policy", "an adaptive_sparse.policies.Policy or its dict", type(policy).__name__)
 
 
+_CACHE_LIMIT = 4096
+_KERNEL_KINDS = ("top_k", "density", "threshold")
+
+
 class GateProvider:
     """Mask provider backed by a gate set: `provider(layer_idx, q, k) -> BlockSparseMask`.
 
@@ -198,22 +208,60 @@ class GateProvider:
     model: the base model, on which the pre-rotary capture hooks are installed (`attach`).
     q [B, Hq, N, D] and k [B, Hkv, M, D] are the post-rotary tensors the attention sees; only
     their lengths are used. With a KV cache (M > N), the pre-rotary keys of earlier calls are
-    kept per layer, so decoding steps are scored against the whole cache."""
+    kept per layer, so decoding steps are scored against the whole cache.
 
-    def __init__(self, gate_set, policy, model=None):
+    fast: None (default) takes the fast path when the gates are on CUDA, True always (on CPU
+    tensors it needs TRITON_INTERPRET=1; for tests), False never. The fast path caches per
+    length everything that does not depend on the inputs (rotary tables at block positions,
+    block-causal region, per-row budgets), scores with `Gate.fast_scores` and, for "top_k",
+    "density" and "threshold" policies, selects with `scores_to_kv_indices` in one launch: the
+    same kept blocks as `Policy.to_mask`, except in rows whose boundary scores tie (to float32
+    rounding, where a top-k keeps every tied block). "top_p" goes through `Policy.to_mask`.
+    cuda_graphs: replay each (layer, batch, length, dtype) fast-path call of a prefill
+    (N == M) from a CUDA graph captured on its first call (falls back to eager when capture
+    fails, when `keep_scores` is set, inside an outer capture, or for "top_p"). None (default)
+    = on whenever the fast path runs on CUDA.
+    The policy and the gate weights are read when a length is first seen: assign
+    `provider.policy` to change the policy (caches are dropped); changing gate weights in place
+    is detected."""
+
+    def __init__(self, gate_set, policy, model=None, *, fast: bool | None = None,
+                 cuda_graphs: bool | None = None):
         if isinstance(gate_set, (str, os.PathLike)):
             gate_set = load_gates(gate_set, model)
         if not isinstance(gate_set, GateSet):
             raise _fail("gate_set", "a GateSet or a gate directory", type(gate_set).__name__)
+        for name, val in (("fast", fast), ("cuda_graphs", cuda_graphs)):
+            if val is not None and not isinstance(val, bool):
+                raise _fail(name, "None or a bool", val)
         self.gate_set = gate_set.eval()
-        self.policy = _as_policy(policy)
+        self.fast = fast
+        self.cuda_graphs = cuda_graphs
         self.capture = None
         self._k_hist: dict[int, torch.Tensor] = {}
         self.last_scores: dict[int, torch.Tensor] = {}
         self.keep_scores = False
-        self._bpr: dict[tuple, float | None] = {}
+        self._graph_pool = None
+        self.policy = policy
         if model is not None:
             self.attach(model)
+
+    @property
+    def policy(self):
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy) -> None:
+        self._policy = _as_policy(policy)
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        """Drop every per-length table and captured CUDA graph."""
+        self._bpr: dict[tuple, float | None] = {}
+        self._gate_tables: dict[tuple, object] = {}
+        self._select_args: dict[tuple, dict] = {}
+        self._graphs: dict[tuple, tuple | None] = {}
+        self._static_inputs: dict[tuple, tuple] = {}
 
     def attach(self, model) -> "GateProvider":
         self.detach()
@@ -252,9 +300,9 @@ class GateProvider:
         self._k_hist[layer_idx] = full
         return full
 
-    @torch.no_grad()
-    def scores(self, layer_idx: int, q_len: int, kv_len: int) -> torch.Tensor:
-        """Gate scores float32 [B, H, Qb, Kb] for the captured tensors of `layer_idx`."""
+    def _inputs(self, layer_idx: int, q_len: int, kv_len: int):
+        """The captured pre-rotary (q [B, Hq, N, D], k [B, Hkv, M, D]) of `layer_idx`, on the
+        gates' device."""
         if self.capture is None:
             raise _fail("model", "attach(model) before calling the provider", None)
         if layer_idx not in self.capture.q:
@@ -263,37 +311,166 @@ class GateProvider:
         if q_pre.shape[2] != q_len:
             raise _fail("q", f"q_len {q_pre.shape[2]} (captured pre-rotary queries)", q_len)
         k_pre = self._keys(layer_idx, kv_len)
-        gate = self.gate_set[layer_idx]
-        param = gate.wq
-        return gate(q_pre.to(param.device), k_pre.to(param.device))
+        dev = self.gate_set[layer_idx].wq.device
+        return q_pre.to(dev), k_pre.to(dev)
+
+    @torch.no_grad()
+    def scores(self, layer_idx: int, q_len: int, kv_len: int) -> torch.Tensor:
+        """Gate scores float32 [B, H, Qb, Kb] for the captured tensors of `layer_idx` (the
+        reference path: `Gate.forward`)."""
+        q_pre, k_pre = self._inputs(layer_idx, q_len, kv_len)
+        return self.gate_set[layer_idx](q_pre, k_pre)
 
     def _blocks_per_row(self, layer_idx: int, q_len: int, kv_len: int, heads: int):
         """The policy's host-side mean blocks per row (None when it depends on the scores),
-        cached per (policy, layer, lengths, heads)."""
+        cached per (layer, lengths, heads)."""
         c = self.gate_set.config
-        key = (repr(self.policy), layer_idx, q_len, kv_len, heads)
+        key = (layer_idx, q_len, kv_len, heads)
         if key not in self._bpr:
-            if len(self._bpr) > 4096:
+            if len(self._bpr) > _CACHE_LIMIT:
                 self._bpr.clear()
             self._bpr[key] = self.policy.expected_blocks_per_row(
                 q_len=q_len, kv_len=kv_len, block_size=c.block_size, layer_idx=layer_idx,
                 num_layers=c.num_layers, heads=heads)
         return self._bpr[key]
 
+    def _use_fast(self) -> bool:
+        if self.fast is not None:
+            return self.fast
+        return self.gate_set[0].wq.is_cuda
+
+    @torch.no_grad()
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
         """The layer's mask, built without any host-device sync: the policy's value checks
         are skipped (the scores come from the gate, the mask is valid by construction), and
         for top-k / density policies on CUDA the mean blocks per row is handed to the triton
         backend from the host (`remember_blocks_per_row`) instead of being read back."""
-        scores = self.scores(layer_idx, q.shape[2], k.shape[2]).to(q.device)
-        if self.keep_scores:
-            self.last_scores[layer_idx] = scores
+        q_len, kv_len = q.shape[2], k.shape[2]
         c = self.gate_set.config
-        mask = self.policy.to_mask(scores, q_len=q.shape[2], kv_len=k.shape[2],
-                                   block_size=c.block_size, layer_idx=layer_idx,
-                                   num_layers=c.num_layers, validate=False)
-        if scores.is_cuda:
-            bpr = self._blocks_per_row(layer_idx, q.shape[2], k.shape[2], scores.shape[1])
+        if self._use_fast():
+            mask = self._fast_mask(layer_idx, q_len, kv_len)
+            if mask.kv_num_blocks.device != q.device:
+                mask = BlockSparseMask._trusted(
+                    mask.kv_num_blocks.to(q.device), mask.kv_indices.to(q.device),
+                    c.block_size, q_len, kv_len, True)
+        else:
+            scores = self.scores(layer_idx, q_len, kv_len).to(q.device)
+            if self.keep_scores:
+                self.last_scores[layer_idx] = scores
+            mask = self.policy.to_mask(scores, q_len=q_len, kv_len=kv_len,
+                                       block_size=c.block_size, layer_idx=layer_idx,
+                                       num_layers=c.num_layers, validate=False)
+        if mask.kv_num_blocks.is_cuda:
+            bpr = self._blocks_per_row(layer_idx, q_len, kv_len, mask.heads)
             if bpr is not None:
                 _remember_blocks_per_row(mask, bpr)
         return mask
+
+    def _fast_mask(self, layer_idx: int, q_len: int, kv_len: int) -> BlockSparseMask:
+        q_pre, k_pre = self._inputs(layer_idx, q_len, kv_len)
+        bs = self.gate_set.config.block_size
+        graphs = self.cuda_graphs if self.cuda_graphs is not None else True
+        if graphs and q_pre.is_cuda and q_len == kv_len and not self.keep_scores \
+                and self.policy.kind in _KERNEL_KINDS \
+                and not torch.cuda.is_current_stream_capturing():
+            num, idx = self._graphed(layer_idx, q_pre, k_pre)
+            return BlockSparseMask._trusted(num, idx, bs, q_len, kv_len, True)
+        if self.policy.kind not in _KERNEL_KINDS:
+            scores = self._fast_scores(layer_idx, q_pre, k_pre, causal_fill=True)
+            c = self.gate_set.config
+            return self.policy.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=bs,
+                                       layer_idx=layer_idx, num_layers=c.num_layers,
+                                       validate=False)
+        num, idx = self._select(layer_idx, q_pre, k_pre)
+        return BlockSparseMask._trusted(num, idx, bs, q_len, kv_len, True)
+
+    def _fast_scores(self, layer_idx: int, q_pre, k_pre, *, causal_fill: bool):
+        gate = self.gate_set[layer_idx]
+        key = (q_pre.shape[2], k_pre.shape[2], gate.wq.device, gate.wq.dtype)
+        tables = self._gate_tables.get(key)
+        if tables is None:
+            if len(self._gate_tables) > _CACHE_LIMIT:
+                self._gate_tables.clear()
+            tables = self._gate_tables[key] = gate_tables(
+                self.gate_set.config, key[0], key[1], device=key[2], dtype=key[3])
+        scores = gate.fast_scores(q_pre, k_pre, tables, causal_fill=causal_fill)
+        if self.keep_scores:
+            if not causal_fill:
+                scores = scores.masked_fill(~tables.allowed, float("-inf"))
+            self.last_scores[layer_idx] = scores
+        return scores
+
+    def _select(self, layer_idx: int, q_pre, k_pre):
+        """(kv_num_blocks int32 [B, H, Qb], kv_indices int32 [B, H, Qb, Kb]) of a "top_k",
+        "density" or "threshold" policy: fast scores + one `scores_to_kv_indices` launch."""
+        from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
+
+        scores = self._fast_scores(layer_idx, q_pre, k_pre, causal_fill=False)
+        q_len, kv_len = q_pre.shape[2], k_pre.shape[2]
+        key = (layer_idx, q_len, kv_len, scores.shape[1], scores.device)
+        args = self._select_args.get(key)
+        if args is None:
+            if len(self._select_args) > _CACHE_LIMIT:
+                self._select_args.clear()
+            args = self._select_args[key] = self._selection(*key)
+        return scores_to_kv_indices(scores, **args)
+
+    def _selection(self, layer_idx: int, q_len: int, kv_len: int, heads: int, device) -> dict:
+        """Keyword arguments of `scores_to_kv_indices` that reproduce `Policy.to_mask`."""
+        p, c = self.policy, self.gate_set.config
+        where = dict(heads=heads, layer_idx=layer_idx, num_layers=c.num_layers)
+        args = dict(q_len=q_len, kv_len=kv_len, block_size=c.block_size, causal=True,
+                    keep_sink=p.keep_sink, keep_diagonal=p.keep_diagonal,
+                    local_blocks=p.local_blocks)
+        if p.kind == "threshold":
+            args["prob_threshold"] = p.prob_thresholds(**where).to(device, non_blocking=True)
+        else:
+            budgets = p.row_budgets(q_len=q_len, kv_len=kv_len, block_size=c.block_size, **where)
+            kb = (kv_len + c.block_size - 1) // c.block_size
+            args["row_budgets"] = budgets.clamp(max=kb).to(torch.int32).to(
+                device, non_blocking=True)
+        return args
+
+    def _graphed(self, layer_idx: int, q_pre, k_pre):
+        """`_select` replayed from a CUDA graph keyed by (layer, shapes, dtypes, device);
+        the outputs are cloned (the graph's own buffers are rewritten by its next replay)."""
+        key = (layer_idx, tuple(q_pre.shape), tuple(k_pre.shape), q_pre.dtype, k_pre.dtype,
+               q_pre.device)
+        if key not in self._graphs:
+            if len(self._graphs) > 512:
+                self._graphs.clear()
+                self._static_inputs.clear()
+            self._graphs[key] = self._capture(layer_idx, key, q_pre, k_pre)
+        entry = self._graphs[key]
+        if entry is None:
+            return self._select(layer_idx, q_pre, k_pre)
+        graph, (sq, sk), (num, idx) = entry
+        sq.copy_(q_pre)
+        sk.copy_(k_pre)
+        graph.replay()
+        return num.clone(), idx.clone()
+
+    def _capture(self, layer_idx: int, key: tuple, q_pre, k_pre):
+        """(graph, static inputs, static outputs) or None when capture fails. Static inputs
+        are shared by every layer of the same shapes (replays run one after another)."""
+        skey = key[1:]
+        if skey not in self._static_inputs:
+            self._static_inputs[skey] = (torch.empty(q_pre.shape, dtype=q_pre.dtype,
+                                                     device=q_pre.device),
+                                         torch.empty(k_pre.shape, dtype=k_pre.dtype,
+                                                     device=k_pre.device))
+        sq, sk = self._static_inputs[skey]
+        sq.copy_(q_pre)
+        sk.copy_(k_pre)
+        try:
+            self._select(layer_idx, sq, sk)  # compiles the kernels, fills the caches
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = self._select(layer_idx, sq, sk)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+            log.warning("GateProvider: CUDA graph capture failed for layer %d (%s); "
+                        "running eagerly", layer_idx, exc)
+            return None
+        return graph, (sq, sk), out
