@@ -1,142 +1,190 @@
-"""Profile one learned-gate `GateProvider` call (one layer) on SmolLM2-135M's architecture.
+"""Per-layer cost of the learned-gate `GateProvider` on SmolLM2-135M's architecture: reference
+path vs fast path vs fast path replayed from CUDA graphs.
 
 Builds the model exactly as `benchmarks/e2e.py` does (config, seeded random weights, bf16),
 loads a trained gate set, runs one prefill so the provider's hooks capture every layer's
-pre-rotary q/k, then for one layer:
+pre-rotary q/k, then times three providers on those captured tensors:
 
-- wall time of a whole provider call (synchronize before and after), median over `--reps`;
-- the three stages timed apart (CUDA events on CUDA, wall clock on CPU), plus the host time
-  spent issuing each stage (perf_counter without a sync): gate network (`GateProvider.scores`,
-  i.e. pool + project + rotary + score), `Policy.select` (dense tile selection), and
-  `BlockSparseMask.from_dense` (indices); `Policy.to_mask` = select + from_dense;
-- one provider call under `torch.profiler` (CPU + CUDA, record_shapes): op tables sorted by
-  self CPU time and by CUDA time.
+- `eager`: the reference path (`Gate.forward` + `Policy.to_mask`), `GateProvider(fast=False)`;
+- `fast`: cached per-length tables, `Gate.fast_scores`, one-launch `scores_to_kv_indices`,
+  `GateProvider(cuda_graphs=False)`;
+- `graphed`: the fast path replayed from one CUDA graph per layer, `GateProvider(cuda_graphs=True)`.
 
-    PYTHONPATH=. python3 benchmarks/profile_gate.py --gates .e2e/gates [--seqlen 8192]
+Two timings per path, medians over `--reps`: `call_ms`, one provider call of layer `--layer`
+with a synchronize before and after (wall clock); `layer_ms`, all layers called back to back
+with one synchronize at the end, divided by the number of layers (what a forward pays per
+layer). Speedups are eager / path. Before timing, every layer's mask from `fast` and `graphed`
+is compared with `eager` (tiles that differ, rows that differ); `graphed` must equal `fast`
+exactly, else no speedup is reported for it. `--profile` adds the kernel-launch count of one
+call per path (torch.profiler). Prints a table; `--json PATH` writes the rows.
+
+    PYTHONPATH=. python3 benchmarks/profile_gate.py --gates .e2e/gates --json gate.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from adaptive_sparse.masks import BlockSparseMask
 from adaptive_sparse.policies import Policy
 from benchmarks.e2e import SMOLLM2_135M, build_model
 
+PATHS = ("eager", "fast", "graphed")
 
-def _timed(fn, cuda: bool) -> tuple[float, float]:
-    """(device-or-wall ms, host issue ms) of one call of fn, after a synchronize."""
+
+def _sync(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        a.record()
-        fn()
-        b.record()
-        host = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        return a.elapsed_time(b), host
+
+
+def _wall_ms(fn, cuda: bool) -> float:
+    _sync(cuda)
     t0 = time.perf_counter()
     fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return ms, ms
-
-
-def _median(fn, reps: int, cuda: bool) -> tuple[float, float]:
-    pairs = [_timed(fn, cuda) for _ in range(reps)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-
-
-def _wall(fn, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
+    _sync(cuda)
     return (time.perf_counter() - t0) * 1e3
+
+
+def _launches(fn, cuda: bool) -> dict:
+    """Kernel launches (and graph launches) of one call of fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(cuda)
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(cuda)
+    counts = {"kernel_launches": 0, "graph_launches": 0, "memcpy": 0}
+    for e in prof.key_averages():
+        if "LaunchKernel" in e.key:
+            counts["kernel_launches"] += e.count
+        elif "GraphLaunch" in e.key:
+            counts["graph_launches"] += e.count
+        elif "Memcpy" in e.key and e.key.startswith("cuda"):
+            counts["memcpy"] += e.count
+    return counts
+
+
+def _compare(masks: dict, ref: dict) -> dict:
+    """Differences between two {layer: BlockSparseMask} dicts."""
+    tiles = rows = total = 0
+    exact = True
+    for layer, m in masks.items():
+        r = ref[layer]
+        exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
+            and torch.equal(m.kv_indices, r.kv_indices)
+        diff = m.to_dense() != r.to_dense()
+        tiles += int(diff.sum())
+        rows += int(diff.any(-1).sum())
+        total += diff.numel()
+    return dict(exact=bool(exact), tiles_differ=tiles, rows_differ=rows,
+                tile_fraction=tiles / max(total, 1))
+
+
+def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
+    from gating import GateProvider
+
+    nl = gates.config.num_layers
+    gen = torch.Generator(device="cpu").manual_seed(n)
+    ids = torch.randint(SMOLLM2_135M["vocab_size"], (1, n), generator=gen).to(dev)
+    hq, hkv = SMOLLM2_135M["num_attention_heads"], SMOLLM2_135M["num_key_value_heads"]
+    d = SMOLLM2_135M["head_dim"]
+    q = torch.empty(1, hq, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hq, N, D]: shape only
+    k = torch.empty(1, hkv, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hkv, N, D]
+    providers = {"eager": GateProvider(gates, policy, fast=False),
+                 "fast": GateProvider(gates, policy, fast=cuda, cuda_graphs=False),
+                 "graphed": GateProvider(gates, policy, fast=cuda, cuda_graphs=True)}
+    rows = []
+    with providers["eager"].attach(model), torch.no_grad():
+        model(ids, use_cache=False, logits_to_keep=1)  # fills the capture hooks
+        for p in providers.values():
+            p.capture = providers["eager"].capture
+        masks = {name: {L: p(L, q, k) for L in range(nl)} for name, p in providers.items()}
+        checks = {"fast": _compare(masks["fast"], masks["eager"]),
+                  "graphed": _compare(masks["graphed"], masks["eager"])}
+        graphed_ok = _compare(masks["graphed"], masks["fast"])["exact"]
+        del masks
+        timings = {}
+        for name, p in providers.items():
+            call = lambda p=p: p(a.layer, q, k)  # noqa: E731
+            every = lambda p=p: [p(L, q, k) for L in range(nl)]  # noqa: E731
+            for _ in range(a.warmup):
+                every()
+            call_ms = statistics.median(_wall_ms(call, cuda) for _ in range(a.reps))
+            layer_ms = statistics.median(_wall_ms(every, cuda) / nl for _ in range(a.reps))
+            timings[name] = (call_ms, layer_ms, _launches(call, cuda) if a.profile else None)
+    base_call, base_layer = timings["eager"][:2]
+    for name in PATHS:
+        call_ms, layer_ms, launches = timings[name]
+        ok = name != "graphed" or graphed_ok
+        row = dict(N=n, path=name, policy=policy.to_dict(), layer=a.layer, num_layers=nl,
+                   call_ms=round(call_ms, 4), layer_ms=round(layer_ms, 4),
+                   speedup_call=round(base_call / call_ms, 2) if ok else None,
+                   speedup_layer=round(base_layer / layer_ms, 2) if ok else None,
+                   equal_to_fast=graphed_ok if name == "graphed" else None,
+                   vs_eager=checks.get(name))
+        if launches is not None:
+            row.update(launches)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", required=True, help="gate directory (gates.json + safetensors)")
-    ap.add_argument("--seqlen", type=int, default=8192)
+    ap.add_argument("--seqlens", default="8192,32768")
     ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--policy", default=None,
+                    help="policy as JSON (overrides --density), e.g. '{\"kind\": \"top_k\", "
+                         "\"k\": 8}'")
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="count kernel launches per call")
+    ap.add_argument("--json", default=None, help="write the rows (and environment) here")
     a = ap.parse_args(argv)
-    from gating import GateProvider, load_gates
+    from gating import load_gates
+
+    import triton
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"N={a.seqlen}, layer {a.layer}, density {a.density}", flush=True)
+    env = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+               triton=triton.__version__, cuda=torch.version.cuda if cuda else None)
+    policy = Policy.from_dict(json.loads(a.policy)) if a.policy else \
+        Policy(kind="density", density=a.density)
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; SmolLM2-135M "
+          f"shapes, bf16, batch 1; policy {policy.to_dict()}", flush=True)
     model = build_model(dev, torch.bfloat16)
     gates = load_gates(a.gates, model, map_location=dev)
-    policy = Policy(kind="density", density=a.density)
-    n = a.seqlen
-    gen = torch.Generator(device="cpu").manual_seed(n)
-    ids = torch.randint(SMOLLM2_135M["vocab_size"], (1, n), generator=gen).to(dev)
-    hq, hkv = SMOLLM2_135M["num_attention_heads"], SMOLLM2_135M["num_key_value_heads"]
-    d = SMOLLM2_135M["head_dim"]
-    q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hq, N, D]: shape only
-    k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hkv, N, D]
-    L, bs, nl = a.layer, gates.config.block_size, gates.config.num_layers
-    with GateProvider(gates, policy, model) as gate, torch.no_grad():
-        model(ids, use_cache=False, logits_to_keep=1)  # fills the capture hooks
-        call = lambda: gate(L, q, k)  # noqa: E731
-        for _ in range(a.warmup):
-            call()
-        walls = [_wall(call, cuda) for _ in range(a.reps)]
-        print(f"\nprovider call wall (sync around), median of {a.reps}: "
-              f"{statistics.median(walls):.3f} ms (min {min(walls):.3f}, max {max(walls):.3f})")
-
-        scores = gate.scores(L, n, n).to(dev)
-        dense = policy.select(scores, q_len=n, kv_len=n, block_size=bs, layer_idx=L,
-                              num_layers=nl, validate=False)
-        stages = {
-            "whole provider call": call,
-            "gate network (GateProvider.scores)": lambda: gate.scores(L, n, n),
-            "Policy.select": lambda: policy.select(
-                scores, q_len=n, kv_len=n, block_size=bs, layer_idx=L, num_layers=nl,
-                validate=False),
-            "BlockSparseMask.from_dense": lambda: BlockSparseMask.from_dense(
-                dense, block_size=bs, q_len=n, kv_len=n, causal=True, validate=False),
-            "Policy.to_mask (select + from_dense)": lambda: policy.to_mask(
-                scores, q_len=n, kv_len=n, block_size=bs, layer_idx=L, num_layers=nl,
-                validate=False),
-        }
-        unit = "CUDA-event" if cuda else "wall"
-        print(f"\nstage timings, median of {a.reps} ({unit} ms | host issue ms):")
-        for name, fn in stages.items():
-            fn()
-            dms, hms = _median(fn, a.reps, cuda)
-            print(f"  {name:40s} {dms:8.3f} | {hms:8.3f}")
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        if cuda:
-            torch.cuda.synchronize()
-        with profile(activities=acts, record_shapes=True) as prof:
-            call()
-            if cuda:
-                torch.cuda.synchronize()
-    ka = prof.key_averages()
-    print("\n== one provider call, sorted by self CPU time ==")
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows))
-    if cuda:
-        print("\n== one provider call, sorted by CUDA time ==")
-        print(ka.table(sort_by="cuda_time_total", row_limit=a.rows))
-        print("\n== by input shape, sorted by self CPU time ==")
-        print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=15))
+    rows = []
+    for n in (int(x) for x in a.seqlens.split(",")):
+        rows += run_length(model, gates, policy, n, a, cuda, dev)
+    print(f"\n| N | path | call ms (sync around) | per-layer ms (all {gates.config.num_layers} "
+          "layers back to back) | speedup call | speedup per layer | masks vs eager "
+          "(tiles / rows differing) | launches |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        v = r["vs_eager"]
+        cmp = "-" if v is None else ("exact" if v["exact"] else
+                                     f"{v['tiles_differ']} / {v['rows_differ']}")
+        launches = r.get("kernel_launches", "-")
+        if r.get("graph_launches"):
+            launches = f"{launches} + {r['graph_launches']} graph"
+        print(f"| {r['N']} | {r['path']} | {r['call_ms']:.3f} | {r['layer_ms']:.3f} | "
+              f"{r['speedup_call'] or '-'} | {r['speedup_layer'] or '-'} | {cmp} | {launches} |")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, a.json)
     return 0
 
 

@@ -129,8 +129,7 @@ def _selection_args(policy, q_len, kv_len, bs, heads, layer_idx, num_layers, dev
 
 @needs_kernel
 @pytest.mark.parametrize("pol", POLICIES, ids=lambda d: "-".join(f"{v}" for v in d.values()))
-@pytest.mark.parametrize("q_len, kv_len, bs", [(256, 256, 16), (100, 170, 16), (333, 333, 32),
-                                               (1, 200, 16)])
+@pytest.mark.parametrize("q_len, kv_len, bs", [(160, 160, 16), (100, 170, 16), (1, 200, 16)])
 def test_kernel_selection_equals_policy_to_mask(pol, q_len, kv_len, bs):
     from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 
@@ -140,7 +139,7 @@ def test_kernel_selection_equals_policy_to_mask(pol, q_len, kv_len, bs):
     raw = (2.0 * torch.randn(2, 3, qb, kb, generator=gen)).to(DEV)  # fresh, finite everywhere
     allowed = block_causal(q_len, kv_len, bs, device=DEV)
     logits = raw.masked_fill(~allowed, float("-inf"))  # what the gate hands to the policy
-    for layer_idx in (0, 3):
+    for layer_idx in (3,):  # layer 3 of 4: the linear schedule's factor is not 1
         want = policy.to_mask(logits, q_len=q_len, kv_len=kv_len, block_size=bs,
                               layer_idx=layer_idx, num_layers=4)
         args = _selection_args(policy, q_len, kv_len, bs, 3, layer_idx, 4, DEV)
