@@ -8,13 +8,14 @@ pre-rotary q/k, then times three providers on those captured tensors:
 - `eager`: the reference path (`Gate.forward` + `Policy.to_mask`), `GateProvider(fast=False)`;
 - `fast`: cached per-length tables, `Gate.fast_scores`, one-launch `scores_to_kv_indices`,
   `GateProvider(cuda_graphs=False)`;
-- `graphed`: the fast path replayed from one CUDA graph per layer, `GateProvider(cuda_graphs=True)`.
+- `graphed`: the fast path replayed from one CUDA graph per layer (captured on a layer's second
+  call), `GateProvider(cuda_graphs=True)`.
 
 Two timings per path, medians over `--reps`: `call_ms`, one provider call of layer `--layer`
 with a synchronize before and after (wall clock); `layer_ms`, all layers called back to back
 with one synchronize at the end, divided by the number of layers (what a forward pays per
 layer). Speedups are eager / path. Before timing, every layer's mask from `fast` and `graphed`
-is compared with `eager` (tiles that differ, rows that differ); `graphed` must equal `fast`
+(third call: a replay) is compared with `eager` (tiles that differ, rows that differ); `graphed` must equal `fast`
 exactly, else no speedup is reported for it. `--profile` adds the kernel-launch count of one
 call per path (torch.profiler). Prints a table; `--json PATH` writes the rows.
 
@@ -105,7 +106,8 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
         model(ids, use_cache=False, logits_to_keep=1)  # fills the capture hooks
         for p in providers.values():
             p.capture = providers["eager"].capture
-        masks = {name: {L: p(L, q, k) for L in range(nl)} for name, p in providers.items()}
+        for _ in range(3):  # graphed: eager, then capture + replay, then replay
+            masks = {name: {L: p(L, q, k) for L in range(nl)} for name, p in providers.items()}
         checks = {"fast": _compare(masks["fast"], masks["eager"]),
                   "graphed": _compare(masks["graphed"], masks["eager"])}
         graphed_ok = _compare(masks["graphed"], masks["fast"])["exact"]

@@ -218,9 +218,9 @@ class GateProvider:
     same kept blocks as `Policy.to_mask`, except in rows whose boundary scores tie (to float32
     rounding, where a top-k keeps every tied block). "top_p" goes through `Policy.to_mask`.
     cuda_graphs: replay each (layer, batch, length, dtype) fast-path call of a prefill
-    (N == M) from a CUDA graph captured on its first call (falls back to eager when capture
-    fails, when `keep_scores` is set, inside an outer capture, or for "top_p"). None (default)
-    = on whenever the fast path runs on CUDA.
+    (N == M) from a CUDA graph captured on its second call (a length seen once stays eager;
+    falls back to eager when capture fails, when `keep_scores` is set, inside an outer
+    capture, or for "top_p"). None (default) = on whenever the fast path runs on CUDA.
     The policy and the gate weights are read when a length is first seen: assign
     `provider.policy` to change the policy (caches are dropped); changing gate weights in place
     is detected."""
@@ -261,6 +261,7 @@ class GateProvider:
         self._gate_tables: dict[tuple, object] = {}
         self._select_args: dict[tuple, dict] = {}
         self._graphs: dict[tuple, tuple | None] = {}
+        self._seen: set[tuple] = set()
         self._static_inputs: dict[tuple, tuple] = {}
 
     def attach(self, model) -> "GateProvider":
@@ -437,9 +438,13 @@ class GateProvider:
         key = (layer_idx, tuple(q_pre.shape), tuple(k_pre.shape), q_pre.dtype, k_pre.dtype,
                q_pre.device)
         if key not in self._graphs:
-            if len(self._graphs) > 512:
+            if len(self._graphs) > 512 or len(self._seen) > _CACHE_LIMIT:
                 self._graphs.clear()
+                self._seen.clear()
                 self._static_inputs.clear()
+            if key not in self._seen:  # a length seen once (variable lengths) stays eager
+                self._seen.add(key)
+                return self._select(layer_idx, q_pre, k_pre)
             self._graphs[key] = self._capture(layer_idx, key, q_pre, k_pre)
         entry = self._graphs[key]
         if entry is None:
@@ -462,13 +467,21 @@ class GateProvider:
         sq, sk = self._static_inputs[skey]
         sq.copy_(q_pre)
         sk.copy_(k_pre)
+        current = torch.cuda.current_stream(q_pre.device)
+        side = torch.cuda.Stream(device=q_pre.device)
         try:
             self._select(layer_idx, sq, sk)  # compiles the kernels, fills the caches
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                out = self._select(layer_idx, sq, sk)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # torch.cuda.graph without its gc / empty_cache
+                graph.capture_begin(pool=self._graph_pool)
+                try:
+                    out = self._select(layer_idx, sq, sk)
+                finally:
+                    graph.capture_end()
+            current.wait_stream(side)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
             log.warning("GateProvider: CUDA graph capture failed for layer %d (%s); "
                         "running eagerly", layer_idx, exc)

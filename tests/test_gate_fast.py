@@ -139,14 +139,14 @@ def test_kernel_selection_equals_policy_to_mask(pol, q_len, kv_len, bs):
     raw = (2.0 * torch.randn(2, 3, qb, kb, generator=gen)).to(DEV)  # fresh, finite everywhere
     allowed = block_causal(q_len, kv_len, bs, device=DEV)
     logits = raw.masked_fill(~allowed, float("-inf"))  # what the gate hands to the policy
-    for layer_idx in (3,):  # layer 3 of 4: the linear schedule's factor is not 1
-        want = policy.to_mask(logits, q_len=q_len, kv_len=kv_len, block_size=bs,
-                              layer_idx=layer_idx, num_layers=4)
-        args = _selection_args(policy, q_len, kv_len, bs, 3, layer_idx, 4, DEV)
-        num, idx = scores_to_kv_indices(raw, **args)  # outside the causal region: ignored
-        assert torch.equal(num, want.kv_num_blocks), (layer_idx, num, want.kv_num_blocks)
-        assert torch.equal(idx, want.kv_indices)  # kept ascending, then the rest ascending
-        BlockSparseMask(num, idx, bs, q_len, kv_len)  # validates range, order, causality
+    # layer 3 of 4: the linear schedule's factor is not 1
+    want = policy.to_mask(logits, q_len=q_len, kv_len=kv_len, block_size=bs, layer_idx=3,
+                          num_layers=4)
+    args = _selection_args(policy, q_len, kv_len, bs, 3, 3, 4, DEV)
+    num, idx = scores_to_kv_indices(raw, **args)  # outside the causal region: ignored
+    assert torch.equal(num, want.kv_num_blocks)
+    assert torch.equal(idx, want.kv_indices)  # kept ascending, then the rest ascending
+    BlockSparseMask(num, idx, bs, q_len, kv_len)  # validates range, order, causality
 
 
 @needs_kernel
@@ -308,7 +308,8 @@ def test_gpu_graph_replay_equals_eager_and_reference(pol, seq_len):
     graphed = GateProvider(gates, policy, model, cuda_graphs=True)
     eager = GateProvider(gates, policy, cuda_graphs=False)
     ref = GateProvider(gates, policy, fast=False)
-    for forward in range(3):  # fresh inputs each time: a stale static buffer would show
+    for forward in range(4):  # eager, capture + replay, replay, replay: fresh inputs each
+        # time, so a stale static buffer would show
         ids = torch.randint(0, 128, (1, seq_len), device="cuda")
         _, got = _run_gpu(model, graphed, ids)
         eager.capture = ref.capture = graphed.capture
