@@ -319,21 +319,25 @@ class Gate(nn.Module):
         return scores.masked_fill(~allowed, float("-inf"))
 
     def fast_scores(self, q: torch.Tensor, k: torch.Tensor, tables: "GateTables",
-                    *, causal_fill: bool = True) -> torch.Tensor:
+                    *, causal_fill: bool = True, triton_pooling: bool | None = None
+                    ) -> torch.Tensor:
         """`forward` for inference with few kernel launches: q [B, Hq, N, D], k [B, Hkv, M, D]
         pre-rotary (any float dtype and strides) -> scores [B, H, Qb, Kb] in the parameters'
         dtype, equal to `forward` up to rounding. `tables` (from `gate_tables`) holds what
         depends on the lengths only; with causal_fill=False the blocks outside the causal
         region are left unmasked (for consumers that ignore them, such as
-        `scores_to_kv_indices`). No host-device sync: capturable in a CUDA graph."""
+        `scores_to_kv_indices`). triton_pooling: pool with one Triton launch per tensor
+        (`pool_blocks_triton`; None = on CUDA). No host-device sync: capturable in a CUDA
+        graph."""
         c = self.config
         if tables.q_len != q.shape[2] or tables.kv_len != k.shape[2]:
             raise _fail("tables", f"gate tables for q_len={q.shape[2]}, kv_len={k.shape[2]}",
                         (tables.q_len, tables.kv_len))
         wq, wk = self._fused_weights()
         B, dtype = q.shape[0], wq.dtype
-        qcat = _pool_cat(q, c.block_size, c.q_pooling, dtype)  # [B, Hq, Qb, Pq*D]
-        kcat = _pool_cat(k, c.block_size, c.k_pooling, dtype)  # [B, Hkv, Kb, Pk*D]
+        fused = q.is_cuda if triton_pooling is None else triton_pooling
+        qcat = _pool_cat(q, c.block_size, c.q_pooling, dtype, fused)  # [B, Hq, Qb, Pq*D]
+        kcat = _pool_cat(k, c.block_size, c.k_pooling, dtype, fused)  # [B, Hkv, Kb, Pk*D]
         Qb, Kb = qcat.shape[2], kcat.shape[2]
         gd, G = c.gate_dim, c.group_size
         if c.share_kv_group:
@@ -409,10 +413,15 @@ def gate_tables(config: GateConfig, q_len: int, kv_len: int, *, device=None,
                       k_rot.to(device, non_blocking=True), allowed)
 
 
-def _pool_cat(x: torch.Tensor, block_size: int, kinds, dtype) -> torch.Tensor:
+def _pool_cat(x: torch.Tensor, block_size: int, kinds, dtype, fused: bool) -> torch.Tensor:
     """[B, H, N, D] -> [B, H, ceil(N / block_size), len(kinds) * D] in `dtype`: the poolings of
-    `pool_blocks` concatenated in `kinds` order, reading x in its own dtype (one reduction for
-    avg, one for max and min together when N is a multiple of the block size)."""
+    `pool_blocks` concatenated in `kinds` order, reading x in its own dtype. fused: one Triton
+    launch (`pool_blocks_triton`); else torch (one reduction for avg, one for max and min
+    together when N is a multiple of the block size)."""
+    if fused:
+        from adaptive_sparse.attention.triton.gate import pool_blocks_triton
+
+        return pool_blocks_triton(x, block_size, kinds).to(dtype)
     B, H, N, D = x.shape
     if N % block_size:
         pooled = pool_blocks(x.to(dtype), block_size, kinds)

@@ -355,3 +355,41 @@ def test_gpu_kernel_selection_equals_policy_on_fresh_scores():
             raw, **_selection_args(policy, n, m, 64, 3, 1, 4, "cuda"))
         assert torch.equal(num, want.kv_num_blocks), pol
         assert torch.equal(idx, want.kv_indices), pol
+
+
+@needs_kernel
+@pytest.mark.parametrize("kinds", [("avg",), ("max", "min", "avg"), ("min", "avg")])
+@pytest.mark.parametrize("N, bs, D", [(64, 16, 16), (75, 16, 24), (40, 32, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_pooling_matches_pool_blocks_fp64(kinds, N, bs, D, dtype):
+    from adaptive_sparse.attention.triton.gate import pool_blocks_triton
+    from gating.gates import pool_blocks
+
+    gen = torch.Generator().manual_seed(N * D)
+    x = pre_rotary(2, 3, N, D, dtype, gen).to(DEV)  # strided, as captured
+    want = pool_blocks(x.double(), bs, kinds)
+    got = torch.full((2, 3, num_blocks(N, bs), len(kinds) * D), float("nan"), device=DEV)
+    assert pool_blocks_triton(x, bs, kinds, out=got) is got  # NaN-poisoned output
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(pool_blocks_triton(x, bs, kinds), got, rtol=0, atol=0)
+    for i, p in enumerate(kinds):
+        torch.testing.assert_close(got[..., i * D:(i + 1) * D].double(), want[p],
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="^kinds: expected distinct poolings"):
+        pool_blocks_triton(x, bs, ("avg", "avg"))
+    with pytest.raises(ValueError, match="^block_size: expected a power of two"):
+        pool_blocks_triton(x, 24, ("avg",))
+    with pytest.raises(ValueError, match="^out: expected a contiguous float32 tensor"):
+        pool_blocks_triton(x, bs, kinds, out=got[:1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("shared", [False, True])
+def test_fast_scores_with_triton_pooling(shared):
+    gen = torch.Generator().manual_seed(9)
+    c = gate_config(share_kv_group=shared)
+    gate = Gate(c).to(DEV)
+    q = pre_rotary(1, 6, 90, 16, torch.bfloat16, gen).to(DEV)
+    k = pre_rotary(1, 2, 150, 16, torch.bfloat16, gen).to(DEV)
+    got = gate.fast_scores(q, k, gate_tables(c, 90, 150, device=DEV), triton_pooling=True)
+    torch.testing.assert_close(got, gate(q, k), rtol=1e-4, atol=1e-4)

@@ -13,6 +13,9 @@ selection over each score row, in ascending block order, is all it needs. Four s
 
 Forced blocks (sink, diagonal, `local_blocks` before the diagonal) are kept in every mode and
 count inside a top-k budget.
+
+`pool_blocks_triton` is the gate's block pooling (average / max / min of each block of tokens,
+concatenated) in one launch, reading the captured q/k in their own dtype and layout.
 """
 
 from __future__ import annotations
@@ -76,6 +79,67 @@ def scores_to_indices_kernel(S, NUM, IDX, KROWS, TAUS, N_Q, OFFSET, KB, H, TOP_K
     pos = tl.where(keep, tl.cumsum(keep_i, 0) - 1, n + tl.cumsum(1 - keep_i, 0) - 1)
     tl.store(IDX + row * KB + pos, offs, mask=in_row)
     tl.store(NUM + row, n)
+
+
+@triton.jit
+def pool_blocks_fwd_kernel(X, OUT, N, H, NB, sxb, sxh, sxn, sxd,
+                           BS: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+                           P: tl.constexpr, AVG: tl.constexpr, MAX: tl.constexpr,
+                           MIN: tl.constexpr):
+    """One program per (batch, head, block). X [B, H, N, D] (any strides, any float dtype);
+    OUT fp32 [B, H, NB, P * D] contiguous: slot AVG / MAX / MIN (or -1: not pooled) of the last
+    dimension holds that pooling of the block's real tokens."""
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid % NB
+    b = pid // (NB * H)
+    h = (pid // NB) % H
+    rows = blk * BS + tl.arange(0, BS)
+    cols = tl.arange(0, D_P2)
+    valid = (rows < N)[:, None] & (cols < D)[None, :]
+    ptr = X + b * sxb + h * sxh + rows.to(tl.int64)[:, None] * sxn + cols[None, :] * sxd
+    x = tl.load(ptr, mask=valid, other=0.0).to(tl.float32)  # [BS, D_P2]
+    out = OUT + pid * (P * D)
+    if AVG >= 0:
+        count = tl.minimum(N - blk * BS, BS).to(tl.float32)
+        tl.store(out + AVG * D + cols, tl.sum(x, 0) / count, mask=cols < D)
+    if MAX >= 0:
+        tl.store(out + MAX * D + cols, tl.max(tl.where(valid, x, float("-inf")), 0),
+                 mask=cols < D)
+    if MIN >= 0:
+        tl.store(out + MIN * D + cols, tl.min(tl.where(valid, x, float("inf")), 0),
+                 mask=cols < D)
+
+
+def pool_blocks_triton(x: torch.Tensor, block_size: int, kinds,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, H, N, D] (float, any strides) -> float32 [B, H, ceil(N / block_size), len(kinds) * D]:
+    the poolings ("avg", "max", "min") of each block of `block_size` tokens, concatenated in
+    `kinds` order; a partial last block pools its real tokens only. `out`: a contiguous float32
+    tensor of that shape to write into. One launch, no host sync."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.dtype.is_floating_point:
+        raise ValueError(f"x: expected a float tensor [B, H, N, D], got {_describe(x)}")
+    kinds = tuple(kinds)
+    if not kinds or len(set(kinds)) != len(kinds) \
+            or any(p not in ("avg", "max", "min") for p in kinds):
+        raise ValueError(f"kinds: expected distinct poolings from ('avg', 'max', 'min'), "
+                         f"got {kinds}")
+    if not (_is_int(block_size) and block_size >= 1 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"block_size: expected a power of two, got {block_size!r}")
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    shape = (B, H, nb, len(kinds) * D)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != shape \
+            or out.dtype != torch.float32 or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out: expected a contiguous float32 tensor {list(shape)} on "
+                         f"{x.device}, got {_describe(out)}")
+    slot = {p: (kinds.index(p) if p in kinds else -1) for p in ("avg", "max", "min")}
+    pool_blocks_fwd_kernel[(B * H * nb,)](
+        x, out, N, H, nb, *x.stride(), BS=block_size, D=D, D_P2=triton.next_power_of_2(D),
+        P=len(kinds), AVG=slot["avg"], MAX=slot["max"], MIN=slot["min"],
+        num_warps=4 if block_size * D <= 8192 else 8)
+    return out
 
 
 def _is_int(v) -> bool:
