@@ -345,7 +345,8 @@ class GateProvider:
         """The layer's mask, built without any host-device sync: the policy's value checks
         are skipped (the scores come from the gate, the mask is valid by construction), and
         for top-k / density policies on CUDA the mean blocks per row is handed to the triton
-        backend from the host (`remember_blocks_per_row`) instead of being read back."""
+        backend from the host (`remember_blocks_per_row`) instead of being read back.
+        Reference path (`Gate.forward` + `Policy.to_mask`) or fast path: see the class."""
         q_len, kv_len = q.shape[2], k.shape[2]
         c = self.gate_set.config
         if self._use_fast():
