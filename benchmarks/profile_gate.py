@@ -15,8 +15,8 @@ Two timings per path, medians over `--reps`: `call_ms`, one provider call of lay
 with a synchronize before and after (wall clock); `layer_ms`, all layers called back to back
 with one synchronize at the end, divided by the number of layers (what a forward pays per
 layer). Speedups are eager / path. Before timing, every layer's mask from `fast` and `graphed`
-(third call: a replay) is compared with `eager` (tiles that differ, rows that differ); `graphed` must equal `fast`
-exactly, else no speedup is reported for it. `--profile` adds the kernel-launch count of one
+(third call: a replay) is compared with `eager` (tiles that differ, rows that differ);
+`graphed` must equal `fast` exactly, else no speedup is reported for it. `--profile` adds the kernel-launch count of one
 call per path (torch.profiler). Prints a table; `--json PATH` writes the rows.
 
     PYTHONPATH=. python3 benchmarks/profile_gate.py --gates .e2e/gates --json gate.json
