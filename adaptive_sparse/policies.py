@@ -164,7 +164,7 @@ class Policy:
         """The selected tiles, bool [B, H, Qb, Kb] (inside the causal region). See `to_mask`.
 
         No host-device sync happens here except the value checks of `validate`."""
-        self.layer_factor(layer_idx, num_layers)
+        self.layer_factor(layer_idx, num_layers)  # checks layer_idx, num_layers first
         _check_scores(scores, q_len, kv_len, block_size, scores_are_probs, validate)
         H = scores.shape[1]
         dev = scores.device
