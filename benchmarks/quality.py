@@ -309,7 +309,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", nargs="*", default=None, help="default: every pattern")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="gather",
-                   help="attention backend of the sparse passes (fp32 'gather' by default)")
+                   help="attention backend of the sparse passes, fp32 ('reference' is the "
+                   "faster exact one on a GPU: no per-block host syncs)")
     p.add_argument("--sweep-seq-len", type=int, default=0, help="0: no sweep")
     p.add_argument("--sweep-trials", type=int, default=150)
     p.add_argument("--sweep-docs", type=int, default=4)
@@ -403,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== quality table at {n} tokens, {args.eval_docs} held-out sequences "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         ev = ModelEvaluator(args.model, seq_len=n, num_sequences=args.eval_docs,
-                            gates=str(gates), device=args.device, backend=args.backend)
+                            gates=str(gates), device=args.device, backend=args.backend,
+                            gate_fast=False)
         evaluate_table(ev, results, n, densities=args.densities, patterns=args.patterns)
         (out / "quality.md").write_text(markdown(results, args.seq_lens))
         plot(results, args.seq_lens, out / "quality.png")

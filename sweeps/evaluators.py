@@ -153,17 +153,19 @@ class ModelEvaluator:
     building its masks from them and measuring density and attention recall, with no model
     forward. The gate scores pre-rotary features captured by hooks during a forward, so it is
     screened by one forward over those sequences (still ``num_sequences / screen_sequences``
-    times cheaper than its perplexity)."""
+    times cheaper than its perplexity). ``gate_fast`` is GateProvider's ``fast`` (None: the
+    fast path on CUDA; False: the reference path everywhere)."""
 
     def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
                  num_sequences: int = 4, block_size: int = 64, corpus: str = "default",
                  split_seed: int = 0, gates: str | None = None, device: str = "cpu",
                  backend: str = "auto", screen_sequences: int = 1, model_obj=None,
-                 sequences=None):
+                 sequences=None, gate_fast: bool | None = None):
         self.model_name, self.seq_len, self.num_sequences = model, seq_len, num_sequences
         self.block_size, self.corpus, self.split_seed = block_size, corpus, split_seed
         self.gates, self.device, self.backend = gates, device, backend
         self.screen_sequences = screen_sequences
+        self.gate_fast = gate_fast
         self._model, self._sequences = model_obj, sequences
         self._gate_sets: dict[str, Any] = {}
         self._dense_nll: float | None = None
@@ -216,7 +218,7 @@ class ModelEvaluator:
                 self._gate_sets[where] = load_gates(where, self._load()[0],
                                                     map_location=self.device)
             return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])),
-                                model=self._load()[0])
+                                model=self._load()[0], fast=self.gate_fast)
         self.parameters(family)
         return PatternProvider(family, block_size=self.block_size, **dict(params))
 
