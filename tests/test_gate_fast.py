@@ -230,18 +230,18 @@ def _run_model(model, provider, ids, **kw):
 @pytest.mark.parametrize("pol", [POLICIES[0], POLICIES[5], POLICIES[8],
                                  dict(kind="top_p", p=0.8)], ids=lambda d: d["kind"])
 def test_provider_fast_path_equals_reference_path(shared, pol):
-    model = tiny_llama()
+    model = tiny_llama().to(DEV)
     gates = GateSet(GateConfig.from_model(model, block_size=16, init="random",
-                                          share_kv_group=shared))
+                                          share_kv_group=shared)).to(DEV)
     policy = Policy(**pol)
     fast = GateProvider(gates, policy, model, fast=True, cuda_graphs=False)
     ref = GateProvider(gates, policy, fast=False)
-    ids = torch.randint(0, 128, (2, 83), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (2, 83), generator=torch.Generator().manual_seed(2)).to(DEV)
     _, got = _run_model(model, fast, ids)
     ref.capture = fast.capture  # the same captured pre-rotary q/k
     for layer in range(2):
-        q = torch.empty(2, 4, 83, 16)
-        k = torch.empty(2, 2, 83, 16)
+        q = torch.empty(2, 4, 83, 16, device=DEV)
+        k = torch.empty(2, 2, 83, 16, device=DEV)
         want = ref(layer, q, k)
         assert got[layer] == want
         assert torch.equal(got[layer].kv_num_blocks, want.kv_num_blocks)
@@ -251,13 +251,13 @@ def test_provider_fast_path_equals_reference_path(shared, pol):
 
 @needs_kernel
 def test_provider_fast_path_decoding_with_cache_and_kept_scores():
-    model = tiny_llama(seed=1)
-    gates = GateSet(GateConfig.from_model(model, block_size=16, init="random"))
+    model = tiny_llama(seed=1).to(DEV)
+    gates = GateSet(GateConfig.from_model(model, block_size=16, init="random")).to(DEV)
     policy = Policy(kind="density", density=0.4, local_blocks=1)
     fast = GateProvider(gates, policy, model, fast=True)
     fast.keep_scores = True
     ref_gates = GateProvider(gates, policy, fast=False)
-    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(4)).to(DEV)
     out, _ = _run_model(model, fast, ids, use_cache=True)
     ref_gates.capture = fast.capture
     for step in range(2):  # decoding: q_len 1 against the whole cache
