@@ -14,7 +14,8 @@
 # `pipeline`: train gates at $TRAIN_LEN, then the quality table ($LENS) and the Optuna sweep
 # ($SWEEP_LEN) as two concurrent processes. With .gates carried (gates.json + gates.safetensors
 # of an earlier run, optionally its quality.json), `start` runs `resume` instead: one table
-# process per length in $LENS with those gates, each in its own folder /tmp/q/run<len>.
+# process per length in $LENS and one sweep process per length in $SWEEP_LENS with those gates,
+# each in its own folder /tmp/q/run<len>, /tmp/q/run_sweep<len>.
 # Results stay in /tmp/q; poll copies them to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +75,11 @@ resume)
     for n in $LENS; do
         python3 benchmarks/quality.py --out $Q/run$n --gates $Q/gates --eval-docs $EVAL_DOCS \
             --device cuda --backend reference --seq-lens $n > $Q/table$n.log 2>&1 &
+    done
+    for n in ${SWEEP_LENS:-}; do
+        python3 benchmarks/quality.py --out $Q/run_sweep$n --gates $Q/gates --device cuda \
+            --backend reference --seq-lens --sweep-seq-len $n --sweep-trials $SWEEP_TRIALS \
+            --sweep-docs $SWEEP_DOCS > $Q/sweep$n.log 2>&1 &
     done
     wait
     touch $Q/done

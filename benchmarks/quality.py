@@ -241,7 +241,9 @@ def markdown(results: Results, seq_lens) -> str:
                   "| method | " + " | ".join(str(d) for d in DENSITIES) + " |",
                   "|---" * (len(DENSITIES) + 1) + "|"]
         rows = [r for r in results.data["rows"] if r["seq_len"] == n]
-        for m in dict.fromkeys(r["method"] for r in rows):
+        order = [*GATES, *ORACLES, *families(n, 64)]
+        for m in sorted(dict.fromkeys(r["method"] for r in rows),
+                        key=lambda m: order.index(m) if m in order else len(order)):
             by = {r["target_density"]: r for r in rows if r["method"] == m}
             lines.append(f"| {NAMES.get(m, m)} | "
                          + " | ".join(_cell(by.get(d)) for d in DENSITIES) + " |")
@@ -315,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-trials", type=int, default=150)
     p.add_argument("--sweep-docs", type=int, default=4)
     p.add_argument("--sweep-config", default="sweeps/configs/smollm2-frontier.yaml")
+    p.add_argument("--sweep-allocation", default="round_robin", choices=("sample", "round_robin"),
+                   help="how trials are shared among methods (sweeps.objectives.SearchSpace)")
     p.add_argument("--merge", nargs="+", default=None, metavar="QUALITY_JSON",
                    help="only merge these quality.json files into OUT (rows by key, later "
                    "files win) and write OUT/quality.md and quality.png")
@@ -368,10 +372,11 @@ def run_sweep_stage(out: Path, args, gates: Path) -> dict:
 
     cfg = SweepConfig.load(args.sweep_config)
     cfg = SweepConfig.from_dict({**asdict(cfg), "n_trials": args.sweep_trials,
-                                 "name": f"{cfg.name}-{args.sweep_seq_len}"})
+                                 "name": f"{cfg.name}-{args.sweep_seq_len}",
+                                 "method_allocation": args.sweep_allocation})
     evaluator = ModelEvaluator(args.model, seq_len=args.sweep_seq_len,
                                num_sequences=args.sweep_docs, gates=str(gates),
-                               device=args.device, backend=args.backend)
+                               device=args.device, backend=args.backend, gate_fast=False)
     run_sweep(cfg, out / "sweep", evaluator=evaluator, progress=True)
     report = write_report(out / "sweep")
     print(format_table(report), flush=True)

@@ -60,6 +60,7 @@ class SweepConfig:
     n_startup_trials: int = 10
     population_size: int = 20
     budgets: list = field(default_factory=lambda: [0.01, 0.05])
+    method_allocation: str = "sample"
 
     @classmethod
     def from_dict(cls, data: Any) -> SweepConfig:
@@ -96,7 +97,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def build_objective(cfg: SweepConfig, evaluator=None) -> SweepObjective:
     evaluator = evaluator if evaluator is not None else build_evaluator(cfg.evaluator)
-    space = SearchSpace.from_config(cfg.methods, evaluator)
+    space = SearchSpace.from_config(cfg.methods, evaluator, allocation=cfg.method_allocation)
     latency = None
     if cfg.latency is not None:
         latency = _import(cfg.latency, "latency")

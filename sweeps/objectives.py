@@ -189,15 +189,31 @@ def _policy_space(family: str, kind: str, spec: Mapping[str, Any], where: str) -
     return MethodSpace(f"{family}/{kind}", family, tuple(params), fixed)
 
 
+ALLOCATIONS = ("sample", "round_robin")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """All methods of a sweep. The trial first picks ``method`` (categorical), then that
-    method's parameters, named ``"<method>.<param>"`` in Optuna (a conditional space)."""
+    """All methods of a sweep. The trial first picks a method, then that method's parameters,
+    named ``"<method>.<param>"`` in Optuna (a conditional space).
+
+    ``allocation``: "sample" (the sampler picks ``method`` as a categorical parameter; TPE then
+    spends most trials on the methods that did well early) or "round_robin" (slot ``i`` of the
+    study, or trial number ``i`` without slots, gets method ``i mod len(methods)``: every method
+    gets the same share of trials, which a per-method frontier needs; the sampler still picks
+    each method's parameters)."""
 
     methods: tuple[MethodSpace, ...]
+    allocation: str = "sample"
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"method_allocation: expected one of {list(ALLOCATIONS)}, got "
+                             f"{self.allocation!r}")
 
     @classmethod
-    def from_config(cls, methods: Any, evaluator: Evaluator | None = None) -> SearchSpace:
+    def from_config(cls, methods: Any, evaluator: Evaluator | None = None, *,
+                    allocation: str = "sample") -> SearchSpace:
         """``methods``: mapping method name -> {param: spec}. Method names are pattern names, or
         ``gate/<kind>`` / ``oracle/<kind>`` with kind in threshold, top_k, top_p, density.
         With an evaluator, pattern parameters are checked against ``evaluator.parameters``."""
@@ -228,7 +244,7 @@ class SearchSpace:
                                      f"expected one of {sorted(known)}")
                 params.append(ParamSpec.from_config(pname, pspec, f"{where}.{pname}"))
             spaces.append(MethodSpace(name, name, tuple(params)))
-        return cls(tuple(spaces))
+        return cls(tuple(spaces), allocation)
 
     @property
     def names(self) -> list[str]:
@@ -241,7 +257,11 @@ class SearchSpace:
         raise ValueError(f"method: unknown method {name!r}, expected one of {self.names}")
 
     def suggest(self, trial: optuna.Trial) -> tuple[MethodSpace, dict[str, Any]]:
-        method = self.method(trial.suggest_categorical("method", self.names))
+        if self.allocation == "round_robin":
+            slot = int(trial.user_attrs.get("slot", trial.number))
+            method = self.methods[slot % len(self.methods)]
+        else:
+            method = self.method(trial.suggest_categorical("method", self.names))
         return method, method.suggest(trial)
 
 

@@ -141,6 +141,27 @@ def test_same_seed_same_trials(tmp_path):
     assert len({json.dumps(p, sort_keys=True) for _, p in runs[0]}) == 12
 
 
+def test_round_robin_gives_every_method_the_same_share(tmp_path):
+    run_sweep(_cfg(n_trials=12, method_allocation="round_robin", storage=_journal(tmp_path)),
+              tmp_path, progress=False)
+    trials = _trials(tmp_path)
+    by_slot = {t.user_attrs["slot"]: t.user_attrs["method"] for t in trials}
+    names = list(METHODS)
+    assert by_slot == {i: names[i % len(names)] for i in range(12)}
+    assert all("method" not in t.params for t in trials)
+    assert {t.user_attrs["method"]: 0 for t in trials}.keys() == set(names)
+
+
+def test_sampled_allocation_records_method_as_parameter(tmp_path):
+    run_sweep(_cfg(n_trials=6, storage=_journal(tmp_path)), tmp_path, progress=False)
+    assert all(t.params["method"] == t.user_attrs["method"] for t in _trials(tmp_path))
+
+
+def test_unknown_allocation_refused():
+    with pytest.raises(ValueError, match="method_allocation: expected one of"):
+        SearchSpace.from_config(METHODS, SyntheticEvaluator(), allocation="greedy")
+
+
 class _Interrupting(SyntheticEvaluator):
     def __init__(self, stop_after: int):
         super().__init__()
