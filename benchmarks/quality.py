@@ -285,6 +285,55 @@ def plot(results: Results, seq_lens, path: Path) -> Path | None:
     return path
 
 
+def union_fronts(reports: list[str], out: Path, budgets=(0.01, 0.05)) -> str:
+    """Pool the trials of several sweeps over the same sequences (frontier.json files written
+    by `adaptive-sparse frontier`; their dense perplexities must agree), flag the Pareto fronts
+    of the pool, plot it to OUT/frontier_union.png and return the markdown table of the
+    sparsest setting per method within each budget, with the ratio of the best gate's density
+    to the best pattern's (the issue-5 target: <= 0.5 at +1%). Dense perplexities may differ
+    by GPU rounding (1e-4 relative), no more."""
+    from sweeps.frontier import _flag_fronts, _plot_frontier, best_within
+
+    rows, dense = [], set()
+    for i, path in enumerate(reports):
+        data = json.loads(Path(path).read_text())
+        for r in data["trials"]:
+            dense.add(r["perplexity_dense"])
+            rows.append({**r, "trial": f"{i}:{r['trial']}"})
+    if max(dense) > min(dense) * (1 + 1e-4):
+        raise ValueError(f"reports: the sweeps measured different dense perplexities "
+                         f"{sorted(dense)}; they did not run on the same sequences")
+    _flag_fronts(rows, ["density", "ppl_change"])
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_frontier(rows, "density", budgets, out / "frontier_union.png")
+    methods = sorted({r["method"] for r in rows})
+    lines = [f"{len(rows)} completed trials from {len(reports)} sweeps (dense perplexity "
+             f"{min(dense):.3f}).", "",
+             "| method | trials | " + " | ".join(f"sparsest within +{100 * b:g}%" for b in budgets)
+             + " |", "|---" * (2 + len(budgets)) + "|"]
+    best = {}
+    for m in methods:
+        cells = []
+        for b in budgets:
+            r = best_within(rows, b, "density", [m])
+            best[(m, b)] = r
+            cells.append("none" if r is None else
+                         f"{r['density']:.3f} ({100 * r['ppl_change']:+.2f}%, trial {r['trial']})")
+        lines.append(f"| {m} | {sum(r['method'] == m for r in rows)} | " + " | ".join(cells)
+                     + " |")
+    lines.append("")
+    for b in budgets:
+        gates = [best[(m, b)] for m in methods if m.startswith("gate") and best[(m, b)]]
+        pats = [best[(m, b)] for m in methods if "/" not in m and best[(m, b)]]
+        if gates and pats:
+            g = min(gates, key=lambda r: r["density"])
+            p = min(pats, key=lambda r: r["density"])
+            lines.append(f"Within +{100 * b:g}%: best gate {g['method']} at density "
+                         f"{g['density']:.3f}, best pattern {p['method']} at {p['density']:.3f}: "
+                         f"ratio {g['density'] / p['density']:.2f}.")
+    return "\n".join(lines)
+
+
 def environment(device: str) -> dict:
     import transformers
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -319,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-config", default="sweeps/configs/smollm2-frontier.yaml")
     p.add_argument("--sweep-allocation", default="round_robin", choices=("sample", "round_robin"),
                    help="how trials are shared among methods (sweeps.objectives.SearchSpace)")
+    p.add_argument("--union", nargs="+", default=None, metavar="FRONTIER_JSON",
+                   help="only pool these sweeps' frontier.json files: print the sparsest "
+                   "setting per method within +1%% / +5%% and write OUT/frontier_union.png")
     p.add_argument("--merge", nargs="+", default=None, metavar="QUALITY_JSON",
                    help="only merge these quality.json files into OUT (rows by key, later "
                    "files win) and write OUT/quality.md and quality.png")
@@ -387,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.union:
+        print(union_fronts(args.union, out))
+        return 0
     if args.merge:
         results = merge(out, args.merge, None)
         print(markdown(results, sorted({r["seq_len"] for r in results.data["rows"]},

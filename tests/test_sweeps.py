@@ -326,6 +326,26 @@ def test_repo_config_matches_pattern_zoo():
     assert {"gate/top_p", "oracle/density", "sliding_window"} <= set(objective.space.names)
 
 
+def test_repo_config_every_sampled_pattern_setting_builds():
+    """Random draws from each pattern's range in the shipped config build a valid mask (an odd
+    LSH bucket count once failed every lsh trial of a GPU sweep)."""
+    from adaptive_sparse.patterns import make_pattern
+    from sweeps.cli import build_objective
+    cfg = SweepConfig.load(Path(__file__).parents[1] / "sweeps/configs/smollm2-frontier.yaml")
+    space = build_objective(cfg).space
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
+    for method in space.methods:
+        if method.family in ("gate", "oracle"):
+            continue
+        for _ in range(12):
+            params = method.to_call(method.suggest(study.ask()))
+            mask = make_pattern(method.family, q_len=512, kv_len=512, num_heads=4,
+                                block_size=64, q=q, k=k, **params)
+            assert 0 < mask.density() <= 1, (method.name, params)
+
+
 class _TinyRegression:
     """A Lightning module learning y = 3x; logs val/loss once per epoch."""
 
