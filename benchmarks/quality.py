@@ -269,7 +269,7 @@ def plot(results: Results, seq_lens, path: Path) -> Path | None:
                      "gate/threshold": dict(color="C3", lw=2.2),
                      "oracle": dict(color="k", ls="--"),
                      "oracle/threshold": dict(color="C3", ls="--")}.get(
-                m, dict(color=f"C{k % 10}", lw=1))
+                m, dict(color=f"C{(0, 1, 2, 4, 5, 6, 7, 8, 9)[k % 9]}", lw=1))  # red: gates
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
                     label=NAMES.get(m, m), **style)
         ax.set_yscale("symlog", linthresh=1.0)
@@ -322,6 +322,16 @@ def union_fronts(reports: list[str], out: Path, budgets=(0.01, 0.05)) -> str:
         lines.append(f"| {m} | {sum(r['method'] == m for r in rows)} | " + " | ".join(cells)
                      + " |")
     lines.append("")
+    gate_pts = [r for r in rows if r["method"].startswith("gate")]
+    free = sorted((r["method"], round(r["density"], 3), round(100 * r["ppl_change"], 2))
+                  for r in rows if "/" not in r["method"] and not any(
+                      g["density"] <= r["density"] and g["ppl_change"] <= r["ppl_change"]
+                      for g in gate_pts))
+    n_pat = sum("/" not in r["method"] for r in rows)
+    lines.append(f"Pattern trials not dominated by a gate trial (lower or equal density and "
+                 f"perplexity change): {len(free)} of {n_pat}"
+                 + (": " + ", ".join(f"{m} {d} / {p:+.2f}%" for m, d, p in free) if free
+                    else "") + ".")
     for b in budgets:
         gates = [best[(m, b)] for m in methods if m.startswith("gate") and best[(m, b)]]
         pats = [best[(m, b)] for m in methods if "/" not in m and best[(m, b)]]
