@@ -1,0 +1,130 @@
+"""benchmarks/quality.py: calibration, the summary's comparisons, merging and pooling sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import quality
+
+
+class _Screen:
+    """Density = window / 1000 for sliding_window; counts its screens."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def screen(self, family, params):
+        self.calls += 1
+        return {"density": params["window"] / 1000.0, "recall": 0.5}
+
+
+def test_calibrate_picks_closest_member_screening_each_once():
+    ev = _Screen()
+    members = [{"window": w} for w in (40, 90, 260, 480, 700)]
+    cal = quality.calibrate(ev, "sliding_window", members, [0.05, 0.1, 0.25, 0.5])
+    assert ev.calls == len(members)
+    assert [cal[t]["params"]["window"] for t in (0.05, 0.1, 0.25, 0.5)] == [40, 90, 260, 480]
+    assert cal[0.25]["screen_density"] == pytest.approx(0.26)
+
+
+@pytest.mark.parametrize("seq_len", [4096, 8192])
+def test_families_are_ordered_by_growing_budget_and_build(seq_len):
+    import torch
+
+    from adaptive_sparse.patterns import make_pattern
+    fams = quality.families(seq_len, 64)
+    assert {"gate/threshold", "oracle/threshold", "lsh", "antidiagonal"} <= set(fams)
+    taus = [m["policy"]["tau"] for m in fams["gate/threshold"][1]]
+    assert taus == sorted(taus, reverse=True)
+    windows = [m["window"] for m in fams["sliding_window"][1]]
+    assert windows == sorted(windows) and len(set(windows)) == len(windows)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 256, 8, generator=g), torch.randn(1, 1, 256, 8, generator=g)
+    for label, (family, members) in fams.items():
+        if family in ("gate", "oracle"):
+            continue
+        for params in (members[0], members[-1]):
+            mask = make_pattern(family, q_len=256, kv_len=256, num_heads=2, block_size=64,
+                                q=q, k=k, **params)
+            assert 0 < mask.density() <= 1, (label, params)
+
+
+def _row(method, target, density, ppl, n=8192):
+    return {"key": f"{n}|{method}|{target}", "seq_len": n, "method": method,
+            "target_density": target, "params": {}, "density": density, "ppl_change": ppl,
+            "perplexity": 10 * (1 + ppl), "perplexity_dense": 10.0, "recall": 0.9,
+            "per_layer_density": [density]}
+
+
+def _results(tmp_path, rows):
+    res = quality.Results(tmp_path / "quality.json", {})
+    for r in rows:
+        res.add(r)
+    return res
+
+
+def test_summary_best_gate_pattern_and_oracle_density(tmp_path):
+    res = _results(tmp_path, [
+        _row("gate", 0.1, 0.11, 0.40), _row("gate/threshold", 0.1, 0.10, 0.20),
+        _row("gate/threshold", 0.25, 0.24, 0.05),
+        _row("oracle/threshold", 0.1, 0.10, 0.10), _row("oracle/threshold", 0.25, 0.25, 0.01),
+        _row("hierarchical", 0.1, 0.09, 0.25), _row("sliding_window", 0.1, 0.10, 0.30),
+        _row("strided", 0.1, 0.30, 0.01),  # denser than 1.1x the gate: not comparable
+    ])
+    row = quality.summary(res, 8192)["rows"][0]
+    assert row["best_gate"]["method"] == "gate/threshold"
+    assert row["best_pattern"]["method"] == "hierarchical"
+    assert row["gate_beats_patterns"] is True
+    # log-linear between (0.10, 0.10) and (0.25, 0.01): ppl 0.20 is outside -> None
+    assert row["oracle_density_at_gate_ppl"] is None
+    second = quality.summary(res, 8192)["rows"][1]
+    # gate at +5%: on the oracle curve between +10% (0.10) and +1% (0.25)
+    t = (math.log(0.05) - math.log(0.10)) / (math.log(0.01) - math.log(0.10))
+    assert second["oracle_density_at_gate_ppl"] == pytest.approx(0.10 + t * 0.15)
+    assert second["gate_beats_patterns"] is None  # no pattern at that target
+    md = quality.markdown(res, [8192])
+    assert "| 0.1 |" in md and "hierarchical" in md
+
+
+def test_merge_later_files_win(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"meta": {"x": 1}, "rows": [_row("gate", 0.1, 0.1, 0.5)]}))
+    b.write_text(json.dumps({"meta": {"y": 2}, "rows": [_row("gate", 0.1, 0.1, 0.3),
+                                                        _row("gate", 0.5, 0.5, 0.01)]}))
+    res = quality.merge(tmp_path / "out", [str(a), str(b)], None)
+    assert sorted(r["ppl_change"] for r in res.data["rows"]) == [0.01, 0.3]
+    assert res.data["meta"] == {"x": 1, "y": 2}
+    assert (tmp_path / "out" / "quality.md").exists()
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 0
+
+
+def _report(path, trials):
+    path.write_text(json.dumps({"trials": trials}))
+    return str(path)
+
+
+def _trial(n, method, density, ppl, dense=6.5):
+    return {"trial": n, "method": method, "density": density, "ppl_change": ppl,
+            "perplexity_dense": dense, "params": {}}
+
+
+def test_union_fronts_pools_and_counts_undominated(tmp_path):
+    a = _report(tmp_path / "a.json", [_trial(0, "gate/threshold", 0.3, 0.008),
+                                      _trial(1, "antidiagonal", 0.35, 0.007)])
+    b = _report(tmp_path / "b.json", [_trial(0, "gate/top_p", 0.2, 0.04),
+                                      _trial(1, "sliding_window", 0.6, 0.02)])
+    text = quality.union_fronts([a, b], tmp_path / "u")
+    assert "4 completed trials from 2 sweeps" in text
+    assert "1 of 2: antidiagonal 0.35" in text  # sliding window is dominated, antidiagonal not
+    assert "ratio 0.86" in text  # within +1%: gate 0.30 vs antidiagonal 0.35
+    assert (tmp_path / "u" / "frontier_union.png").exists()
+
+
+def test_union_fronts_refuses_other_sequences(tmp_path):
+    a = _report(tmp_path / "a.json", [_trial(0, "gate/threshold", 0.3, 0.01)])
+    b = _report(tmp_path / "b.json", [_trial(0, "strided", 0.3, 0.01, dense=7.0)])
+    with pytest.raises(ValueError, match="different dense perplexities"):
+        quality.union_fronts([a, b], tmp_path / "u")
