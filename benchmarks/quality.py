@@ -275,7 +275,8 @@ def plot(results: Results, seq_lens, path: Path) -> Path | None:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("density (share of causal blocks computed)")
         ax.set_ylabel("perplexity change vs dense (%)")
-        ax.set_title(f"SmolLM2-135M, {n} tokens, held-out documents")
+        ax.set_title(f"{results.data['meta'].get('model', 'smollm2-135m')}, {n} tokens, "
+                     "held-out documents")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -466,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {training}", flush=True)
     from sweeps.evaluators import ModelEvaluator
 
-    results = Results(out / "quality.json", {"environment": environment(args.device),
+    results = Results(out / "quality.json", {"model": args.model,
+                                             "environment": environment(args.device),
                                              "gates": str(gates), "training": training,
                                              "eval_docs": args.eval_docs, "split": "validation",
                                              "block_size": 64, "backend": args.backend})
