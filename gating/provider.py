@@ -95,7 +95,9 @@ class QKCapture:
     raw tensor is then not kept."""
 
     def __init__(self, model, on_capture=None):
-        self.head_dim = model_shapes(model)["head_dim"]
+        shapes = model_shapes(model)
+        self.head_dim = shapes["head_dim"]
+        self.heads = {"q": shapes["num_heads"], "k": shapes["num_kv_heads"]}
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.on_capture = on_capture
@@ -107,11 +109,28 @@ class QKCapture:
                     src = getattr(attn, f"{which}_proj")
                 self._handles.append(src.register_forward_hook(self._hook(idx, which)))
 
+    def _heads_first(self, x: torch.Tensor, inp, which: str) -> bool:
+        """Whether a 4-D q/k norm output is [B, H, N, D] (norm after the transpose, e.g.
+        Gemma-3) rather than [B, N, H, D] (norm before it, e.g. Qwen3). By the head count where
+        it tells; when N equals it, by the norm input's strides (a transposed view has
+        stride(1) < stride(2))."""
+        h = self.heads[which]
+        if x.shape[1] == h and x.shape[2] != h:
+            return True
+        if x.shape[2] == h and x.shape[1] != h:
+            return False
+        if isinstance(inp, torch.Tensor) and inp.dim() == 4 and inp.shape == x.shape:
+            return inp.stride(1) < inp.stride(2)
+        return False
+
     def _hook(self, layer_idx: int, which: str):
         def hook(module, args, output):
             x = output[0] if isinstance(output, tuple) else output
             B, N = x.shape[0], x.shape[1]
-            x = x.detach().reshape(B, N, -1, self.head_dim).transpose(1, 2)  # [B, H, N, D]
+            if x.dim() == 4 and self._heads_first(x, args[0] if args else None, which):
+                x = x.detach()  # already [B, H, N, D]
+            else:
+                x = x.detach().reshape(B, N, -1, self.head_dim).transpose(1, 2)  # [B, H, N, D]
             if self.on_capture is not None:
                 self.on_capture(layer_idx, which, x)
             else:

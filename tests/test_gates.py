@@ -185,6 +185,41 @@ def test_capture_gives_pre_rotary_qk():
         torch.testing.assert_close(kr, seen[layer][1])
 
 
+@pytest.mark.parametrize("n", [33, 4])
+def test_capture_norm_after_transpose_gemma3(n):
+    """Gemma-3 applies q_norm / k_norm to [B, H, N, D]: the capture must not reshape it as
+    [B, N, H, D] (also when N equals the head count). Rotary keeps every vector's norm and is
+    the identity at position 0, so both must match what the attention receives."""
+    from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, max_position_embeddings=256, sliding_window=16)
+    model = Gemma3ForCausalLM(cfg).eval()
+    seen = {}
+
+    def attn(module, q, k, v, mask, **kw):
+        seen[module.layer_idx] = (q, k)
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("test_gates_seen_g3", attn)
+    AttentionMaskInterface.register("test_gates_seen_g3", sdpa_mask)
+    model.set_attn_implementation("test_gates_seen_g3")
+    with QKCapture(model) as cap, torch.no_grad():
+        model(torch.randint(0, 128, (2, n)))
+    for layer in range(2):
+        q, k = seen[layer]
+        assert cap.q[layer].shape == q.shape == (2, 4, n, 16)
+        assert cap.k[layer].shape == k.shape == (2, 2, n, 16)
+        torch.testing.assert_close(cap.q[layer].norm(dim=-1), q.norm(dim=-1))
+        torch.testing.assert_close(cap.k[layer].norm(dim=-1), k.norm(dim=-1))
+        torch.testing.assert_close(cap.q[layer][:, :, 0], q[:, :, 0])
+        torch.testing.assert_close(cap.k[layer][:, :, 0], k[:, :, 0])
+
+
 def test_save_load_round_trip(tmp_path):
     model = tiny_llama()
     gates = GateSet(GateConfig.from_model(model, block_size=16, init="random"))
