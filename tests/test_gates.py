@@ -156,23 +156,30 @@ def test_parameter_count(shared):
     assert rows[("smollm2-135m", True)]["gate_params"] < rows[("smollm2-135m", False)]["gate_params"]
 
 
-def test_capture_gives_pre_rotary_qk():
-    """Captured q/k, rotated with the model's own rotary, equal what the attention receives."""
+def _record_attention(model, name: str) -> dict:
+    """Route `model` through an SDPA attention that records each layer's (q, k) in the dict."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    model = tiny_llama()
     seen = {}
 
     def attn(module, q, k, v, mask, **kw):
         seen[module.layer_idx] = (q, k)
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
-    AttentionInterface.register("test_gates_seen", attn)
-    AttentionMaskInterface.register("test_gates_seen", sdpa_mask)
-    model.set_attn_implementation("test_gates_seen")
+    AttentionInterface.register(name, attn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    return seen
+
+
+def test_capture_gives_pre_rotary_qk():
+    """Captured q/k, rotated with the model's own rotary, equal what the attention receives."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny_llama()
+    seen = _record_attention(model, "test_gates_seen")
     ids = torch.randint(0, 128, (2, 33))
     with QKCapture(model) as cap, torch.no_grad():
         model(ids)
@@ -190,24 +197,14 @@ def test_capture_norm_after_transpose_gemma3(n):
     """Gemma-3 applies q_norm / k_norm to [B, H, N, D]: the capture must not reshape it as
     [B, N, H, D] (also when N equals the head count). Rotary keeps every vector's norm and is
     the identity at position 0, so both must match what the attention receives."""
-    from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, max_position_embeddings=256, sliding_window=16)
     model = Gemma3ForCausalLM(cfg).eval()
-    seen = {}
-
-    def attn(module, q, k, v, mask, **kw):
-        seen[module.layer_idx] = (q, k)
-        return sdpa_attention_forward(module, q, k, v, mask, **kw)
-
-    AttentionInterface.register("test_gates_seen_g3", attn)
-    AttentionMaskInterface.register("test_gates_seen_g3", sdpa_mask)
-    model.set_attn_implementation("test_gates_seen_g3")
+    seen = _record_attention(model, "test_gates_seen_g3")
     with QKCapture(model) as cap, torch.no_grad():
         model(torch.randint(0, 128, (2, n)))
     for layer in range(2):
