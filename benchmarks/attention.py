@@ -185,7 +185,9 @@ def _compiled_flex():
         else flex_attention
 
 
-def run_case(shape, n, bs, densities, gen, flex_fn, log) -> list[dict]:
+def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None) -> list[dict]:
+    """Dense kernel, then one row per mask: random masks at `densities`, or the given
+    `masks` [(label, BlockSparseMask)] (e.g. a trained gate's per-layer masks) instead."""
     Hq, Hkv, D = SHAPES[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -217,15 +219,18 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log) -> list[dict]:
                      "speedup_vs_sdpa": sdpa_ms / dense_ms if ok_dense else None})
     log(rows_out[-1])
     del out
-    for dens in densities:
-        mask = random_mask(Hkv, n, bs, dens, gen, dev)
-        pairs = int((mask.to_dense()[0].long() * table).sum()) * (Hq // Hkv)
+    cases = masks if masks is not None else \
+        ((dens, random_mask(Hkv, n, bs, dens, gen, dev)) for dens in densities)
+    for dens, mask in cases:
+        mask = mask.to(dev)
+        pairs = int((mask.to_dense()[0].long() * table).sum()) * (Hq // mask.heads)
         flops = 4 * D * pairs
         ref, rows = oracle_rows(q, k, v, mask, scale, heads, qblocks)
         out = triton_block_sparse_attention(q, k, v, mask, scale)
         err = rel_err(out[0, heads][:, rows], ref)
         del out
         row = {**base, "provider": "ours", "density": mask.density(), "target_density": dens,
+               "mask_heads": mask.heads,
                "ms": None, "tflops": None, "err": err, "sdpa_ms": sdpa_ms,
                "sdpa_tflops": dense_flops / sdpa_ms / 1e9, "err_sdpa": err_sdpa}
         ours_ms = bench(lambda: triton_block_sparse_attention(q, k, v, mask, scale))
@@ -253,6 +258,34 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log) -> list[dict]:
         rows_out.append(row)
         log(row)
     return rows_out
+
+
+def artifact_masks(path) -> list[tuple[str, BlockSparseMask]]:
+    """[(label "<artifact> L<layer>", mask)] of a masks artifact (verified on load), one per
+    layer; all must share one length and block size."""
+    from adaptive_sparse.export.masks import load_masks
+
+    art = load_masks(path)
+    out = [(f"{os.path.basename(os.path.normpath(path))} L{layer}", m)
+           for layer, m in sorted(art.layer_masks().items())]
+    if len({(m.q_len, m.kv_len, m.block_size) for _, m in out}) != 1:
+        raise ValueError(f"mask_artifact: expected one length and block size for every layer "
+                         f"in {path}")
+    return out
+
+
+def artifact_case(path, shape, gen, flex_fn, log) -> list[dict]:
+    """run_case on a masks artifact's per-layer masks, plus a row summing every layer."""
+    masks = artifact_masks(path)
+    m0 = masks[0][1]
+    rows = run_case(shape, m0.q_len, m0.block_size, [], gen, flex_fn, log, masks=masks)
+    layers = [r for r in rows if r["provider"] == "ours"]
+    total = {k: sum(r[k] for r in layers) if all(r.get(k) is not None for r in layers) else None
+             for k in ("ms", "flex_ms", "graph_ms", "flex_graph_ms")}
+    print(json.dumps({"artifact": path, "layers": len(layers), "sum_ms": total,
+                      "sdpa_ms_x_layers": layers[0]["sdpa_ms"] * len(layers),
+                      "all_ok": all(r["ok"] for r in layers)}), flush=True)
+    return rows
 
 
 def target_case(n, bs, gen, log) -> dict:
@@ -370,6 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-seqlens", default="8192,32768")
     ap.add_argument("--gate-seqlens", default="8192,32768")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--mask-artifact", default=None,
+                    help="also time every layer's mask of this masks artifact (`adaptive-sparse "
+                    "export masks`, e.g. a trained gate's) at --mask-shape")
+    ap.add_argument("--mask-shape", default="smollm2-135m", choices=sorted(SHAPES))
     ap.add_argument("--json", default="attention.json")
     ap.add_argument("--md", default="attention.md")
     a = ap.parse_args(argv)
@@ -397,6 +434,8 @@ def main(argv=None) -> int:
                     print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 print(f"# {shape} N={n} bs={bs}: {time.time() - t0:.1f} s", flush=True)
+    if a.mask_artifact:
+        rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log)
     if torch.cuda.is_available():
         for n in ints(a.target_seqlens):
             for bs in (64, 128):

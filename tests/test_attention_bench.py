@@ -1,0 +1,48 @@
+"""benchmarks/attention.py on a masks artifact (a trained gate's per-layer masks), run on the
+Triton interpreter with small shapes: every row checked against the fp64 oracle."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on the CPU interpreter")
+
+
+def _artifact(tmp_path, heads):
+    from adaptive_sparse.export.masks import save_masks
+    from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
+
+    g = torch.Generator().manual_seed(3)
+    n, bs = 200, 64
+    allowed = block_causal(n, n, bs)
+    masks = {}
+    for layer in range(2):
+        keep = (torch.rand(1, heads, *allowed.shape, generator=g) < 0.5) & allowed
+        keep |= diagonal_blocks(n, n, bs)
+        keep[..., :, 0] = True
+        if layer == 1:
+            keep[0, 0, 1:] = diagonal_blocks(n, n, bs)[1:]  # one head: diagonal only
+        masks[layer] = BlockSparseMask.from_dense(keep, block_size=bs, q_len=n, kv_len=n)
+    return save_masks(tmp_path / "art", masks, method="test")
+
+
+@pytest.mark.parametrize("heads", [9, 3])
+def test_artifact_case_checks_every_layer(tmp_path, heads):
+    from benchmarks import attention
+
+    path = _artifact(tmp_path, heads)
+    masks = attention.artifact_masks(str(path))
+    assert [label.split()[-1] for label, _ in masks] == ["L0", "L1"]
+    logged = []
+    gen = torch.Generator().manual_seed(0)
+    rows = attention.run_case("smollm2-135m", 200, 64, [], gen, None, logged.append,
+                              masks=masks)
+    layer_rows = [r for r in rows if r["provider"] == "ours"]
+    assert [r["target_density"] for r in layer_rows] == [label for label, _ in masks]
+    assert all(r["mask_heads"] == heads for r in layer_rows)
+    assert all(r["ok"] and r["err"] < 1e-2 for r in rows)
+    assert [r["density"] for r in layer_rows] == pytest.approx([m.density() for _, m in masks])
