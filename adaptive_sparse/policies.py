@@ -235,17 +235,19 @@ class Policy:
         mult_host, _ = self._multipliers(heads, layer_idx, num_layers)
         return (self.tau / torch.tensor(mult_host, dtype=torch.float64)).to(torch.float32)
 
+    def _host_budget(self, m: float, absolute: bool, allowed: int) -> int:
+        """Blocks a "top_k" / "density" row keeps under budget multiplier `m`, before clamping
+        (`absolute`: `m` is itself the block count); `allowed` = the row's causal blocks."""
+        if absolute:
+            return math.ceil(m - _CEIL_EPS)
+        if self.kind == "top_k":
+            return math.ceil(m * self.k - _CEIL_EPS)
+        return math.ceil(min(1.0, m * self.density) * allowed - _CEIL_EPS)
+
     def _max_count(self, mult_host: list, absolute: bool, kb: int) -> int:
         """Host-side upper bound of the per-row budgets of "top_k" / "density" (no sync): the
         largest multiplier applied to the largest row (a row holds at most Kb causal blocks)."""
-        m = max(mult_host)
-        if absolute:
-            bound = math.ceil(m - _CEIL_EPS)
-        elif self.kind == "top_k":
-            bound = math.ceil(m * self.k - _CEIL_EPS)
-        else:
-            bound = math.ceil(min(1.0, m * self.density) * kb - _CEIL_EPS)
-        return max(1, min(bound, kb))
+        return max(1, min(self._host_budget(max(mult_host), absolute, kb), kb))
 
     def expected_blocks_per_row(self, *, q_len: int, kv_len: int, block_size: int,
                                 layer_idx: int = 0, num_layers: int = 1,
@@ -275,12 +277,7 @@ class Policy:
         for x in hb:
             m = float(x) * factor
             for allowed, n_forced in rows:
-                if absolute:
-                    k = math.ceil(m - _CEIL_EPS)
-                elif self.kind == "top_k":
-                    k = math.ceil(m * self.k - _CEIL_EPS)
-                else:
-                    k = math.ceil(min(1.0, m * self.density) * allowed - _CEIL_EPS)
+                k = self._host_budget(m, absolute, allowed)
                 total += min(allowed, max(1, k, n_forced))
         return total / (len(hb) * qb)
 

@@ -18,6 +18,7 @@ from adaptive_sparse.masks import BlockSparseMask, block_causal, num_blocks
 from adaptive_sparse.policies import Policy
 from gating.gates import Gate, GateConfig, GateSet, gate_tables
 from gating.provider import GateProvider
+from test_gates import tiny_llama  # tests/ is on sys.path (rootdir-relative test modules)
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,16 +27,6 @@ needs_kernel = pytest.mark.skipif(not (CUDA or INTERPRET),
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 DEV = "cuda" if CUDA else "cpu"
-
-
-def tiny_llama(seed=0, layers=2, heads=4, kv_heads=2, hidden=64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      intermediate_size=2 * hidden, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def gate_config(**kw):
