@@ -1,13 +1,22 @@
-"""End-to-end prefill of SmolLM2-135M: SDPA dense vs our attention (dense mask, trained gate).
+"""End-to-end prefill: SDPA dense vs our attention (dense mask, trained gate), time and perplexity.
 
-The model is built from SmolLM2-135M's config with random weights in bf16 (the GGUF cannot
-travel to the GPU machine); attention time does not depend on weight values, and the gate's
-density policy fixes how many blocks each row keeps, so the timings hold for the real weights.
-Perplexity is not measured here (it needs the real weights: see the CPU runs).
+Two modes:
+- default: SmolLM2-135M's architecture with seeded random weights in bf16, random token ids
+  (timing only: attention time does not depend on weight values, and the gate's density policy
+  fixes how many blocks each row keeps);
+- `--model NAME` (a preset of `adaptive_sparse.models.load_model`, e.g. smollm2-135m,
+  gemma3-270m): the real weights in bf16, token ids packed from the validation split of
+  `--corpus` (documents the gates never trained on), and the perplexity of every config on
+  `--ppl-docs` sequences next to its time. Gemma 3's sliding-window layers run exact local
+  attention in our path (the gate only serves its global layers); SDPA runs them with its mask.
 
 Per sequence length, in one process on identical token ids:
-- correctness: logits of bf16 SDPA and of our backend with the dense mask against an fp64 SDPA
-  oracle (same weights); our error may not exceed twice SDPA's (no speedup reported otherwise);
+- correctness: the final hidden states of bf16 SDPA and of our backend with the dense mask
+  against an fp64 SDPA oracle (same weights), at lengths up to `--check-max-len`; our error may
+  not exceed twice SDPA's (no speedup reported otherwise);
+- policies: the gate's `density` policy at each of `--densities`, and (`--thresholds`) its
+  `threshold` policy with tau calibrated by bisection to each target mean density on one more
+  validation sequence (not one the perplexity is measured on; random ids in the default mode);
 - full-model prefill (use_cache=False, logits of the last token only), median ms over `--reps`
   CUDA-event-timed calls after warmup, for SDPA dense, ours with the dense mask, the trained gate
   at each density (gate network and mask building included), and the same masks replayed
@@ -16,6 +25,7 @@ Per sequence length, in one process on identical token ids:
   and inside the gate provider (CUDA events around each call).
 
     python3 benchmarks/e2e.py --gates .e2e/gates --json out.json --md out.md [--seqlens 8192]
+    python3 benchmarks/e2e.py --model gemma3-270m --gates G --seqlens 32768 --thresholds 0.1
 """
 
 from __future__ import annotations
@@ -42,7 +52,6 @@ SMOLLM2_135M = dict(
     max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06,
     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, attention_bias=False,
     mlp_bias=False, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-TRAINED_CONTEXT = SMOLLM2_135M["max_position_embeddings"]
 
 
 def check_config() -> list[str]:
@@ -164,38 +173,131 @@ def median_ms(fn, reps: int, warmup: int, cuda: bool) -> tuple[float, list[float
     return statistics.median(times), times
 
 
-def check_logits(model, ids, backend: str, block_size: int) -> dict:
-    """Full logits of bf16 SDPA and of ours (dense mask) against an fp64 SDPA oracle."""
+def _hidden(model, ids):
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    with torch.no_grad():
+        return base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def check_hidden(model, ids, backend: str, block_size: int) -> dict:
+    """Final hidden states (after the last norm, before the LM head) of bf16 SDPA and of ours
+    (dense mask) against an fp64 SDPA oracle with the same weights: relative Frobenius errors."""
     oracle_model = copy.deepcopy(model).to(torch.float64)
-    ref = forward(oracle_model, ids, keep_logits=0).double()
+    ref = _hidden(oracle_model, ids).double()
     del oracle_model
-    sdpa = forward(model, ids, keep_logits=0).double()
+    sdpa = _hidden(model, ids).double()
     with sparse_attention(model, None, block_size=block_size, backend=backend):
-        ours = forward(model, ids, keep_logits=0).double()
+        ours = _hidden(model, ids).double()
     norm = ref.norm()
     out = dict(err_sdpa=float((sdpa - ref).norm() / norm),
                err_ours=float((ours - ref).norm() / norm),
                max_abs_ours_vs_sdpa=float((ours - sdpa).abs().max()),
                max_abs_sdpa_vs_oracle=float((sdpa - ref).abs().max()),
                max_abs_ours_vs_oracle=float((ours - ref).abs().max()),
-               logits_abs_max=float(ref.abs().max()))
+               hidden_abs_max=float(ref.abs().max()))
     out["ok"] = bool(torch.isfinite(ours).all()) and out["err_ours"] <= 2 * out["err_sdpa"] + 1e-6
     return out
 
 
-def run_length(model, gates, n, densities, a, cuda, log) -> list[dict]:
+def mean_density(masks: dict) -> float:
+    """Mean density over the layers the provider served (Gemma 3: its global layers)."""
+    return statistics.mean(float(m.density()) for m in masks.values())
+
+
+def gate_masks(model, gates, policy, ids, a, fast=None) -> dict:
+    """layer -> mask of one forward with the gate under `policy`."""
+    from gating import GateProvider
+
+    with GateProvider(gates, policy, model, fast=fast) as gate:
+        recorder = TimedProvider(gate, keep=True)
+        with sparse_attention(model, recorder, block_size=a.block_size, backend=a.backend):
+            forward(model, ids)
+    return recorder.masks
+
+
+def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 16) -> dict:
+    """tau of the `threshold` policy whose mean density on `ids` is closest to `target`:
+    bisection in log(tau) (density falls as tau grows) over [1e-7, 1]."""
+    import math
+
+    lo, hi = math.log(1e-7), 0.0
+    best = None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        tau = math.exp(mid)
+        d = mean_density(gate_masks(model, gates, Policy(kind="threshold", tau=tau), ids, a, fast))
+        if best is None or abs(d - target) < abs(best["density"] - target):
+            best = {"tau": tau, "density": d}
+        if d > target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def mask_agreement(model, gates, policy, ids, a) -> dict:
+    """Tiles where the fast gate path's masks differ from the reference path's, all layers."""
+    fast = gate_masks(model, gates, policy, ids, a, fast=True)
+    ref = gate_masks(model, gates, policy, ids, a, fast=False)
+    diff = total = 0
+    for layer, m in ref.items():
+        x, y = m.to_dense(), fast[layer].to_dense()
+        diff += int((x != y).sum())
+        total += x.numel()
+    return {"tiles_differ": diff, "tiles": total}
+
+
+def perplexity(model, seqs, ctx_factory) -> float | None:
+    """exp(mean next-token NLL) over the rows of `seqs` under the context, None without them."""
+    import math
+
+    from adaptive_sparse.evaluate import sequence_nll
+
+    if seqs is None:
+        return None
+    nll = count = 0
+    with ctx_factory():
+        for row in seqs:
+            s, c = sequence_nll(model, row[None])
+            nll, count = nll + s, count + c
+    return math.exp(nll / count)
+
+
+def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
+    """data: (calibration ids [1, n], perplexity ids [S, n]) of real text, or None (random)."""
     from gating import GateProvider
 
     dev = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(n)
-    ids = torch.randint(SMOLLM2_135M["vocab_size"], (1, n), generator=gen).to(dev)
-    layers = SMOLLM2_135M["num_hidden_layers"]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    if data is None:
+        gen = torch.Generator(device="cpu").manual_seed(n)
+        ids = torch.randint(cfg.vocab_size, (1, n), generator=gen).to(dev)
+        cal_ids = torch.randint(cfg.vocab_size, (1, n), generator=gen).to(dev)
+        ppl_seqs = None
+    else:
+        cal_ids, ppl_seqs = data[0].to(dev), data[1].to(dev)
+        ids = ppl_seqs[:1]
+    layers = cfg.num_hidden_layers
+    ctx = getattr(cfg, "max_position_embeddings", None)
     base = dict(N=n, block_size=a.block_size, backend=a.backend, layers=layers,
-                beyond_trained_context=n > TRAINED_CONTEXT)
-    check = check_logits(model, ids, a.backend, a.block_size) if n <= a.check_max_len else None
+                beyond_trained_context=ctx is not None and n > ctx)
+    check = check_hidden(model, ids, a.backend, a.block_size) if n <= a.check_max_len else None
     if check is not None:
         log({**base, "kind": "check", **check})
     ok = check is None or check["ok"]
+
+    fast = None if a.gate_fast == "auto" else False
+    policies = [(f"gate-{d}", d, Policy(kind="density", density=d)) for d in a.density_list]
+    for t in a.threshold_list:
+        t0 = time.time()
+        cal = calibrate_tau(model, gates, cal_ids, t, a, fast)
+        log({**base, "kind": "calibration", "target_density": t, **cal,
+             "seconds": time.time() - t0})
+        policies.append((f"gate-tau{cal['tau']:.3g}", t, Policy(kind="threshold", tau=cal["tau"])))
+    if cuda and fast is None and policies:
+        agree = mask_agreement(model, gates, policies[0][2], ids, a)
+        log({**base, "kind": "fast_vs_reference_masks", "config": policies[0][0], **agree})
 
     def measure(name, attn_name, ctx_factory, density=None, clock_provider=None):
         with ctx_factory():
@@ -209,37 +311,40 @@ def run_length(model, gates, n, densities, a, cuda, log) -> list[dict]:
             forward(model, ids)
             attn_ms = attn_clock.total_ms()
         gate_ms = clock_provider.clock.total_ms() if clock_provider is not None else 0.0
+        if clock_provider is not None:
+            clock_provider.clock = None
         row = {**base, "kind": "prefill", "config": name, "density": density, "ms": ms,
                "times_ms": [round(t, 3) for t in times], "attn_fn_ms": attn_ms,
-               "gate_ms": gate_ms, "kernel_ms": attn_ms - gate_ms, "ok": ok}
+               "gate_ms": gate_ms, "kernel_ms": attn_ms - gate_ms, "ok": ok,
+               "perplexity": perplexity(model, ppl_seqs, ctx_factory)}
         log(row)
         return row
 
     rows = [measure("sdpa-dense", "sdpa", contextlib.nullcontext)]
-    sdpa_ms = rows[0]["ms"]
+    sdpa_ms, sdpa_ppl = rows[0]["ms"], rows[0]["perplexity"]
     rows.append(measure("ours-dense", "adaptive_sparse", lambda: sparse_attention(
         model, None, block_size=a.block_size, backend=a.backend)))
-    for d in densities:
-        policy = Policy(kind="density", density=d)
-        with GateProvider(gates, policy, model) as gate:
+    for name, target, policy in policies:
+        with GateProvider(gates, policy, model, fast=fast) as gate:
             recorder = TimedProvider(gate, keep=True)
             with sparse_attention(model, recorder, block_size=a.block_size, backend=a.backend):
                 forward(model, ids)
             masks = recorder.masks
-            achieved = statistics.mean(m.density() for m in masks.values())
+            achieved = mean_density(masks)
             timed = TimedProvider(gate)
-            rows.append(measure(f"gate-{d}", "adaptive_sparse", lambda: sparse_attention(
+            rows.append(measure(name, "adaptive_sparse", lambda: sparse_attention(
                 model, timed, block_size=a.block_size, backend=a.backend), achieved, timed))
-            rows[-1]["target_density"] = d
+            rows[-1].update(target_density=target, policy=policy.to_dict())
         replay = ReplayProvider(masks)
-        rows.append(measure(f"masks-{d}-replayed", "adaptive_sparse", lambda: sparse_attention(
+        rows.append(measure(f"{name} replayed", "adaptive_sparse", lambda: sparse_attention(
             model, replay, block_size=a.block_size, backend=a.backend), achieved))
-        rows[-1]["target_density"] = d
+        rows[-1]["target_density"] = target
         del masks, replay
     for r in rows:
         r["sdpa_ms"] = sdpa_ms
         r["speedup_vs_sdpa"] = sdpa_ms / r["ms"] if ok else None
         r["gate_share"] = r["gate_ms"] / r["ms"]
+        r["ppl_change"] = None if sdpa_ppl is None else r["perplexity"] / sdpa_ppl - 1.0
     return ([{**base, "kind": "check", **check}] if check else []) + rows
 
 
@@ -248,63 +353,128 @@ def _fmt(x, spec):
 
 
 def markdown(env, rows, a) -> str:
-    L = SMOLLM2_135M["num_hidden_layers"]
+    L = next((r["layers"] for r in rows), 0)
+    real = a.model is not None
     lines = [f"### {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"transformers {env['transformers']}, CUDA {env.get('cuda')}", "",
-             f"SmolLM2-135M architecture (30 layers, 9 query / 3 KV heads, d=64), **random "
-             f"weights** in bf16 built from its config (attention time does not depend on weight "
-             f"values; the density policy fixes the kept blocks per row). Batch 1, prefill with "
-             f"use_cache=False, last-token logits. Backend `{a.backend}`, block {a.block_size}. "
-             f"Gate: trained SmolLM2 gate set (`{a.gates}`), policy `density` (share of each "
-             f"row's causal blocks; sink and diagonal kept), achieved density = mean over layers. "
-             f"'replayed' = the same masks returned without running the gate. Prefill: median of "
-             f"{a.reps} CUDA-event-timed calls after {a.warmup} warmup. Attention fn / gate: one "
-             f"instrumented call, CUDA events around each layer's attention function (gate "
-             f"included) and around the gate provider, summed over {L} layers; kernel = attention "
-             f"fn - gate. Rows beyond {TRAINED_CONTEXT} tokens exceed the trained context (rope "
-             f"as-is): timing only.", ""]
+             f"transformers {env['transformers']}, CUDA {env.get('cuda')}", ""]
+    if real:
+        lines.append(
+            f"**{a.model}, real weights** in bf16, token ids from the validation split of corpus "
+            f"`{a.corpus}`; perplexity over {a.ppl_docs} sequence(s) of N tokens (the first one is "
+            f"also the timed one), ppl change vs SDPA dense.")
+    else:
+        lines.append(
+            "SmolLM2-135M architecture (30 layers, 9 query / 3 KV heads, d=64), **random "
+            "weights** in bf16 built from its config (attention time does not depend on weight "
+            "values; the density policy fixes the kept blocks per row), random token ids.")
+    lines += [
+        f"Batch 1, prefill with use_cache=False, last-token logits. Backend `{a.backend}`, block "
+        f"{a.block_size}. Gate: trained gate set (`{a.gates}`); `gate-D`: policy `density` D "
+        f"(share of each row's causal blocks; sink and diagonal kept); `gate-tauT`: policy "
+        f"`threshold` with tau T calibrated to the target density on another sequence. Density = "
+        f"mean over the layers the gate serves. 'replayed' = the same masks returned without "
+        f"running the gate. Prefill: median of {a.reps} CUDA-event-timed calls after {a.warmup} "
+        f"warmup. Attention fn / gate: one instrumented call, CUDA events around each layer's "
+        f"attention function (gate included) and around the gate provider, summed over {L} "
+        f"layers. Rows beyond the model's context (max_position_embeddings) are timing only.", ""]
     checks = [r for r in rows if r["kind"] == "check"]
     if checks:
-        lines += ["Correctness (full logits vs an fp64 SDPA oracle with the same weights, "
+        lines += ["Correctness (final hidden states vs an fp64 SDPA oracle with the same weights, "
                   "relative Frobenius error):", "",
                   "| N | SDPA bf16 err | ours (dense mask) err | max abs ours - SDPA | "
-                  "max abs logit | ok |", "|---|---|---|---|---|---|"]
+                  "max abs hidden | ok |", "|---|---|---|---|---|---|"]
         for c in checks:
             lines.append(f"| {c['N']} | {c['err_sdpa']:.2e} | {c['err_ours']:.2e} | "
-                         f"{c['max_abs_ours_vs_sdpa']:.2e} | {c['logits_abs_max']:.2e} | "
+                         f"{c['max_abs_ours_vs_sdpa']:.2e} | {c['hidden_abs_max']:.2e} | "
                          f"{'yes' if c['ok'] else 'NO'} |")
         lines.append("")
-    lines += ["| N | config | density | prefill ms | speedup vs SDPA | attention fn ms (sum) | "
-              "per layer ms | gate ms (sum) | gate % of prefill |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "fast_vs_reference_masks":
+            lines.append(f"Fast vs reference gate path, N={r['N']}, {r['config']}: "
+                         f"{r['tiles_differ']} of {r['tiles']} tiles differ.")
+        if r["kind"] == "calibration":
+            lines.append(f"Calibration, N={r['N']}: target density {r['target_density']} -> tau "
+                         f"{r['tau']:.4g} (density {r['density']:.3f} on the calibration "
+                         f"sequence).")
+    lines += ["", "| N | config | density | prefill ms | speedup vs SDPA | perplexity | "
+              "ppl change | attention fn ms (sum) | per layer ms | gate ms (sum) | "
+              "gate % of prefill |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] != "prefill":
             continue
         n = f"{r['N']}{' (beyond ctx)' if r['beyond_trained_context'] else ''}"
         dens = "1.0" if r["density"] is None else f"{r['density']:.3f}"
+        pc = None if r["ppl_change"] is None else 100 * r["ppl_change"]
         lines.append(f"| {n} | {r['config']} | {dens} | {r['ms']:.2f} | "
-                     f"{_fmt(r['speedup_vs_sdpa'], '.2f')} | {r['attn_fn_ms']:.2f} | "
+                     f"{_fmt(r['speedup_vs_sdpa'], '.2f')} | {_fmt(r['perplexity'], '.3f')} | "
+                     f"{_fmt(pc, '+.2f')}{'' if pc is None else '%'} | {r['attn_fn_ms']:.2f} | "
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
                      f"{100 * r['gate_share']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def load_real(name: str, dev, corpus: str, seqlens, ppl_docs: int):
+    """(model bf16 on dev with SDPA attention, {n: (calibration ids [1, n], ppl ids [S, n])})
+    from the validation split of `corpus` (the split the quality benchmarks evaluate on)."""
+    from adaptive_sparse.data import load_corpus, pack, split_documents
+    from adaptive_sparse.models import load_model
+
+    model, tok = load_model(name, dtype=torch.bfloat16)
+    model = model.to(dev)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")
+    else:
+        model.config._attn_implementation = "sdpa"
+    docs = split_documents(load_corpus(corpus), seed=0, fractions=(0.8, 0.1, 0.1))["validation"]
+    data = {}
+    for n in seqlens:
+        seqs = pack(tok, docs, n, ppl_docs + 1)
+        if seqs.shape[0] < ppl_docs + 1:
+            raise ValueError(f"--ppl-docs: corpus {corpus!r} packs {seqs.shape[0]} validation "
+                             f"sequences of {n} tokens, need {ppl_docs + 1} (one to calibrate)")
+        data[n] = (seqs[-1:], seqs[:ppl_docs])
+    return model, data
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", required=True, help="gate directory (gates.json + safetensors)")
+    ap.add_argument("--model", default=None,
+                    help="real weights of this load_model preset (default: SmolLM2-135M's "
+                         "config with random weights)")
+    ap.add_argument("--corpus", default="default", help="text for --model (validation split)")
+    ap.add_argument("--ppl-docs", type=int, default=1, help="perplexity sequences (--model)")
     ap.add_argument("--seqlens", default="8192,16384,32768")
-    ap.add_argument("--densities", default="0.1,0.25,0.5")
+    ap.add_argument("--densities", default="0.1,0.25,0.5", help="density-policy targets")
+    ap.add_argument("--thresholds", default="",
+                    help="target densities for the threshold policy (tau calibrated)")
+    ap.add_argument("--gate-fast", default="auto", choices=("auto", "off"),
+                    help="GateProvider fast path: auto (on CUDA) or off (reference path)")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check-max-len", type=int, default=8192,
-                    help="fp64 logits check at lengths up to this")
+                    help="fp64 hidden-state check at lengths up to this")
     ap.add_argument("--check-config", action="store_true",
                     help="first compare SMOLLM2_135M with the installed GGUF model's config")
     ap.add_argument("--json", default="e2e.json")
     ap.add_argument("--md", default="e2e.md")
     a = ap.parse_args(argv)
+    try:
+        a.density_list, a.threshold_list = _floats(a.densities), _floats(a.thresholds)
+        seqlens = [int(x) for x in a.seqlens.split(",") if x]
+    except ValueError as e:
+        ap.error(f"--densities/--thresholds/--seqlens: expected comma-separated numbers ({e})")
+    bad = [d for d in a.density_list + a.threshold_list if not 0 < d <= 1]
+    if bad:
+        ap.error(f"--densities/--thresholds: expected densities in (0, 1], got {bad}")
+    if a.ppl_docs < 1:
+        ap.error(f"--ppl-docs: expected at least 1, got {a.ppl_docs}")
     if a.check_config:
         diff = check_config()
         if diff:
@@ -317,10 +487,14 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
-    env = {**environment(), "transformers": transformers.__version__,
-           "model": "SmolLM2-135M config, random weights", "dtype": "bfloat16"}
+    env = {**environment(), "transformers": transformers.__version__, "dtype": "bfloat16",
+           "model": f"{a.model}, real weights" if a.model else
+           "SmolLM2-135M config, random weights"}
     print(json.dumps(env), flush=True)
-    model = build_model(dev, torch.bfloat16)
+    if a.model:
+        model, data = load_real(a.model, dev, a.corpus, seqlens, a.ppl_docs)
+    else:
+        model, data = build_model(dev, torch.bfloat16), {}
     gates = load_gates(a.gates, model, map_location=dev)
     rows, logged = [], []
 
@@ -330,17 +504,17 @@ def main(argv=None) -> int:
                           for k, v in r.items() if k != "times_ms"}), flush=True)
         _write(a.json, json.dumps({"env": env, "partial": logged}, indent=1))
 
-    densities = [float(x) for x in a.densities.split(",") if x]
-    for n in [int(x) for x in a.seqlens.split(",") if x]:
+    for n in seqlens:
         t0 = time.time()
         try:
-            rows += run_length(model, gates, n, densities, a, cuda, log)
+            rows += run_length(model, gates, n, a, cuda, log, data.get(n))
         except torch.OutOfMemoryError as e:
             print(f"OOM N={n}: {e}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.empty_cache()
         print(f"# N={n}: {time.time() - t0:.1f} s", flush=True)
-    _write(a.json, json.dumps({"env": env, "args": vars(a), "rows": rows}, indent=1))
+    args = {k: v for k, v in vars(a).items() if k not in ("density_list", "threshold_list")}
+    _write(a.json, json.dumps({"env": env, "args": args, "rows": rows}, indent=1))
     md = markdown(env, rows, a)
     _write(a.md, md)
     print(md, flush=True)

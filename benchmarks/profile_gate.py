@@ -1,8 +1,11 @@
-"""Per-layer cost of the learned-gate `GateProvider` on SmolLM2-135M's architecture: reference
-path vs fast path vs fast path replayed from CUDA graphs.
+"""Per-layer cost of the learned-gate `GateProvider`: reference path vs fast path vs fast path
+replayed from CUDA graphs, next to one layer's dense SDPA-flash attention at the same shape.
 
-Builds the model exactly as `benchmarks/e2e.py` does (config, seeded random weights, bf16),
-loads a trained gate set, runs one prefill so the provider's hooks capture every layer's
+`--shape smollm2-135m` builds the model exactly as `benchmarks/e2e.py` does (config, seeded
+random weights, bf16) and loads a trained gate set; `--shape llama3-8b` builds a `--layers`-layer
+Llama with Llama-3-8B's attention (32 query / 8 KV heads, d=128, hidden 4096) and random
+weights, with `--gates random` (a seeded random gate set at `--block-size`: the gate's cost does
+not depend on its weight values under the density policy). Either runs one prefill so the provider's hooks capture every layer's
 pre-rotary q/k, then times three providers on those captured tensors:
 
 - `eager`: the reference path (`Gate.forward` + `Policy.to_mask`), `GateProvider(fast=False)`;
@@ -16,10 +19,15 @@ with a synchronize before and after (wall clock); `layer_ms`, all layers called 
 with one synchronize at the end, divided by the number of layers (what a forward pays per
 layer). Speedups are eager / path. Before timing, every layer's mask from `fast` and `graphed`
 (third call: a replay) is compared with `eager` (tiles that differ, rows that differ);
-`graphed` must equal `fast` exactly, else no speedup is reported for it. `--profile` adds the kernel-launch count of one
-call per path (torch.profiler). Prints a table; `--json PATH` writes the rows.
+`graphed` must equal `fast` exactly, else no speedup is reported for it. `--profile` adds the
+kernel-launch count of one call per path (torch.profiler). `sdpa_layer_ms`: median
+`triton.testing.do_bench` time of dense causal SDPA (flash backend, GQA) on random bf16
+q/k/v of one layer's shape; `share` = layer_ms / sdpa_layer_ms. Prints a table; `--json PATH`
+writes the rows.
 
     PYTHONPATH=. python3 benchmarks/profile_gate.py --gates .e2e/gates --json gate.json
+    PYTHONPATH=. python3 benchmarks/profile_gate.py --shape llama3-8b --gates random \
+        --block-size 128 --seqlens 32768,131072 --json gate_llama.json
 """
 
 from __future__ import annotations
@@ -34,9 +42,38 @@ import time
 import torch
 
 from adaptive_sparse.policies import Policy
-from benchmarks.e2e import SMOLLM2_135M, build_model
+from benchmarks.e2e import build_model
 
 PATHS = ("eager", "fast", "graphed")
+# Llama-3-8B's attention shapes (the kernel benchmark's llama3-8b shape); MLP as in the model
+LLAMA3_8B = dict(vocab_size=1024, hidden_size=4096, intermediate_size=14336,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def build_llama_shape(dev, layers: int, seed: int = 0):
+    """A `layers`-layer LlamaForCausalLM with Llama-3-8B attention shapes, random bf16 weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, num_hidden_layers=layers,
+                                         attn_implementation="sdpa"))
+    return model.eval().requires_grad_(False).to(device=dev, dtype=torch.bfloat16)
+
+
+def sdpa_layer_ms(hq: int, hkv: int, n: int, d: int, dev) -> float | None:
+    """Median time of one layer's dense causal SDPA-flash forward (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return float(triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=hq != hkv), return_mode="median"))
 
 
 def _sync(cuda: bool) -> None:
@@ -93,9 +130,8 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
 
     nl = gates.config.num_layers
     gen = torch.Generator(device="cpu").manual_seed(n)
-    ids = torch.randint(SMOLLM2_135M["vocab_size"], (1, n), generator=gen).to(dev)
-    hq, hkv = SMOLLM2_135M["num_attention_heads"], SMOLLM2_135M["num_key_value_heads"]
-    d = SMOLLM2_135M["head_dim"]
+    ids = torch.randint(model.config.vocab_size, (1, n), generator=gen).to(dev)
+    hq, hkv, d = gates.config.num_heads, gates.config.num_kv_heads, gates.config.head_dim
     q = torch.empty(1, hq, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hq, N, D]: shape only
     k = torch.empty(1, hkv, n, d, device=dev, dtype=torch.bfloat16)  # [B, Hkv, N, D]
     providers = {"eager": GateProvider(gates, policy, fast=False),
@@ -121,6 +157,7 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
             call_ms = statistics.median(_wall_ms(call, cuda) for _ in range(a.reps))
             layer_ms = statistics.median(_wall_ms(every, cuda) / nl for _ in range(a.reps))
             timings[name] = (call_ms, layer_ms, _launches(call, cuda) if a.profile else None)
+    sdpa_ms = sdpa_layer_ms(hq, hkv, n, d, dev)
     base_call, base_layer = timings["eager"][:2]
     for name in PATHS:
         call_ms, layer_ms, launches = timings[name]
@@ -130,7 +167,10 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
                    speedup_call=round(base_call / call_ms, 2) if ok else None,
                    speedup_layer=round(base_layer / layer_ms, 2) if ok else None,
                    equal_to_fast=graphed_ok if name == "graphed" else None,
-                   vs_eager=checks.get(name))
+                   vs_eager=checks.get(name), shape=a.shape, heads=[hq, hkv], head_dim=d,
+                   block_size=gates.config.block_size,
+                   sdpa_layer_ms=None if sdpa_ms is None else round(sdpa_ms, 4),
+                   share=None if sdpa_ms is None else round(layer_ms / sdpa_ms, 4))
         if launches is not None:
             row.update(launches)
         rows.append(row)
@@ -139,7 +179,11 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gates", required=True, help="gate directory (gates.json + safetensors)")
+    ap.add_argument("--gates", required=True,
+                    help="gate directory (gates.json + safetensors), or 'random'")
+    ap.add_argument("--shape", default="smollm2-135m", choices=("smollm2-135m", "llama3-8b"))
+    ap.add_argument("--layers", type=int, default=2, help="layers of the llama3-8b shape")
+    ap.add_argument("--block-size", type=int, default=64, help="block of --gates random")
     ap.add_argument("--seqlens", default="8192,32768")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--policy", default=None,
@@ -161,17 +205,32 @@ def main(argv=None) -> int:
                triton=triton.__version__, cuda=torch.version.cuda if cuda else None)
     policy = Policy.from_dict(json.loads(a.policy)) if a.policy else \
         Policy(kind="density", density=a.density)
-    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; SmolLM2-135M "
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}; {a.shape} "
           f"shapes, bf16, batch 1; policy {policy.to_dict()}", flush=True)
-    model = build_model(dev, torch.bfloat16)
-    gates = load_gates(a.gates, model, map_location=dev)
+    if a.layer < 0:
+        ap.error(f"--layer: expected a layer index >= 0, got {a.layer}")
+    if a.shape == "llama3-8b":
+        model = build_llama_shape(dev, a.layers)
+        a.layer = min(a.layer, a.layers - 1)
+    else:
+        model = build_model(dev, torch.bfloat16)
+    if a.gates == "random":
+        from gating import GateConfig, GateSet
+
+        torch.manual_seed(0)
+        gates = GateSet(GateConfig.from_model(model, block_size=a.block_size, init="random"))
+        gates = gates.to(dev).eval()
+    else:
+        gates = load_gates(a.gates, model, map_location=dev)
+    if a.layer >= gates.config.num_layers:
+        ap.error(f"--layer: expected < {gates.config.num_layers} (the gates' layers), got {a.layer}")
     rows = []
     for n in (int(x) for x in a.seqlens.split(",")):
         rows += run_length(model, gates, policy, n, a, cuda, dev)
     print(f"\n| N | path | call ms (sync around) | per-layer ms (all {gates.config.num_layers} "
           "layers back to back) | speedup call | speedup per layer | masks vs eager "
-          "(tiles / rows differing) | launches |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(tiles / rows differing) | launches | dense SDPA ms per layer | share |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         v = r["vs_eager"]
         cmp = "-" if v is None else ("exact" if v["exact"] else
@@ -180,7 +239,9 @@ def main(argv=None) -> int:
         if r.get("graph_launches"):
             launches = f"{launches} + {r['graph_launches']} graph"
         print(f"| {r['N']} | {r['path']} | {r['call_ms']:.3f} | {r['layer_ms']:.3f} | "
-              f"{r['speedup_call'] or '-'} | {r['speedup_layer'] or '-'} | {cmp} | {launches} |")
+              f"{r['speedup_call'] or '-'} | {r['speedup_layer'] or '-'} | {cmp} | {launches} | "
+              f"{r['sdpa_layer_ms'] or '-'} | "
+              f"{'-' if r['share'] is None else format(100 * r['share'], '.1f') + '%'} |")
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:
