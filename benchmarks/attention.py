@@ -23,6 +23,7 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
                                               scores_to_kv_indices,
                                               triton_block_sparse_attention,
                                               triton_dense_causal_attention)
+from adaptive_sparse.attention.flex import kernel_options
 from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # Hq, Hkv, D
@@ -239,13 +240,14 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None) -> list[dic
                                                                               scale)))
         if flex_fn is not None:
             bm = flex_block_mask(mask, Hq)
-            fl = flex_fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=Hq != Hkv)
+            kopt = kernel_options(bs) if torch.cuda.is_available() else None
+            flex = lambda: flex_fn(q, k, v, block_mask=bm, scale=scale,  # noqa: E731
+                                   kernel_options=kopt, enable_gqa=Hq != Hkv)
+            fl = flex()
             err_flex = rel_err(fl[0, heads][:, rows], ref)
             del fl
-            flex_ms = bench(lambda: flex_fn(q, k, v, block_mask=bm, scale=scale,
-                                            enable_gqa=Hq != Hkv))
-            flex_graph = graph_bench(lambda: flex_fn(q, k, v, block_mask=bm, scale=scale,
-                                                     enable_gqa=Hq != Hkv))
+            flex_ms = bench(flex)
+            flex_graph = graph_bench(flex)
             row.update(flex_ms=flex_ms, flex_tflops=flops / flex_ms / 1e9, err_flex=err_flex,
                        flex_graph_ms=flex_graph)
             del bm

@@ -299,7 +299,7 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
         agree = mask_agreement(model, gates, policies[0][2], ids, a)
         log({**base, "kind": "fast_vs_reference_masks", "config": policies[0][0], **agree})
 
-    def measure(name, attn_name, ctx_factory, density=None, clock_provider=None):
+    def measure(name, attn_name, ctx_factory, density=None, clock_provider=None, ppl=True):
         with ctx_factory():
             ms, times = median_ms(lambda: forward(model, ids), a.reps, a.warmup, cuda)
         attn_clock = Clock(cuda)
@@ -316,7 +316,7 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
         row = {**base, "kind": "prefill", "config": name, "density": density, "ms": ms,
                "times_ms": [round(t, 3) for t in times], "attn_fn_ms": attn_ms,
                "gate_ms": gate_ms, "kernel_ms": attn_ms - gate_ms, "ok": ok,
-               "perplexity": perplexity(model, ppl_seqs, ctx_factory)}
+               "perplexity": perplexity(model, ppl_seqs, ctx_factory) if ppl else None}
         log(row)
         return row
 
@@ -336,15 +336,17 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
                 model, timed, block_size=a.block_size, backend=a.backend), achieved, timed))
             rows[-1].update(target_density=target, policy=policy.to_dict())
         replay = ReplayProvider(masks)
+        # replayed masks belong to the timed sequence only: no perplexity for them
         rows.append(measure(f"{name} replayed", "adaptive_sparse", lambda: sparse_attention(
-            model, replay, block_size=a.block_size, backend=a.backend), achieved))
+            model, replay, block_size=a.block_size, backend=a.backend), achieved, ppl=False))
         rows[-1]["target_density"] = target
         del masks, replay
     for r in rows:
         r["sdpa_ms"] = sdpa_ms
         r["speedup_vs_sdpa"] = sdpa_ms / r["ms"] if ok else None
         r["gate_share"] = r["gate_ms"] / r["ms"]
-        r["ppl_change"] = None if sdpa_ppl is None else r["perplexity"] / sdpa_ppl - 1.0
+        r["ppl_change"] = None if sdpa_ppl is None or r["perplexity"] is None \
+            else r["perplexity"] / sdpa_ppl - 1.0
     return ([{**base, "kind": "check", **check}] if check else []) + rows
 
 
@@ -373,9 +375,9 @@ def markdown(env, rows, a) -> str:
         f"(share of each row's causal blocks; sink and diagonal kept); `gate-tauT`: policy "
         f"`threshold` with tau T calibrated to the target density on another sequence. Density = "
         f"mean over the layers the gate serves. 'replayed' = the same masks returned without "
-        f"running the gate. Prefill: median of {a.reps} CUDA-event-timed calls after {a.warmup} "
-        f"warmup. Attention fn / gate: one instrumented call, CUDA events around each layer's "
-        f"attention function (gate included) and around the gate provider, summed over {L} "
+        f"running the gate (timing only). Prefill: median of {a.reps} CUDA-event-timed calls "
+        f"after {a.warmup} warmup. Attention fn / gate: one instrumented call, CUDA events "
+        f"around each layer's attention function (gate included) and around the gate provider, summed over {L} "
         f"layers. Rows beyond the model's context (max_position_embeddings) are timing only.", ""]
     checks = [r for r in rows if r["kind"] == "check"]
     if checks:

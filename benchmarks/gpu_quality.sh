@@ -103,7 +103,7 @@ extras)
     fi
     if [ "${PROFILE_LLAMA:-0}" = 1 ]; then
         python3 benchmarks/profile_gate.py --shape llama3-8b --layers 2 --gates random \
-            --block-size 128 --seqlens 32768,131072 --reps 20 \
+            --block-size 128 --seqlens 8192,32768,131072 --reps 20 \
             --json $Q/run_e2e/gate_profile_llama.json > $Q/profile_llama.log 2>&1
     fi
     if [ "${MASKS:-0}" = 1 ]; then

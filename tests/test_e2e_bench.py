@@ -75,5 +75,5 @@ def test_real_mode_perplexity_agrees_between_sdpa_and_ours(tmp_path):
     assert abs(ours / sdpa - 1) < 0.02  # bf16 on both paths, same masks (dense)
     gate = prefill["gate-0.6"]
     assert gate["ppl_change"] == pytest.approx(gate["perplexity"] / sdpa - 1)
-    assert gate["perplexity"] == pytest.approx(prefill["gate-0.6 replayed"]["perplexity"])
+    assert prefill["gate-0.6 replayed"]["perplexity"] is None  # its masks fit one sequence
     assert "smollm2-135m, real weights" in md

@@ -26,6 +26,8 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if return_lse:
         from torch.nn.attention.flex_attention import AuxRequest
         kwargs["return_aux"] = AuxRequest(lse=True)
+    if compile:
+        kwargs["kernel_options"] = kernel_options(m.block_size)
     out = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv, **kwargs)
     if return_lse:
         o, aux = out
@@ -35,6 +37,12 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 _COMPILED = None
+
+
+def kernel_options(block_size: int) -> dict:
+    """Compiled Flex's tile sizes for a BlockMask of `block_size`: its default 128-row query
+    tile must divide the mask's blocks, so smaller blocks get tiles of their own size."""
+    return {} if block_size >= 128 else {"BLOCK_M": block_size, "BLOCK_N": block_size}
 
 
 def _compiled():
