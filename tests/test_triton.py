@@ -273,17 +273,20 @@ def test_gpu_every_autotune_config_is_correct():
     from adaptive_sparse.attention.triton.forward import _configs, keep
     kt = _kernels()
     gen = torch.Generator().manual_seed(11)
-    for D, bs in ((64, 64), (128, 128), (128, 64)):
-        q = torch.randn(1, 8, 700, D, generator=gen).to("cuda", torch.bfloat16)
-        k = torch.randn(1, 2, 700, D, generator=gen).to("cuda", torch.bfloat16)
-        v = torch.randn(1, 2, 700, D, generator=gen).to("cuda", torch.bfloat16)
+    for D, bs, dtype in ((64, 64, torch.bfloat16), (128, 128, torch.bfloat16),
+                         (128, 64, torch.bfloat16), (256, 64, torch.bfloat16),
+                         (256, 64, torch.float32)):
+        q = torch.randn(1, 8, 700, D, generator=gen).to("cuda", dtype)
+        k = torch.randn(1, 2, 700, D, generator=gen).to("cuda", dtype)
+        v = torch.randn(1, 2, 700, D, generator=gen).to("cuda", dtype)
         mask = random_mask(1, 2, 700, 700, bs, 0.5, gen=gen, device="cuda")
         ref = oracle(q, k, v, mask, 0.1)[0]
         bound = 1.5 * rel_err(eager_low_precision(q, k, v, mask, 0.1), ref) + 1e-5
-        args = {"BS": bs, "HEAD_DIM": D, "G": 4, "SHARED": True}
-        for cfg in _configs():
-            if not keep(cfg, args):
-                continue
+        args = {"BS": bs, "HEAD_DIM": D, "G": 4, "SHARED": True,
+                "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+        kept = [cfg for cfg in _configs() if keep(cfg, args)]
+        assert kept, (D, bs, dtype)
+        for cfg in kept:
             pinned = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             out = kt.triton_block_sparse_attention(q, k, v, mask, 0.1, config=pinned)
             assert rel_err(out, ref) <= bound, pinned
@@ -291,12 +294,16 @@ def test_gpu_every_autotune_config_is_correct():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("bs, D", [(64, 64), (128, 128)])
-def test_gpu_block_maps_match_fp64(bs, D):
+@pytest.mark.parametrize("bs, D, dtype", [(64, 64, torch.bfloat16), (128, 128, torch.bfloat16),
+                                          (64, 256, torch.bfloat16), (64, 256, torch.float32),
+                                          (32, 256, torch.float32)])
+def test_gpu_block_maps_match_fp64(bs, D, dtype):
+    """Includes Gemma 3's head_dim 256 in fp32 (featurization), whose tiles must be sized to
+    fit shared memory."""
     kt = _kernels()
     gen = torch.Generator().manual_seed(bs + D)
-    q = torch.randn(1, 8, 1000, D, generator=gen).to("cuda", torch.bfloat16)
-    k = torch.randn(1, 2, 1100, D, generator=gen).to("cuda", torch.bfloat16)
+    q = torch.randn(1, 8, 1000, D, generator=gen).to("cuda", dtype)
+    k = torch.randn(1, 2, 1100, D, generator=gen).to("cuda", dtype)
     bmax, bsum = kt.block_attention_maps_triton(q, k, block_size=bs)
     rmax, rsum = block_attention_maps(q.double(), k.double(), block_size=bs)
     assert float((bmax.double() - rmax).abs().max()) < 1e-4

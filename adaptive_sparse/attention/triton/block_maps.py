@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptive_sparse.attention.triton.forward import LOG2E, check_head_dim, launch_forward
+from adaptive_sparse.attention.triton.forward import (LOG2E, SMEM_BUDGET, check_head_dim,
+                                                     launch_forward)
 
 
 @triton.jit
@@ -121,11 +122,15 @@ def block_attention_maps_triton(q: torch.Tensor, k: torch.Tensor, *, block_size:
     bsum = torch.zeros_like(bmax)
     if num_warps is None:
         num_warps = 8 if block_size * D >= 128 * 128 else 4
+    # pipelined K tiles next to the Q tile must fit in shared memory (fp32 at head_dim 256)
+    tile = q.element_size() * block_size * D
+    num_stages = max(1, min(3, (SMEM_BUDGET - tile) // tile))
     block_maps_kernel[(Qb, B * Hq)](
         q, k, lse, bmax, bsum, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), Hq, N, M, M - N if causal else 0,
         scale * LOG2E, Qb, Kb, G=Hq // Hkv, BS=block_size, HEAD_DIM=D, CAUSAL=causal,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
     rows = torch.clamp(N - torch.arange(Qb, device=q.device) * block_size, max=block_size)
     bsum = bsum / rows.float()[:, None]
     bmax = bmax / bmax.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -175,7 +175,8 @@ def _configs():
     for use_desc in (True, False):
         for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3),
                                                 (128, 128, 8, 2), (128, 128, 8, 3),
-                                                (64, 64, 4, 3), (64, 128, 4, 2)):
+                                                (64, 64, 4, 3), (64, 128, 4, 2),
+                                                (64, 32, 4, 2), (32, 32, 4, 2)):
             for gh in (1, 2, 4, 8):
                 if block_m // gh >= 16:
                     out.append(triton.Config(
@@ -205,7 +206,20 @@ def keep(config, args) -> bool:
         return False
     if d >= 256 and config.num_stages > 2:
         return False
+    if (block_n == 32 or gh * rb == 32) and d < 256:
+        return False  # small tiles only where the larger ones do not fit (head_dim 256)
+    if d >= 256:
+        return shared_bytes(config, d, 4 if args.get("DOT_PREC") == "ieee" else 2) <= SMEM_BUDGET
     return True
+
+
+SMEM_BUDGET = 200 * 1024  # of the 227 KiB an H100 block may use, leaving room for scratch
+
+
+def shared_bytes(config, head_dim: int, elem_bytes: int) -> int:
+    """Estimated shared memory of a config: the Q tile plus num_stages K and V tiles."""
+    kw = config.kwargs
+    return elem_bytes * head_dim * (kw["GH"] * kw["RB"] + 2 * config.num_stages * kw["BLOCK_N"])
 
 
 def _prune(configs, named_args, **kwargs):
