@@ -26,7 +26,8 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
 from adaptive_sparse.attention.flex import kernel_options
 from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
 
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # Hq, Hkv, D
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64),
+          "gemma3-270m": (4, 1, 256)}  # Hq, Hkv, D (Gemma 3: its global layers)
 
 
 def environment() -> dict:
@@ -444,8 +445,10 @@ def main(argv=None) -> int:
                 targets.append(target_case(n, bs, gen, log))
         for n in ints(a.gate_seqlens):
             gates.append(gate_case(n, 64, 0.1, gen, log))
-    _write(a.json, json.dumps({"env": env, "rows": rows, "targets": targets, "gates": gates},
-                              indent=1))
+    from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
+    tuned = {str(k): str(v) for k, v in bsa_fwd_autotuned.cache.items()}  # key -> chosen config
+    _write(a.json, json.dumps({"env": env, "rows": rows, "targets": targets, "gates": gates,
+                               "autotuned": tuned}, indent=1))
     md = markdown(env, rows, targets, gates)
     _write(a.md, md)
     print(md, flush=True)
