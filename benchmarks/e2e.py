@@ -283,8 +283,14 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     base = dict(N=n, block_size=a.block_size, backend=a.backend, layers=layers,
                 beyond_trained_context=ctx is not None and n > ctx)
     check = check_hidden(model, ids, a.backend, a.block_size) if n <= a.check_max_len else None
+    extra = []  # check, calibration and mask-agreement rows, logged and returned
+
+    def note(row):
+        log(row)
+        extra.append(row)
+
     if check is not None:
-        log({**base, "kind": "check", **check})
+        note({**base, "kind": "check", **check})
     ok = check is None or check["ok"]
 
     fast = None if a.gate_fast == "auto" else False
@@ -292,12 +298,12 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     for t in a.threshold_list:
         t0 = time.time()
         cal = calibrate_tau(model, gates, cal_ids, t, a, fast)
-        log({**base, "kind": "calibration", "target_density": t, **cal,
-             "seconds": time.time() - t0})
+        note({**base, "kind": "calibration", "target_density": t, **cal,
+              "seconds": time.time() - t0})
         policies.append((f"gate-tau{cal['tau']:.3g}", t, Policy(kind="threshold", tau=cal["tau"])))
     if cuda and fast is None and policies:
         agree = mask_agreement(model, gates, policies[0][2], ids, a)
-        log({**base, "kind": "fast_vs_reference_masks", "config": policies[0][0], **agree})
+        note({**base, "kind": "fast_vs_reference_masks", "config": policies[0][0], **agree})
 
     def measure(name, attn_name, ctx_factory, density=None, clock_provider=None, ppl=True):
         with ctx_factory():
@@ -347,7 +353,7 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
         r["gate_share"] = r["gate_ms"] / r["ms"]
         r["ppl_change"] = None if sdpa_ppl is None or r["perplexity"] is None \
             else r["perplexity"] / sdpa_ppl - 1.0
-    return ([{**base, "kind": "check", **check}] if check else []) + rows
+    return extra + rows
 
 
 def _fmt(x, spec):

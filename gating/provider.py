@@ -217,6 +217,7 @@ def _as_policy(policy):
 
 
 _CACHE_LIMIT = 4096
+GRAPH_MAX_ELEMENTS = 1 << 26  # Hq * N * D of one sequence: Llama-3-8B shapes up to 16k
 _KERNEL_KINDS = ("top_k", "density", "threshold")
 
 
@@ -239,7 +240,11 @@ class GateProvider:
     cuda_graphs: replay each (layer, batch, length, dtype) fast-path call of a prefill
     (N == M) from a CUDA graph captured on its second call (a length seen once stays eager;
     falls back to eager when capture fails, when `keep_scores` is set, inside an outer
-    capture, or for "top_p"). None (default) = on whenever the fast path runs on CUDA.
+    capture, or for "top_p"). None (default) = on whenever the fast path runs on CUDA and the
+    captured queries hold at most `GRAPH_MAX_ELEMENTS` elements per sequence: a replay copies q/k
+    into the graph's static inputs, which outweighs the launches it saves on large inputs
+    (H100, `benchmarks/profile_gate.py`: Llama-3-8B shapes 0.26 vs 0.61 ms per layer at 8k with
+    and without graphs, 0.81 vs 0.57 at 32k; SmolLM2 0.22 vs 0.65 at 32k).
     The policy and the gate weights are read when a length is first seen: assign
     `provider.policy` to change the policy (caches are dropped); changing gate weights in place
     is detected."""
@@ -390,7 +395,9 @@ class GateProvider:
     def _fast_mask(self, layer_idx: int, q_len: int, kv_len: int) -> BlockSparseMask:
         q_pre, k_pre = self._inputs(layer_idx, q_len, kv_len)
         bs = self.gate_set.config.block_size
-        graphs = self.cuda_graphs if self.cuda_graphs is not None else True
+        graphs = self.cuda_graphs
+        if graphs is None:
+            graphs = q_pre[0].numel() <= GRAPH_MAX_ELEMENTS
         if graphs and q_pre.is_cuda and q_len == kv_len and not self.keep_scores \
                 and self.policy.kind in _KERNEL_KINDS \
                 and not torch.cuda.is_current_stream_capturing():

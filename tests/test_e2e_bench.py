@@ -39,6 +39,8 @@ def test_random_mode_checks_calibrates_and_replays(tmp_path, monkeypatch):
                                "--densities", "0.5", "--thresholds", "0.3"])
     check = next(r for r in rows if r["kind"] == "check")
     assert check["ok"] and 0 < check["err_sdpa"] < 0.1 and check["err_ours"] < 0.1
+    cal = next(r for r in rows if r["kind"] == "calibration")
+    assert cal["target_density"] == 0.3 and cal["tau"] > 0
     prefill = {r["config"]: r for r in rows if r["kind"] == "prefill"}
     tau_cfg = next(c for c in prefill if c.startswith("gate-tau") and "replayed" not in c)
     assert set(prefill) == {"sdpa-dense", "ours-dense", "gate-0.5", "gate-0.5 replayed",

@@ -316,6 +316,32 @@ def test_gpu_graph_replay_equals_eager_and_reference(pol, seq_len):
     graphed.detach()
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("limit, graphed", [(1 << 26, True), (1000, False)])
+def test_gpu_default_graphs_only_for_small_inputs(limit, graphed, monkeypatch):
+    """cuda_graphs=None replays graphs only while the captured queries hold at most
+    GRAPH_MAX_ELEMENTS elements (6 heads x 1024 x 64 here); masks are the same either way."""
+    from gating import provider as provider_mod
+
+    monkeypatch.setattr(provider_mod, "GRAPH_MAX_ELEMENTS", limit)
+    model, _ = _gpu_model(1024)
+    gates = GateSet(GateConfig.from_model(model, block_size=64, init="random")).cuda()
+    policy = Policy(kind="density", density=0.2)
+    default = GateProvider(gates, policy, model)
+    eager = GateProvider(gates, policy, cuda_graphs=False)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (1, 1024), device="cuda")
+        _, got = _run_gpu(model, default, ids)
+        eager.capture = default.capture
+        q = torch.empty(1, 6, 1024, 64, device="cuda")
+        k = torch.empty(1, 2, 1024, 64, device="cuda")
+        for layer, m in got.items():
+            assert torch.equal(m.kv_indices, eager(layer, q, k).kv_indices)
+    assert any(v is not None for v in default._graphs.values()) == graphed
+    default.detach()
+
+
 def _run_gpu(model, provider, ids):
     from adaptive_sparse.models import sparse_attention
 
