@@ -22,7 +22,8 @@ Per sequence length, in one process on identical token ids:
   at each density (gate network and mask building included), and the same masks replayed
   without the gate;
 - one instrumented call per config: time inside the attention function summed over layers,
-  and inside the gate provider (CUDA events around each call).
+  and inside the gate provider (CUDA events around each call);
+- on CUDA, the fast gate path's masks against the reference path's (tiles that differ).
 
     python3 benchmarks/e2e.py --gates .e2e/gates --json out.json --md out.md [--seqlens 8192]
     python3 benchmarks/e2e.py --model gemma3-270m --gates G --seqlens 32768 --thresholds 0.1
