@@ -161,15 +161,19 @@ def test_mask_function_refuses_padding():
         adaptive_sparse_mask(2, 4, 4, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
 
 
-@pytest.mark.parametrize("n,m,window,hq,hkv", [(300, 300, 100, 4, 2), (7, 520, 257, 3, 3),
-                                               (1, 90, 512, 2, 1)])
-def test_local_window_attention_vs_fp64(n, m, window, hq, hkv):
+@pytest.mark.parametrize("n,m,window,hq,hkv,chunk", [(300, 300, 100, 4, 2, 64),
+                                                     (7, 520, 257, 3, 3, 64),
+                                                     (1, 90, 512, 2, 1, 64),
+                                                     (2600, 2600, 512, 2, 1, None)])
+def test_local_window_attention_vs_fp64(n, m, window, hq, hkv, chunk):
+    """chunk None: the default chunk size, over more than one chunk."""
     g = torch.Generator().manual_seed(n + m)
     q = torch.randn(2, hq, n, 32, generator=g)
     k = torch.randn(2, hkv, m, 32, generator=g)
     v = torch.randn(2, hkv, m, 32, generator=g)
     out = torch.full_like(q, float("nan"))
-    out[:] = local_window_attention(q, k, v, window=window, scale=0.2, chunk=64)
+    kw = {} if chunk is None else {"chunk": chunk}
+    out[:] = local_window_attention(q, k, v, window=window, scale=0.2, **kw)
     kk = k.double().repeat_interleave(hq // hkv, 1)
     vv = v.double().repeat_interleave(hq // hkv, 1)
     s = q.double() @ kk.transpose(-1, -2) * 0.2
