@@ -310,6 +310,14 @@ def test_gpu_block_maps_match_fp64(bs, D, dtype):
     assert float((bsum.double() - rsum).abs().max()) < 1e-4
 
 
+def test_block_maps_refuse_tiles_that_cannot_fit_in_shared_memory():
+    from adaptive_sparse.attention.triton.block_maps import check_fits
+    check_fits(4, 64, 256)  # fp32 at Gemma's head_dim: fits
+    check_fits(2, 128, 256)
+    with pytest.raises(ValueError, match="^block_size: 128 with head_dim 256 in torch.float32"):
+        check_fits(4, 128, 256, torch.float32)
+
+
 def test_mean_blocks_per_row_is_cached_per_tensor_and_buckets_are_powers_of_two():
     from adaptive_sparse.attention.triton import mean_blocks_per_row
     from adaptive_sparse.attention.triton.forward import pow2_bucket

@@ -18,6 +18,16 @@ from adaptive_sparse.attention.triton.forward import (LOG2E, SMEM_BUDGET, check_
                                                      launch_forward)
 
 
+def check_fits(elem_bytes: int, block_size: int, head_dim: int, dtype=None) -> None:
+    """A query tile and one key tile of `block_size` x `head_dim` must fit in shared memory
+    (`SMEM_BUDGET`) for the block-map pass; refuses what cannot run (fp32 at 128 x 256)."""
+    if 2 * elem_bytes * block_size * head_dim > SMEM_BUDGET:
+        raise ValueError(
+            f"block_size: {block_size} with head_dim {head_dim} in {dtype or elem_bytes} does "
+            f"not fit in GPU shared memory for the block maps; use block_size <= "
+            f"{SMEM_BUDGET // (2 * elem_bytes * head_dim)} or 16-bit inputs")
+
+
 @triton.jit
 def _map_tile(q, k_base, lse2, rows, start_n, stride_km, N_Q, N_KV, OFFSET, QK_SCALE,
               HEAD_DIM: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr,
@@ -109,6 +119,8 @@ def block_attention_maps_triton(q: torch.Tensor, k: torch.Tensor, *, block_size:
     q = q.contiguous()
     k = k.contiguous()
     interpreted = not q.is_cuda
+    if not interpreted:
+        check_fits(q.element_size(), block_size, D, q.dtype)
     if lse_config is None and interpreted:
         lse_config = {"GH": 1, "RB": min(64, block_size), "BLOCK_N": min(64, block_size),
                       "USE_DESC": False, "num_warps": 4, "num_stages": 2}
