@@ -40,6 +40,13 @@ def write_json(path, obj) -> None:
 
 
 @torch.no_grad()
+def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [B, L, d] (after the final norm, before the LM head)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    return base(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
 def sequence_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     """(summed next-token NLL in nats, number of predicted tokens) of input_ids LongTensor [B, L].
 
@@ -54,8 +61,7 @@ def sequence_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
         raise ValueError(f"input_ids: expected at least 2 tokens, got {input_ids.shape[1]}")
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, d]
+    hidden = final_hidden(model, ids)  # [B, L, d]
     head = model.get_output_embeddings()
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config

@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from adaptive_sparse.evaluate import final_hidden
 from adaptive_sparse.models import sparse_attention
 from adaptive_sparse.policies import Policy
 from benchmarks.attention import _write, environment
@@ -174,21 +175,15 @@ def median_ms(fn, reps: int, warmup: int, cuda: bool) -> tuple[float, list[float
     return statistics.median(times), times
 
 
-def _hidden(model, ids):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    with torch.no_grad():
-        return base(input_ids=ids, use_cache=False).last_hidden_state
-
-
 def check_hidden(model, ids, backend: str, block_size: int) -> dict:
     """Final hidden states (after the last norm, before the LM head) of bf16 SDPA and of ours
     (dense mask) against an fp64 SDPA oracle with the same weights: relative Frobenius errors."""
     oracle_model = copy.deepcopy(model).to(torch.float64)
-    ref = _hidden(oracle_model, ids).double()
+    ref = final_hidden(oracle_model, ids).double()
     del oracle_model
-    sdpa = _hidden(model, ids).double()
+    sdpa = final_hidden(model, ids).double()
     with sparse_attention(model, None, block_size=block_size, backend=backend):
-        ours = _hidden(model, ids).double()
+        ours = final_hidden(model, ids).double()
     norm = ref.norm()
     out = dict(err_sdpa=float((sdpa - ref).norm() / norm),
                err_ours=float((ours - ref).norm() / norm),
@@ -236,16 +231,29 @@ def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 1
     return best
 
 
+def compare_masks(masks: dict, ref: dict) -> dict:
+    """Differences between two {layer: BlockSparseMask} dicts: exact (same index tables),
+    tiles and rows that differ, tiles compared, share of tiles that differ."""
+    tiles = rows = total = 0
+    exact = True
+    for layer, m in masks.items():
+        r = ref[layer]
+        exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
+            and torch.equal(m.kv_indices, r.kv_indices)
+        diff = m.to_dense() != r.to_dense()
+        tiles += int(diff.sum())
+        rows += int(diff.any(-1).sum())
+        total += diff.numel()
+    return dict(exact=bool(exact), tiles_differ=tiles, rows_differ=rows, tiles=total,
+                tile_fraction=tiles / max(total, 1))
+
+
 def mask_agreement(model, gates, policy, ids, a) -> dict:
     """Tiles where the fast gate path's masks differ from the reference path's, all layers."""
     fast = gate_masks(model, gates, policy, ids, a, fast=True)
     ref = gate_masks(model, gates, policy, ids, a, fast=False)
-    diff = total = 0
-    for layer, m in ref.items():
-        x, y = m.to_dense(), fast[layer].to_dense()
-        diff += int((x != y).sum())
-        total += x.numel()
-    return {"tiles_differ": diff, "tiles": total}
+    cmp = compare_masks(fast, ref)
+    return {"tiles_differ": cmp["tiles_differ"], "tiles": cmp["tiles"]}
 
 
 def perplexity(model, seqs, ctx_factory) -> float | None:

@@ -5,8 +5,9 @@ replayed from CUDA graphs, next to one layer's dense SDPA-flash attention at the
 random weights, bf16) and loads a trained gate set; `--shape llama3-8b` builds a `--layers`-layer
 Llama with Llama-3-8B's attention (32 query / 8 KV heads, d=128, hidden 4096) and random
 weights, with `--gates random` (a seeded random gate set at `--block-size`: the gate's cost does
-not depend on its weight values under the density policy). Either runs one prefill so the provider's hooks capture every layer's
-pre-rotary q/k, then times three providers on those captured tensors:
+not depend on its weight values under the density policy). Either runs one prefill so the
+provider's hooks capture every layer's pre-rotary q/k, then times three providers on those
+captured tensors:
 
 - `eager`: the reference path (`Gate.forward` + `Policy.to_mask`), `GateProvider(fast=False)`;
 - `fast`: cached per-length tables, `Gate.fast_scores`, one-launch `scores_to_kv_indices`,
@@ -21,7 +22,7 @@ layer). Speedups are eager / path. Before timing, every layer's mask from `fast`
 (third call: a replay) is compared with `eager` (tiles that differ, rows that differ);
 `graphed` must equal `fast` exactly, else no speedup is reported for it. `--profile` adds the
 kernel-launch count of one call per path (torch.profiler). `sdpa_layer_ms`: median
-`triton.testing.do_bench` time of dense causal SDPA (flash backend, GQA) on random bf16
+time (`benchmarks.attention.bench`) of dense causal SDPA (flash backend, GQA) on random bf16
 q/k/v of one layer's shape; `share` = layer_ms / sdpa_layer_ms. Prints a table; `--json PATH`
 writes the rows.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -42,7 +42,8 @@ import time
 import torch
 
 from adaptive_sparse.policies import Policy
-from benchmarks.e2e import build_model
+from benchmarks.attention import _write, bench
+from benchmarks.e2e import build_model, compare_masks
 
 PATHS = ("eager", "fast", "graphed")
 # Llama-3-8B's attention shapes (the kernel benchmark's llama3-8b shape); MLP as in the model
@@ -65,15 +66,14 @@ def sdpa_layer_ms(hq: int, hkv: int, n: int, d: int, dev) -> float | None:
     """Median time of one layer's dense causal SDPA-flash forward (CUDA only)."""
     if dev.type != "cuda":
         return None
-    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return float(triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=hq != hkv), return_mode="median"))
+        return bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=hq != hkv))
 
 
 def _sync(cuda: bool) -> None:
@@ -109,22 +109,6 @@ def _launches(fn, cuda: bool) -> dict:
     return counts
 
 
-def _compare(masks: dict, ref: dict) -> dict:
-    """Differences between two {layer: BlockSparseMask} dicts."""
-    tiles = rows = total = 0
-    exact = True
-    for layer, m in masks.items():
-        r = ref[layer]
-        exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
-            and torch.equal(m.kv_indices, r.kv_indices)
-        diff = m.to_dense() != r.to_dense()
-        tiles += int(diff.sum())
-        rows += int(diff.any(-1).sum())
-        total += diff.numel()
-    return dict(exact=bool(exact), tiles_differ=tiles, rows_differ=rows,
-                tile_fraction=tiles / max(total, 1))
-
-
 def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
     from gating import GateProvider
 
@@ -144,9 +128,9 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
             p.capture = providers["eager"].capture
         for _ in range(3):  # graphed: eager, then capture + replay, then replay
             masks = {name: {L: p(L, q, k) for L in range(nl)} for name, p in providers.items()}
-        checks = {"fast": _compare(masks["fast"], masks["eager"]),
-                  "graphed": _compare(masks["graphed"], masks["eager"])}
-        graphed_ok = _compare(masks["graphed"], masks["fast"])["exact"]
+        checks = {"fast": compare_masks(masks["fast"], masks["eager"]),
+                  "graphed": compare_masks(masks["graphed"], masks["eager"])}
+        graphed_ok = compare_masks(masks["graphed"], masks["fast"])["exact"]
         del masks
         timings = {}
         for name, p in providers.items():
@@ -243,11 +227,7 @@ def main(argv=None) -> int:
               f"{r['sdpa_layer_ms'] or '-'} | "
               f"{'-' if r['share'] is None else format(100 * r['share'], '.1f') + '%'} |")
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, a.json)
+        _write(a.json, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     return 0
 
 
