@@ -78,7 +78,8 @@ def mean_blocks_per_row(mask: BlockSparseMask) -> float:
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   mask: BlockSparseMask, scale: float, return_lse: bool = False,
                                   *, config: dict | None = None,
-                                  blocks_per_row: float | None = None):
+                                  blocks_per_row: float | None = None,
+                                  out: torch.Tensor | None = None):
     """Block-sparse attention over the key blocks listed in `mask`.
 
     q [B, Hq, N, D], k/v [B, Hkv, M, D] (Hq % Hkv == 0; K/V never repeated), fp32/fp16/bf16,
@@ -88,7 +89,8 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     num_stages); None autotunes on CUDA, keyed by the number of query blocks and the mean kept
     blocks per row (`blocks_per_row`, or `mean_blocks_per_row(mask)` when None), and uses a small
     fixed config in the interpreter.
-    Returns out [B, Hq, N, D] in q.dtype, and lse fp32 [B, Hq, N] (natural log, -inf for rows
+    Returns out [B, Hq, N, D] in q.dtype (written into `out`, a contiguous tensor of that
+    shape, dtype and device, when given), and lse fp32 [B, Hq, N] (natural log, -inf for rows
     with no visible key) when `return_lse`.
     """
     q, k, v = _prepare(q, k, v)
@@ -102,7 +104,7 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q, k, v, kv_num_blocks=mask.kv_num_blocks.contiguous(),
         kv_indices=mask.kv_indices.contiguous(), block_size=mask.block_size, causal=mask.causal,
         scale=float(scale), heads_per_mask=Hq // mask.heads, shared=shared,
-        return_lse=return_lse, config=config, blocks_per_row=blocks_per_row)
+        return_lse=return_lse, config=config, blocks_per_row=blocks_per_row, out=out)
     return (out, lse) if return_lse else out
 
 

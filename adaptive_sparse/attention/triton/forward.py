@@ -265,15 +265,21 @@ def pow2_bucket(x: float) -> int:
 def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causal: bool,
                    scale: float, heads_per_mask: int, shared: bool, dense: bool = False,
                    write_o: bool = True, return_lse: bool = False, config: dict | None = None,
-                   blocks_per_row: float | None = None):
+                   blocks_per_row: float | None = None, out: torch.Tensor | None = None):
     """Launch `bsa_fwd_kernel`. q [B, Hq, N, D], k/v [B, Hkv, M, D] (last dim contiguous);
     kv_num_blocks int32 [Bm, Hm, Qb], kv_indices int32 [Bm, Hm, Qb, Kb] (ignored when dense).
     `blocks_per_row` (mean kept key blocks per query block; None = the causal maximum) picks the
     autotune bucket, so sparse launches are not run with a config tuned for dense rows.
+    `out` (contiguous [B, Hq, N, D], q's dtype and device) receives the output when given.
     Returns (out [B, Hq, N, D] or None, lse fp32 [B, Hq, N] or None)."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
-    out = torch.empty_like(q) if write_o else q.new_empty(1)
+    if out is not None:
+        check_out(out, q)
+    elif write_o:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        out = q.new_empty(1)
     lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device) if return_lse \
         else q.new_empty(1, dtype=torch.float32)
     sn = kv_num_blocks.stride()
@@ -308,6 +314,18 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
         grid = (qb * (block_size // cfg["RB"]), B * Hq // cfg["GH"])
         bsa_fwd_kernel[grid](*args, **meta, **cfg)
     return (out if write_o else None), (lse if return_lse else None)
+
+
+def check_out(out, q) -> None:
+    """Raise unless `out` can receive the output for `q`: a contiguous tensor of q's shape,
+    dtype and device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out: expected shape {tuple(q.shape)}, dtype {q.dtype}, device "
+                         f"{q.device}, got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous tensor, got strides {out.stride()}")
 
 
 def check_head_dim(d: int) -> None:
