@@ -1,0 +1,258 @@
+"""Block-sparse split-KV decode attention (flash-decoding) in Triton.
+
+One program per (split, sequence, KV head): it loads the query rows of all G query heads of the
+KV head's group (padded to GP >= 16 rows for `tl.dot`), walks its share of the group's selected
+cache blocks (a contiguous slice of `kv_indices`, never the whole cache) with an online softmax
+in fp32, and writes a partial output and log-sum-exp. `decode_merge_fwd_kernel` then combines
+the splits of each row with their log-sum-exps. With one split the first kernel writes the final
+output directly. Tokens at or past a sequence's length are masked, so ragged batches and the last
+partial block need no padding.
+
+Stand-alone: nothing here imports the reference implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def decode_split_fwd_kernel(
+    Q, K, V, O, LSE, O_PART, LSE_PART, SEQLENS, KV_NUM, KV_IDX,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_km,
+    stride_vb, stride_vh, stride_vm,
+    stride_ob, stride_oh,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih,
+    H_KV, BLOCKS_PER_SPLIT, QK_SCALE, WORK_BUCKET,
+    G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DENSE: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (splits, B * H_KV). Q/O [B, H_KV * G, D]; K/V [B, H_KV, M, D]; SEQLENS int32 [B];
+    KV_NUM int32 [B, H_KV], KV_IDX int32 [B, H_KV, Kmax] (any strides; ignored when DENSE);
+    LSE fp32 [B, H_KV * G]. Not DIRECT: O_PART fp32 [B, H_KV, splits, GP, D] and LSE_PART fp32
+    [B, H_KV, splits, GP] (contiguous) receive each split's normalized output and log-sum-exp
+    (base 2). WORK_BUCKET is an autotune key only."""
+    SUB: tl.constexpr = BS // BLOCK_N
+    split = tl.program_id(0)
+    n_splits = tl.num_programs(0)
+    bh = tl.program_id(1)
+    b = (bh // H_KV).to(tl.int64)
+    hk = (bh % H_KV).to(tl.int64)
+    seqlen = tl.load(SEQLENS + b)
+    if DENSE:
+        n_blk = tl.cdiv(seqlen, BS)
+    else:
+        n_blk = tl.load(KV_NUM + b * stride_nb + hk * stride_nh)
+    first = split * BLOCKS_PER_SPLIT
+    last = tl.minimum(n_blk, first + BLOCKS_PER_SPLIT)
+
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < G
+    heads = hk * G + offs_g  # [GP]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)  # [GP, D]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    idx_base = KV_IDX + b * stride_ib + hk * stride_ih
+
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+    for t in range(first * SUB, last * SUB):
+        if DENSE:
+            kb = t // SUB
+        else:
+            kb = tl.load(idx_base + t // SUB)
+        offs_n = kb * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        valid = (offs_n >= 0) & (offs_n < seqlen)
+        rows = offs_n.to(tl.int64)
+        k = tl.load(k_base + rows[None, :] * stride_km + offs_d[:, None], mask=valid[None, :],
+                    other=0.0)  # [D, BLOCK_N]
+        s = tl.dot(q, k, input_precision=DOT_PREC) * QK_SCALE  # [GP, BLOCK_N], base 2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_vm + offs_d[None, :], mask=valid[:, None],
+                    other=0.0)  # [BLOCK_N, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse2 = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))  # [GP]
+    if DIRECT:
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(LSE + b * (H_KV * G) + heads, lse2 * 0.6931471805599453, mask=g_ok)
+    else:
+        part = (bh * n_splits + split).to(tl.int64)
+        tl.store(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :], o)
+        tl.store(LSE_PART + part * GP + offs_g, lse2)
+
+
+@triton.jit
+def decode_merge_fwd_kernel(
+    O, LSE, O_PART, LSE_PART, stride_ob, stride_oh, H_KV, N_SPLITS,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Grid (B * H_KV,). Combines the N_SPLITS partial outputs of each query row by their
+    log-sum-exps; rows with no selected token get zeros and lse -inf."""
+    bh = tl.program_id(0)
+    b = (bh // H_KV).to(tl.int64)
+    hk = (bh % H_KV).to(tl.int64)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < G
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+    for s in range(0, N_SPLITS):
+        part = bh.to(tl.int64) * N_SPLITS + s
+        lse2 = tl.load(LSE_PART + part * GP + offs_g)
+        o = tl.load(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :])
+        m_new = tl.maximum(m_i, lse2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        w = tl.math.exp2(lse2 - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    heads = hk * G + offs_g
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None])
+    lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + b * (H_KV * G) + heads, lse, mask=g_ok)
+
+
+def _configs():
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (64, 128) for w in (2, 4, 8) for s in (2, 3, 4)]
+
+
+def keep(config, args) -> bool:
+    """Whether an autotune config fits: BLOCK_N divides the block size, K/V tiles fit."""
+    bn, bs, d = config.kwargs["BLOCK_N"], args["BS"], args["HEAD_DIM"]
+    if bs % bn:
+        return False
+    if bn * d > 128 * 128:
+        return False
+    return not (d >= 256 and config.num_stages > 2)
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if keep(c, args)]
+    return kept or [triton.Config({"BLOCK_N": min(64, args["BS"])}, num_warps=4, num_stages=2)]
+
+
+decode_split_fwd_autotuned = triton.autotune(
+    configs=_configs(),
+    key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "DOT_PREC", "WORK_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune},
+)(decode_split_fwd_kernel)
+
+
+def _pow2_at_least(x: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, (int(x) - 1).bit_length()))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def choose_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device,
+                  min_blocks_per_split: int = 2) -> int:
+    """Splits per (sequence, KV head): about two waves of programs over the GPU's SMs, each
+    split at least `min_blocks_per_split` blocks (host arithmetic only, no device sync)."""
+    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
+    return max(1, min(want, -(-max_blocks // min_blocks_per_split)))
+
+
+def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, *,
+                         block_size: int, scale: float, out=None, num_splits: int | None = None,
+                         config: dict | None = None):
+    """Split-KV decode over the selected cache blocks.
+
+    q [B, Hq, D] (last dim contiguous), k/v [B, Hkv, M, D], cache_seqlens int32 [B];
+    kv_num_blocks int32 [B, Hkv] and kv_indices int32 [B, Hkv, Kmax] (any strides, e.g.
+    broadcast), or both None for dense decode. out: optional [B, Hq, D] buffer in q's dtype.
+    config pins {"BLOCK_N", "num_warps", "num_stages"}; None autotunes on CUDA (a fixed small
+    config in the interpreter). Returns (out [B, Hq, D], lse fp32 [B, Hq], natural log)."""
+    B, Hq, D = q.shape
+    Hkv, M = k_cache.shape[1], k_cache.shape[2]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim in {HEAD_DIMS} for the triton backend, got {D}")
+    G = Hq // Hkv
+    GP = _pow2_at_least(G, 16)
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    dense = kv_indices is None
+    if dense:
+        kv_num_blocks = kv_indices = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+        max_blocks = -(-M // block_size)
+        sn, si = (0, 0), (0, 0)
+    else:
+        max_blocks = kv_indices.shape[2]
+        sn, si = kv_num_blocks.stride(), kv_indices.stride()[:2]
+        if kv_indices.stride(2) != 1:
+            kv_indices = kv_indices.contiguous()
+            si = kv_indices.stride()[:2]
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    if out.stride(-1) != 1:
+        raise ValueError(f"out: expected a last-dim stride of 1, got strides {out.stride()}")
+    splits = num_splits if num_splits is not None else choose_splits(B, Hkv, max_blocks, q.device)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
+    per_split = max(1, -(-max_blocks // splits))
+    splits = max(1, -(-max_blocks // per_split))
+    direct = splits == 1
+    if direct:
+        o_part = lse_part = lse
+    else:
+        o_part = torch.empty(B, Hkv, splits, GP, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, Hkv, splits, GP, dtype=torch.float32, device=q.device)
+    args = (q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, kv_num_blocks,
+            kv_indices, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), sn[0], sn[1], si[0], si[1],
+            Hkv, per_split, float(scale) * LOG2E, _pow2_at_least(per_split))
+    meta = dict(G=G, GP=GP, BS=block_size, HEAD_DIM=D, DENSE=dense, DIRECT=direct,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    grid = (splits, B * Hkv)
+    if config is None and not q.is_cuda:
+        config = {"BLOCK_N": min(64, block_size), "num_warps": 4, "num_stages": 2}
+    if config is None:
+        decode_split_fwd_autotuned[grid](*args, **meta)
+    else:
+        decode_split_fwd_kernel[grid](*args, **meta, **config)
+    if not direct:
+        decode_merge_fwd_kernel[(B * Hkv,)](out, lse, o_part, lse_part, out.stride(0),
+                                            out.stride(1), Hkv, splits, G=G, GP=GP,
+                                            HEAD_DIM=D, num_warps=4)
+    return out, lse
