@@ -21,22 +21,19 @@ import math
 import torch
 
 from adaptive_sparse.attention.api import check_head_tensor, check_triton
+from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
 DECODE_BACKENDS = ("auto", "reference", "triton")
-
-
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 def _check_int_table(name: str, t, shape: str, rank: int, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.int32 or t.dim() != rank:
-        raise _fail(name, f"int32 {shape}", f"{t.dtype} of shape {tuple(t.shape)}")
+        raise fail(name, f"int32 {shape}", f"{t.dtype} of shape {tuple(t.shape)}")
     if t.device != device:
-        raise _fail(name, f"device {device} (that of q)", t.device)
+        raise fail(name, f"device {device} (that of q)", t.device)
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, block_size, scale,
@@ -47,45 +44,45 @@ def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, blo
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     if q.dim() == 4:
         if q.shape[2] != 1:
-            raise _fail("q", "[B, Hq, D] or [B, Hq, 1, D] (one query token)", tuple(q.shape))
+            raise fail("q", "[B, Hq, D] or [B, Hq, 1, D] (one query token)", tuple(q.shape))
         q3 = q[:, :, 0]
     elif q.dim() == 3:
         q3 = q
     else:
-        raise _fail("q", "[B, Hq, D] or [B, Hq, 1, D]", tuple(q.shape))
+        raise fail("q", "[B, Hq, D] or [B, Hq, 1, D]", tuple(q.shape))
     check_head_tensor("q", q3[:, :, None])
     check_head_tensor("k", k_cache)
     check_head_tensor("v", v_cache)
     B, Hq, D = q3.shape
     Bk, Hkv, M, Dk = k_cache.shape
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise _fail("k, v", f"dtype {q.dtype} (that of q)", f"{k_cache.dtype}, {v_cache.dtype}")
+        raise fail("k, v", f"dtype {q.dtype} (that of q)", f"{k_cache.dtype}, {v_cache.dtype}")
     if k_cache.device != q.device or v_cache.device != q.device:
-        raise _fail("k, v", f"device {q.device} (that of q)",
+        raise fail("k, v", f"device {q.device} (that of q)",
                     f"{k_cache.device}, {v_cache.device}")
     if Bk != B or Dk != D:
-        raise _fail("k", f"[{B}, Hkv, M, {D}] (batch and head_dim of q)", tuple(k_cache.shape))
+        raise fail("k", f"[{B}, Hkv, M, {D}] (batch and head_dim of q)", tuple(k_cache.shape))
     if v_cache.shape != k_cache.shape:
-        raise _fail("v", f"the shape of k {tuple(k_cache.shape)}", tuple(v_cache.shape))
+        raise fail("v", f"the shape of k {tuple(k_cache.shape)}", tuple(v_cache.shape))
     if Hq % Hkv:
-        raise _fail("k", f"a KV head count dividing Hq={Hq}", f"Hkv={Hkv}")
+        raise fail("k", f"a KV head count dividing Hq={Hq}", f"Hkv={Hkv}")
     if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(block_size))
+        raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), M, dtype=torch.int32, device=q.device)
     _check_int_table("cache_seqlens", cache_seqlens, "[B]", 1, q.device)
     if cache_seqlens.shape[0] != B:
-        raise _fail("cache_seqlens", f"shape [{B}]", tuple(cache_seqlens.shape))
+        raise fail("cache_seqlens", f"shape [{B}]", tuple(cache_seqlens.shape))
     if (kv_num_blocks is None) != (kv_indices is None):
-        raise _fail("kv_num_blocks, kv_indices", "both given (sparse) or both None (dense)",
+        raise fail("kv_num_blocks, kv_indices", "both given (sparse) or both None (dense)",
                     f"{type(kv_num_blocks).__name__}, {type(kv_indices).__name__}")
     if kv_indices is not None:
         _check_int_table("kv_num_blocks", kv_num_blocks, "[B, Hkv]", 2, q.device)
         _check_int_table("kv_indices", kv_indices, "[B, Hkv, Kmax]", 3, q.device)
         if kv_num_blocks.shape[0] not in (1, B) or kv_num_blocks.shape[1] not in (1, Hkv):
-            raise _fail("kv_num_blocks", f"[{B} or 1, {Hkv} or 1]", tuple(kv_num_blocks.shape))
+            raise fail("kv_num_blocks", f"[{B} or 1, {Hkv} or 1]", tuple(kv_num_blocks.shape))
         if kv_indices.shape[:2] != kv_num_blocks.shape:
-            raise _fail("kv_indices", f"leading dims {tuple(kv_num_blocks.shape)} "
+            raise fail("kv_indices", f"leading dims {tuple(kv_num_blocks.shape)} "
                         "(those of kv_num_blocks)", tuple(kv_indices.shape))
         kv_num_blocks = kv_num_blocks.expand(B, Hkv)
         kv_indices = kv_indices.expand(B, Hkv, kv_indices.shape[2])
@@ -95,12 +92,12 @@ def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, blo
         scale = 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale <= 0:
-        raise _fail("scale", "a positive finite float", repr(scale))
+        raise fail("scale", "a positive finite float", scale)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise _fail("out", f"{tuple(q.shape)} {q.dtype} on {q.device} (like q)",
+            raise fail("out", f"{tuple(q.shape)} {q.dtype} on {q.device} (like q)",
                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     return q3, cache_seqlens, kv_num_blocks, kv_indices, float(scale)
 
@@ -109,18 +106,18 @@ def _check_indices(kv_num_blocks, kv_indices, cache_seqlens, M, block_size) -> N
     """One device sync: counts in [0, Kmax], listed indices in [0, ceil(M / bs)), distinct."""
     kmax = kv_indices.shape[2]
     if bool(((kv_num_blocks < 0) | (kv_num_blocks > kmax)).any()):
-        raise _fail("kv_num_blocks", f"counts in [0, {kmax}]", "a count out of range")
+        raise fail("kv_num_blocks", f"counts in [0, {kmax}]", "a count out of range")
     if int(cache_seqlens.min()) < 0 or int(cache_seqlens.max()) > M:
-        raise _fail("cache_seqlens", f"lengths in [0, {M}] (the cache's length)",
+        raise fail("cache_seqlens", f"lengths in [0, {M}] (the cache's length)",
                     cache_seqlens.tolist())
     listed = torch.arange(kmax, device=kv_indices.device) < kv_num_blocks[..., None]
     idx = torch.where(listed, kv_indices.long(), -1)
     if bool((listed & ((idx < 0) | (idx >= -(-M // block_size)))).any()):
-        raise _fail("kv_indices", f"block numbers in [0, {-(-M // block_size)})",
+        raise fail("kv_indices", f"block numbers in [0, {-(-M // block_size)})",
                     "an index out of range")
     s = idx.sort(-1).values
     if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
-        raise _fail("kv_indices", "distinct block numbers per (batch, KV head)", "a repeat")
+        raise fail("kv_indices", "distinct block numbers per (batch, KV head)", "a repeat")
 
 
 def token_mask(cache_seqlens, kv_num_blocks, kv_indices, M: int, block_size: int, heads: int):
@@ -182,7 +179,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Returns out (q's shape and dtype), and lse float32 [B, Hq] (or [B, Hq, 1] for a 4-D q)
     when `return_lse`."""
     if backend not in DECODE_BACKENDS:
-        raise _fail("backend", f"one of {DECODE_BACKENDS}", repr(backend))
+        raise fail("backend", f"one of {DECODE_BACKENDS}", backend)
     q3, seqlens, num, idx, scale = _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks,
                                              kv_indices, block_size, scale, out, check_indices)
     if backend == "auto":
@@ -212,7 +209,7 @@ def decode_tables_from_mask(mask: BlockSparseMask, num_kv_heads: int):
     heads are 1 or the KV heads (what `sparse_decode_attention` reads), or None when the mask
     has a selection per query head of a GQA group (the decode kernel shares one per group)."""
     if mask.kv_num_blocks.shape[2] != 1:
-        raise _fail("mask", "one query block (q_len <= block_size)", f"q_len={mask.q_len}")
+        raise fail("mask", "one query block (q_len <= block_size)", f"q_len={mask.q_len}")
     if mask.heads not in (1, num_kv_heads):
         return None
     return mask.kv_num_blocks[:, :, 0], mask.kv_indices[:, :, 0]

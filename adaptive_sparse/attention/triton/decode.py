@@ -31,7 +31,7 @@ def decode_split_fwd_kernel(
     stride_ob, stride_oh,
     stride_nb, stride_nh,
     stride_ib, stride_ih,
-    H_KV, BLOCKS_PER_SPLIT, QK_SCALE, WORK_BUCKET,
+    H_KV, QK_SCALE, WORK_BUCKET,
     G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -40,7 +40,8 @@ def decode_split_fwd_kernel(
     KV_NUM int32 [B, H_KV], KV_IDX int32 [B, H_KV, Kmax] (any strides; ignored when DENSE);
     LSE fp32 [B, H_KV * G]. Not DIRECT: O_PART fp32 [B, H_KV, splits, GP, D] and LSE_PART fp32
     [B, H_KV, splits, GP] (contiguous) receive each split's normalized output and log-sum-exp
-    (base 2). WORK_BUCKET is an autotune key only."""
+    (base 2). Split s walks entries [s * c, (s + 1) * c) of the row's list, c = ceil(count /
+    splits). WORK_BUCKET (blocks per split at the table's width) is an autotune key only."""
     SUB: tl.constexpr = BS // BLOCK_N
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -52,8 +53,9 @@ def decode_split_fwd_kernel(
         n_blk = tl.cdiv(seqlen, BS)
     else:
         n_blk = tl.load(KV_NUM + b * stride_nb + hk * stride_nh)
-    first = split * BLOCKS_PER_SPLIT
-    last = tl.minimum(n_blk, first + BLOCKS_PER_SPLIT)
+    per_split = tl.cdiv(n_blk, n_splits)  # the splits share the row's actual count
+    first = split * per_split
+    last = tl.minimum(n_blk, first + per_split)
 
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -229,7 +231,7 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
     per_split = max(1, -(-max_blocks // splits))
-    splits = max(1, -(-max_blocks // per_split))
+    splits = max(1, -(-max_blocks // per_split))  # no split that is empty at full width
     direct = splits == 1
     if direct:
         o_part = lse_part = lse
@@ -241,7 +243,7 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), sn[0], sn[1], si[0], si[1],
-            Hkv, per_split, float(scale) * LOG2E, _pow2_at_least(per_split))
+            Hkv, float(scale) * LOG2E, _pow2_at_least(per_split))
     meta = dict(G=G, GP=GP, BS=block_size, HEAD_DIM=D, DENSE=dense, DIRECT=direct,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (splits, B * Hkv)
