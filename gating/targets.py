@@ -2,8 +2,8 @@
 
 One pass of the frozen model over packed sequences `[S, N]` collects, per layer, every pooling
 of `gates.POOLINGS` (so one cache serves any gate pooling set) and the targets of
-`adaptive_sparse.attention.block_maps.block_attention_maps` (computed by the Triton kernel on
-CUDA, by the equivalent `causal_block_maps` on CPU) on the post-rotary q/k the attention
+`adaptive_sparse.attention.block_maps.block_attention_maps` (its "auto" backend: the Triton
+kernel on CUDA, the chunked PyTorch path elsewhere) on the post-rotary q/k the attention
 really sees (captured through a registered transformers attention function that then runs SDPA):
 `block_max` (row-normalized, the distillation target) and `block_sum` (attention mass, for
 recall). No N x N tensor exists beyond one chunk of the block-map computation.
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from gating.gates import POOLINGS, model_shapes, pool_blocks
-from gating.provider import QKCapture, atomic_save_tensors, atomic_write_json, sha256_file
+from adaptive_sparse.attention.block_maps import block_attention_maps
+from adaptive_sparse.gates.network import POOLINGS, model_shapes, pool_blocks
+from adaptive_sparse.gates.provider import QKCapture
+from adaptive_sparse.io import atomic_save_tensors, atomic_write_json, sha256_file
 
 CACHE_FORMAT = "adaptive-sparse-gate-cache"
 CACHE_VERSION = 1
@@ -89,11 +91,13 @@ def _tokens_sha(tokens: torch.Tensor) -> str:
 
 
 class _Collector:
-    """Per forward: pooled pre-rotary q/k and block maps of every layer."""
+    """Per forward: pooled pre-rotary q/k (hooks) and block maps of every layer.
 
-    def __init__(self, block_size: int, maps_fn):
+    Its attention function sees every layer, sliding-window ones included (which
+    `adaptive_sparse.models.sparse_attention` does not hand to providers), and runs SDPA."""
+
+    def __init__(self, block_size: int):
         self.block_size = block_size
-        self.maps_fn = maps_fn
         self.out: dict[str, torch.Tensor] = {}
 
     def on_capture(self, layer_idx: int, which: str, x: torch.Tensor) -> None:
@@ -103,72 +107,12 @@ class _Collector:
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        bmax, bsum = self.maps_fn(query, key, block_size=self.block_size,
-                                  scale=kwargs.get("scaling"))
+        bmax, bsum = block_attention_maps(query, key, block_size=self.block_size,
+                                          scale=kwargs.get("scaling"))
         layer = module.layer_idx
         self.out[f"L{layer}.block_max"] = bmax[0].to(torch.float16).cpu()
         self.out[f"L{layer}.block_sum"] = bsum[0].to(torch.float16).cpu()
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def causal_block_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
-                      scale: float | None = None, rows: int = 512):
-    """The outputs of `block_maps.block_attention_maps(q, k, causal=True)`, computed faster on
-    CPU: query chunks of `rows` rows read only the keys they can see (about half the work of a
-    full N x M pass), and each chunk is exponentiated once, in place.
-
-    q [B, Hq, N, D], k [B, Hkv, M, D] -> (block_max, block_sum) float32 [B, Hq, Qb, Kb]."""
-    B, Hq, N, D = q.shape
-    Hkv, M = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise _fail("k", f"a KV head count dividing Hq={Hq}", Hkv)
-    G, bs = Hq // Hkv, block_size
-    Qb, Kb = -(-N // bs), -(-M // bs)
-    scale = D ** -0.5 if scale is None else scale
-    off = M - N
-    bmax = torch.zeros(B, Hkv, G, Qb, Kb, dtype=torch.float32, device=q.device)
-    bsum = torch.zeros_like(bmax)
-    qg = q.float().view(B, Hkv, G, N, D) * scale
-    kt = k.float().transpose(-1, -2)
-    rows = max(bs, rows // bs * bs)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        R, kv_end = r1 - r0, min(M, r1 + off)
-        kbe = -(-kv_end // bs)
-        s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, G * R, D), kt[..., :kv_end])
-        s = s.view(B, Hkv, G, R, kv_end)  # [B, Hkv, G, R, kv_end]
-        d0 = r0 + off + 1
-        if d0 < kv_end:
-            hidden = torch.arange(d0, kv_end, device=q.device)[None, :] > \
-                (torch.arange(r0, r1, device=q.device)[:, None] + off)
-            s[..., d0:kv_end].masked_fill_(hidden, float("-inf"))
-        s.sub_(s.amax(-1, keepdim=True)).exp_()
-        s.div_(s.sum(-1, keepdim=True))
-        pad_k, pad_r = kbe * bs - kv_end, -(-R // bs) * bs - R
-        if pad_k or pad_r:
-            s = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r))
-        s = s.view(B, Hkv, G, -1, bs, kbe, bs)
-        qb0 = r0 // bs
-        qb1 = qb0 + s.shape[3]
-        bmax[..., qb0:qb1, :kbe] = s.amax(-1).amax(4)
-        bsum[..., qb0:qb1, :kbe] = s.sum(-1).sum(4)
-    rows_in_block = torch.clamp(N - torch.arange(Qb, device=q.device) * bs, max=bs).float()
-    bsum /= rows_in_block[:, None]
-    bmax /= bmax.sum(-1, keepdim=True).clamp_min(1e-30)
-    return bmax.view(B, Hq, Qb, Kb), bsum.view(B, Hq, Qb, Kb)
-
-
-def _maps_fn(device: torch.device):
-    """The fused Triton kernel on CUDA when available, else `causal_block_maps`."""
-    if device.type == "cuda":
-        try:
-            from adaptive_sparse.attention.triton import block_attention_maps_triton
-
-            return lambda q, k, *, block_size, scale: block_attention_maps_triton(
-                q, k, block_size=block_size, scale=scale, causal=True)
-        except ImportError:
-            pass
-    return causal_block_maps
 
 
 def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpus: str,
@@ -194,7 +138,7 @@ def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpu
         check_key(old["key"], key, out_dir)
     shards = {s["index"]: s for s in (old or {}).get("shards", [])}
     device = next(model.parameters()).device
-    collector = _Collector(block_size, _maps_fn(device))
+    collector = _Collector(block_size)
     AttentionInterface.register(_ATTN_NAME, collector.attention)
     AttentionMaskInterface.register(_ATTN_NAME, sdpa_mask)
     previous = model.config._attn_implementation

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from adaptive_sparse.attention.block_maps import block_attention_maps
-from gating.gates import POOLINGS, pool_blocks
-from gating.provider import QKCapture
-from gating.targets import GateCache, cache_key, causal_block_maps, featurize, model_fingerprint
+from adaptive_sparse.gates.network import POOLINGS, pool_blocks
+from adaptive_sparse.gates.provider import QKCapture
+from gating.targets import GateCache, cache_key, featurize, model_fingerprint
 
 BS = 16
 
@@ -55,23 +55,25 @@ def featurize_tiny(model, tokens, path, **kw):
     return featurize(model, tokens, path, **args)
 
 
-@pytest.mark.parametrize("fn", [block_attention_maps, causal_block_maps])
-def test_block_maps_equal_fp64_oracle(fn):
-    q = torch.randn(2, 4, 75, 16)
-    k = torch.randn(2, 2, 75, 16) * 2
-    bmax, bsum = fn(q, k, block_size=BS)
+@pytest.mark.parametrize("chunk", [1, 1 << 25])
+def test_block_maps_equal_fp64_oracle(chunk):
+    g = torch.Generator().manual_seed(chunk % 997)
+    q = torch.randn(2, 4, 75, 16, generator=g)
+    k = torch.randn(2, 2, 75, 16, generator=g) * 2
+    bmax, bsum = block_attention_maps(q, k, block_size=BS, chunk_elements=chunk)
     want_max, want_sum = fp64_block_maps(q, k, BS)
     torch.testing.assert_close(bmax.double(), want_max, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bsum.double(), want_sum, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n,m,rows", [(75, 75, 32), (40, 90, 16), (64, 64, 512)])
-def test_causal_block_maps_match_reference(n, m, rows):
-    q, k = torch.randn(1, 6, n, 16) * 2, torch.randn(1, 2, m, 16)
-    got = causal_block_maps(q, k, block_size=BS, rows=rows)
-    want = block_attention_maps(q, k, block_size=BS, causal=True)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("n,m,chunk", [(75, 75, 1), (40, 90, 16 * 6 * 90), (64, 64, 1 << 25)])
+def test_block_maps_chunking_is_invisible(n, m, chunk):
+    g = torch.Generator().manual_seed(n + m)
+    q, k = torch.randn(1, 6, n, 16, generator=g) * 2, torch.randn(1, 2, m, 16, generator=g)
+    got = block_attention_maps(q, k, block_size=BS, chunk_elements=chunk)
+    want = block_attention_maps(q, k, block_size=BS, chunk_elements=1 << 30)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_targets_and_features_match_fp64_oracle(model, tokens, tmp_path):

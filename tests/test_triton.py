@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_interpreter_matches_fp64(case, dtype):
     B, Hq, Hkv, N, M, D, bs, mh, dens, empty = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q = torch.randn(B, Hq, N, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, M, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, M, D, generator=gen).to(dtype)
@@ -244,7 +245,7 @@ GPU_CASES = [
 def test_gpu_error_within_eager_low_precision(case, dtype):
     kt = _kernels()
     Hq, Hkv, N, M, D, bs, mh, dens, empty = case
-    gen = torch.Generator().manual_seed(abs(hash(case)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     heads = {"kv": Hkv, "q": Hq, 1: 1}[mh]
     q = torch.randn(2, Hq, N, D, generator=gen).to("cuda", dtype)
     k = torch.randn(2, Hkv, M, D, generator=gen).to("cuda", dtype)

@@ -1,7 +1,7 @@
 """`block_sparse_attention`: the one public entry. Validates, then dispatches by backend name.
 
-Explicitly named backends never fall back silently; `auto` picks triton on CUDA and the
-reference elsewhere, and logs which.
+Explicitly named backends never fall back silently; `auto` picks triton on CUDA and gather
+elsewhere (what models run), and logs which. "reference" is the ground truth of the tests.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def _check_inputs(q, k, v, mask, scale, check_finite: bool) -> float:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, N, D = q.shape
+    if Hq < 1:
+        raise ValueError(f"q: expected at least one query head, got shape {tuple(q.shape)}")
+    if D < 1:
+        raise ValueError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[0] != B:
@@ -76,58 +80,87 @@ def _check_inputs(q, k, v, mask, scale, check_finite: bool) -> float:
     return float(scale)
 
 
-def _triton_usable(q) -> bool:
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+def _check_out(out, q, k, v) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    want = (*q.shape[:3], v.shape[-1])
+    if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out: expected shape {want}, dtype {q.dtype}, device {q.device}, got "
+                         f"{tuple(out.shape)}, {out.dtype}, {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous tensor, got strides {out.stride()}")
+    if out.numel() and any(t.numel() and out.untyped_storage().data_ptr()
+                           == t.untyped_storage().data_ptr() for t in (q, k, v)):
+        raise ValueError("out: expected a buffer that shares no memory with q, k or v")
+
+
+def triton_available() -> bool:
+    """Whether the triton package imports (the backend may still need CUDA)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_triton(q: torch.Tensor) -> None:
+    """Raise RuntimeError unless an explicitly requested triton backend can run on q."""
+    if not triton_available():
+        raise RuntimeError("backend 'triton': the triton package is not installed "
+                           "(pip install triton)")
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("backend 'triton': needs CUDA tensors (or TRITON_INTERPRET=1 "
+                           f"for the CPU interpreter); got device {q.device}")
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: BlockSparseMask, *, scale: float | None = None,
                            backend: str = "auto", return_lse: bool = False,
-                           check_finite: bool = False):
+                           check_finite: bool = False, out: torch.Tensor | None = None):
     """Attention of q over the key blocks that `mask` selects.
 
-    q:    [B, Hq, N, D] float32 | float16 | bfloat16
+    q:    [B, Hq, N, D] float32 | float16 | bfloat16, Hq >= 1, D >= 1 (B = 0 gives empty outputs)
     k, v: [B, Hkv, M, D], Hq % Hkv == 0 (GQA; K/V are not repeated)
     mask: BlockSparseMask with q_len = N, kv_len = M, batch 1|B, heads 1|Hkv|Hq
     scale: defaults to 1 / sqrt(D)
-    backend: "auto" (triton on CUDA, reference elsewhere), "reference", "gather" (PyTorch,
-        work proportional to density: the fast path on CPU), "triton", "flex"
+    backend: "auto" = "triton" on CUDA when triton imports, else "gather" (the path models
+        run); "reference" (plain PyTorch, the ground truth of the tests), "gather" (PyTorch,
+        work proportional to density), "triton", "flex". A named backend never falls back.
     return_lse: also return the natural-log log-sum-exp, float32 [B, Hq, N] (-inf for rows
         that select no block; their output is zeros)
-    check_finite: refuse NaN/inf inputs (one extra pass over q, k, v)
+    check_finite: refuse NaN/inf in q, k, v (one extra pass). Without it non-finite inputs
+        propagate as in torch SDPA: a row that attends to a NaN or inf input is non-finite
+        (NaN), never a plausible zero.
+    out: a contiguous [B, Hq, N, D] tensor of q's dtype and device that receives the output
+        (every element is written); None allocates one.
 
     Returns out [B, Hq, N, D] in q's dtype (fp32 accumulation), or (out, lse).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     scale = _check_inputs(q, k, v, mask, scale, check_finite)
+    if out is not None:
+        _check_out(out, q, k, v)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "reference"
+        backend = "triton" if q.is_cuda and triton_available() else "gather"
         log.debug("block_sparse_attention: auto picked backend %r", backend)
+    if backend == "triton":
+        check_triton(q)
+    if q.shape[0] == 0:  # an empty batch: nothing to compute
+        if out is None:
+            out = q.new_empty(*q.shape[:3], v.shape[-1])
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
     match backend:
         case "reference":
             from adaptive_sparse.attention.reference import reference_attention
-            return reference_attention(q, k, v, mask, scale, return_lse)
+            return reference_attention(q, k, v, mask, scale, return_lse, out=out)
         case "gather":
             from adaptive_sparse.attention.gather import gather_attention
-            return gather_attention(q, k, v, mask, scale, return_lse)
+            return gather_attention(q, k, v, mask, scale, return_lse, out=out)
         case "flex":
             from adaptive_sparse.attention.flex import flex_attention_forward
-            return flex_attention_forward(q, k, v, mask, scale, return_lse)
+            return flex_attention_forward(q, k, v, mask, scale, return_lse, out=out)
         case "triton":
-            if not _triton_available():
-                raise RuntimeError("backend 'triton': the triton package is not installed "
-                                   "(pip install triton)")
-            if not _triton_usable(q):
-                raise RuntimeError("backend 'triton': needs CUDA tensors (or TRITON_INTERPRET=1 "
-                                   f"for the CPU interpreter); got device {q.device}")
             from adaptive_sparse.attention.triton import triton_block_sparse_attention
-            return triton_block_sparse_attention(q, k, v, mask, scale, return_lse)
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+            return triton_block_sparse_attention(q, k, v, mask, scale, return_lse, out=out)

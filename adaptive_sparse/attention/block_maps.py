@@ -1,6 +1,8 @@
 """The true attention, pooled to blocks: targets for gates, the oracle, and attention recall.
 
-Chunked over query rows, so only one chunk's [rows, kv_len] scores exist at a time.
+`block_attention_maps` is the one entry: "reference" is the chunked PyTorch computation below
+(only one chunk's [rows, kv_len] scores exist at a time; causal chunks read only the keys they
+can see), "triton" the fused kernel of `attention/triton/block_maps.py`.
 """
 
 from __future__ import annotations
@@ -9,17 +11,22 @@ import math
 
 import torch
 
-from adaptive_sparse.masks import num_blocks
+from adaptive_sparse.attention.api import check_triton, triton_available
+from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, num_blocks
 
+MAP_BACKENDS = ("auto", "reference", "triton")
 _CHUNK_ELEMENTS = 1 << 25
 
 
 def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
                          scale: float | None = None, causal: bool = True,
-                         chunk_elements: int = _CHUNK_ELEMENTS):
+                         backend: str = "auto", chunk_elements: int = _CHUNK_ELEMENTS):
     """Block-pooled maps of softmax(q k^T * scale) with the end-aligned causal rule.
 
-    q [B, Hq, N, D], k [B, Hkv, M, D] (GQA by Hq % Hkv == 0, K not repeated).
+    q [B, Hq, N, D], k [B, Hkv, M, D] (GQA by Hq % Hkv == 0, K not repeated); N <= M if causal.
+    backend: "auto" (triton on CUDA when importable, else reference), "reference" (PyTorch,
+        chunked: `chunk_elements` bounds the fp32 scores of one chunk), "triton" (CUDA, or the
+        interpreter with TRITON_INTERPRET=1).
     Returns (block_max, block_sum), float32 [B, Hq, Qb, Kb]:
       block_max: max probability inside each tile, then normalized so each row sums to 1
                  (the gate's distillation target);
@@ -27,44 +34,75 @@ def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
                  the recall of a mask is the sum of block_sum over its selected tiles / Qb rows.
     Tiles outside the causal region are 0.
     """
+    if backend not in MAP_BACKENDS:
+        raise ValueError(f"backend: expected one of {MAP_BACKENDS}, got {backend!r}")
+    _check(q, k, block_size, causal)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and triton_available() else "reference"
+    if backend == "triton":
+        check_triton(q)
+        from adaptive_sparse.attention.triton import block_attention_maps_triton
+
+        return block_attention_maps_triton(q, k, block_size=block_size, scale=scale,
+                                           causal=causal)
+    return _maps_reference(q, k, block_size, scale, causal, chunk_elements)
+
+
+def _check(q, k, block_size, causal) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a rank-4 tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, Hq, N, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k: expected [B={B}, Hkv, M, D={D}], got {tuple(k.shape)}")
+    if k.shape[1] < 1 or Hq % k.shape[1]:
+        raise ValueError(f"k: expected a KV head count dividing Hq={Hq}, got {k.shape[1]}")
+    if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    if causal and N > k.shape[2]:
+        raise ValueError(f"q: expected q_len <= kv_len ({k.shape[2]}) when causal, got {N}")
+
+
+def _maps_reference(q, k, bs: int, scale, causal: bool, chunk_elements: int):
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"k: expected a KV head count dividing Hq={Hq}, got {Hkv}")
     G = Hq // Hkv
-    bs = block_size
     Qb, Kb = num_blocks(N, bs), num_blocks(M, bs)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = M - N if causal else 0
-    kf = k.float()
     bmax = torch.zeros(B, Hkv, G, Qb, Kb, dtype=torch.float32, device=q.device)
     bsum = torch.zeros_like(bmax)
+    qg = q.float().view(B, Hkv, G, N, D)
+    kt = k.float().transpose(-1, -2)
     rows_per_chunk = max(bs, (chunk_elements // max(1, B * Hq * M)) // bs * bs)
-    qg = q.view(B, Hkv, G, N, D)
     for r0 in range(0, N, rows_per_chunk):
         r1 = min(N, r0 + rows_per_chunk)
         R = r1 - r0
         kv_end = min(M, r1 + offset) if causal else M
-        s = torch.matmul(qg[:, :, :, r0:r1].float().reshape(B, Hkv, G * R, D),
-                         kf[:, :, :kv_end].transpose(-1, -2)).view(B, Hkv, G, R, kv_end) * scale
-        if causal:
-            rows = torch.arange(r0, r1, device=q.device)
-            cols = torch.arange(kv_end, device=q.device)
-            s = s.masked_fill(cols[None, :] > rows[:, None] + offset, float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        s = torch.matmul(qg[:, :, :, r0:r1].reshape(B, Hkv, G * R, D), kt[..., :kv_end])
+        s = s.view(B, Hkv, G, R, kv_end).mul_(scale)  # [B, Hkv, G, R, kv_end]
+        d0 = r0 + offset + 1  # keys from d0 on are hidden from some row of the chunk
+        if causal and d0 < kv_end:
+            hidden = torch.arange(d0, kv_end, device=q.device)[None, :] > \
+                (torch.arange(r0, r1, device=q.device)[:, None] + offset)
+            s[..., d0:kv_end].masked_fill_(hidden, float("-inf"))
+        s.sub_(s.amax(-1, keepdim=True)).exp_()
+        s.div_(s.sum(-1, keepdim=True))
         kb_end = num_blocks(kv_end, bs)
-        pad_k = kb_end * bs - kv_end
-        pad_r = num_blocks(R, bs) * bs - R
+        pad_k, pad_r = kb_end * bs - kv_end, num_blocks(R, bs) * bs - R
         if pad_k or pad_r:
-            p = torch.nn.functional.pad(p, (0, pad_k, 0, pad_r))
-        p = p.view(B, Hkv, G, -1, bs, kb_end, bs)
+            s = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r))
+        s = s.view(B, Hkv, G, -1, bs, kb_end, bs)
         qb0 = r0 // bs
-        qb1 = qb0 + p.shape[3]
-        bmax[:, :, :, qb0:qb1, :kb_end] = p.amax(dim=(4, 6))
-        bsum[:, :, :, qb0:qb1, :kb_end] = p.sum(dim=(4, 6))
+        qb1 = qb0 + s.shape[3]
+        bmax[..., qb0:qb1, :kb_end] = s.amax(-1).amax(4)
+        bsum[..., qb0:qb1, :kb_end] = s.sum(-1).sum(4)
     rows_in_block = torch.clamp(N - torch.arange(Qb, device=q.device) * bs, max=bs).float()
-    bsum = bsum / rows_in_block[:, None]
-    bmax = bmax / bmax.sum(-1, keepdim=True).clamp_min(1e-30)
+    bsum /= rows_in_block[:, None]
+    bmax /= bmax.sum(-1, keepdim=True).clamp_min(1e-30)
     return bmax.view(B, Hq, Qb, Kb), bsum.view(B, Hq, Qb, Kb)
 
 

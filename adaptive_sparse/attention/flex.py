@@ -9,8 +9,9 @@ from adaptive_sparse.masks import BlockSparseMask
 
 def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: BlockSparseMask, scale: float, return_lse: bool = False,
-                           compile: bool | None = None):
+                           compile: bool | None = None, *, out: torch.Tensor | None = None):
     """q [B, Hq, N, D], k/v [B, Hkv, M, D]. Rows with no block give zeros (Flex's behaviour).
+    Flex allocates its own output; with `out` it is copied there.
 
     `compile` defaults to True on CUDA (eager Flex materializes scores) and False elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -28,12 +29,13 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kwargs["return_aux"] = AuxRequest(lse=True)
     if compile:
         kwargs["kernel_options"] = kernel_options(m.block_size)
-    out = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv, **kwargs)
+    res = fn(q, k, v, block_mask=m.to_flex(), scale=scale, enable_gqa=Hq != Hkv, **kwargs)
+    o, aux = res if return_lse else (res, None)
+    if out is not None:
+        o = out.copy_(o)
     if return_lse:
-        o, aux = out
-        # natural-log lse; Flex gives -inf for rows with no block
-        return o, aux.lse.float()
-    return out
+        return o, aux.lse.float()  # natural-log lse; Flex gives -inf for rows with no block
+    return o
 
 
 _COMPILED = None

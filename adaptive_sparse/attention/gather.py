@@ -14,8 +14,11 @@ from adaptive_sparse.masks import BlockSparseMask
 
 
 def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
-                     scale: float, return_lse: bool = False):
-    """q [B, Hq, N, D], k/v [B, Hkv, M, D]; mask of batch 1|B and heads 1|Hkv|Hq."""
+                     scale: float, return_lse: bool = False, *, out: torch.Tensor | None = None):
+    """q [B, Hq, N, D], k/v [B, Hkv, M, D]; mask of batch 1|B and heads 1|Hkv|Hq.
+
+    Writes into `out` [B, Hq, N, D] when given. Rows that see no key give zeros (lse -inf),
+    rows that see a non-finite score give NaN, as in the reference."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -35,14 +38,16 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
         kv_head_of_mask = torch.arange(Hkv, device=q.device)
     else:
         kv_head_of_mask = None  # H = 1: every KV head, same blocks
-    out = torch.zeros(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, N), float("-inf"), dtype=torch.float32, device=q.device)
     b_ar = torch.arange(B, device=q.device)[:, None, None]
     for qb in range(mask.num_q_blocks):
         n_max = int(num[:, :, qb].max())
-        if n_max == 0:
-            continue
         r0, r1 = qb * bs, min(N, (qb + 1) * bs)
+        if n_max == 0:
+            out[:, :, r0:r1] = 0
+            continue
         sel = idx[:, :, qb, :n_max].long()                                  # [B, Hm, n]
         valid = torch.arange(n_max, device=q.device) < num[:, :, qb, None]  # [B, Hm, n]
         if kv_head_of_mask is None:  # gather for every KV head with the one shared row
@@ -64,15 +69,16 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
             rows = torch.arange(r0, r1, device=q.device)
             keep = keep & (cols[:, :, None, None] <= (rows + offset)[:, None, None])
         s = s.masked_fill_(~keep, float("-inf")).view(B, Hg, Hq // Hg, r1 - r0, n_max * bs)
+        seen = keep.flatten(-2).any(-1, keepdim=True)  # [B, Hg, 1, R|1, 1]: rows that see a key
         m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.where(seen, m, torch.zeros_like(m))  # NaN and +inf stay and propagate
         p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         o = torch.matmul(p.view(B, Hg, -1, n_max * bs), vg.reshape(B, Hg, n_max * bs, -1))
         o = o.view(B, Hg, Hq // Hg, r1 - r0, -1)
-        o = torch.where(l > 0, o / l.clamp_min(1e-30), torch.zeros_like(o))
+        o = torch.where(seen, o / l, torch.zeros_like(o))
         out[:, :, r0:r1] = o.reshape(B, Hq, r1 - r0, -1).to(q.dtype)
-        lse[:, :, r0:r1] = (m + torch.log(l)).reshape(B, Hq, r1 - r0)
+        lse[:, :, r0:r1] = torch.where(seen, m + torch.log(l), float("-inf")).reshape(B, Hq, r1 - r0)
     if return_lse:
         return out, lse
     return out

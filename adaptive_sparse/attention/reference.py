@@ -19,10 +19,12 @@ _CHUNK_ELEMENTS = 1 << 25
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: BlockSparseMask, scale: float, return_lse: bool = False,
-                        chunk_elements: int = _CHUNK_ELEMENTS):
+                        chunk_elements: int = _CHUNK_ELEMENTS, *, out: torch.Tensor | None = None):
     """q [B, Hq, N, D], k/v [B, Hkv, M, D]; mask of batch 1|B and heads 1|Hkv|Hq.
 
-    Returns out [B, Hq, N, D] in q.dtype (and lse fp32 [B, Hq, N], -inf for empty rows)."""
+    Returns out [B, Hq, N, D] in q.dtype, written into `out` when given (contiguous), and lse
+    fp32 [B, Hq, N]. A row that sees no key gives zeros (lse -inf); a row that sees a NaN or
+    inf score gives NaN (as softmax does)."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -38,7 +40,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dense = dense.expand(B, -1, -1, -1, -1)  # [B, Hkv, G, Qb, Kb]
 
     kf, vf = k.float(), v.float()
-    out = torch.empty(B, Hkv, G, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
+    result = out
+    out = out.view(B, Hkv, G, N, v.shape[-1])
     lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
     qg = q.view(B, Hkv, G, N, D)
     rows_per_chunk = max(bs, (chunk_elements // max(1, B * Hq * M)) // bs * bs)
@@ -54,16 +59,15 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if mask.causal:
             keep &= cols[None, :] <= rows[:, None] + offset
         s.masked_fill_(~keep, float("-inf"))
+        seen = keep.any(-1, keepdim=True)  # [B, Hkv, G, R, 1]: rows that see a key
         m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.where(seen, m, torch.zeros_like(m))  # NaN and +inf stay and propagate
         p = s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         o = torch.matmul(p.view(B, Hkv, G * (r1 - r0), kv_end), vf[:, :, :kv_end])
         o = o.view(B, Hkv, G, r1 - r0, -1)
-        o = torch.where(l > 0, o / l.clamp_min(1e-30), torch.zeros_like(o))
-        out[:, :, :, r0:r1] = o.to(q.dtype)
-        lse[:, :, :, r0:r1] = (m + torch.log(l)).squeeze(-1)
-    out = out.view(B, Hq, N, -1)
+        out[:, :, :, r0:r1] = torch.where(seen, o / l, torch.zeros_like(o)).to(q.dtype)
+        lse[:, :, :, r0:r1] = torch.where(seen, m + torch.log(l), float("-inf")).squeeze(-1)
     if return_lse:
-        return out, lse.view(B, Hq, N)
-    return out
+        return result, lse.view(B, Hq, N)
+    return result
