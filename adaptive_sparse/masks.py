@@ -9,7 +9,7 @@ sits at absolute position `i + (kv_len - q_len)` and sees keys `j <= i + (kv_len
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,12 @@ def _fail(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
 
 
+def _check_hint(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value < 0):
+        raise _fail("blocks_per_row", "None or a non-negative finite float", repr(value))
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparseMask:
     """Block-sparse attention mask in FlexAttention's layout.
@@ -57,6 +63,10 @@ class BlockSparseMask:
     kv_indices:    int32 [B, H, Qb, Kb]  their indices; the first `kv_num_blocks` entries are
                                          strictly ascending, the rest is padding in [0, Kb)
     block_size, q_len, kv_len, causal    geometry; Qb = ceil(q_len / bs), Kb = ceil(kv_len / bs)
+    blocks_per_row                       optional hint: the mean of kv_num_blocks, known on the
+                                         host (e.g. a top-k policy). Kernels pick their tuning by
+                                         it without reading the device; it never changes a
+                                         result. None: computed when needed.
 
     `H` is 1 (broadcast over all heads), the number of KV heads (one mask per GQA group), or the
     number of query heads. `B` is 1 (broadcast) or the batch size.
@@ -68,23 +78,31 @@ class BlockSparseMask:
     q_len: int
     kv_len: int
     causal: bool = True
+    blocks_per_row: float | None = field(default=None, compare=False)
 
     def __post_init__(self):
         self._validate()
 
     @classmethod
     def _trusted(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int,
-                 q_len: int, kv_len: int, causal: bool = True) -> "BlockSparseMask":
+                 q_len: int, kv_len: int, causal: bool = True,
+                 blocks_per_row: float | None = None) -> "BlockSparseMask":
         """A mask built without `_validate`: for internal callers whose tensors are valid by
         construction (no device sync, no extra launch). Users construct masks normally."""
         obj = object.__new__(cls)
         for name, val in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
                           ("block_size", block_size), ("q_len", q_len), ("kv_len", kv_len),
-                          ("causal", causal)):
+                          ("causal", causal), ("blocks_per_row", blocks_per_row)):
             object.__setattr__(obj, name, val)
         return obj
 
-    # ---- construction -------------------------------------------------------------------
+    def with_blocks_per_row(self, value: float | None) -> "BlockSparseMask":
+        """The same mask carrying the autotune hint `value` (mean key blocks per row)."""
+        _check_hint(value)
+        return BlockSparseMask._trusted(self.kv_num_blocks, self.kv_indices, self.block_size,
+                                        self.q_len, self.kv_len, self.causal,
+                                        None if value is None else float(value))
+
     def _validate(self) -> None:
         bs, q_len, kv_len = self.block_size, self.q_len, self.kv_len
         if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
@@ -94,6 +112,7 @@ class BlockSparseMask:
                 raise _fail(name, "a positive int", repr(val))
         if not isinstance(self.causal, bool):
             raise _fail("causal", "a bool", repr(self.causal))
+        _check_hint(self.blocks_per_row)
         if self.causal and q_len > kv_len:
             raise _fail("q_len", f"<= kv_len ({kv_len}) for a causal mask", q_len)
         n, idx = self.kv_num_blocks, self.kv_indices
@@ -192,10 +211,11 @@ class BlockSparseMask:
              causal: bool = True, device=None) -> "BlockSparseMask":
         """Every block of the (causal) region."""
         allowed = block_causal(q_len, kv_len, block_size, causal=causal, device=device)
-        return cls.from_dense(allowed.expand(batch, heads, *allowed.shape).contiguous(),
+        mask = cls.from_dense(allowed.expand(batch, heads, *allowed.shape).contiguous(),
                               block_size=block_size, q_len=q_len, kv_len=kv_len, causal=causal)
+        per_row = block_causal(q_len, kv_len, block_size, causal=causal).sum() / allowed.shape[0]
+        return mask.with_blocks_per_row(float(per_row))
 
-    # ---- geometry -------------------------------------------------------------------------
     @property
     def batch(self) -> int:
         return self.kv_num_blocks.shape[0]
@@ -221,7 +241,6 @@ class BlockSparseMask:
         return block_causal(self.q_len, self.kv_len, self.block_size, causal=self.causal,
                             device=self.device)
 
-    # ---- conversions ----------------------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
         """bool [B, H, Qb, Kb]."""
         valid = self._valid_slots()
@@ -231,7 +250,8 @@ class BlockSparseMask:
 
     def to(self, device) -> "BlockSparseMask":
         return BlockSparseMask._trusted(self.kv_num_blocks.to(device), self.kv_indices.to(device),
-                               self.block_size, self.q_len, self.kv_len, self.causal)
+                                        self.block_size, self.q_len, self.kv_len, self.causal,
+                                        self.blocks_per_row)
 
     def to_flex(self):
         """FlexAttention `BlockMask` built from the kv indices (never from an N x N mask).
@@ -323,7 +343,6 @@ class BlockSparseMask:
         return cls.from_dense(dense, block_size=block_size, q_len=q_len, kv_len=kv_len,
                               causal=causal)
 
-    # ---- heads ----------------------------------------------------------------------------
     def expand_heads(self, num_heads: int) -> "BlockSparseMask":
         """One mask per query head. H = 1 broadcasts; H = Hkv repeats each group's mask."""
         h = self.heads
@@ -333,8 +352,9 @@ class BlockSparseMask:
             raise _fail("num_heads", f"a multiple of the mask's head count {h}", num_heads)
         rep = num_heads // h
         return BlockSparseMask._trusted(self.kv_num_blocks.repeat_interleave(rep, dim=1),
-                               self.kv_indices.repeat_interleave(rep, dim=1),
-                               self.block_size, self.q_len, self.kv_len, self.causal)
+                                        self.kv_indices.repeat_interleave(rep, dim=1),
+                                        self.block_size, self.q_len, self.kv_len, self.causal,
+                                        self.blocks_per_row)
 
     def group_union(self, group_size: int) -> "BlockSparseMask":
         """Per-query-head mask -> per-KV-group mask: a group reads the union of its heads."""
@@ -346,7 +366,6 @@ class BlockSparseMask:
         return BlockSparseMask.from_dense(dense, block_size=self.block_size, q_len=self.q_len,
                                           kv_len=self.kv_len, causal=self.causal, validate=False)
 
-    # ---- statistics -----------------------------------------------------------------------
     def density(self) -> float:
         """Selected blocks / blocks in the causal region (all blocks when not causal)."""
         total = int(self.allowed().sum()) * self.batch * self.heads

@@ -117,7 +117,6 @@ class Policy:
                                  f"valid for kinds 'top_k' and 'density', not {self.kind!r}")
             self.head_budgets = list(hb)
 
-    # ---- serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dict; `Policy.from_dict(p.to_dict()) == p`."""
         d = asdict(self)
@@ -147,7 +146,6 @@ class Policy:
             return cls.from_dict(policy)
         raise TypeError(f"policy: expected a Policy or a dict, got {type(policy).__name__}")
 
-    # ---- selection --------------------------------------------------------------------------
     def layer_factor(self, layer_idx: int = 0, num_layers: int = 1) -> float:
         """Budget multiplier of layer `layer_idx` under the layer schedule."""
         if not (_is_int(num_layers) and num_layers >= 1):
@@ -255,7 +253,7 @@ class Policy:
         """Mean kept blocks per (head, query block) row that a "top_k" / "density" policy
         gives, computed on the host: exact for scores with no -inf among the causal blocks;
         None for "threshold" / "top_p", whose count depends on the scores. An autotuning hint
-        (`remember_blocks_per_row`), not a bound."""
+        (`BlockSparseMask.with_blocks_per_row`), not a bound."""
         if self.kind not in ("top_k", "density"):
             return None
         factor = self.layer_factor(layer_idx, num_layers)

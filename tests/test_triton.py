@@ -208,8 +208,6 @@ def test_unsupported_head_dim_is_refused():
         kt.block_attention_maps_triton(q, q, block_size=48)
 
 
-# ---- GPU ------------------------------------------------------------------------------------
-
 def eager_low_precision(q, k, v, mask, scale):
     """Attention in the inputs' dtype with eager torch ops (the bf16 baseline's error)."""
     B, Hq, N, D = q.shape
@@ -332,17 +330,18 @@ def test_mean_blocks_per_row_is_cached_per_tensor_and_buckets_are_powers_of_two(
     assert [pow2_bucket(x) for x in (0, 1, 1.5, 4, 4.1, 100)] == [1, 1, 2, 4, 8, 128]
 
 
-def test_remember_blocks_per_row_is_read_back_and_checked():
-    from adaptive_sparse.attention.triton import mean_blocks_per_row, remember_blocks_per_row
+def test_blocks_per_row_hint_travels_on_the_mask():
+    from adaptive_sparse.attention.triton import mean_blocks_per_row
     gen = torch.Generator().manual_seed(13)
     mask = random_mask(1, 2, 200, 200, 32, 0.5, gen=gen)
-    remember_blocks_per_row(mask, 3.25)  # a host-side hint: read back without a device read
-    assert mean_blocks_per_row(mask) == 3.25
-    mask.kv_num_blocks.fill_(2)  # in-place change drops the hint
-    assert mean_blocks_per_row(mask) == 2.0
+    hinted = mask.with_blocks_per_row(3.25)  # a host-side hint: read back without a device read
+    assert mean_blocks_per_row(hinted) == 3.25
+    assert hinted.to("cpu").blocks_per_row == 3.25 and hinted.expand_heads(4).blocks_per_row == 3.25
+    assert mask.blocks_per_row is None and hinted == mask  # the hint is no part of equality
     with torch.inference_mode():
         inf_mask = random_mask(1, 2, 200, 200, 32, 0.5, gen=gen)
         assert mean_blocks_per_row(inf_mask) == pytest.approx(
             float(inf_mask.kv_num_blocks.double().mean()))
-    with pytest.raises(ValueError, match="value: expected a non-negative float"):
-        remember_blocks_per_row(mask, -1.0)
+    for bad in (-1.0, float("nan"), "3", True):
+        with pytest.raises(ValueError, match="^blocks_per_row: expected None or a non-negative"):
+            mask.with_blocks_per_row(bad)

@@ -5,8 +5,6 @@ Stand-alone: nothing here imports the reference implementation.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from adaptive_sparse.attention.triton.block_maps import block_attention_maps_triton
@@ -15,8 +13,7 @@ from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 from adaptive_sparse.masks import BlockSparseMask
 
 __all__ = ["triton_block_sparse_attention", "triton_dense_causal_attention",
-           "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row",
-           "remember_blocks_per_row"]
+           "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row"]
 
 
 def _prepare(q, k, v):
@@ -31,47 +28,23 @@ def _interpreted(q) -> bool:
     return not q.is_cuda
 
 
-_BLOCKS_PER_ROW: dict[int, tuple[weakref.ref, int | None, float]] = {}
-
-
-def _version(num: torch.Tensor):
-    return None if num.is_inference() else num._version  # inference tensors have none
-
-
-def _store(num: torch.Tensor, version, value: float) -> None:
-    if len(_BLOCKS_PER_ROW) > 256:
-        _BLOCKS_PER_ROW.clear()
-    _BLOCKS_PER_ROW[id(num)] = (weakref.ref(num), version, value)
-
-
-def remember_blocks_per_row(mask: BlockSparseMask, value: float) -> None:
-    """Record `value` as the mean kept blocks per row of `mask` (the autotune bucket), so the
-    kernel call reads no statistic from the device. For mask builders that know the count on the
-    host (e.g. `Policy.expected_blocks_per_row` for top-k / density policies); only the tuning
-    choice depends on it, never the result. Kept while `mask.kv_num_blocks` lives unmodified."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"value: expected a non-negative float, got {value!r}")
-    _store(mask.kv_num_blocks, _version(mask.kv_num_blocks), float(value))
-
-
 def mean_blocks_per_row(mask: BlockSparseMask) -> float:
     """Mean kept key blocks per (batch, head, query block) row of `mask`: the autotune bucket.
 
-    Read once per `kv_num_blocks` tensor (one device sync, cached while the tensor lives and is
-    unmodified); during CUDA-graph capture, when no sync is allowed, the width of `kv_indices`
-    (exact for top-k masks, an upper bound otherwise) stands in. A value recorded by
-    `remember_blocks_per_row` is returned without a sync (inference tensors included: only
-    recorded values are kept for them)."""
+    `mask.blocks_per_row` when the mask carries it (no device read). Otherwise, during CUDA-graph
+    capture (no sync allowed) the width of `kv_indices` (exact for top-k masks, an upper bound
+    otherwise), else one device read, kept on the mask while `kv_num_blocks` is unmodified."""
+    if mask.blocks_per_row is not None:
+        return mask.blocks_per_row
     num = mask.kv_num_blocks
-    version = _version(num)
-    hit = _BLOCKS_PER_ROW.get(id(num))
-    if hit is not None and hit[0]() is num and hit[1] == version:
-        return hit[2]
     if num.is_cuda and torch.cuda.is_current_stream_capturing():
         return float(min(mask.kv_indices.shape[-1], mask.num_kv_blocks))
+    version = None if num.is_inference() else num._version  # inference tensors have none
+    measured = mask.__dict__.get("_measured_blocks_per_row")
+    if measured is not None and version is not None and measured[0] == version:
+        return measured[1]
     value = float(num.float().mean())
-    if version is not None:
-        _store(num, version, value)
+    object.__setattr__(mask, "_measured_blocks_per_row", (version, value))
     return value
 
 
@@ -87,7 +60,7 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     When the mask has 1 or Hkv heads, a program serves several query heads of one KV group.
     `config` pins the kernel's tile config (keys GH, RB, BLOCK_N, USE_DESC, num_warps,
     num_stages); None autotunes on CUDA, keyed by the number of query blocks and the mean kept
-    blocks per row (`blocks_per_row`, or `mean_blocks_per_row(mask)` when None), and uses a small
+    blocks per row (`blocks_per_row`, else `mean_blocks_per_row(mask)`: the mask's hint), and uses a small
     fixed config in the interpreter.
     Returns out [B, Hq, N, D] in q.dtype (written into `out`, a contiguous tensor of that
     shape, dtype and device, when given), and lse fp32 [B, Hq, N] (natural log, -inf for rows
