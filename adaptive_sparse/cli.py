@@ -281,7 +281,7 @@ def make_provider(setting: dict, *, block_size: int, num_layers: int, model=None
         if model is None:
             raise ValueError("model: a gate setting needs the model its gates attach to")
         # the front door reaches gating lazily, for gate settings only
-        from gating import GateProvider, load_gates
+        from adaptive_sparse.gates import GateProvider, load_gates
 
         gates = Path(params["gates"])
         if not (gates / "gates.json").exists() and (gates / "gates" / "gates.json").exists():

@@ -202,7 +202,7 @@ def mean_density(masks: dict) -> float:
 
 def gate_masks(model, gates, policy, ids, a, fast=None) -> dict:
     """layer -> mask of one forward with the gate under `policy`."""
-    from gating import GateProvider
+    from adaptive_sparse.gates import GateProvider
 
     with GateProvider(gates, policy, model, fast=fast) as gate:
         recorder = TimedProvider(gate, keep=True)
@@ -274,7 +274,7 @@ def perplexity(model, seqs, ctx_factory) -> float | None:
 
 def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     """data: (calibration ids [1, n], perplexity ids [S, n]) of real text, or None (random)."""
-    from gating import GateProvider
+    from adaptive_sparse.gates import GateProvider
 
     dev = next(model.parameters()).device
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
         print("config matches the installed SmolLM2-135M", flush=True)
     import transformers
 
-    from gating import load_gates
+    from adaptive_sparse.gates import load_gates
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

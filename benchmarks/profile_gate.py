@@ -110,7 +110,7 @@ def _launches(fn, cuda: bool) -> dict:
 
 
 def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
-    from gating import GateProvider
+    from adaptive_sparse.gates import GateProvider
 
     nl = gates.config.num_layers
     gen = torch.Generator(device="cpu").manual_seed(n)
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="count kernel launches per call")
     ap.add_argument("--json", default=None, help="write the rows (and environment) here")
     a = ap.parse_args(argv)
-    from gating import load_gates
+    from adaptive_sparse.gates import load_gates
 
     import triton
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     else:
         model = build_model(dev, torch.bfloat16)
     if a.gates == "random":
-        from gating import GateConfig, GateSet
+        from adaptive_sparse.gates import GateConfig, GateSet
 
         torch.manual_seed(0)
         gates = GateSet(GateConfig.from_model(model, block_size=a.block_size, init="random"))

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import MeanMetric
 
 from adaptive_sparse.masks import block_causal
-from gating.gates import GateConfig, GateSet
+from adaptive_sparse.gates import GateConfig, GateSet
 
 LOSSES = ("kl", "mse")
 SPLITS = ("train", "validation")
@@ -220,8 +220,8 @@ class GateDistillModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export_gates(self, directory, *, metadata: dict | None = None) -> Path:
-        """Save the gate set with `gating.provider.save_gates`."""
-        from gating.provider import save_gates
+        """Save the gate set with `adaptive_sparse.gates.save_gates`."""
+        from adaptive_sparse.gates import save_gates
 
         meta = {"global_step": int(self.global_step)} | (metadata or {})
         return save_gates(self.gates, directory, metadata=meta)

@@ -53,7 +53,7 @@ def compare(model, tokenizer, gates_dir: Path, *, seq_len: int, docs: int, densi
     from adaptive_sparse.masks import blocks_per_row_for_density
     from adaptive_sparse.models import OracleProvider, PatternProvider
     from adaptive_sparse.policies import Policy
-    from gating import GateProvider, load_gates
+    from adaptive_sparse.gates import GateProvider, load_gates
 
     bs = 64
     layers = model.config.num_hidden_layers
@@ -129,7 +129,7 @@ def run_demo(out: str | Path = "runs/demo", *, model: str = "smollm2-135m", seq_
     from adaptive_sparse.export.build import export_and_verify
     from adaptive_sparse.models import load_model
     from adaptive_sparse.policies import Policy
-    from gating import load_gates
+    from adaptive_sparse.gates import load_gates
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,7 @@ class ModelEvaluator:
                                   target=params.get("target", "sum"), block_size=self.block_size,
                                   num_layers=self.num_layers)
         if family == "gate":
-            from gating import GateProvider, load_gates
+            from adaptive_sparse.gates import GateProvider, load_gates
             where = params.get("gates", self.gates)
             if where is None:
                 raise ValueError("gates: gate/* methods need a gates directory (evaluator "

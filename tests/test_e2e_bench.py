@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import e2e
-from gating import GateConfig, GateSet, save_gates
+from adaptive_sparse.gates import GateConfig, GateSet, save_gates
 from tests.test_gates import tiny_llama
 
 

@@ -412,7 +412,7 @@ def test_static_artifact_attaches_and_detaches(tmp_path, gen):
 # ---- atomic writes ----------------------------------------------------------------------------
 
 def test_exception_mid_write_leaves_nothing(tmp_path, gen, monkeypatch):
-    import adaptive_sparse.export.format as fmt
+    import adaptive_sparse.io as fmt
 
     calls = []
     real = fmt._write_file
@@ -445,7 +445,7 @@ def test_killed_writer_leaves_no_artifact(tmp_path):
     out = tmp_path / "art"
     script = textwrap.dedent(f"""
         import sys, time, torch
-        import adaptive_sparse.export.format as fmt
+        import adaptive_sparse.io as fmt
         from adaptive_sparse.export import save_masks
         from adaptive_sparse.masks import BlockSparseMask
         real = fmt._write_file
@@ -479,8 +479,9 @@ def test_killed_writer_leaves_no_artifact(tmp_path):
 # ---- gate artifacts ---------------------------------------------------------------------------
 
 def _trained_looking_gates(model, gen):
-    gates = pytest.importorskip("gating.gates")
-    gs = gates.GateSet(gates.GateConfig.from_model(model, block_size=16))
+    from adaptive_sparse.gates import GateConfig, GateSet
+
+    gs = GateSet(GateConfig.from_model(model, block_size=16))
     with torch.no_grad():
         for p in gs.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
@@ -489,9 +490,9 @@ def _trained_looking_gates(model, gen):
 
 def test_gate_artifact_round_trip_gives_identical_logits(tmp_path, gen):
     from adaptive_sparse.export import load_gate_artifact, load_sparsifier, save_gate_artifact
+    from adaptive_sparse.gates import GateProvider
     from adaptive_sparse.models import sparse_attention
     from adaptive_sparse.policies import Policy
-    gating = pytest.importorskip("gating")
 
     model = tiny_llama()
     gs = _trained_looking_gates(model, gen)
@@ -506,7 +507,7 @@ def test_gate_artifact_round_trip_gives_identical_logits(tmp_path, gen):
     ids = torch.randint(0, 97, (1, 80), generator=gen)
     with torch.no_grad():
         dense = model(ids).logits
-        with gating.GateProvider(gs, policy, model) as live, \
+        with GateProvider(gs, policy, model) as live, \
                 sparse_attention(model, live, block_size=16):
             want = model(ids).logits
         with load_sparsifier(model, path) as handle:

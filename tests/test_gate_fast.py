@@ -16,8 +16,8 @@ import torch
 
 from adaptive_sparse.masks import BlockSparseMask, block_causal, num_blocks
 from adaptive_sparse.policies import Policy
-from gating.gates import Gate, GateConfig, GateSet, gate_tables
-from gating.provider import GateProvider
+from adaptive_sparse.gates import GateProvider
+from adaptive_sparse.gates.network import Gate, GateConfig, GateSet, gate_tables
 from test_gates import tiny_llama  # tests/ is on sys.path (rootdir-relative test modules)
 
 CUDA = torch.cuda.is_available()
@@ -322,7 +322,7 @@ def test_gpu_graph_replay_equals_eager_and_reference(pol, seq_len):
 def test_gpu_default_graphs_only_for_small_inputs(limit, graphed, monkeypatch):
     """cuda_graphs=None replays graphs only while the captured queries hold at most
     GRAPH_MAX_ELEMENTS elements (6 heads x 1024 x 64 here); masks are the same either way."""
-    from gating import provider as provider_mod
+    from adaptive_sparse.gates import provider as provider_mod
 
     monkeypatch.setattr(provider_mod, "GRAPH_MAX_ELEMENTS", limit)
     model, _ = _gpu_model(1024)
@@ -380,7 +380,7 @@ def test_gpu_kernel_selection_equals_policy_on_fresh_scores():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_pooling_matches_pool_blocks_fp64(kinds, N, bs, D, dtype):
     from adaptive_sparse.attention.triton.gate import pool_blocks_triton
-    from gating.gates import pool_blocks
+    from adaptive_sparse.gates.network import pool_blocks
 
     gen = torch.Generator().manual_seed(N * D)
     x = pre_rotary(2, 3, N, D, dtype, gen).to(DEV)  # strided, as captured

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from adaptive_sparse.masks import block_causal
-from gating.gates import (
-    PRESETS,
+from adaptive_sparse.gates.network import (
+    MODEL_SHAPES,
     GateConfig,
     GateSet,
     block_positions,
@@ -16,7 +16,7 @@ from gating.gates import (
     parameter_report,
     pool_blocks,
 )
-from gating.provider import GateProvider, QKCapture, load_gates, save_gates
+from adaptive_sparse.gates import GateProvider, QKCapture, load_gates, save_gates
 
 
 def tiny_llama(seed=0, layers=2, heads=4, kv_heads=2, hidden=64):
@@ -150,7 +150,7 @@ def test_parameter_count(shared):
     c = config(share_kv_group=shared, gate_dim=8, init="random", q_pooling=("avg", "max"))
     assert gate_parameter_count(c) == sum(p.numel() for p in GateSet(c).parameters())
     rows = {(r["model"], r["share_kv_group"]): r for r in parameter_report()}
-    assert rows[("smollm2-135m", False)]["base_params"] == PRESETS["smollm2-135m"].parameter_count()
+    assert rows[("smollm2-135m", False)]["base_params"] == MODEL_SHAPES["smollm2-135m"].parameter_count()
     assert 130e6 < rows[("smollm2-135m", False)]["base_params"] < 140e6
     assert 7.9e9 < rows[("llama3-8b-shapes", False)]["base_params"] < 8.1e9
     assert rows[("smollm2-135m", True)]["gate_params"] < rows[("smollm2-135m", False)]["gate_params"]

@@ -107,7 +107,7 @@ def test_screen_agrees_with_full_evaluation_on_tiny_model():
 
 def test_gate_with_policy_on_tiny_model(tmp_path):
     pytest.importorskip("gating")
-    from gating import GateConfig, GateSet, save_gates
+    from adaptive_sparse.gates import GateConfig, GateSet, save_gates
     model, seqs = _tiny_llama(seed=2)
     torch.manual_seed(0)
     gates = save_gates(GateSet(GateConfig.from_model(model, block_size=16)), tmp_path / "gates")

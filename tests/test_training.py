@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gating.module import GateDataModule, GateDistillModule, distill_loss, group_targets
-from gating.provider import load_gates
+from adaptive_sparse.gates import load_gates
 from gating.targets import featurize
 
 BS, N = 16, 128

@@ -1,7 +1,7 @@
 """`load_sparsifier(model, path)`: attach an artifact to a Hugging Face model.
 
 After the call the model runs sparse attention on every forward with no other code:
-  gate   -> gating's GateProvider(gate_set, policy, model) decides each layer's mask
+  gate   -> adaptive_sparse.gates.GateProvider(gate_set, policy, model) decides each layer's mask
   static -> the mask of the smallest length bucket >= the sequence, cropped (prefill only;
             decoding steps with q_len != kv_len and longer sequences run dense)
   masks  -> the stored mask when the sequence has exactly its length, else dense
@@ -105,7 +105,7 @@ def load_sparsifier(model, path, *, backend: str = "auto",
     check_fingerprint(raw.manifest["model"], model, check_weights=check_weights)
     if kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
-        from gating import GateProvider
+        from adaptive_sparse.gates import GateProvider
 
         art = gate_from_raw(raw)
         param = next(model.parameters(), None)

@@ -1,6 +1,6 @@
 """Build artifacts from a live model: record each layer's masks (and attention maps) while the
-model runs, then write mask, static and gate artifacts. Uses `adaptive_sparse.models` (and
-`gating` for gate sources), imported lazily."""
+model runs, then write mask, static and gate artifacts. Uses `adaptive_sparse.models` and
+`adaptive_sparse.gates`, imported lazily."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def make_source(model, *, pattern: str | None = None, pattern_params: Mapping | 
     spec = read_policy_file(policy_file)
     method, params = spec["method"], spec["params"]
     if method == "gate":
-        from gating import GateProvider, load_gates
+        from adaptive_sparse.gates import GateProvider, load_gates
 
         gdir = gates or params.get("gates")
         if gdir is None:
@@ -209,7 +209,7 @@ def export_and_verify(model, sequence: torch.Tensor, gate_set, policy, out_dir, 
     from adaptive_sparse.export.cli import summary
     from adaptive_sparse.export.gates import save_gate_artifact
     from adaptive_sparse.models import sparse_attention
-    from gating import GateProvider
+    from adaptive_sparse.gates import GateProvider
 
     if sequence.dim() != 2 or sequence.shape[0] != 1:
         raise ValueError(f"sequence: expected a LongTensor [1, N], got {tuple(sequence.shape)}")

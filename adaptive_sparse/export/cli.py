@@ -147,7 +147,7 @@ def _run(args) -> dict:
     model, tok = load_model(args.model)
     if args.command == "gate":
         from adaptive_sparse.export.gates import save_gate_artifact
-        from gating import GateProvider, load_gates
+        from adaptive_sparse.gates import GateProvider, load_gates
 
         spec = build.read_policy_file(args.policy_file)
         if spec["method"] != "gate":

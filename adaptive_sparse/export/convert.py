@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from adaptive_sparse.export.fingerprint import sha256_hex
-from adaptive_sparse.export.format import write_dir_atomic
+from adaptive_sparse.io import atomic_write_dir
 from adaptive_sparse.export.masks import MaskArtifact, load_masks
 from adaptive_sparse.masks import BlockSparseMask
 
@@ -109,6 +109,6 @@ def convert_artifact(src, to: str, out, *, overwrite: bool = False) -> Path:
               "source_manifest_sha256": art.manifest["manifest_sha256"],
               "file": name, "sha256": sha256_hex(data), "size": len(data), "entries": entries,
               "causal_rule": "query i sees key j <= i + (kv_len - q_len)"}
-    return write_dir_atomic(out, {name: data, LAYOUT_FILE: (json.dumps(layout, indent=1)
+    return atomic_write_dir(out, {name: data, LAYOUT_FILE: (json.dumps(layout, indent=1)
                                                             + "\n").encode()},
                             overwrite=overwrite, marker=LAYOUT_FILE)

@@ -13,8 +13,9 @@ manifest.json (format_version 1), every key required, no others:
   files             {"<name>.safetensors": {"sha256": hex, "size": int}}
   manifest_sha256   sha256 of the canonical JSON of every other key: any edit is caught
 
-Writes are atomic: everything goes to a hidden directory beside the target, is fsynced, and is
-renamed into place; a crash leaves only that hidden directory, which the next write to the same
+Writes are atomic (`adaptive_sparse.io.atomic_write_dir`): everything goes to a hidden directory
+beside the target, is fsynced, and is renamed into place, or swapped with the old artifact in one
+step on --overwrite; a crash leaves only that hidden directory, which the next write to the same
 target removes once its writer process is gone. Loading reads each tensor file once, checks its
 size and sha256, and parses those same bytes with safetensors; nothing is unpickled.
 """
@@ -23,10 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +32,7 @@ from typing import Any, Mapping
 import torch
 
 from adaptive_sparse.export.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
+from adaptive_sparse.io import atomic_write_dir
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES
 
 FORMAT_NAME = "adaptive-sparse-artifact"
@@ -235,42 +234,6 @@ def parse_manifest(data: bytes) -> dict:
 
 # ---- writing ----------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove hidden partial/old directories of `out` left by writers that have died."""
-    pattern = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-(\d+)-[0-9a-f]+")
-    if not out.parent.is_dir():
-        return
-    for entry in out.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and not _pid_alive(int(match.group(2))):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def build_manifest(*, kind: str, model: dict | None, block_size: int, method: Mapping,
                    stats: Mapping, content: Mapping) -> dict:
     from adaptive_sparse import __version__
@@ -308,40 +271,7 @@ def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, to
     check_manifest(json.loads(canonical_json(full)))
     blobs[MANIFEST] = (json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
                        + "\n").encode()
-    return write_dir_atomic(out, blobs, overwrite=overwrite, marker=MANIFEST)
-
-
-def write_dir_atomic(out, blobs: Mapping[str, bytes], *, overwrite: bool = False,
-                     marker: str = MANIFEST) -> Path:
-    """Write {file name: bytes} as directory `out`, all or nothing (the last name in `blobs`
-    is written last). An existing `out` is replaced only with `overwrite` and only when it
-    holds `marker` (so a directory we did not write is never removed)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"out: {out} already exists (pass overwrite=True / --overwrite)")
-    if out.exists() and not (out / marker).is_file():
-        raise ValueError(f"out: {out} exists and was not written by adaptive-sparse (no "
-                         f"{marker}); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        for name, data in blobs.items():
-            _write_file(tmp / name, data)
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic_write_dir(out, blobs, overwrite=overwrite, marker=MANIFEST)
 
 
 # ---- reading ----------------------------------------------------------------------------------

@@ -3,8 +3,7 @@
 Files: `gates.safetensors` (the GateSet's state_dict, names `<layer>.<param>`).
 `content`: {"gate_config": GateConfig.to_dict(), "policy": Policy.to_dict()}.
 `stats`: densities measured on calibration text when given, else {"density": null, "layers": []}.
-The fingerprint of the base model is required. `gating` is imported lazily (it depends on this
-package, not the other way round).
+The fingerprint of the base model is required.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import torch
 
 from adaptive_sparse.export.format import (
     ArtifactError, RawArtifact, build_manifest, read_artifact, req_dict, write_artifact)
@@ -26,7 +23,7 @@ class GateArtifact:
     """A verified gate artifact: the rebuilt GateSet (eval mode, CPU) and its Policy."""
     path: Path
     manifest: dict
-    gate_set: Any  # gating.gates.GateSet
+    gate_set: Any  # adaptive_sparse.gates.GateSet
     policy: Any  # adaptive_sparse.policies.Policy
 
     @property
@@ -47,16 +44,16 @@ def save_gate_artifact(out, gate_set, policy, *, model, method: str = "gates",
                        overwrite: bool = False) -> Path:
     """Write a gate artifact.
 
-    gate_set: gating.gates.GateSet; policy: Policy or its dict; model: the base transformers
+    gate_set: adaptive_sparse.gates.GateSet; policy: Policy or its dict; model: the base transformers
     model (or its fingerprint dict) the gates were trained on; params: e.g. the sweep trial and
     its measured ppl change / density; stats: {"density", "layers"} measured on calibration text.
     """
     from adaptive_sparse.export.fingerprint import model_fingerprint
+    from adaptive_sparse.gates import GateSet
     from adaptive_sparse.policies import Policy
-    from gating.gates import GateSet
 
     if not isinstance(gate_set, GateSet):
-        raise TypeError(f"gate_set: expected a gating GateSet, got {type(gate_set).__name__}")
+        raise TypeError(f"gate_set: expected an adaptive_sparse.gates.GateSet, got {type(gate_set).__name__}")
     policy = Policy.coerce(policy)
     if model is None:
         raise ValueError("model: a gate artifact needs the base model (or its fingerprint)")
@@ -81,8 +78,9 @@ def _check_config_against(cfg, fp: dict, err) -> None:
 
 def gate_from_raw(raw: RawArtifact) -> GateArtifact:
     """Rebuild the GateSet and Policy of a verified gate artifact (raises ArtifactError)."""
+    from adaptive_sparse.gates.checkpoint import gate_set_from_state
+    from adaptive_sparse.gates.network import GateConfig
     from adaptive_sparse.policies import Policy
-    from gating.gates import GateConfig, GateSet
 
     m = raw.manifest
     if m["kind"] != "gate":
@@ -112,24 +110,10 @@ def gate_from_raw(raw: RawArtifact) -> GateArtifact:
     if set(raw.tensors) != {GATES_FILE}:
         raise ArtifactError(f"manifest.files: expected exactly {GATES_FILE!r}, got "
                             f"{sorted(raw.tensors)}")
-    state = raw.tensors[GATES_FILE]
-    with torch.device("cpu"):
-        gate_set = GateSet(cfg)
-    expected = gate_set.state_dict()
-    if set(state) != set(expected):
-        missing = sorted(set(expected) - set(state))[:3]
-        extra = sorted(set(state) - set(expected))[:3]
-        raise ArtifactError(f"{GATES_FILE}: tensor names do not match the gate config "
-                            f"(missing {missing}, unexpected {extra})")
-    for name, t in state.items():
-        want = expected[name]
-        if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
-            raise ArtifactError(f"{GATES_FILE}: {name}: expected {want.dtype} "
-                                f"{tuple(want.shape)}, got {t.dtype} {tuple(t.shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ArtifactError(f"{GATES_FILE}: {name}: expected finite values")
-    gate_set.load_state_dict(state, strict=True)
-    gate_set.eval()
+    try:
+        gate_set = gate_set_from_state(cfg, raw.tensors[GATES_FILE], GATES_FILE)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
     return GateArtifact(raw.path, m, gate_set, policy)
 
 

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adaptive_sparse.errors import fail as _fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, block_causal, num_blocks
+from adaptive_sparse.models.config import text_config
 
 POOLINGS = ("avg", "max", "min")
 INITS = ("identity", "random")
-
-
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got!r}")
 
 
 def _positive_int(name: str, value) -> None:
@@ -162,10 +160,9 @@ class GateConfig:
 
 def model_shapes(model) -> dict:
     """num_layers, num_heads, num_kv_heads, head_dim, rope_theta, rope_inv_freq of a HF model."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
+    if getattr(model, "config", None) is None:
         raise _fail("model", "a transformers model with a .config", type(model).__name__)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(model)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     theta = getattr(cfg, "rope_theta", None)
@@ -181,6 +178,27 @@ def model_shapes(model) -> dict:
     return dict(num_layers=cfg.num_hidden_layers, num_heads=heads,
                 num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                 head_dim=head_dim, rope_theta=float(theta), rope_inv_freq=inv_freq)
+
+
+def check_model_shapes(config: "GateConfig", model) -> None:
+    """Refuse gates built for other attention shapes than `model`'s, naming the field."""
+    shapes = model_shapes(model)
+    for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if shapes[name] != getattr(config, name):
+            raise _fail(name, f"{getattr(config, name)} (the gates' model)",
+                        f"{shapes[name]} in the given model")
+
+
+def gate_state_shapes(config: "GateConfig") -> dict[str, tuple[int, ...]]:
+    """{state_dict name: shape} of `GateSet(config)`, computed without allocating it."""
+    c = config
+    q_groups = c.group_size if c.share_kv_group else 1
+    wq = (c.gate_heads, q_groups * len(c.q_pooling) * c.head_dim, c.gate_dim)
+    wk = (c.gate_heads, len(c.k_pooling) * c.head_dim, c.gate_dim)
+    out = {}
+    for layer in range(c.num_layers):
+        out[f"{layer}.wq"], out[f"{layer}.wk"] = wq, wk
+    return out
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, kinds) -> dict[str, torch.Tensor]:
@@ -494,7 +512,7 @@ class ModelShapes:
                           rope_theta=self.rope_theta, **options)
 
 
-PRESETS = {
+MODEL_SHAPES = {
     "smollm2-135m": ModelShapes(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3,
                                 head_dim=64, intermediate=1536, tied_embeddings=True,
                                 rope_theta=100000.0),
@@ -506,17 +524,14 @@ PRESETS = {
 
 def gate_parameter_count(config: GateConfig) -> int:
     """Trainable parameters of a GateSet (computed from shapes, nothing allocated)."""
-    c = config
-    q_groups = c.group_size if c.share_kv_group else 1
-    per_layer = c.gate_heads * c.gate_dim * (q_groups * len(c.q_pooling) * c.head_dim
-                                             + len(c.k_pooling) * c.head_dim)
-    return c.num_layers * per_layer
+    return sum(math.prod(shape) for shape in gate_state_shapes(config).values())
 
 
 def parameter_report(**options) -> list[dict]:
-    """Gate parameters vs base model for every preset, per-head and shared-group gates."""
+    """Gate parameters vs base model for every entry of `MODEL_SHAPES`, per-head and
+    shared-group gates."""
     rows = []
-    for name, shapes in PRESETS.items():
+    for name, shapes in MODEL_SHAPES.items():
         base = shapes.parameter_count()
         for shared in (False, True):
             gates = gate_parameter_count(shapes.gate_config(share_kv_group=shared, **options))

@@ -9,72 +9,22 @@ and turns the scores into a `BlockSparseMask` through `Policy.to_mask` (the refe
 on CPU) or, on CUDA, through `Gate.fast_scores` and the one-launch Triton selection
 `scores_to_kv_indices` (same masks; see `GateProvider`), optionally replayed from a CUDA graph.
 
-Gate checkpoints are a directory: `gates.safetensors` (weights) and `gates.json` (format,
-version, GateConfig, sha256 of the weights, optional metadata). Never a pickle.
+Gate checkpoints (save_gates / load_gates): `adaptive_sparse/gates/checkpoint.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
+from adaptive_sparse.errors import fail as _fail
+from adaptive_sparse.gates.checkpoint import load_gates
+from adaptive_sparse.gates.network import GateSet, check_model_shapes, gate_tables, model_shapes
 from adaptive_sparse.masks import BlockSparseMask
-from gating.gates import GateConfig, GateSet, gate_tables, model_shapes
 
 log = logging.getLogger(__name__)
-
-GATES_FORMAT = "adaptive-sparse-gates"
-GATES_VERSION = 1
-WEIGHTS_FILE = "gates.safetensors"
-CONFIG_FILE = "gates.json"
-
-
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_tensors(path, tensors: dict, metadata: dict | None = None) -> str:
-    """safetensors file written atomically; returns its sha256."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def attention_modules(model) -> list:
@@ -147,63 +97,6 @@ class QKCapture:
 
     def __exit__(self, *exc):
         self.remove()
-
-
-def save_gates(gate_set: GateSet, directory, *, metadata: dict | None = None) -> Path:
-    """Write `gates.safetensors` + `gates.json` into `directory` (atomically); returns it."""
-    if not isinstance(gate_set, GateSet):
-        raise _fail("gate_set", "a GateSet", type(gate_set).__name__)
-    directory = Path(directory)
-    digest = atomic_save_tensors(directory / WEIGHTS_FILE, gate_set.state_dict())
-    atomic_write_json(directory / CONFIG_FILE, {
-        "format": GATES_FORMAT, "version": GATES_VERSION, "config": gate_set.config.to_dict(),
-        "weights_sha256": digest, "metadata": metadata or {}})
-    return directory
-
-
-def read_gates_info(directory) -> dict:
-    """The parsed gates.json of a gate directory (format and version checked)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise _fail("directory", f"a gate directory holding {CONFIG_FILE}", str(directory))
-    info = json.loads(path.read_text())
-    if info.get("format") != GATES_FORMAT:
-        raise _fail("format", repr(GATES_FORMAT), info.get("format"))
-    if info.get("version") != GATES_VERSION:
-        raise _fail("version", str(GATES_VERSION), info.get("version"))
-    return info
-
-
-def load_gates(directory, model=None, *, map_location="cpu") -> GateSet:
-    """Load a gate set saved by `save_gates`. With `model`, refuse gates built for other shapes
-    (the message names the differing field)."""
-    directory = Path(directory)
-    info = read_gates_info(directory)
-    weights = directory / WEIGHTS_FILE
-    digest = sha256_file(weights)
-    if digest != info["weights_sha256"]:
-        raise _fail(str(weights), f"sha256 {info['weights_sha256']}", digest)
-    config = GateConfig.from_dict(info["config"])
-    if model is not None:
-        shapes = model_shapes(model)
-        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            if shapes[name] != getattr(config, name):
-                raise _fail(name, f"{getattr(config, name)} (the gates' model)",
-                            f"{shapes[name]} in the given model")
-    from safetensors.torch import load_file
-
-    gate_set = GateSet(config)
-    gate_set.load_state_dict(load_file(str(weights), device=str(map_location)))
-    return gate_set.to(map_location)
-
-
-def _remember_blocks_per_row(mask, value: float) -> None:
-    """Hand the triton backend its autotune statistic (no-op without triton)."""
-    try:
-        from adaptive_sparse.attention.triton import remember_blocks_per_row
-    except ImportError:  # triton not installed: its backend is unavailable anyway
-        return
-    remember_blocks_per_row(mask, value)
 
 
 def _as_policy(policy):
@@ -290,12 +183,7 @@ class GateProvider:
 
     def attach(self, model) -> "GateProvider":
         self.detach()
-        shapes = model_shapes(model)
-        c = self.gate_set.config
-        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            if shapes[name] != getattr(c, name):
-                raise _fail(name, f"{getattr(c, name)} (the gates' model)",
-                            f"{shapes[name]} in the given model")
+        check_model_shapes(self.gate_set.config, model)
         self.capture = QKCapture(model)
         return self
 
@@ -369,7 +257,7 @@ class GateProvider:
         """The layer's mask, built without any host-device sync: the policy's value checks
         are skipped (the scores come from the gate, the mask is valid by construction), and
         for top-k / density policies on CUDA the mean blocks per row is handed to the triton
-        backend from the host (`remember_blocks_per_row`) instead of being read back.
+        backend from the host (`BlockSparseMask.with_blocks_per_row`), not read back.
         Reference path (`Gate.forward` + `Policy.to_mask`) or fast path: see the class."""
         q_len, kv_len = q.shape[2], k.shape[2]
         c = self.gate_set.config
@@ -389,7 +277,7 @@ class GateProvider:
         if mask.kv_num_blocks.is_cuda:
             bpr = self._blocks_per_row(layer_idx, q_len, kv_len, mask.heads)
             if bpr is not None:
-                _remember_blocks_per_row(mask, bpr)
+                mask = mask.with_blocks_per_row(bpr)
         return mask
 
     def _fast_mask(self, layer_idx: int, q_len: int, kv_len: int) -> BlockSparseMask:
