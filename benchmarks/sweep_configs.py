@@ -29,7 +29,11 @@ from benchmarks.attention import (SHAPES, graph_bench, oracle_rows, pair_table, 
                                   rel_err)
 
 
-def candidates() -> list[dict]:
+def candidates(path=None) -> list[dict]:
+    """The autotuner's configs, or the config dicts listed in the JSON file `path`."""
+    if path:
+        with open(path) as f:
+            return json.load(f)
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
             for c in _configs()]
 
@@ -46,7 +50,7 @@ def host_us(fn, calls=200) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def sweep_point(shape, n, density, bs, gen) -> dict:
+def sweep_point(shape, n, density, bs, gen, configs=None) -> dict:
     Hq, Hkv, D = SHAPES[shape]
     q = torch.randn(1, Hq, n, D, generator=gen, device="cuda").to(torch.bfloat16)
     k = torch.randn(1, Hkv, n, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -72,11 +76,11 @@ def sweep_point(shape, n, density, bs, gen) -> dict:
 
     results = []
     args = {"BS": bs, "HEAD_DIM": D, "G": Hq // Hkv, "SHARED": True}
-    for cfg in candidates():
+    for cfg in candidates(configs):
         tc = triton.Config({k_: v_ for k_, v_ in cfg.items()
                             if k_ not in ("num_warps", "num_stages")},
                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if not keep(tc, args):
+        if configs is None and not keep(tc, args):  # listed configs are timed as given
             continue
         row = {"config": cfg}
         try:
@@ -94,31 +98,36 @@ def sweep_point(shape, n, density, bs, gen) -> dict:
             row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         results.append(row)
         print(json.dumps(row), flush=True)
-    auto_out = call()
-    auto_err = rel_err(auto_out[0, heads][:, rows], ref)
-    del auto_out
-    auto_ms = float(triton.testing.do_bench(call, warmup=25, rep=150, return_mode="median"))
-    from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
-    best = bsa_fwd_autotuned.best_config
     point = dict(shape=shape, N=n, density=mask.density(), blocks_per_row=bpr, block_size=bs,
-                 flops=flops, auto_ms=auto_ms, auto_tflops=flops / auto_ms / 1e9,
-                 auto_err=auto_err, auto_config=str(best), host_us=host_us(call),
-                 graph_ms=graph_bench(call), configs=results)
+                 flops=flops, configs=results)
+    if configs is None:  # the autotuned launch, next to the configs it chose from
+        auto_out = call()
+        auto_err = rel_err(auto_out[0, heads][:, rows], ref)
+        del auto_out
+        auto_ms = float(triton.testing.do_bench(call, warmup=25, rep=150, return_mode="median"))
+        from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
+        point.update(auto_ms=auto_ms, auto_tflops=flops / auto_ms / 1e9, auto_err=auto_err,
+                     auto_config=str(bsa_fwd_autotuned.best_config), host_us=host_us(call),
+                     graph_ms=graph_bench(call))
     return point
 
 
 def table(point) -> str:
+    extra = sorted({k for r in point["configs"] for k in r["config"]}
+                   - {"GH", "RB", "BLOCK_N", "USE_DESC", "num_warps", "num_stages"})
+    auto = (f": autotuned {point['auto_ms']:.3f} ms = {point['auto_tflops']:.0f} TFLOP/s "
+            f"({point['auto_config']}), host {point['host_us']:.0f} us/call, graph "
+            f"{point['graph_ms']}") if "auto_ms" in point else ""
     lines = [f"## {point['shape']} N={point['N']} density={point['density']:.3f} "
-             f"(blocks/row {point['blocks_per_row']:.1f}): autotuned {point['auto_ms']:.3f} ms "
-             f"= {point['auto_tflops']:.0f} TFLOP/s ({point['auto_config']}), host "
-             f"{point['host_us']:.0f} us/call, graph {point['graph_ms']}",
-             "| GH | RB | BLOCK_N | TMA | warps | stages | ms | TFLOP/s | err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(blocks/row {point['blocks_per_row']:.1f}){auto}",
+             "| GH | RB | BLOCK_N | TMA | warps | stages | " + "".join(f"{k} | " for k in extra)
+             + "ms | TFLOP/s | err |", "|---|---|---|---|---|---|" + "---|" * (len(extra) + 3)]
     ok = sorted((r for r in point["configs"] if "ms" in r), key=lambda r: r["ms"])
     for r in ok:
         c = r["config"]
         lines.append(f"| {c['GH']} | {c['RB']} | {c['BLOCK_N']} | {int(c['USE_DESC'])} | "
                      f"{c['num_warps']} | {c['num_stages']} | "
+                     + "".join(f"{int(c.get(k, 0))} | " for k in extra) +
                      f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['err']:.1e} |")
     for r in point["configs"]:
         if "failed" in r:
@@ -130,13 +139,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", default="llama3-8b:32768:1.0,llama3-8b:32768:0.1")
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--configs", default=None,
+                    help="JSON list of config dicts to time instead of the autotuner's")
     ap.add_argument("--json", default="sweep.json")
     a = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(1)
     points = []
     for spec in a.points.split(","):
         shape, n, dens = spec.split(":")
-        points.append(sweep_point(shape, int(n), float(dens), a.block_size, gen))
+        points.append(sweep_point(shape, int(n), float(dens), a.block_size, gen, a.configs))
         with open(a.json, "w") as f:
             json.dump(points, f, indent=1)
         torch.cuda.empty_cache()

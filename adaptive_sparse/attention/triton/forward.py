@@ -22,11 +22,10 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, stride_vm,
-                 N_KV, OFFSET, QK_SCALE,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+def _qk_tile(q, k_src, start_n, stride_km, N_KV,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             USE_DESC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Raw scores of one key tile: q [BLOCK_M, D] @ K[start_n:start_n + BLOCK_N].T, fp32."""
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, HEAD_DIM)
     if USE_DESC:
@@ -37,7 +36,18 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, strid
             k = tl.load(k_ptrs, mask=offs_n[None, :] < N_KV, other=0.0)
         else:
             k = tl.load(k_ptrs)
-    s = tl.dot(q, k, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N] fp32
+    return tl.dot(q, k, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET, QK_SCALE,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """Online-softmax update with the scores `s` [BLOCK_M, BLOCK_N] of the tile at `start_n`
+    (exp2 with the scale folded in: QK_SCALE = scale * log2(e)), then acc += P @ V."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
     if MASKED:
         keep = offs_n[None, :] < N_KV
         if CAUSAL:
@@ -66,6 +76,30 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, strid
 
 
 @triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, stride_vm,
+                 N_KV, OFFSET, QK_SCALE,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    s = _qk_tile(q, k_src, start_n, stride_km, N_KV, HEAD_DIM, BLOCK_N, MASKED, USE_DESC,
+                 DOT_PREC)
+    return _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET,
+                       QK_SCALE, HEAD_DIM, BLOCK_N, MASKED, CAUSAL, WRITE_O, USE_DESC, DOT_PREC)
+
+
+@triton.jit
+def _tile_start(idx_base, t, DENSE: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of the t-th sub-tile of a row: dense rows walk blocks 0.., sparse rows their
+    index list."""
+    SPLIT: tl.constexpr = BS // BLOCK_N
+    if DENSE:
+        kb = t // SPLIT
+    else:
+        kb = tl.load(idx_base + t // SPLIT)
+    return kb * BS + (t % SPLIT) * BLOCK_N
+
+
+@triton.jit
 def bsa_fwd_kernel(
     Q, K, V, O, LSE, KV_NUM, KV_IDX,
     stride_qb, stride_qh, stride_qm,
@@ -79,22 +113,35 @@ def bsa_fwd_kernel(
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr,
+    HEAD_FAST: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
-    """Grid (Qb * BS // RB, B * H_Q // GH). Q/O [B, H_Q, N_Q, D]; K/V [B, H_Q // G, N_KV, D];
+    """Grid (Qb * BS // RB * G // GH, B * H_Q // G): axis 1 is the KV head; axis 0 walks query
+    blocks longest rows first, with the G // GH programs of that KV head's query heads adjacent
+    (HEAD_FAST: they share K/V tiles in L2 while they run) or one head after the other.
+    Q/O [B, H_Q, N_Q, D]; K/V [B, H_Q // G, N_KV, D];
     KV_NUM int32 [Bm, Hm, Qb], KV_IDX int32 [Bm, Hm, Qb, Kb] (batch stride 0 broadcasts);
     LSE fp32 [B, H_Q, N_Q] (natural log). DENSE ignores the index tables (full causal rows).
+    PREFETCH issues the next tile's Q @ K.T before this tile's softmax (unmasked tiles).
     QB_BUCKET / WORK_BUCKET are unused in the body: autotune keys (query blocks, kept blocks per
     row, both rounded up to powers of two)."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     SUBS: tl.constexpr = BS // RB
+    HPG: tl.constexpr = G // GH  # programs per KV head and row block
     pid = tl.program_id(0)
-    qb = tl.num_programs(0) // SUBS - 1 - pid // SUBS  # longest rows first
-    r0 = qb * BS + (pid % SUBS) * RB
-    bh = tl.program_id(1)
-    b = (bh // (H_Q // GH)).to(tl.int64)
-    h0 = (bh % (H_Q // GH)) * GH
-    hk = (h0 // G).to(tl.int64)
+    n_rows = tl.num_programs(0) // HPG  # query row blocks (Qb * SUBS)
+    if HEAD_FAST:
+        hp = pid % HPG
+        rb = pid // HPG
+    else:
+        hp = pid // n_rows
+        rb = pid % n_rows
+    qb = n_rows // SUBS - 1 - rb // SUBS  # longest rows first
+    r0 = qb * BS + (rb % SUBS) * RB
+    bk = tl.program_id(1)
+    b = (bk // (H_Q // G)).to(tl.int64)
+    hk = (bk % (H_Q // G)).to(tl.int64)
+    h0 = hk * G + hp * GH
     hm = (h0 // HEADS_PER_MASK).to(tl.int64)
 
     offs_i = tl.arange(0, BLOCK_M)
@@ -136,22 +183,32 @@ def bsa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for t in range(0, n_full * SPLIT):
-        if DENSE:
-            kb = t // SPLIT
-        else:
-            kb = tl.load(idx_base + t // SPLIT)
-        start_n = kb * BS + (t % SPLIT) * BLOCK_N
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
-                                     stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
-                                     HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
-                                     DOT_PREC)
+    if PREFETCH:
+        if n_full > 0:
+            start_n = _tile_start(idx_base, 0, DENSE, BS, BLOCK_N)
+            s = _qk_tile(q, k_src, start_n, stride_km, N_KV, HEAD_DIM, BLOCK_N, False,
+                         USE_DESC, DOT_PREC)
+            for t in range(1, n_full * SPLIT):
+                start_next = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+                s_next = _qk_tile(q, k_src, start_next, stride_km, N_KV, HEAD_DIM, BLOCK_N,
+                                  False, USE_DESC, DOT_PREC)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm,
+                                            N_KV, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, False,
+                                            CAUSAL, WRITE_O, USE_DESC, DOT_PREC)
+                s = s_next
+                start_n = start_next
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm,
+                                        N_KV, OFFSET, QK_SCALE, HEAD_DIM, BLOCK_N, False,
+                                        CAUSAL, WRITE_O, USE_DESC, DOT_PREC)
+    else:
+        for t in range(0, n_full * SPLIT):
+            start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
+                                         stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
+                                         HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
+                                         DOT_PREC)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
-        if DENSE:
-            kb = t // SPLIT
-        else:
-            kb = tl.load(idx_base + t // SPLIT)
-        start_n = kb * BS + (t % SPLIT) * BLOCK_N
+        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
@@ -307,11 +364,11 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
     _ensure_allocator()
     if config is None:
         def grid(m):
-            return (qb * (block_size // m["RB"]), B * Hq // m["GH"])
+            return (qb * (block_size // m["RB"]) * (Hq // Hkv // m["GH"]), B * Hkv)
         bsa_fwd_autotuned[grid](*args, **meta)
     else:
         cfg = dict(config)
-        grid = (qb * (block_size // cfg["RB"]), B * Hq // cfg["GH"])
+        grid = (qb * (block_size // cfg["RB"]) * (Hq // Hkv // cfg["GH"]), B * Hkv)
         bsa_fwd_kernel[grid](*args, **meta, **cfg)
     return (out if write_o else None), (lse if return_lse else None)
 

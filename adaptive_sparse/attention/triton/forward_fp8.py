@@ -1,0 +1,271 @@
+"""Opt-in FP8 block-sparse attention forward (e4m3 Q @ K.T and P @ V, fp32 accumulation).
+
+Quantization, as SageAttention / SpargeAttn do with 8 bits:
+- K is smoothed first (its mean over the keys is subtracted per head and channel; softmax is
+  invariant to it because q . mean(K) is constant along each row);
+- Q gets one scale per (batch, head, query block), K one per (batch, KV head, key block):
+  scale = amax / 448, so each block fills e4m3's range;
+- V gets one scale per (batch, KV head, channel) and is stored transposed ([D, M], the operand
+  order Hopper's 8-bit tensor-core instructions need);
+- P = exp2(...) lies in [0, 1]; it is computed 448 times larger (log2(448) folded into the row
+  max, no extra multiply) and cast to e4m3; the row sum uses the same scaled values, so the
+  factor cancels in acc / l.
+The program layout, the block walk and the causal handling are those of `forward.bsa_fwd_kernel`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from adaptive_sparse.attention.triton.forward import (LOG2E, _ensure_allocator, _tile_start,
+                                                      canonical_heads, check_head_dim, check_out,
+                                                      pow2_bucket)
+
+E4M3_MAX = 448.0
+LOG2_E4M3_MAX = math.log2(E4M3_MAX)
+
+
+def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 copy of x [B, H, N, D] with one fp32 scale per (B, H, block of `block` rows):
+    returns (x8 [B, H, N, D], scale [B, H, ceil(N / block)]), x ~= x8 * scale."""
+    B, H, N, D = x.shape
+    nb = -(-N // block)
+    pad = nb * block - N
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
+    amax = xp.view(B, H, nb, block, D).abs().amax(dim=(-1, -2))  # [B, H, nb]
+    scale = (amax / E4M3_MAX).clamp_min(1e-12)
+    x8 = (xp.view(B, H, nb, block, D) / scale[..., None, None]).view(B, H, nb * block, D)
+    return x8[:, :, :N].to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 V transposed and padded to 16 keys: (vt8 [B, H, D, M16], scale [B, H, D]),
+    v[..., m, d] ~= vt8[..., d, m] * scale[..., d]; padded keys are 0."""
+    B, H, M, D = v.shape
+    scale = (v.float().abs().amax(dim=2) / E4M3_MAX).clamp_min(1e-12)  # [B, H, D]
+    m16 = -(-M // 16) * 16
+    vt = torch.zeros(B, H, D, m16, dtype=torch.float8_e4m3fn, device=v.device)
+    vt[..., :M] = (v.float() / scale[:, :, None, :]).transpose(-1, -2).to(torch.float8_e4m3fn)
+    return vt, scale.contiguous()
+
+
+@triton.jit
+def bsa_fwd_fp8_kernel(
+    Q8, K8, VT8, SQ, SK, SV, O, KV_NUM, KV_IDX,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_km,
+    stride_vb, stride_vh, stride_vd,
+    stride_ob, stride_oh, stride_om,
+    stride_nb, stride_nh, stride_nq,
+    stride_ib, stride_ih, stride_iq,
+    H_Q, N_Q, N_KV, N_KV16, QB, KB, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
+    G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
+    CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid and tables as `bsa_fwd_kernel` (programs of one KV head's query heads adjacent).
+    Q8 e4m3 [B, H_Q, N_Q, D], K8 e4m3 [B, H_KV, N_KV, D], VT8 e4m3 [B, H_KV, D, N_KV16];
+    SQ fp32 [B, H_Q, QB], SK fp32 [B, H_KV, KB], SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
+    BLOCK_M: tl.constexpr = GH * RB
+    SPLIT: tl.constexpr = BS // BLOCK_N
+    SUBS: tl.constexpr = BS // RB
+    HPG: tl.constexpr = G // GH
+    pid = tl.program_id(0)
+    n_rows = tl.num_programs(0) // HPG
+    hp = pid % HPG
+    rb = pid // HPG
+    qb = n_rows // SUBS - 1 - rb // SUBS
+    r0 = qb * BS + (rb % SUBS) * RB
+    bk = tl.program_id(1)
+    b = (bk // (H_Q // G)).to(tl.int64)
+    hk = (bk % (H_Q // G)).to(tl.int64)
+    h0 = hk * G + hp * GH
+    hm = (h0 // HEADS_PER_MASK).to(tl.int64)
+
+    offs_i = tl.arange(0, BLOCK_M)
+    rows = r0 + offs_i % RB
+    heads = (h0 + offs_i // RB).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < N_Q
+    q = tl.load(Q8 + b * stride_qb + heads[:, None] * stride_qh
+                + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D] e4m3
+    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * QK_SCALE  # [BLOCK_M]
+    sk_base = SK + (b * (H_Q // G) + hk) * KB
+    k_desc = tl.make_tensor_descriptor(K8 + b * stride_kb + hk * stride_kh,
+                                       shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(VT8 + b * stride_vb + hk * stride_vh,
+                                       shape=[HEAD_DIM, N_KV16], strides=[stride_vd, 1],
+                                       block_shape=[HEAD_DIM, BLOCK_N])
+
+    if CAUSAL:
+        full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
+    else:
+        full_below = N_KV // BS
+    idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
+    if DENSE:
+        if CAUSAL:
+            n_blk = (tl.minimum(qb * BS + BS, N_Q) - 1 + OFFSET) // BS + 1
+        else:
+            n_blk = tl.cdiv(N_KV, BS)
+        n_full = tl.minimum(n_blk, full_below)
+    else:
+        n_blk = tl.load(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq)
+        last = tl.load(idx_base + tl.maximum(n_blk - 1, 0))
+        prev = tl.load(idx_base + tl.maximum(n_blk - 2, 0))
+        n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
+            + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
+        n_full = n_blk - n_masked
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, n_full * SPLIT):
+        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL)
+    for t in range(n_full * SPLIT, n_blk * SPLIT):
+        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL)
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    sv = tl.load(SV + (b * (H_Q // G) + hk) * HEAD_DIM + offs_d)  # [D]
+    o = acc / l_safe[:, None] * sv[None, :]
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh
+             + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, rows, N_KV, OFFSET,
+              BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr):
+    """One key tile: s = (q8 @ k8.T) * sq * sk * scale * log2(e); p = 448 * exp2(s - m)."""
+    k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] e4m3
+    s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    c = row_scale * tl.load(sk_base + start_n // BS)  # [BLOCK_M]
+    if MASKED:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = offs_n[None, :] < N_KV
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= rows[:, None] + OFFSET)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.math.exp2(s * c[:, None] - (m_safe - 8.807354922057604)[:, None])  # 448 * p
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.trans(v_desc.load([0, start_n]))  # [BLOCK_N, D] e4m3
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+    return acc, l_i, m_new
+
+
+def _configs():
+    out = []
+    for block_m, block_n, warps, stages in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3),
+                                            (64, 128, 4, 2), (64, 64, 4, 3)):
+        for gh in (1, 2, 4, 8):
+            out.append(triton.Config({"GH": gh, "RB": block_m // gh, "BLOCK_N": block_n},
+                                     num_warps=warps, num_stages=stages))
+    return out
+
+
+def keep(config, args) -> bool:
+    """Whether an fp8 config fits: GQA grouping, tile shapes, shared memory (1-byte tiles)."""
+    kw = config.kwargs
+    gh, rb, block_n = kw["GH"], kw["RB"], kw["BLOCK_N"]
+    bs, d = args["BS"], args["HEAD_DIM"]
+    if gh != canonical_heads(gh * rb, bs, args["G"], args["SHARED"]):
+        return False
+    if bs % rb or bs % block_n or rb < 16:
+        return False
+    return d * (gh * rb + 2 * config.num_stages * block_n) <= 200 * 1024
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return [c for c in configs if keep(c, args)] or configs[:1]
+
+
+bsa_fwd_fp8_autotuned = triton.autotune(
+    configs=_configs(),
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QB_BUCKET", "WORK_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune},
+)(bsa_fwd_fp8_kernel)
+
+
+def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *,
+                               config: dict | None = None, out: torch.Tensor | None = None,
+                               blocks_per_row: float | None = None):
+    """FP8 block-sparse (or, with mask=None, dense causal at block 128) attention.
+
+    q [B, Hq, N, D], k/v [B, Hkv, M, D] in fp32/fp16/bf16, D in (16, 32, 64, 128, 256); mask a
+    `BlockSparseMask` as for `triton_block_sparse_attention`. Inputs are quantized to e4m3 here
+    (module docstring); the output is in q.dtype (written into `out` when given). `config` pins
+    GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA and uses a small fixed config
+    in the interpreter. Returns out [B, Hq, N, D]."""
+    B, Hq, N, D = q.shape
+    check_head_dim(D)
+    Hkv, M = k.shape[1], k.shape[2]
+    if k.shape != (B, Hkv, M, D) or v.shape != k.shape or Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"k, v: expected [B={B}, Hkv dividing {Hq}, M, D={D}], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    dense = mask is None
+    bs = 128 if dense else mask.block_size
+    causal = True if dense else mask.causal
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if out is not None:
+        check_out(out, q)
+    else:
+        out = torch.empty(B, Hq, N, D, dtype=q.dtype, device=q.device)
+    ks = k.float() - k.float().mean(dim=2, keepdim=True)
+    q8, sq = quantize_blocks(q, bs)
+    k8, sk = quantize_blocks(ks, bs)
+    vt8, sv = quantize_v(v)
+    if dense:
+        num = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+        idx = num[..., None]
+        heads_per_mask, shared = Hq, True
+    else:
+        num, idx = mask.kv_num_blocks.contiguous(), mask.kv_indices.contiguous()
+        heads_per_mask, shared = Hq // mask.heads, mask.heads in (1, Hkv)
+    qb, kb = triton.cdiv(N, bs), triton.cdiv(M, bs)
+    if blocks_per_row is None:
+        blocks_per_row = (2 * kb - qb + 1) / 2 if causal else kb
+    sn, si = num.stride(), idx.stride()
+    args = (q8, k8, vt8, sq, sk, sv, out, num, idx,
+            q8.stride(0), q8.stride(1), q8.stride(2),
+            k8.stride(0), k8.stride(1), k8.stride(2),
+            vt8.stride(0), vt8.stride(1), vt8.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            0 if num.shape[0] == 1 else sn[0], sn[1], sn[2],
+            0 if idx.shape[0] == 1 else si[0], si[1], si[2],
+            Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
+            heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
+    meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense)
+    _ensure_allocator()
+    if config is None and not q.is_cuda:
+        block_m = min(64, bs)
+        gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
+        config = {"GH": gh, "RB": block_m // gh, "BLOCK_N": min(64, bs), "num_warps": 4,
+                  "num_stages": 2}
+    if config is None:
+        def grid(m):
+            return (qb * (bs // m["RB"]) * (Hq // Hkv // m["GH"]), B * Hkv)
+        bsa_fwd_fp8_autotuned[grid](*args, **meta)
+    else:
+        cfg = dict(config)
+        grid = (qb * (bs // cfg["RB"]) * (Hq // Hkv // cfg["GH"]), B * Hkv)
+        bsa_fwd_fp8_kernel[grid](*args, **meta, **cfg)
+    return out
