@@ -335,3 +335,58 @@ def test_static_patterns_ignore_q_k():
     a = make_pattern("sliding_window", q_len=256, kv_len=256, num_heads=4, q=q, k=k, window=64)
     b = make_pattern("sliding_window", q_len=256, kv_len=256, num_heads=4, window=64)
     assert a == b
+
+
+def _bad_values(kind):
+    """(value, exception) pairs that every parameter of type `kind` must refuse."""
+    if kind is int:
+        return [("3", TypeError), (1.5, TypeError), (True, TypeError), (-1, ValueError)]
+    if kind is float:
+        return [("0.5", TypeError), (True, TypeError), (float("nan"), ValueError),
+                (-1.0, ValueError), (float("inf"), ValueError)]
+    if kind is bool:
+        return [(1, TypeError), ("yes", TypeError)]
+    if kind is str:
+        return [(3, TypeError), ("bogus", ValueError)]
+    return [(3, TypeError), ("top_k", TypeError)]  # Policy
+
+
+BAD_PARAMS = [(name, key, value, exc) for name in sorted(PATTERN_PARAMS)
+              for key, kind in PATTERN_PARAMS[name].items() for value, exc in _bad_values(kind)]
+
+
+@pytest.mark.parametrize("name,key,value,exc", BAD_PARAMS)
+def test_every_pattern_parameter_is_validated(name, key, value, exc):
+    q, k = _qk(200, 200)
+    params = dict(PARAMS[name]) | {key: value}
+    with pytest.raises(exc, match=rf"^{key}: expected"):
+        make_pattern(name, q_len=200, kv_len=200, num_heads=4, batch=2, block_size=64, q=q, k=k,
+                     **params)
+
+
+@pytest.mark.parametrize("name", ["hierarchical", "vertical_slash", "antidiagonal", "oracle"])
+@pytest.mark.parametrize("scale", [-1, 0, 0.0, float("nan"), -float("inf")])
+def test_scale_must_be_finite_positive(name, scale):
+    q, k = _qk(200, 200)
+    with pytest.raises(ValueError, match=r"^scale: expected a positive finite float"):
+        make_pattern(name, q_len=200, kv_len=200, num_heads=4, batch=2, q=q, k=k, scale=scale,
+                     **PARAMS[name])
+
+
+@pytest.mark.parametrize("name", ["hierarchical", "vertical_slash", "antidiagonal", "oracle"])
+def test_explicit_default_scale_equals_none(name):
+    q, k = _qk(200, 200)
+    a = make_pattern(name, q_len=200, kv_len=200, num_heads=4, batch=2, q=q, k=k, **PARAMS[name])
+    b = make_pattern(name, q_len=200, kv_len=200, num_heads=4, batch=2, q=q, k=k, scale=0.25,
+                     **PARAMS[name])
+    c = make_pattern(name, q_len=200, kv_len=200, num_heads=4, batch=2, q=q, k=k, scale=None,
+                     **PARAMS[name])
+    assert a == b == c  # D = 16: the default scale is 1 / 4
+
+
+@pytest.mark.parametrize("device", ["bogus", "tpu", 3.5] +
+                         ([] if torch.cuda.is_available() else ["cuda", "cuda:0"]))
+@pytest.mark.parametrize("name", ["dense", "sliding_window", "bigbird"])
+def test_unavailable_device_is_named(name, device):
+    with pytest.raises(ValueError, match=r"^device: expected"):
+        make_pattern(name, q_len=200, kv_len=200, num_heads=2, device=device, **PARAMS[name])

@@ -68,15 +68,21 @@ def _check_inputs(q, k, v, mask, scale, check_finite: bool) -> float:
         raise ValueError(f"mask: expected heads 1, Hkv={Hkv} or Hq={Hq}, got {mask.heads}")
     if mask.device != q.device:
         raise ValueError(f"mask: expected device {q.device} (that of q), got {mask.device}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
+    scale = check_scale(scale, D)
     if check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: expected finite values, found NaN or inf")
+    return scale
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: None gives 1 / sqrt(head_dim); otherwise a finite positive number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
     return float(scale)
 
 

@@ -7,11 +7,9 @@ can see), "triton" the fused kernel of `attention/triton/block_maps.py`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from adaptive_sparse.attention.api import check_triton, triton_available
+from adaptive_sparse.attention.api import check_scale, check_triton, triton_available
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, num_blocks
 
 MAP_BACKENDS = ("auto", "reference", "triton")
@@ -37,6 +35,7 @@ def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
     if backend not in MAP_BACKENDS:
         raise ValueError(f"backend: expected one of {MAP_BACKENDS}, got {backend!r}")
     _check(q, k, block_size, causal)
+    scale = check_scale(scale, q.shape[-1])
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton_available() else "reference"
     if backend == "triton":
@@ -71,7 +70,6 @@ def _maps_reference(q, k, bs: int, scale, causal: bool, chunk_elements: int):
     Hkv, M = k.shape[1], k.shape[2]
     G = Hq // Hkv
     Qb, Kb = num_blocks(N, bs), num_blocks(M, bs)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = M - N if causal else 0
     bmax = torch.zeros(B, Hkv, G, Qb, Kb, dtype=torch.float32, device=q.device)
     bsum = torch.zeros_like(bmax)

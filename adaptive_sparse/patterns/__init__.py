@@ -11,11 +11,13 @@ give H = num_heads; input-dependent ones give H = Hq (Hkv with `shared_kv_group=
 
 from __future__ import annotations
 
+import inspect
+
 from adaptive_sparse.masks import BlockSparseMask
 from adaptive_sparse.patterns.antidiagonal import antidiagonal
 from adaptive_sparse.patterns.hierarchical import hierarchical
 from adaptive_sparse.patterns.lsh import lsh
-from adaptive_sparse.patterns.oracle import oracle
+from adaptive_sparse.patterns.oracle import oracle, oracle_with_maps
 from adaptive_sparse.patterns.static import bigbird, dense, longformer, sliding_window, strided
 from adaptive_sparse.patterns.vertical_slash import vertical_slash
 from adaptive_sparse.policies import Policy
@@ -65,10 +67,11 @@ def make_pattern(name: str, *, q_len: int, kv_len: int, num_heads: int, block_si
     if name not in PATTERNS:
         raise ValueError(f"name: unknown pattern {name!r}; expected one of {sorted(PATTERNS)}")
     known = PATTERN_PARAMS[name]
-    for key in params:
+    for key, value in params.items():
         if key not in known:
             raise ValueError(f"{key}: unknown parameter of pattern {name!r}; "
                              f"expected one of {sorted(known)}")
+        _check_type(name, key, value, known[key])
     geometry = dict(q_len=q_len, kv_len=kv_len, num_heads=num_heads, block_size=block_size,
                     batch=batch, device=device)
     if name in INPUT_DEPENDENT:
@@ -78,6 +81,19 @@ def make_pattern(name: str, *, q_len: int, kv_len: int, num_heads: int, block_si
     return PATTERNS[name](**geometry, **params)
 
 
+def _check_type(name: str, key: str, value, kind: type) -> None:
+    """The type of one parameter (its range is checked by the pattern); None only where the
+    pattern's default is None."""
+    if value is None and inspect.signature(PATTERNS[name]).parameters[key].default is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          Policy: isinstance(value, (Policy, dict))}.get(kind, isinstance(value, kind))
+    if not ok:
+        what = "a Policy or a dict" if kind is Policy else f"a {kind.__name__}"
+        raise TypeError(f"{key}: expected {what} (pattern {name!r}), got {value!r}")
+
+
 __all__ = ["PATTERNS", "PATTERN_PARAMS", "INPUT_DEPENDENT", "make_pattern", "dense",
            "sliding_window", "longformer", "bigbird", "strided", "lsh", "hierarchical",
-           "vertical_slash", "antidiagonal", "oracle"]
+           "vertical_slash", "antidiagonal", "oracle", "oracle_with_maps"]

@@ -33,7 +33,25 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_geometry(q_len, kv_len, num_heads, block_size, batch) -> None:
+def check_device(device) -> None:
+    """None, or a device torch knows and this machine has."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected None or a torch device such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device: expected an available device, got {device!r} (CUDA devices "
+                         f"here: {torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected None, 'cpu' or 'cuda', got {device!r}")
+
+
+def check_geometry(q_len, kv_len, num_heads, block_size, batch, device=None) -> None:
+    check_device(device)
     check_int("q_len", q_len, 1)
     check_int("kv_len", kv_len, 1)
     if q_len > kv_len:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from adaptive_sparse.attention.api import check_scale
 from adaptive_sparse.masks import BlockSparseMask, num_blocks
 from adaptive_sparse.patterns._common import (check_bool, check_float, check_int, check_qk,
                                               finish, group_mean)
@@ -76,7 +75,7 @@ def antidiagonal(*, q: torch.Tensor, k: torch.Tensor, q_len: int | None = None,
     check_float("threshold", threshold, 0.0, 1.0, lo_open=True)
     check_bool("keep_sink", keep_sink)
     check_bool("shared_kv_group", shared_kv_group)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = check_scale(scale, q.shape[-1])
     scores = antidiagonal_scores(q, k, block_size=block_size, stride=stride, scale=scale)
     if shared_kv_group:
         scores = group_mean(scores, Hkv)

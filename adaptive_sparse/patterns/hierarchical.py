@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from adaptive_sparse.attention.api import check_scale
 from adaptive_sparse.masks import BlockSparseMask, block_causal
 from adaptive_sparse.patterns._common import (block_pool, check_bool, check_int, check_qk,
                                               finish, group_mean)
@@ -57,7 +58,7 @@ def hierarchical(*, q: torch.Tensor, k: torch.Tensor, q_len: int | None = None,
     check_bool("keep_sink", keep_sink)
     check_bool("shared_kv_group", shared_kv_group)
     G, D = Hq // Hkv, q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = check_scale(scale, q.shape[-1])
     sb = super_block
     qp = block_pool(q, block_size)  # [B, Hq, Qb, D]
     kp = block_pool(k, block_size).repeat_interleave(G, dim=1)  # [B, Hq, Kb, D]

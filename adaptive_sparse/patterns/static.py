@@ -41,7 +41,7 @@ def _global(q_len, kv_len, block_size, global_blocks, device) -> torch.Tensor:
 def dense(*, q_len: int, kv_len: int, num_heads: int = 1, block_size: int = 64, batch: int = 1,
           device=None) -> BlockSparseMask:
     """Causal full attention: every block of the causal region."""
-    check_geometry(q_len, kv_len, num_heads, block_size, batch)
+    check_geometry(q_len, kv_len, num_heads, block_size, batch, device)
     return BlockSparseMask.full(batch, num_heads, block_size=block_size, q_len=q_len,
                                 kv_len=kv_len, causal=True, device=device)
 
@@ -57,7 +57,7 @@ def sliding_window(*, q_len: int, kv_len: int, num_heads: int = 1, block_size: i
         block_size - 1 more keys are visible at the end of a block).
     sink_blocks: int >= 0, leading key blocks every row also keeps (attention sinks).
     """
-    check_geometry(q_len, kv_len, num_heads, block_size, batch)
+    check_geometry(q_len, kv_len, num_heads, block_size, batch, device)
     check_int("window", window, 0)
     check_int("sink_blocks", sink_blocks, 0)
     tile = _band(q_len, kv_len, block_size, window, device)
@@ -77,7 +77,7 @@ def longformer(*, q_len: int, kv_len: int, num_heads: int = 1, block_size: int =
         them. Both within causality; with q_len < kv_len the global query rows may lie before
         the queries and then do not appear.
     """
-    check_geometry(q_len, kv_len, num_heads, block_size, batch)
+    check_geometry(q_len, kv_len, num_heads, block_size, batch, device)
     check_int("window", window, 0)
     check_int("global_blocks", global_blocks, 0)
     tile = _band(q_len, kv_len, block_size, window, device) \
@@ -97,7 +97,7 @@ def bigbird(*, q_len: int, kv_len: int, num_heads: int = 1, block_size: int = 64
     seed: int, seeds a CPU generator, so the mask is the same on every device and run; each
         batch entry and head gets its own draw.
     """
-    check_geometry(q_len, kv_len, num_heads, block_size, batch)
+    check_geometry(q_len, kv_len, num_heads, block_size, batch, device)
     check_int("window", window, 0)
     check_int("global_blocks", global_blocks, 0)
     check_int("random_blocks", random_blocks, 0)
@@ -127,7 +127,7 @@ def strided(*, q_len: int, kv_len: int, num_heads: int = 1, block_size: int = 64
     stride: int >= 1, key blocks 0, stride, 2 * stride, ... are kept by every row (block 0 is
         the attention sink).
     """
-    check_geometry(q_len, kv_len, num_heads, block_size, batch)
+    check_geometry(q_len, kv_len, num_heads, block_size, batch, device)
     check_int("local_blocks", local_blocks, 0)
     check_int("stride", stride, 1)
     tile = forced_blocks(q_len, kv_len, block_size, keep_sink=False, keep_diagonal=True,

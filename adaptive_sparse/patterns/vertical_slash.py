@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from adaptive_sparse.attention.api import check_scale
 from adaptive_sparse.masks import BlockSparseMask, num_blocks
 from adaptive_sparse.patterns._common import check_bool, check_int, check_qk, finish
 from adaptive_sparse.policies import forced_blocks
@@ -55,7 +54,7 @@ def vertical_slash(*, q: torch.Tensor, k: torch.Tensor, q_len: int | None = None
     check_int("last_q", last_q, 1)
     check_bool("keep_sink", keep_sink)
     check_bool("shared_kv_group", shared_kv_group)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = check_scale(scale, q.shape[-1])
     bs = block_size
     Qb, Kb = num_blocks(N, bs), num_blocks(M, bs)
     probs, pos = last_query_attention(q, k, last_q, scale)  # [B, Hq, L, M]
