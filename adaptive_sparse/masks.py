@@ -192,19 +192,36 @@ class BlockSparseMask:
     def from_indices(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *,
                      block_size: int, q_len: int, kv_len: int, causal: bool = True,
                      sort: bool = True) -> "BlockSparseMask":
-        """Build from FlexAttention-style indices. With `sort`, the first kv_num_blocks entries
-        of each row may come in any order and are sorted; duplicates are still refused."""
-        if sort and isinstance(kv_indices, torch.Tensor) and isinstance(kv_num_blocks, torch.Tensor) \
-                and kv_indices.dim() == 4 and kv_num_blocks.dim() == 3 \
-                and kv_indices.shape[:3] == kv_num_blocks.shape and not kv_indices.dtype.is_floating_point:
-            kb = kv_indices.shape[-1]
-            valid = torch.arange(kb, device=kv_indices.device) < kv_num_blocks[..., None].long()
-            big = torch.iinfo(torch.int64).max // 2
-            keyed = torch.where(valid, kv_indices.long(), big + kv_indices.long())
+        """Build from FlexAttention-style indices of any integer dtype: kv_num_blocks [B, H, Qb]
+        in [0, Kb], kv_indices [B, H, Qb, Kb] in [0, Kb). Values are checked in the input dtype
+        before the cast to int32. With `sort`, the first kv_num_blocks entries of each row may
+        come in any order and are sorted; duplicates are still refused."""
+        for name, t, rank in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+            if not isinstance(t, torch.Tensor):
+                raise _fail(name, "a torch.Tensor", type(t).__name__)
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise _fail(name, "an integer dtype", t.dtype)
+            if t.dim() != rank:
+                raise _fail(name, f"rank {rank}", tuple(t.shape))
+        if not isinstance(block_size, int) or isinstance(block_size, bool) \
+                or block_size not in SUPPORTED_BLOCK_SIZES:
+            raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(block_size))
+        if isinstance(kv_len, bool) or not isinstance(kv_len, int) or kv_len < 1:
+            raise _fail("kv_len", "a positive int", repr(kv_len))
+        kb = num_blocks(kv_len, block_size)
+        for name, t, hi in (("kv_num_blocks", kv_num_blocks, kb), ("kv_indices", kv_indices, kb - 1)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > hi):
+                raise _fail(name, f"values in [0, {hi}]", f"range [{int(t.min())}, {int(t.max())}]")
+        kv_num_blocks = kv_num_blocks.to(torch.int32)
+        if sort and kv_indices.shape[:3] == kv_num_blocks.shape \
+                and kv_indices.device == kv_num_blocks.device:
+            valid = torch.arange(kv_indices.shape[-1], device=kv_indices.device) \
+                < kv_num_blocks[..., None]
+            keyed = torch.where(valid, kv_indices.long(), kb + kv_indices.long())
             kv_indices = torch.sort(keyed, dim=-1).values
-            kv_indices = torch.where(kv_indices >= big, kv_indices - big, kv_indices)
-            kv_indices = kv_indices.to(torch.int32).contiguous()
-        return cls(kv_num_blocks, kv_indices, block_size, q_len, kv_len, causal)
+            kv_indices = torch.where(kv_indices >= kb, kv_indices - kb, kv_indices)
+        return cls(kv_num_blocks, kv_indices.to(torch.int32).contiguous(), block_size, q_len,
+                   kv_len, causal)
 
     @classmethod
     def full(cls, batch: int, heads: int, *, block_size: int, q_len: int, kv_len: int,

@@ -145,3 +145,39 @@ def test_blocks_per_row_for_density():
         got = float(allowed.clamp(max=k).sum()) / float(allowed.sum())
         worse = [float(allowed.clamp(max=j).sum()) / float(allowed.sum()) for j in (k - 1, k + 1)]
         assert all(abs(got - d) <= abs(w - d) for w in worse)
+
+
+def _causal_indices(dtype):
+    """A valid 2x2-block causal mask's indices in `dtype`: rows [0] and [0, 1]."""
+    num = torch.tensor([[[1, 2]]], dtype=dtype)
+    idx = torch.tensor([[[[0, 1], [1, 0]]]], dtype=dtype)  # row 1 unsorted
+    return num, idx
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_from_indices_takes_any_integer_dtype(dtype):
+    num, idx = _causal_indices(dtype)
+    m = BlockSparseMask.from_indices(num, idx, block_size=16, q_len=32, kv_len=32)
+    assert m.kv_indices.dtype == torch.int32 and m.kv_indices[0, 0, 1].tolist() == [0, 1]
+    assert torch.equal(m.to_dense()[0, 0], block_causal(32, 32, 16))
+
+
+@pytest.mark.parametrize("name,value", [("kv_indices", 2**32 + 1), ("kv_indices", 2**31),
+                                        ("kv_indices", -2**32), ("kv_num_blocks", 2**32 + 1),
+                                        ("kv_num_blocks", -1)])
+@pytest.mark.parametrize("sort", [True, False])
+def test_from_indices_checks_values_before_the_int32_cast(name, value, sort):
+    num, idx = _causal_indices(torch.int64)
+    (idx if name == "kv_indices" else num).view(-1)[1] = value  # 2**32 + 1 would wrap to 1
+    with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, \d\], got range"):
+        BlockSparseMask.from_indices(num, idx, block_size=16, q_len=32, kv_len=32, sort=sort)
+
+
+@pytest.mark.parametrize("name,bad", [("kv_num_blocks", lambda n, i: (n.float(), i)),
+                                      ("kv_indices", lambda n, i: (n, i.bool())),
+                                      ("kv_indices", lambda n, i: (n, i.tolist())),
+                                      ("kv_num_blocks", lambda n, i: (n[0], i))])
+def test_from_indices_refuses_non_integer_or_misshaped_tensors(name, bad):
+    num, idx = bad(*_causal_indices(torch.int64))
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        BlockSparseMask.from_indices(num, idx, block_size=16, q_len=32, kv_len=32)

@@ -241,3 +241,41 @@ def test_unvalidated_fast_path_equals_validated_and_host_count_matches(policy, n
 def test_threshold_and_top_p_have_no_host_count():
     for pol in (Policy(kind="threshold", tau=0.05), Policy(kind="top_p", p=0.9)):
         assert pol.expected_blocks_per_row(q_len=256, kv_len=256, block_size=32) is None
+
+
+BAD_POLICIES = [
+    ({"kind": "bogus", "k": 1}, "kind"), ({"kind": 3, "k": 1}, "kind"),
+    *[({"kind": "threshold", "tau": v}, "tau") for v in (-0.1, 1.5, float("nan"), "0.5", True,
+                                                         None)],
+    *[({"kind": "top_k", "k": v}, "k") for v in (0, -1, 1.5, True, "3", float("nan"), None)],
+    *[({"kind": "top_p", "p": v}, "p") for v in (0, 1.5, float("nan"), -float("inf"), "0.9")],
+    *[({"kind": "density", "density": v}, "density") for v in (0.0, 1.01, float("nan"), [0.5])],
+    ({"kind": "top_k", "k": 2, "tau": 0.5}, "tau"),
+    ({"kind": "top_k", "k": 2, "keep_sink": 1}, "keep_sink"),
+    ({"kind": "top_k", "k": 2, "keep_diagonal": "no"}, "keep_diagonal"),
+    *[({"kind": "top_k", "k": 2, "local_blocks": v}, "local_blocks") for v in (-1, 1.5, True)],
+    ({"kind": "top_k", "k": 2, "layer_schedule": "cosine"}, "layer_schedule"),
+    *[({"kind": "top_k", "k": 2, "layer_scale_end": v}, "layer_scale_end")
+      for v in (0, -1.0, float("nan"), float("inf"), "2")],
+    *[({"kind": "top_k", "k": 2, "head_budgets": v}, "head_budgets")
+      for v in ([], [0.5, 0.0], [1.0, float("nan")], "1", [1, 2.0])],
+    ({"kind": "threshold", "tau": 0.1, "head_budgets": [1, 2]}, "head_budgets"),
+]
+
+
+@pytest.mark.parametrize("params,name", BAD_POLICIES)
+def test_bad_policy_parameters_are_named(params, name):
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}: "):
+        Policy(**params)
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}: "):
+        Policy.from_dict(params)
+
+
+@pytest.mark.parametrize("layer_idx,num_layers,name", [(-1, 4, "layer_idx"), (4, 4, "layer_idx"),
+                                                        (0, 0, "num_layers"), (1.0, 4, "layer_idx"),
+                                                        (0, float("nan"), "num_layers")])
+def test_bad_layer_position_is_named(layer_idx, num_layers, name):
+    scores = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        Policy("top_k", k=2).to_mask(scores, q_len=256, kv_len=256, block_size=64,
+                                     layer_idx=layer_idx, num_layers=num_layers)
