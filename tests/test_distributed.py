@@ -262,10 +262,42 @@ def test_bad_input_names_the_argument():
     assert LocalMask.__doc__
 
 
-def _model_case(rank, world, report):
-    from adaptive_sparse.models.context_parallel import check_prefill
+def _tiny_model(arch):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    report.update(check_prefill(rank=rank, world=world))
+    torch.manual_seed(3)  # the same weights on every rank
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg = config_cls(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                     max_position_embeddings=4096)
+    return model_cls(cfg).eval()
+
+
+def _model_case(rank, world, report):
+    from adaptive_sparse.models import sparse_attention
+    from adaptive_sparse.models.context_parallel import context_parallel_prefill
+
+    N, bs = 150, 16
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 128, (1, N), generator=g)
+    masks = [_mask(g, ("m", 1, 4, 2, N, 16, bs, "kv", 1, 0.4, "zigzag")) for _ in range(2)]
+    for arch in ("llama", "qwen2"):
+        model = _tiny_model(arch)
+        with torch.no_grad():
+            ref = model(ids).logits
+            with sparse_attention(model, lambda i, q, k: masks[i], block_size=bs,
+                                  backend="gather"):
+                ref_sparse = model(ids).logits
+            out, pos, stats = context_parallel_prefill(model, ids, block_size=bs)
+            out_sparse, _, _ = context_parallel_prefill(
+                model, ids, block_size=bs, provider=lambda i, q, k: masks[i])
+        full = gather_sequence(out.logits, dim=1, seq_len=N)
+        full_sparse = gather_sequence(out_sparse.logits, dim=1, seq_len=N)
+        report[arch] = dict(max_abs_diff=float((full - ref).abs().max()),
+                            max_abs_diff_sparse=float((full_sparse - ref_sparse).abs().max()),
+                            sparse_vs_dense=float((ref_sparse - ref).abs().max()),
+                            layers=len(stats), positions=int(pos.max()))
 
 
 def test_model_prefill_matches_single_process(tmp_path):
@@ -273,6 +305,8 @@ def test_model_prefill_matches_single_process(tmp_path):
     for arch, rep in reports[0].items():
         assert rep["max_abs_diff"] < 1e-4, (arch, rep)
         assert rep["max_abs_diff_sparse"] < 1e-4, (arch, rep)
+        assert rep["sparse_vs_dense"] > 1e-3, (arch, rep)  # the sparse check is not the dense one
+        assert rep["layers"] == 2 and rep["positions"] == 191, (arch, rep)  # 150 -> 192 padded
 
 
 def test_ring_benchmark_cpu_smoke(tmp_path):
