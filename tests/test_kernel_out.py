@@ -56,20 +56,3 @@ def test_bad_out_buffer_is_refused():
     with pytest.raises(TypeError, match="out: expected a torch.Tensor"):
         triton_block_sparse_attention(q, k, v, mask, 0.2, out=q.numpy())
 
-
-@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="CPU interpreter tests: run with TRITON_INTERPRET=1, no CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_fast, prefetch, gh", [(True, False, 1), (False, True, 1),
-                                                     (True, True, 2), (True, True, 1)])
-def test_interpreter_schedule_variants_match_fp64(head_fast, prefetch, gh, dtype):
-    """Head-adjacent program order and the prefetched Q @ K.T compute the same function."""
-    from test_triton import check_attention, random_mask
-
-    gen = torch.Generator().manual_seed(17)
-    q = torch.randn(1, 8, 90, 16, generator=gen).to(dtype)
-    k, v = (torch.randn(1, 2, 101, 16, generator=gen).to(dtype) for _ in range(2))
-    mask = random_mask(1, 2, 90, 101, 32, 0.6, gen=gen, empty_rows=True)
-    cfg = {"GH": gh, "RB": 32 // gh, "BLOCK_N": 16, "USE_DESC": prefetch, "num_warps": 4,
-           "num_stages": 2, "HEAD_FAST": head_fast, "PREFETCH": prefetch}
-    check_attention(q, k, v, mask, 0.2, config=cfg)
