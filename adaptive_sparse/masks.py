@@ -49,6 +49,28 @@ def _fail(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
 
 
+def _indices_of(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, H, Qb, Kb] -> (kv_num_blocks int32 [B, H, Qb], kv_indices int32 [B, H, Qb, Kb]):
+    per row the selected blocks first (ascending), then the others (ascending)."""
+    kb = dense.shape[-1]
+    num = dense.sum(-1, dtype=torch.int32)
+    key = (~dense).to(torch.int64) * kb + torch.arange(kb, device=dense.device)
+    return num, torch.argsort(key, dim=-1).to(torch.int32).contiguous()
+
+
+def visible_blocks(q_len: int, kv_len: int, block_size: int, *, causal: bool = True,
+                   device=None) -> torch.Tensor:
+    """Tiles every (query, key) pair of which is visible: inside both lengths and, if causal,
+    on or below the end-aligned diagonal. bool [Qb, Kb] (a subset of `block_causal`)."""
+    qb, kb = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    first_row = torch.arange(qb, device=device) * block_size
+    last_key = (torch.arange(kb, device=device) + 1) * block_size - 1
+    whole = ((first_row + block_size <= q_len)[:, None]) & (last_key < kv_len)[None, :]
+    if causal:
+        whole &= last_key[None, :] <= (first_row + kv_len - q_len)[:, None]
+    return whole
+
+
 def _check_hint(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or value < 0):
@@ -179,11 +201,7 @@ class BlockSparseMask:
             raise _fail("dense", "dtype torch.bool", dense.dtype)
         if dense.dim() != 4:
             raise _fail("dense", "rank 4 [B, H, Qb, Kb]", tuple(dense.shape))
-        kb = dense.shape[-1]
-        num = dense.sum(-1, dtype=torch.int32)
-        # selected blocks first (ascending), then the others (ascending): a permutation per row
-        key = (~dense).to(torch.int64) * kb + torch.arange(kb, device=dense.device)
-        idx = torch.argsort(key, dim=-1).to(torch.int32)
+        num, idx = _indices_of(dense)
         if not validate:
             return cls._trusted(num, idx.contiguous(), block_size, q_len, kv_len, causal)
         return cls(num, idx.contiguous(), block_size, q_len, kv_len, causal)
@@ -273,14 +291,20 @@ class BlockSparseMask:
     def to_flex(self):
         """FlexAttention `BlockMask` built from the kv indices (never from an N x N mask).
 
-        Every listed block is a partial block. The mask_mod looks the element's block up in the
-        [B, H, Qb, Kb] table and applies the end-aligned causal rule, so the BlockMask is exact
-        even where Flex evaluates mask_mod alone (its eager CPU path).
+        A kept tile that is wholly visible (`visible_blocks`) is a full block, on which Flex
+        skips the mask_mod; only tiles cut by the causal diagonal or a ragged edge (q_len or
+        kv_len not a multiple of block_size) are partial. The mask_mod looks the element's
+        block up in the [B, H, Qb, Kb] table and applies the end-aligned causal rule, so the
+        BlockMask is exact also where Flex evaluates mask_mod alone (its eager CPU path).
         """
         from torch.nn.attention.flex_attention import BlockMask
 
         offset = self.kv_len - self.q_len
-        table = self.to_dense()
+        table = self.to_dense()  # [B, H, Qb, Kb]
+        whole = visible_blocks(self.q_len, self.kv_len, self.block_size, causal=self.causal,
+                               device=self.device)
+        num, idx = _indices_of(table & ~whole)
+        full_num, full_idx = _indices_of(table & whole)
         bs, causal = self.block_size, self.causal
         one_b, one_h = self.batch == 1, self.heads == 1
 
@@ -290,9 +314,8 @@ class BlockSparseMask:
                 keep = keep & (kv_idx <= q_idx + offset)
             return keep
 
-        return BlockMask.from_kv_blocks(
-            self.kv_num_blocks, self.kv_indices, BLOCK_SIZE=bs,
-            mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len))
+        return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=bs,
+                                        mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len))
 
     @classmethod
     def from_flex(cls, block_mask, *, causal: bool = True) -> "BlockSparseMask":

@@ -181,3 +181,67 @@ def test_from_indices_refuses_non_integer_or_misshaped_tensors(name, bad):
     num, idx = bad(*_causal_indices(torch.int64))
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         BlockSparseMask.from_indices(num, idx, block_size=16, q_len=32, kv_len=32)
+
+
+def _element_mask(m):
+    """bool [B, H, Qb*bs, Kb*bs]: the visible (query, key) pairs of `m`, padded to whole tiles."""
+    bs = m.block_size
+    el = m.to_dense().repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+    rows = torch.arange(el.shape[2])[:, None]
+    cols = torch.arange(el.shape[3])[None, :]
+    ok = (rows < m.q_len) & (cols < m.kv_len)
+    if m.causal:
+        ok &= cols <= rows + m.kv_len - m.q_len
+    return el & ok
+
+
+def _flex_dense(num, idx, qb, kb):
+    out = torch.zeros(*idx.shape[:2], qb, kb, dtype=torch.bool)
+    valid = torch.arange(idx.shape[-1]) < num[..., :qb, None]
+    out.scatter_(3, idx[..., :qb, :].long(), valid)
+    return out[..., :kb]
+
+
+@SETTINGS
+@given(masks())
+def test_to_flex_full_blocks_are_exactly_the_wholly_visible_kept_tiles(md):
+    m, dense = md
+    bm = m.to_flex()
+    qb, kb, bs = m.num_q_blocks, m.num_kv_blocks, m.block_size
+    partial = _flex_dense(bm.kv_num_blocks, bm.kv_indices, qb, kb)
+    full = _flex_dense(bm.full_kv_num_blocks, bm.full_kv_indices, qb, kb)
+    el = _element_mask(m).view(m.batch, m.heads, qb, bs, kb, bs)
+    whole = el.all(5).all(3)  # every pair of the tile visible
+    assert torch.equal(full, dense & whole)
+    assert torch.equal(partial, dense & ~whole)
+    rows = torch.arange(m.q_len)[:, None]
+    cols = torch.arange(m.kv_len)[None, :]
+    got = bm.mask_mod(torch.tensor(0), torch.tensor(0), rows, cols)
+    assert torch.equal(got, _element_mask(m)[0, 0, :m.q_len, :m.kv_len])
+
+
+@pytest.mark.parametrize("q_len,kv_len,bs,n_partial,n_full", [
+    (256, 256, 64, 4, 6),     # aligned: only the diagonal is cut
+    (200, 200, 64, 7, 3),     # ragged last query block: its row is partial
+    (128, 320, 64, 2, 7),     # q_len < kv_len, offset 192 cuts the last kept tile of each row
+    (100, 300, 64, 7, 3),     # offset 200 cuts tiles mid-block; ragged rows and keys
+    (256, 256, 16, 16, 120),  # small blocks
+])
+def test_to_flex_block_counts_of_a_full_causal_mask(q_len, kv_len, bs, n_partial, n_full):
+    bm = BlockSparseMask.full(1, 1, block_size=bs, q_len=q_len, kv_len=kv_len).to_flex()
+    assert int(bm.kv_num_blocks.sum()) == n_partial
+    assert int(bm.full_kv_num_blocks.sum()) == n_full
+
+
+def test_to_flex_output_equals_the_reference_with_full_blocks():
+    from adaptive_sparse import block_sparse_attention
+
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (200, 260, 260))
+    dense = block_causal(200, 260, 32) & (torch.rand(1, 2, 7, 9, generator=g) < 0.7)
+    m = BlockSparseMask.from_dense(dense, block_size=32, q_len=200, kv_len=260)
+    assert int(m.to_flex().full_kv_num_blocks.sum()) > 0
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, m, backend="flex", out=out)
+    ref = block_sparse_attention(q, k, v, m, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
