@@ -23,21 +23,48 @@ POLICY_FIELDS = {"kind": str, "tau": float, "k": int, "p": float, "density": flo
                  "layer_schedule": str, "layer_scale_end": float, "head_budgets": list}
 
 
-def build_evaluator(spec: Mapping[str, Any] | None):
+TRUSTED_MODULES = ("adaptive_sparse", "gating", "sweeps")
+
+
+def check_callable(spec: Any, name: str, allow_modules: tuple[str, ...] = ()) -> str:
+    """``spec`` is ``"module:callable"`` with the module under ``TRUSTED_MODULES`` or one of
+    ``allow_modules`` (a sweep config is code: ``os:system`` must not run); returns the module."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{name}: expected 'module:callable', got {spec!r}")
+    module, attr = spec.split(":")
+    if not module or not attr.isidentifier():
+        raise ValueError(f"{name}: expected 'module:callable', got {spec!r}")
+    roots = (*TRUSTED_MODULES, *allow_modules)
+    if not any(module == r or module.startswith(r + ".") for r in roots):
+        raise ValueError(f"{name}: expected a callable from {', '.join(TRUSTED_MODULES)} or a "
+                         f"module named with --allow-module (a sweep config is trusted code), "
+                         f"got {spec!r}")
+    return module
+
+
+def import_callable(spec: Any, name: str, allow_modules: tuple[str, ...] = ()):
+    """The callable named by ``spec`` (checked by ``check_callable``)."""
+    module = check_callable(spec, name, allow_modules)
+    try:
+        return getattr(importlib.import_module(module), spec.split(":")[1])
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{name}: cannot import {spec!r}: {e}") from None
+
+
+def build_evaluator(spec: Mapping[str, Any] | None, *, allow_modules: tuple[str, ...] = ()):
     """``spec = {"factory": "pkg.module:name", "args": {...}}``; default ModelEvaluator."""
     spec = dict(spec or {})
     factory = spec.pop("factory", "sweeps.evaluators:ModelEvaluator")
     args = spec.pop("args", {}) or {}
     if spec:
         raise ValueError(f"evaluator: unknown keys {sorted(spec)}, expected factory and args")
-    if not isinstance(factory, str) or ":" not in factory:
-        raise ValueError(f"evaluator.factory: expected 'module:callable', got {factory!r}")
-    module, _, name = factory.partition(":")
+    if not isinstance(args, Mapping):
+        raise ValueError(f"evaluator.args: expected a mapping, got {args!r}")
+    fn = import_callable(factory, "evaluator.factory", allow_modules)
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"evaluator.factory: cannot import {factory!r}: {e}") from None
-    return fn(**args)
+        return fn(**args)
+    except TypeError as e:
+        raise ValueError(f"evaluator.args: {e}") from None
 
 
 def _policy_density(policy: Mapping[str, Any], num_blocks: int) -> float:
@@ -163,6 +190,9 @@ class ModelEvaluator:
                  sequences=None, gate_fast: bool | None = None):
         self.model_name, self.seq_len, self.num_sequences = model, seq_len, num_sequences
         self.block_size, self.corpus, self.split_seed = block_size, corpus, split_seed
+        if gates is not None:
+            from adaptive_sparse.gates import resolve_gates_dir
+            gates = str(resolve_gates_dir(gates))  # refused now, not at the first gate trial
         self.gates, self.device, self.backend = gates, device, backend
         self.screen_sequences = screen_sequences
         self.gate_fast = gate_fast
@@ -202,25 +232,14 @@ class ModelEvaluator:
         return PATTERN_PARAMS[family]
 
     def provider(self, family: str, params: Mapping[str, Any]):
-        from adaptive_sparse.models import OracleProvider, PatternProvider
-        from adaptive_sparse.policies import Policy
-        if family == "oracle":
-            return OracleProvider(Policy.from_dict(dict(params["policy"])),
-                                  target=params.get("target", "sum"), block_size=self.block_size,
-                                  num_layers=self.num_layers)
-        if family == "gate":
-            from adaptive_sparse.gates import GateProvider, load_gates
-            where = params.get("gates", self.gates)
-            if where is None:
-                raise ValueError("gates: gate/* methods need a gates directory (evaluator "
-                                 "args.gates or params.gates)")
-            if where not in self._gate_sets:
-                self._gate_sets[where] = load_gates(where, self._load()[0],
-                                                    map_location=self.device)
-            return GateProvider(self._gate_sets[where], Policy.from_dict(dict(params["policy"])),
-                                model=self._load()[0], fast=self.gate_fast)
+        from adaptive_sparse.models import ProviderSpec, build_provider
         self.parameters(family)
-        return PatternProvider(family, block_size=self.block_size, **dict(params))
+        setting = {"pattern": family, **dict(params)}
+        if family == "gate":
+            setting.setdefault("gates", self.gates)
+        return build_provider(ProviderSpec.from_setting(setting, block_size=self.block_size),
+                              self._load()[0], num_layers=self.num_layers,
+                              gate_fast=self.gate_fast, gate_sets=self._gate_sets)
 
     def _nll(self, provider) -> float:
         import torch

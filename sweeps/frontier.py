@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from adaptive_sparse.io import atomic_write_text
 from sweeps.objectives import OBJECTIVES
 
 DEFAULT_BUDGETS = (0.01, 0.05)
@@ -126,12 +126,6 @@ def _budget_tag(budget: float) -> str:
     return f"{budget * 100:g}".replace(".", "p")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv(rows: list[dict]) -> str:
     cols = ["trial", "slot", "method", "family", *METRICS, "front_method", "front_overall",
             "params"]
@@ -192,12 +186,12 @@ def write_report(run_dir: str | Path, budgets: Sequence[float] | None = None,
                  storage: str | None = None) -> dict:
     """Write the report files (module docstring) and return the report dict (frontier.json)."""
     run_dir = Path(run_dir)
-    budgets = list(budgets or DEFAULT_BUDGETS)
+    meta, study = load_run(run_dir, storage)
+    budgets = list(budgets or meta.get("config", {}).get("budgets") or DEFAULT_BUDGETS)
     for b in budgets:
         if not (isinstance(b, (int, float)) and math.isfinite(b) and b >= 0):
             raise ValueError(f"budget: expected a non-negative relative ppl change "
                              f"(0.01 = +1%), got {b!r}")
-    meta, study = load_run(run_dir, storage)
     objectives = list(meta["objectives"])
     rows = trial_rows(study, objectives)
     if not rows:
@@ -217,14 +211,14 @@ def write_report(run_dir: str | Path, budgets: Sequence[float] | None = None,
                                               "params": r["params"]} for m, r in per.items()}}
         if chosen is not None:
             name = f"policy_within_{_budget_tag(b)}pct.json"
-            _write(run_dir / name, json.dumps(policy_file(chosen), indent=2, sort_keys=True))
+            atomic_write_text(run_dir / name, json.dumps(policy_file(chosen), indent=2, sort_keys=True))
             files.append(name)
     report = {"study_name": meta["study_name"], "objectives": objectives, "cost": cost,
               "budgets": budgets, "fronts": fronts, "best": best, "trials": rows,
               "counts": {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
                          for s in TrialState}}
-    _write(run_dir / "frontier.json", json.dumps(report, indent=2))
-    _write(run_dir / "frontier.csv", _csv(rows))
+    atomic_write_text(run_dir / "frontier.json", json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "frontier.csv", _csv(rows))
     _plot_frontier(rows, cost, budgets, run_dir / "frontier.png")
     files += ["frontier.json", "frontier.csv", "frontier.png"]
     first = best_within(rows, budgets[0], cost, deployable)

@@ -359,6 +359,11 @@ class SweepObjective:
         trial.set_user_attr("method", method.name)
         trial.set_user_attr("family", method.family)
         trial.set_user_attr("policy_params", call)
+        same = _completed_twin(trial, method.name, call)
+        if same is not None:
+            trial.set_user_attr("duplicate_of", same)
+            raise optuna.TrialPruned(f"duplicate of trial {same} (same method and parameters; "
+                                     f"not evaluated again)")
         screen = getattr(self.evaluator, "screen", None)
         if self.screening.enabled and screen is not None:
             s = screen(method.family, call)
@@ -404,6 +409,18 @@ class SweepObjective:
             with warnings.catch_warnings():  # a retried trial carries its first constraint
                 warnings.simplefilter("ignore")
                 trial.set_constraint("max_density", density - self.max_density)
+
+
+def _completed_twin(trial: optuna.Trial, method: str, call: Mapping[str, Any]) -> int | None:
+    """The number of a COMPLETE trial of ``method`` with the same parameters, or None."""
+    import json
+
+    key = json.dumps(call, sort_keys=True, default=str)
+    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("method") == method and \
+                json.dumps(t.user_attrs.get("policy_params"), sort_keys=True, default=str) == key:
+            return t.number
+    return None
 
 
 def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:

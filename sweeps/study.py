@@ -2,31 +2,40 @@
 
 Storage (``open_storage``):
 - default: a SQLite file ``<run_dir>/study.db`` (``optuna-dashboard sqlite:///<run_dir>/study.db``
-  opens it); fine for one process, or a few.
+  opens it). Every transaction starts with ``BEGIN IMMEDIATE``, so a read-then-write (claiming a
+  trial) holds the write lock from its first read and concurrent processes wait for each other
+  instead of failing with "database is locked".
 - ``journal:<path>`` (or a path ending in ``.log`` / ``.journal``): Optuna's JournalStorage on a
-  ``JournalFileBackend``, the robust choice for several processes on one machine.
+  ``JournalFileBackend`` whose append lock is an ``flock`` (released by the kernel when its holder
+  dies, so a killed worker never leaves a stale lock). A torn last line (a full disk or a crash
+  mid-append) is cut off, under that lock, before the file is opened, with a warning naming the
+  file and the bytes dropped: appending after it would make the journal unreadable for good.
 - ``postgresql://user@host:port/db`` (any SQLAlchemy URL): workers on many machines.
 
-Exact trial counts. ``ensure_slots(study, n)`` enqueues ``n`` numbered *slots* (WAITING trials
-with user attr ``slot``) once, from one coordinating process. Workers (``run_worker``) only ever
-*claim* a waiting trial (an atomic WAITING -> RUNNING transition in every backend) and never
-create one, so any number of workers on any number of machines finish exactly ``n`` slots: no
-overshoot (which ``MaxTrialsCallback`` allows when workers finish together) and nothing lost.
-``Study.ask`` cannot be used for this because it creates a fresh trial when the queue is empty;
-``_claim`` therefore pops the queue through Optuna's own pop routine (the one ``ask`` uses).
+Exact trial counts. ``ensure_slots(study, storage, n)`` enqueues ``n`` numbered *slots*
+(WAITING trials with user attr ``slot``). Workers (``run_worker``) only ever *claim* a waiting
+trial (``BaseStorage.set_trial_state_values(..., RUNNING)``, an atomic WAITING -> RUNNING
+transition in every backend; ``Study.ask`` cannot be used because it creates a fresh trial when
+the queue is empty) and never create one. Slot creation, stale-trial reaping and retries run
+under one ``storage_lock`` per storage (an ``flock`` beside a SQLite or journal file, a
+``pg_advisory_lock`` on PostgreSQL), which also covers schema and study creation; so any number
+of ``sweep`` commands may start at once on one storage, and together they finish exactly ``n``
+slots, each by one COMPLETE (or PRUNED) trial: no duplicate runs, nothing lost.
 
-Heartbeats and retries. Every running trial records a heartbeat every ``heartbeat_interval``
-seconds (RDB storages natively; the journal through ``JournalHeartbeatStorage``, which stores it
-as a trial system attr). A worker that dies (SIGKILL, lost machine) stops beating; after
-``grace_period`` seconds any live worker marks its trial FAIL and
-``RetryHeartbeatStaleTrialCallback`` re-enqueues it as a WAITING trial with the same parameters
-and slot, so that trial is retried and nothing else is lost. Workers stay until no slot is
-waiting or running, so a straggler's trial is always picked up. A trial whose objective raises
-is recorded FAIL (with the error in user attr ``error``) and not retried: the error would repeat.
-A worker interrupted by Ctrl-C re-enqueues its trial at once.
+Heartbeats and retries, with Optuna's public API. RDB storages are ``RDBStorage(url,
+heartbeat_interval=..., grace_period=..., heartbeat_stale_trial_callback=
+RetryHeartbeatStaleTrialCallback(max_retry))`` and are reaped by ``optuna.storages.
+fail_stale_trials``. Optuna's JournalStorage has no heartbeat, so ``JournalHeartbeatStorage``
+records one as the trial system attr ``heartbeat`` and ``reap_stale`` fails its stale trials and
+calls the same retry callback. A worker that dies (SIGKILL, lost machine) stops beating; after
+``grace_period`` seconds a live worker marks its trial FAIL and the callback re-enqueues it as a
+WAITING trial with the same parameters and slot. A trial whose objective raises is recorded
+FAIL (with the error in user attr ``error``) and not retried in that run (the error would
+repeat); the sweep then exits non-zero, and running it again retries every failed slot. A
+worker interrupted by Ctrl-C re-enqueues its trial at once.
 
 Resume. Re-running a sweep on the same run dir / storage loads the study (its objectives must
-match: ``open_study`` refuses others), enqueues only missing slots, and workers run only the
+match: ``open_study`` refuses others), enqueues missing and failed slots, and workers run only the
 waiting ones: completed trials are never repeated. Trials left RUNNING by a killed run are
 retried once their heartbeat is older than the grace period.
 
@@ -41,21 +50,23 @@ the outer gate-hyperparameter search (``sweeps.gate_search``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
 import logging
+import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import (BaseStorage, JournalStorage, RDBStorage,
-                             RetryHeartbeatStaleTrialCallback)
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from sweeps.objectives import HAS_SET_CONSTRAINT, check_objectives, constraints_func, directions
@@ -64,26 +75,68 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
 
 
-class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
-    """JournalStorage with heartbeats kept as the trial system attr ``heartbeat`` (Unix time).
+class FileLock:
+    """An exclusive ``flock`` on ``path`` (created if needed), reentrant within one thread of one
+    process; the kernel releases it when the holder dies. ``acquire``/``release`` make it a
+    journal lock object for ``JournalFileBackend``."""
 
-    The journal file backend serves processes of one machine, so one clock is shared."""
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._fd: int | None = None
+        self._depth = 0
+        self._owner: int | None = None
+        self._mutex = threading.RLock()
 
-    def __init__(self, backend, *, heartbeat_interval: int, grace_period: int,
-                 heartbeat_stale_trial_callback=None):
+    def acquire(self) -> bool:
+        self._mutex.acquire()
+        if self._depth == 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                self._mutex.release()
+                raise
+            self._fd = fd
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        self._mutex.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class JournalHeartbeatStorage(JournalStorage):
+    """JournalStorage with heartbeats kept as the trial system attr ``heartbeat`` (Unix time):
+    the journal file serves processes of one machine, so one clock is shared."""
+
+    def __init__(self, backend, *, url: str, heartbeat_interval: int, grace_period: int,
+                 retry: Callable | None = None):
         super().__init__(backend)
+        self.url = url
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+        self.retry = retry
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, "heartbeat", time.time())
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        now, stale = time.time(), []
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = t.system_attrs.get("heartbeat")
             if beat is None and t.datetime_start is not None:
@@ -96,7 +149,7 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         return self.heartbeat_interval
 
     def get_heartbeat_stale_trial_callback(self):
-        return self.heartbeat_stale_trial_callback
+        return self.retry
 
 
 def _mask_url(url: str) -> str:
@@ -108,8 +161,9 @@ def _mask_url(url: str) -> str:
     return url
 
 
-def storage_url(storage: str | None, run_dir: str | Path | None) -> str:
-    """The storage URL actually used: ``storage`` itself, or the run dir's SQLite file."""
+def storage_url(storage: str | None, run_dir: str | Path | None = None) -> str:
+    """The storage URL: ``storage`` (normalized: ``journal:`` paths made absolute), or the run
+    dir's SQLite file."""
     if storage is None:
         if run_dir is None:
             raise ValueError("storage: expected a URL, or a run_dir for the default SQLite file")
@@ -122,6 +176,97 @@ def storage_url(storage: str | None, run_dir: str | Path | None) -> str:
     if storage.endswith((".log", ".journal")) and "://" not in storage:
         return f"journal:{Path(storage).resolve()}"
     return storage
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split(":///", 1)[-1]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+_PG_LOCK_ENGINES: dict[str, Any] = {}
+_FILE_LOCKS: dict[str, FileLock] = {}
+
+
+def _file_lock(path: str) -> FileLock:
+    """One FileLock per path and process, so nested and threaded holders share it."""
+    if path not in _FILE_LOCKS:
+        _FILE_LOCKS[path] = FileLock(path)
+    return _FILE_LOCKS[path]
+
+
+@contextlib.contextmanager
+def storage_lock(url: str) -> Iterator[None]:
+    """Serialize schema/study creation, slot creation, reaping and retries across every process
+    on one storage: an flock beside a SQLite or journal file, a session advisory lock on
+    PostgreSQL. Other SQLAlchemy dialects get no lock (a warning says so)."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(f"{path}.slots.lock"):
+            yield
+        return
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        sqlite.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(f"{sqlite}.lock"):
+            yield
+        return
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = _PG_LOCK_ENGINES.get(url)
+        if engine is None:
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                              connect_args={"connect_timeout": 10})
+            _PG_LOCK_ENGINES[url] = engine
+        key = int.from_bytes(hashlib.sha256(b"adaptive-sparse-sweep").digest()[:8], "big",
+                             signed=True)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    log.warning("storage %s: no cross-process lock for this dialect; start one sweep command "
+                "at a time", _mask_url(url))
+    yield
+
+
+def repair_journal(path: str | Path, lock: FileLock) -> int:
+    """Cut a torn last line (no final newline: a write cut short by a full disk or a crash) off
+    the journal ``path`` under its append ``lock``; returns the bytes dropped."""
+    path = Path(path)
+    with lock:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size == 0:
+            return 0
+        with open(path, "rb+") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            keep, pos, chunk = 0, size, 1 << 16
+            while pos > 0:
+                start = max(0, pos - chunk)
+                f.seek(start)
+                block = f.read(pos - start)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                pos = start
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("storage: journal %s ended in a torn line (an interrupted write); dropped "
+                    "its last %d bytes so the journal stays readable", path, size - keep)
+        return size - keep
 
 
 def open_storage(storage: str | None = None, run_dir: str | Path | None = None, *,
@@ -139,37 +284,74 @@ def open_storage(storage: str | None = None, run_dir: str | Path | None = None, 
     if isinstance(grace, bool) or not isinstance(grace, int) or grace <= heartbeat_interval:
         raise ValueError(f"grace_period: expected an int > heartbeat_interval "
                          f"({heartbeat_interval}), got {grace!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _open_storage(url, heartbeat_interval, grace, max_retry)
-
-
-def _open_storage(url: str, heartbeat_interval: int, grace: int, max_retry: int | None):
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            backend = JournalFileBackend(str(path))
-        except OSError as e:
-            raise ValueError(f"storage: cannot open journal file {str(path)!r}: {e}") from None
-        return JournalHeartbeatStorage(backend, heartbeat_interval=heartbeat_interval,
-                                       grace_period=grace, heartbeat_stale_trial_callback=retry)
-    if "://" not in url:
+    if "://" not in url and not url.startswith("journal:"):
         raise ValueError(f"storage: expected sqlite:///PATH, postgresql://..., journal:PATH or a "
                          f"*.log path, got {url!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        try:
+            with storage_lock(url):
+                return _open_storage(url, heartbeat_interval, grace, retry)
+        except ValueError:
+            raise
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"storage: cannot open {_mask_url(url)!r}: {reason}") from None
+
+
+def _open_storage(url: str, heartbeat_interval: int, grace: int, retry) -> BaseStorage:
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        lock = _file_lock(f"{path}.flock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            repair_journal(path, lock)
+            backend = JournalFileBackend(str(path), lock_obj=lock)
+        except OSError as e:
+            raise ValueError(f"storage: cannot open journal file {str(path)!r}: {e}") from None
+        try:
+            return JournalHeartbeatStorage(backend, url=url, heartbeat_interval=heartbeat_interval,
+                                           grace_period=grace, retry=retry)
+        except ValueError as e:
+            raise ValueError(f"storage: journal file {str(path)!r} is not a readable Optuna "
+                             f"journal ({e})") from None
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs["connect_args"] = {"timeout": 60}
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        sqlite.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 120}
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace, heartbeat_stale_trial_callback=retry)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"storage: cannot open {_mask_url(url)!r}: {reason}") from None
+    rdb = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                     grace_period=grace, heartbeat_stale_trial_callback=retry)
+    if sqlite is not None:
+        _begin_immediate(rdb.engine)
+    return rdb
+
+
+def _begin_immediate(engine) -> None:
+    """SQLite transactions take the write lock at BEGIN (SQLAlchemy's pysqlite recipe)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
+def storage_key(storage: BaseStorage) -> str:
+    """The URL ``storage_lock`` locks for an opened storage."""
+    url = getattr(storage, "url", None)
+    if not isinstance(url, str):
+        raise TypeError(f"storage: expected a storage from open_storage, got "
+                        f"{type(storage).__name__}")
+    return url
 
 
 def make_sampler(name: str = "tpe", *, seed: int | None = 0, constrained: bool = False,
@@ -190,18 +372,26 @@ def make_sampler(name: str = "tpe", *, seed: int | None = 0, constrained: bool =
 
 def open_study(storage: BaseStorage, name: str, objectives: Sequence[str], *,
                sampler=None) -> optuna.Study:
-    """Create the study or load it; refuse a study created with other objectives."""
+    """Create the study or load it (objectives named with ``set_metric_names``); refuse a study
+    created with other objectives."""
     objectives = check_objectives(list(objectives))
     if not isinstance(name, str) or not name:
         raise ValueError(f"study_name: expected a non-empty string, got {name!r}")
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                directions=directions(objectives), load_if_exists=True)
-    stored = study.user_attrs.get("objectives")
-    if stored is None:
-        study.set_user_attr("objectives", list(objectives))
-    elif list(stored) != list(objectives):
-        raise ValueError(f"objectives: study {name!r} was created with objectives {list(stored)}, "
-                         f"not {list(objectives)}; use a new run dir or study name")
+    with storage_lock(storage_key(storage)):
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                    directions=directions(objectives), load_if_exists=True)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                                message=".*set_metric_names")
+        stored = study.user_attrs.get("objectives")
+        if stored is None:
+            study.set_user_attr("objectives", list(objectives))
+            study.set_metric_names(list(objectives))
+        elif list(stored) != list(objectives):
+            raise ValueError(f"objectives: study {name!r} was created with objectives "
+                             f"{list(stored)}, not {list(objectives)}; use a new run dir or "
+                             f"study name")
+        elif study.metric_names is None:
+            study.set_metric_names(list(objectives))
     stored_dirs = [d.name.lower() for d in study.directions]
     if stored_dirs != directions(objectives):
         raise ValueError(f"objectives: study {name!r} has directions {stored_dirs}, expected "
@@ -209,54 +399,82 @@ def open_study(storage: BaseStorage, name: str, objectives: Sequence[str], *,
     return study
 
 
-def ensure_slots(study: optuna.Study, n_trials: int) -> int:
-    """Enqueue the slots ``0 .. n_trials-1`` that do not exist yet; returns how many were added.
+def _slot_trials(study: optuna.Study) -> dict[int, list]:
+    slots: dict[int, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        if "slot" in t.user_attrs:
+            slots.setdefault(int(t.user_attrs["slot"]), []).append(t)
+    return slots
 
-    Call from one process only (the sweep's coordinator): two creators racing would duplicate
-    slots. More workers, anywhere, join with ``run_worker`` alone."""
+
+def ensure_slots(study: optuna.Study, storage: BaseStorage, n_trials: int) -> int:
+    """Enqueue the slots ``0 .. n_trials-1`` that have no trial yet, and one retry (same
+    parameters) of each slot whose trials all FAILED; returns how many trials were added.
+    Safe from any number of processes at once (``storage_lock``)."""
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
         raise ValueError(f"n_trials: expected a non-negative int, got {n_trials!r}")
-    have = {t.user_attrs["slot"] for t in study.get_trials(deepcopy=False)
-            if "slot" in t.user_attrs}
     added = 0
-    for slot in range(n_trials):
-        if slot not in have:
-            study.enqueue_trial({}, user_attrs={"slot": slot})
-            added += 1
+    with storage_lock(storage_key(storage)):
+        _reap_locked(study, storage)
+        slots = _slot_trials(study)
+        for slot in range(n_trials):
+            trials = slots.get(slot, [])
+            if not trials:
+                study.enqueue_trial({}, user_attrs={"slot": slot})
+                added += 1
+            elif all(t.state == TrialState.FAIL for t in trials):
+                last = max(trials, key=lambda t: t.number)
+                study.enqueue_trial(dict(last.params), user_attrs={"slot": slot,
+                                                                   "retry_of": last.number})
+                added += 1
     return added
 
 
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Slots by outcome. A slot is done when one of its trials is COMPLETE or PRUNED, or FAILED
-    by an error (not by a stale heartbeat that was retried)."""
-    trials = study.get_trials(deepcopy=False)
-    slots = {t.user_attrs["slot"] for t in trials if "slot" in t.user_attrs}
-    by_state = {s: 0 for s in ("complete", "pruned", "fail", "running", "waiting")}
-    for t in trials:
-        by_state[t.state.name.lower()] = by_state.get(t.state.name.lower(), 0) + 1
-    done = {t.user_attrs["slot"] for t in trials if "slot" in t.user_attrs and
-            (t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-             or (t.state == TrialState.FAIL and "error" in t.user_attrs))}
-    return {"slots": len(slots), "done": len(done), **by_state}
+def slot_states(study: optuna.Study) -> dict[int, str]:
+    """Each slot's state: complete / pruned (one of its trials is), else running / waiting,
+    else fail."""
+    out = {}
+    for slot, trials in _slot_trials(study).items():
+        states = {t.state for t in trials}
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                      TrialState.WAITING, TrialState.FAIL):
+            if state in states:
+                out[slot] = state.name.lower()
+                break
+    return out
 
 
-def _claim(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically take one WAITING trial, or None; never creates a trial (see module doc)."""
-    study._thread_local.cached_all_trials = None
-    trial_id = study._pop_waiting_trial_id()
-    if trial_id is None:
-        return None
-    storage = study._storage
-    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None:
-        storage.record_heartbeat(trial_id)  # at once: a trial without a beat is never reaped
-    return optuna.Trial(study, trial_id)
+def trial_counts(study: optuna.Study) -> dict[int, int]:
+    """Slots by state (``slot_states``): ``slots``, ``done`` (complete + pruned), ``complete``,
+    ``pruned``, ``fail``, ``running``, ``waiting``; ``trials``: every trial of the study."""
+    states = list(slot_states(study).values())
+    counts = {s: states.count(s) for s in ("complete", "pruned", "fail", "running", "waiting")}
+    return {"slots": len(states), "done": counts["complete"] + counts["pruned"], **counts,
+            "trials": len(study.get_trials(deepcopy=False))}
+
+
+def _study_id(study: optuna.Study, storage: BaseStorage) -> int:
+    return storage.get_study_id_from_name(study.study_name)
+
+
+def claim(study: optuna.Study, storage: BaseStorage) -> optuna.Trial | None:
+    """Atomically take one WAITING trial (WAITING -> RUNNING), or None; never creates one."""
+    for t in storage.get_all_trials(_study_id(study, storage), deepcopy=False,
+                                    states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        storage.record_heartbeat(t._trial_id)  # at once: a trial without a beat is never reaped
+        return optuna.Trial(study, t._trial_id)
+    return None
 
 
 class _Heartbeat:
     def __init__(self, storage: BaseStorage, trial_id: int):
         self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) \
-            else None
+        self.interval = storage.get_heartbeat_interval()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -282,52 +500,72 @@ class _Heartbeat:
             self.thread.join()
 
 
-def _reap_stale(study: optuna.Study) -> None:
-    storage = study._storage
-    if isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None:
+def _reap_locked(study: optuna.Study, storage: BaseStorage) -> None:
+    if isinstance(storage, RDBStorage):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        return
+    if not isinstance(storage, JournalHeartbeatStorage):
+        return
+    for trial_id in storage.stale_trial_ids(_study_id(study, storage)):
+        try:
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue
+        frozen = storage.get_trial(trial_id)
+        if frozen.state == TrialState.FAIL and "error" not in frozen.user_attrs \
+                and storage.retry is not None:
+            storage.retry(study, copy.deepcopy(frozen))
 
 
-def _retry_now(study: optuna.Study, trial: optuna.Trial) -> None:
-    frozen = study._storage.get_trial(trial._trial_id)
-    callback = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-    (callback or RetryHeartbeatStaleTrialCallback(max_retry=3))(study, copy.deepcopy(frozen))
+def reap_stale(study: optuna.Study, storage: BaseStorage) -> None:
+    """Fail the running trials whose heartbeat is older than the grace period and re-enqueue
+    them (the retry callback), under ``storage_lock``."""
+    with storage_lock(storage_key(storage)):
+        _reap_locked(study, storage)
 
 
-def run_worker(study: optuna.Study, objective, *, poll_interval: float = 1.0,
-               max_trials: int | None = None, wait_for_running: bool = True) -> int:
+def _retry_now(study: optuna.Study, storage: BaseStorage, trial: optuna.Trial) -> None:
+    with storage_lock(storage_key(storage)):
+        frozen = storage.get_trial(trial._trial_id)
+        callback = storage.get_heartbeat_stale_trial_callback() or \
+            RetryHeartbeatStaleTrialCallback(max_retry=3)
+        callback(study, copy.deepcopy(frozen))
+
+
+def run_worker(study: optuna.Study, storage: BaseStorage, objective, *,
+               poll_interval: float = 1.0, max_trials: int | None = None,
+               wait_for_running: bool = True) -> int:
     """Run trials from the slot queue until none is waiting (or running, when
     ``wait_for_running``, so a dead worker's trial is reaped and retried). Returns the number of
     trials this worker finished."""
     finished = 0
     while max_trials is None or finished < max_trials:
-        _reap_stale(study)
-        trial = _claim(study)
+        reap_stale(study, storage)
+        trial = claim(study, storage)
         if trial is None:
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            running = storage.get_all_trials(_study_id(study, storage), deepcopy=False,
+                                             states=(TrialState.RUNNING,))
             if wait_for_running and running:
                 time.sleep(poll_interval)
                 continue
             break
         state, values = TrialState.COMPLETE, None
         try:
-            with _Heartbeat(study._storage, trial._trial_id):
+            with _Heartbeat(storage, trial._trial_id):
                 values = objective(trial)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as e:
             state = TrialState.PRUNED
+            _set_attr(trial, "pruned", str(e)[:2000])
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            _retry_now(study, trial)
+            _retry_now(study, storage, trial)
             raise
         except Exception as e:
             state = TrialState.FAIL
             log.error("trial %d failed: %r", trial.number, e)
-            try:
-                trial.set_user_attr("error", repr(e)[:2000])
-            except UpdateFinishedTrialError:
-                pass
+            _set_attr(trial, "error", repr(e)[:2000])
         try:
             study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
         except UpdateFinishedTrialError:
@@ -336,3 +574,10 @@ def run_worker(study: optuna.Study, objective, *, poll_interval: float = 1.0,
             continue
         finished += 1
     return finished
+
+
+def _set_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+    try:
+        trial.set_user_attr(key, value)
+    except UpdateFinishedTrialError:
+        pass

@@ -30,12 +30,12 @@ METHODS = {
 }
 
 
-def _cfg(**kw) -> SweepConfig:
+def _cfg(allow_modules=(), **kw) -> SweepConfig:
     base = dict(name="t", methods=METHODS, n_trials=10, seed=3, n_startup_trials=4,
                 heartbeat_interval=1, grace_period=3,
                 evaluator={"factory": "sweeps.evaluators:SyntheticEvaluator"})
     base.update(kw)
-    return SweepConfig.from_dict(base)
+    return SweepConfig.from_dict(base, allow_modules=allow_modules)
 
 
 def _trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
@@ -180,9 +180,11 @@ def test_interrupted_run_resumes_without_repeating(tmp_path):
     assert len(before) == 4
     resumed = SyntheticEvaluator()
     counts = run_sweep(_cfg(n_trials=10), tmp_path, evaluator=resumed, progress=False)
-    assert resumed.evaluations == 6
-    assert counts["done"] == 10 and counts["complete"] == 10
-    after = [t for t in _trials(tmp_path) if t.state == TrialState.COMPLETE]
+    twins = [t for t in _trials(tmp_path) if "duplicate_of" in t.user_attrs]
+    assert all(t.state == TrialState.PRUNED for t in twins)
+    assert resumed.evaluations + len(twins) == 6
+    assert counts["done"] == 10 and counts["complete"] + counts["pruned"] == 10
+    after = [t for t in _trials(tmp_path) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert sorted(t.user_attrs["slot"] for t in after) == list(range(10))
     for t in after:
         if t.user_attrs["slot"] in before:
@@ -318,21 +320,46 @@ def test_bad_config_keys_and_sampler():
         SweepConfig.from_dict({"sampler": "cmaes"})
 
 
-def test_repo_config_matches_pattern_zoo():
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "sweeps/configs/smollm2-frontier.yaml"
+
+
+@pytest.fixture
+def trained_run(tmp_path, monkeypatch):
+    """A working directory holding what `adaptive-sparse train` with the shipped gating config
+    writes (runs/gates/<name>/version_N/gates), as far as the sweep config's check looks."""
+    import yaml
+    monkeypatch.chdir(tmp_path)
+    train = yaml.safe_load((REPO / "gating/configs/smollm2-135m.yaml").read_text())
+    csv = train["trainer"]["logger"][0]["init_args"]
+    gates = tmp_path / csv["save_dir"] / csv["name"] / "version_0" / "gates"
+    gates.mkdir(parents=True)
+    (gates / "gates.json").write_text("{}")
+    return gates
+
+
+def test_repo_config_matches_pattern_zoo(trained_run):
     pytest.importorskip("adaptive_sparse.patterns")
     from sweeps.cli import build_objective
-    cfg = SweepConfig.load(Path(__file__).parents[1] / "sweeps/configs/smollm2-frontier.yaml")
+    cfg = SweepConfig.load(SHIPPED)
+    assert cfg.evaluator["args"]["gates"] == str(trained_run)
     objective = build_objective(cfg)
     assert {"gate/top_p", "oracle/density", "sliding_window"} <= set(objective.space.names)
 
 
-def test_repo_config_every_sampled_pattern_setting_builds():
+def test_repo_config_refuses_missing_gates_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"smollm2-frontier.yaml.*gates: .*runs/gates/smollm2-135m"
+                                         r".*does not exist"):
+        SweepConfig.load(SHIPPED)
+
+
+def test_repo_config_every_sampled_pattern_setting_builds(trained_run):
     """Random draws from each pattern's range in the shipped config build a valid mask (an odd
     LSH bucket count once failed every lsh trial of a GPU sweep)."""
     from adaptive_sparse.patterns import make_pattern
     from sweeps.cli import build_objective
-    cfg = SweepConfig.load(Path(__file__).parents[1] / "sweeps/configs/smollm2-frontier.yaml")
-    space = build_objective(cfg).space
+    space = build_objective(SweepConfig.load(SHIPPED)).space
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
@@ -405,13 +432,16 @@ def fake_latency(family, params, result):
 
 def test_latency_objective_is_pluggable(tmp_path):
     cfg = _cfg(objectives=["latency_ms", "ppl_change"], n_trials=5, storage=_journal(tmp_path),
-               latency="test_sweeps:fake_latency")
-    run_sweep(cfg, tmp_path, progress=False)
+               latency="test_sweeps:fake_latency", allow_modules=("test_sweeps",))
+    run_sweep(cfg, tmp_path, progress=False, allow_modules=("test_sweeps",))
     for t in _trials(tmp_path):
         assert t.values[0] == pytest.approx(2.0 + 10.0 * t.user_attrs["density"])
         assert t.user_attrs["latency_ms"] == t.values[0]
     report = write_report(tmp_path)
     assert report["cost"] == "latency_ms" and report["fronts"]["overall"]
     with pytest.raises(ValueError, match="latency: cannot import 'nowhere:fn'"):
-        run_sweep(_cfg(latency="nowhere:fn", storage=_journal(tmp_path / "x")), tmp_path / "x",
-                  progress=False)
+        run_sweep(_cfg(latency="nowhere:fn", storage=_journal(tmp_path / "x"),
+                       allow_modules=("nowhere",)), tmp_path / "x", progress=False,
+                  allow_modules=("nowhere",))
+    with pytest.raises(ValueError, match="latency: expected a callable from adaptive_sparse"):
+        _cfg(latency="test_sweeps:fake_latency")
