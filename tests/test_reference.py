@@ -162,3 +162,34 @@ def test_block_attention_maps_match_fp64(shape):
     assert torch.allclose(small, bmax, atol=1e-6)
     full = torch.ones(1, 1, *bsum.shape[2:], dtype=torch.bool)
     assert torch.allclose(attention_recall(bsum, full), torch.ones(Hq), atol=1e-5)
+
+
+@pytest.mark.parametrize("q_shape,k_shape,kw,match", [
+    ((1, 2, 64, 0), (1, 2, 64, 0), {}, "^q: expected at least one head"),
+    ((1, 0, 64, 16), (1, 1, 64, 16), {}, "^q: expected at least one head"),
+    ((1, 2, 64, 16), (1, 2, 0, 16), {}, r"^k: expected \[B=1"),
+    ((1, 3, 64, 16), (1, 2, 64, 16), {}, "^k: expected a KV head count dividing"),
+    ((1, 2, 80, 16), (1, 2, 64, 16), {}, r"^q: expected q_len <= kv_len"),
+    ((1, 2, 64, 16), (1, 2, 64, 16), {"block_size": 48}, "^block_size: expected one of"),
+    ((1, 2, 64, 16), (1, 2, 64, 16), {"scale": -1.0}, "^scale: expected a positive finite"),
+    ((1, 2, 64, 16), (1, 2, 64, 16), {"scale": float("nan")}, "^scale: expected"),
+    ((1, 2, 64, 16), (1, 2, 64, 16), {"backend": "cuda"}, "^backend: expected one of"),
+])
+def test_block_attention_maps_names_bad_inputs(q_shape, k_shape, kw, match):
+    kw = {"block_size": 16} | kw
+    with pytest.raises(ValueError, match=match):
+        block_attention_maps(torch.randn(q_shape), torch.randn(k_shape), **kw)
+
+
+def test_block_attention_maps_of_an_empty_batch_are_empty():
+    bmax, bsum = block_attention_maps(torch.randn(0, 2, 40, 16), torch.randn(0, 1, 40, 16),
+                                      block_size=16)
+    assert bmax.shape == bsum.shape == (0, 2, 3, 3)
+
+
+def test_block_attention_maps_triton_without_cuda_is_refused():
+    if torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("triton can run here")
+    with pytest.raises(RuntimeError, match="backend 'triton'"):
+        block_attention_maps(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), block_size=16,
+                             backend="triton")

@@ -53,7 +53,9 @@ def _check(q, k, block_size, causal) -> None:
             raise ValueError(f"{name}: expected a rank-4 tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     B, Hq, N, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
+    if Hq < 1 or N < 1 or D < 1:
+        raise ValueError(f"q: expected at least one head, row and head_dim, got {tuple(q.shape)}")
+    if k.shape[0] != B or k.shape[3] != D or k.shape[2] < 1:
         raise ValueError(f"k: expected [B={B}, Hkv, M, D={D}], got {tuple(k.shape)}")
     if k.shape[1] < 1 or Hq % k.shape[1]:
         raise ValueError(f"k: expected a KV head count dividing Hq={Hq}, got {k.shape[1]}")
@@ -93,9 +95,9 @@ def _maps_reference(q, k, bs: int, scale, causal: bool, chunk_elements: int):
         pad_k, pad_r = kb_end * bs - kv_end, num_blocks(R, bs) * bs - R
         if pad_k or pad_r:
             s = torch.nn.functional.pad(s, (0, pad_k, 0, pad_r))
-        s = s.view(B, Hkv, G, -1, bs, kb_end, bs)
         qb0 = r0 // bs
-        qb1 = qb0 + s.shape[3]
+        qb1 = qb0 + num_blocks(R, bs)
+        s = s.view(B, Hkv, G, qb1 - qb0, bs, kb_end, bs)
         bmax[..., qb0:qb1, :kb_end] = s.amax(-1).amax(4)
         bsum[..., qb0:qb1, :kb_end] = s.sum(-1).sum(4)
     rows_in_block = torch.clamp(N - torch.arange(Qb, device=q.device) * bs, max=bs).float()
