@@ -402,12 +402,24 @@ def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.T
     return out, new
 
 
+def _attention_fn(backend: str, scale, kernel_config):
+    """(q, k, v, mask) -> (out, lse) of one step."""
+    if kernel_config is None:
+        return lambda q, k, v, m: block_sparse_attention(q, k, v, m, scale=scale,
+                                                         backend=backend, return_lse=True)
+    from adaptive_sparse.attention.triton import triton_block_sparse_attention
+
+    return lambda q, k, v, m: triton_block_sparse_attention(
+        q, k, v, m, q.shape[-1] ** -0.5 if scale is None else scale, True, config=kernel_config)
+
+
 def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
                                v_local: torch.Tensor, mask=None, *, seq_len: int | None = None,
                                block_size: int | None = None, group=None,
                                layout: str = "zigzag", scale: float | None = None,
                                backend: str = "auto", plan: CPPlan | None = None,
-                               return_lse: bool = False, return_stats: bool = False):
+                               kernel_config: dict | None = None, return_lse: bool = False,
+                               return_stats: bool = False):
     """Block-sparse causal self-attention of a sequence sharded over the ranks of `group`.
 
     q_local [B, Hq, L, D], k_local / v_local [B, Hkv, L, D]: this rank's shard (see
@@ -416,6 +428,8 @@ def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
         (this rank's rows), or None (dense causal; then seq_len and block_size are required).
     backend: of `block_sparse_attention` for each step ("auto": triton on CUDA, reference on CPU).
     plan: a `plan_context_parallel` result to reuse (mask is then ignored).
+    kernel_config: pins the Triton kernel's tile config for every step (backend "triton"; see
+        `triton_block_sparse_attention`): no autotuning and no device sync per step.
     Every rank of the group must call it with the same shapes, mask geometry and layout.
 
     Returns out [B, Hq, L, D] in q's dtype (padded rows unspecified), then lse fp32 [B, Hq, L]
@@ -438,13 +452,15 @@ def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
     if plan.shape != (B, Hq, Hkv, L):
         raise _fail("q_local", f"shard shapes (B, Hq, Hkv, L) = {plan.shape} (the mask's "
                     f"sequence of {plan.seq_len} over {plan.world} ranks)", (B, Hq, Hkv, L))
+    if kernel_config is not None and backend != "triton":
+        raise _fail("backend", "'triton' when kernel_config is given", repr(backend))
+    attend = _attention_fn(backend, scale, kernel_config)
     k_local, v_local = k_local.contiguous(), v_local.contiguous()
     _ensure_communicator(group)
     works, bufs, keep = _post(plan, k_local, v_local, group)
     out = lse = None
     if plan.self_mask is not None:
-        o, lo = block_sparse_attention(q_local, k_local, v_local, plan.self_mask, scale=scale,
-                                       backend=backend, return_lse=True)
+        o, lo = attend(q_local, k_local, v_local, plan.self_mask)
         out, lse = merge_partial(out, lse, o, lo)
     recv_at = {rv.round: rv for rv in plan.recvs}
     for t in sorted(works):
@@ -454,8 +470,7 @@ def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
         if rv is None:
             continue
         k, v = _unpack(bufs.pop(t), rv, B, Hkv)
-        o, lo = block_sparse_attention(q_local, k, v, rv.mask, scale=scale, backend=backend,
-                                       return_lse=True)
+        o, lo = attend(q_local, k, v, rv.mask)
         out, lse = merge_partial(out, lse, o, lo)
     del keep
     if out is None:
