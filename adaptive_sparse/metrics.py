@@ -36,7 +36,7 @@ class Perplexity(Metric):
         nll, n = _as_tensor("nll_sum", nll_sum).sum(), _as_tensor("count", count).sum()
         if not torch.isfinite(nll):
             raise ValueError(f"nll_sum: expected a finite value, got {float(nll)}")
-        if n < 0:
+        if not torch.isfinite(n) or n < 0:
             raise ValueError(f"count: expected a non-negative token count, got {float(n)}")
         self.nll += nll.to(self.nll.device)
         self.tokens += n.to(self.tokens.device)
@@ -71,7 +71,8 @@ class AttentionRecall(Metric):
                            dist_reduce_fx="sum")
 
     def update(self, block_sum: torch.Tensor, mask) -> None:
-        if not isinstance(block_sum, torch.Tensor) or block_sum.dim() != 4:
+        if not isinstance(block_sum, torch.Tensor) or block_sum.dim() != 4 \
+                or not block_sum.dtype.is_floating_point:
             raise ValueError(f"block_sum: expected a float tensor [B, Hq, Qb, Kb], got "
                              f"{getattr(block_sum, 'shape', type(block_sum).__name__)}")
         dense = mask.to_dense() if isinstance(mask, BlockSparseMask) else mask

@@ -33,6 +33,9 @@ def test_perplexity_errors():
         Perplexity().update(float("nan"), 3)
     with pytest.raises(TypeError, match="count: expected a number"):
         Perplexity().update(1.0, "3")
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError, match="^count: expected a non-negative token count"):
+            Perplexity().update(1.0, bad)
 
 
 def _random_mask(g, B, H, q_len, kv_len, bs):
@@ -73,6 +76,8 @@ def test_attention_recall_errors():
     m = AttentionRecall()
     with pytest.raises(ValueError, match="block_sum: expected a float tensor"):
         m.update(torch.rand(3, 3), torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_sum: expected a float tensor"):
+        m.update(torch.ones(1, 1, 3, 3, dtype=torch.int64), torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask: expected tiles"):
         m.update(torch.rand(1, 2, 3, 3), torch.ones(1, 1, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask: expected batch 1 or 1 and heads dividing 2"):
