@@ -270,32 +270,12 @@ def setting_name(setting: dict) -> str:
 
 
 def make_provider(setting: dict, *, block_size: int, num_layers: int, model=None):
-    """The provider of a setting (None for dense). A gate provider is attached to `model`
-    (its pre-rotary capture hooks); call its `detach()` when done."""
-    from adaptive_sparse.models import OracleProvider, PatternProvider
+    """The provider of a setting (None for dense): `adaptive_sparse.models.build_provider`. A
+    gate provider is attached to `model` (its pre-rotary capture hooks); call its `detach()`."""
+    from adaptive_sparse.models import ProviderSpec, build_provider
 
-    params = {k: v for k, v in setting.items() if k not in ("pattern", "name")}
-    if setting["pattern"] == "dense":
-        return None
-    if setting["pattern"] == "gate":
-        if model is None:
-            raise ValueError("model: a gate setting needs the model its gates attach to")
-        # the front door reaches gating lazily, for gate settings only
-        from adaptive_sparse.gates import GateProvider, load_gates
-
-        gates = Path(params["gates"])
-        if not (gates / "gates.json").exists() and (gates / "gates" / "gates.json").exists():
-            gates = gates / "gates"
-        return GateProvider(load_gates(gates, model), params["policy"], model)
-    if setting["pattern"] == "oracle":
-        target = params.pop("target", "sum")
-        policy = params.pop("policy")
-        if params:
-            return PatternProvider("oracle", block_size=block_size, policy=policy,
-                                   target=target, **params)
-        return OracleProvider(policy, target=target, block_size=block_size,
-                              num_layers=num_layers)
-    return PatternProvider(setting["pattern"], block_size=block_size, **params)
+    spec = ProviderSpec.from_setting(setting, block_size=block_size)
+    return build_provider(spec, model, num_layers=num_layers)
 
 
 def _load_sequences(args, tokenizer):

@@ -7,6 +7,9 @@
     handle.detach()
 """
 
+import time
+from pathlib import Path
+
 from adaptive_sparse.export.convert import LAYOUTS, convert_artifact, to_bsr, to_dense, to_flex
 from adaptive_sparse.export.fingerprint import (
     config_fingerprint, fingerprint_differences, model_fingerprint)
@@ -22,7 +25,7 @@ __all__ = [
     "RawArtifact", "load_gate_artifact", "save_gate_artifact",
     "aggregate_static", "check_manifest", "config_fingerprint", "convert_artifact", "crop",
     "export_main", "fingerprint_differences", "load_artifact", "load_masks", "load_sparsifier",
-    "model_fingerprint", "read_artifact", "save_masks", "save_static", "static_recall",
+    "model_fingerprint", "read_artifact", "save_masks", "save_static", "static_recall", "summary",
     "to_bsr", "to_dense", "to_flex", "write_artifact",
 ]
 
@@ -47,3 +50,25 @@ def load_artifact(path):
         return gate_from_raw(raw)
     from adaptive_sparse.export.masks import masks_from_raw
     return masks_from_raw(raw)
+
+
+def summary(path) -> dict:
+    """Kind, base model, block size, method, density, files and their sizes of an artifact."""
+    t0 = time.perf_counter()
+    art = load_artifact(path)
+    seconds = time.perf_counter() - t0
+    m = art.manifest
+    fp = m["model"] or {}
+    out = {"path": str(path), "kind": m["kind"], "format_version": m["format_version"],
+           "model": fp.get("architecture"), "block_size": m["block_size"],
+           "method": m["method"]["name"], "density": m["stats"]["density"],
+           "files": {k: v["size"] for k, v in m["files"].items()},
+           "bytes": sum(v["size"] for v in m["files"].values())
+           + (Path(path) / "manifest.json").stat().st_size,
+           "load_seconds": round(seconds, 4)}
+    if m["kind"] == "static":
+        def means(rec):
+            return {b: r and round(r["mean"], 4) for b, r in (rec or {}).items()}
+        out["heldout_recall"] = means(m["content"]["static"]["recall"])
+        out["source_heldout_recall"] = means(m["method"]["params"].get("source_heldout_recall"))
+    return out

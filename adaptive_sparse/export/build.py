@@ -60,9 +60,9 @@ def _batched(masks: Sequence[BlockSparseMask], heads: int) -> BlockSparseMask:
 
 
 def _num_heads(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return int(cfg.num_attention_heads)
+    from adaptive_sparse.models.config import text_config
+
+    return int(text_config(model).num_attention_heads)
 
 
 def export_masks(model, sequences: torch.Tensor, provider, out, *, block_size: int,
@@ -155,48 +155,28 @@ def read_policy_file(path) -> dict:
     return {"method": str(obj["method"]), "params": dict(obj.get("params", {}))}
 
 
-def resolve_gates_dir(path) -> Path:
-    """A gate directory (holding gates.json) or a training run dir with `gates/` inside."""
-    p = Path(path)
-    for cand in (p, p / "gates"):
-        if (cand / "gates.json").is_file():
-            return cand
-    hits = sorted(p.glob("**/gates/gates.json")) if p.is_dir() else []
-    if len(hits) == 1:
-        return hits[0].parent
-    raise ValueError(f"gates: expected a gate directory (with gates.json) or a run directory "
-                     f"holding one, got {str(path)!r}" + (f" ({len(hits)} found)" if hits else ""))
-
-
 def make_source(model, *, pattern: str | None = None, pattern_params: Mapping | None = None,
                 policy_file=None, gates=None, block_size: int = 64):
-    """(provider, method name, params) from a pattern or a policy file (+ gates)."""
-    from adaptive_sparse.models import OracleProvider, PatternProvider
+    """(provider, method name, params) from a pattern or a policy file (+ gates), through
+    `adaptive_sparse.models.build_provider`."""
+    from adaptive_sparse.models import ProviderSpec, build_provider
 
     if (pattern is None) == (policy_file is None):
         raise ValueError("source: give exactly one of --pattern or --policy-file")
     if pattern is not None:
         params = dict(pattern_params or {})
-        return (PatternProvider(pattern, block_size=block_size, **params),
-                f"pattern:{pattern}", params)
-    spec = read_policy_file(policy_file)
-    method, params = spec["method"], spec["params"]
-    if method == "gate":
-        from adaptive_sparse.gates import GateProvider, load_gates
-
-        gdir = gates or params.get("gates")
-        if gdir is None:
+        setting = {"pattern": pattern, **params}
+    else:
+        spec = read_policy_file(policy_file)
+        params = dict(spec["params"])
+        if spec["method"] == "gate" and gates is not None:
+            params["gates"] = str(gates)
+        if spec["method"] == "gate" and params.get("gates") is None:
             raise ValueError("gates: the policy file names no gate directory; pass --gates")
-        gate_set = load_gates(resolve_gates_dir(gdir), model)
-        provider = GateProvider(gate_set, params["policy"], model)
-        return provider, "gate", {"policy": params["policy"], "gates": str(gdir)}
-    if method.startswith("oracle"):
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
-        return (OracleProvider(params["policy"], target=params.get("target", "sum"),
-                               block_size=block_size, num_layers=cfg.num_hidden_layers),
-                "oracle", params)
-    return PatternProvider(method, block_size=block_size, **params), f"pattern:{method}", params
+        setting = {"pattern": spec["method"], **params}
+    spec = ProviderSpec.from_setting(setting, block_size=block_size)
+    method = {"pattern": f"pattern:{spec.name}"}.get(spec.kind, spec.kind)
+    return build_provider(spec, model), method, params
 
 
 def export_and_verify(model, sequence: torch.Tensor, gate_set, policy, out_dir, *,
@@ -205,8 +185,8 @@ def export_and_verify(model, sequence: torch.Tensor, gate_set, policy, out_dir, 
     `sequence` LongTensor [1, N]), reload both onto `model`, and compare the logits with the
     live gates'. Returns {"gate": summary, "masks": summary, "gate_logits_equal",
     "masks_logits_equal", "max_abs_diff"}."""
+    from adaptive_sparse.export import summary
     from adaptive_sparse.export.attach import load_sparsifier
-    from adaptive_sparse.export.cli import summary
     from adaptive_sparse.export.gates import save_gate_artifact
     from adaptive_sparse.models import sparse_attention
     from adaptive_sparse.gates import GateProvider

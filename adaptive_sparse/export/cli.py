@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
+from adaptive_sparse.export import summary
 from adaptive_sparse.export.format import ArtifactError
 
 
@@ -109,30 +109,6 @@ def _docs(args):
     return load_corpus(str(args.text) if args.text is not None else args.corpus)
 
 
-def summary(path) -> dict:
-    """Kind, base model, block size, method, density, files and their sizes of an artifact."""
-    from adaptive_sparse.export import load_artifact
-
-    t0 = time.perf_counter()
-    art = load_artifact(path)
-    seconds = time.perf_counter() - t0
-    m = art.manifest
-    fp = m["model"] or {}
-    out = {"path": str(path), "kind": m["kind"], "format_version": m["format_version"],
-           "model": fp.get("architecture"), "block_size": m["block_size"],
-           "method": m["method"]["name"], "density": m["stats"]["density"],
-           "files": {k: v["size"] for k, v in m["files"].items()},
-           "bytes": sum(v["size"] for v in m["files"].values())
-           + (Path(path) / "manifest.json").stat().st_size,
-           "load_seconds": round(seconds, 4)}
-    if m["kind"] == "static":
-        def means(rec):
-            return {b: r and round(r["mean"], 4) for b, r in (rec or {}).items()}
-        out["heldout_recall"] = means(m["content"]["static"]["recall"])
-        out["source_heldout_recall"] = means(m["method"]["params"].get("source_heldout_recall"))
-    return out
-
-
 def _run(args) -> dict:
     if args.command == "convert":
         from adaptive_sparse.export.convert import convert_artifact
@@ -153,7 +129,7 @@ def _run(args) -> dict:
         if spec["method"] != "gate":
             raise ValueError(f"policy_file: expected a gate policy (method 'gate'), got "
                              f"{spec['method']!r}; use `export masks/static` for patterns")
-        gate_set = load_gates(build.resolve_gates_dir(args.gates), model)
+        gate_set = load_gates(args.gates, model)
         policy = spec["params"]["policy"]
         stats = None
         if args.stats_corpus:

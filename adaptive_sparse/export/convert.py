@@ -12,8 +12,10 @@ size, lengths and how to read it) and `<layout>.safetensors`:
          (b, h) uses the first indptr[b, h, -1] entries; the rest is -1)
   flex   `<key>.kv_num_blocks` int32 [B, H, Qb], `<key>.kv_indices` int32 [B, H, Qb, Kb],
          `<key>.q_num_blocks` int32 [B, H, Kb], `<key>.q_indices` int32 [B, H, Kb, Qb]
-         (BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE, mask_mod,
-         seq_lengths) rebuilds it; every block is partial, the mask_mod applies causality)
+         (partial blocks: tiles cut by the causal diagonal or a ragged edge), and the same four
+         with prefix `full_` (wholly visible tiles; Flex skips their mask_mod).
+         BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks,
+         full_kv_indices, BLOCK_SIZE, mask_mod, seq_lengths) with a causal mask_mod rebuilds it
 `<key>` is the artifact's entry key (`layers.<i>` or `buckets.<n>.layers.<i>`).
 """
 
@@ -79,8 +81,8 @@ def _bsr_tensors(m: BlockSparseMask) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _flex_tensors(m: BlockSparseMask) -> dict[str, torch.Tensor]:
     bm = m.to_flex()
-    return {"kv_num_blocks": bm.kv_num_blocks, "kv_indices": bm.kv_indices,
-            "q_num_blocks": bm.q_num_blocks, "q_indices": bm.q_indices}
+    names = ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")
+    return {prefix + n: getattr(bm, prefix + n) for prefix in ("", "full_") for n in names}
 
 
 def convert_artifact(src, to: str, out, *, overwrite: bool = False) -> Path:

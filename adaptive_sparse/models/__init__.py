@@ -17,11 +17,18 @@ from adaptive_sparse.models.loading import (
     model_fingerprint,
     resolve_model_path,
 )
-from adaptive_sparse.models.providers import CaptureProvider, OracleProvider, PatternProvider
+from adaptive_sparse.models.config import text_config
+from adaptive_sparse.models.providers import (
+    CaptureProvider,
+    OracleProvider,
+    PatternProvider,
+    ProviderSpec,
+    build_provider,
+)
 
 __all__ = [
     "ATTN_NAME", "CaptureProvider", "OracleProvider", "PRESETS", "PatternProvider", "Preset",
-    "disable_sparse_attention", "enable_sparse_attention", "is_chat_model", "load_model",
-    "local_window_attention", "model_fingerprint", "register", "resolve_model_path",
-    "sparse_attention",
+    "ProviderSpec", "build_provider", "disable_sparse_attention", "enable_sparse_attention",
+    "is_chat_model", "load_model", "local_window_attention", "model_fingerprint", "register",
+    "resolve_model_path", "sparse_attention", "text_config",
 ]

@@ -1,5 +1,8 @@
 """Mask providers: per layer, `(layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None`.
 
+- `ProviderSpec` + `build_provider(spec, model)`: the one way from a setting (CLI flags, a
+  `compare --settings` entry, a sweep trial, a policy file) to a provider.
+
 - `PatternProvider`: a named pattern of the zoo (`adaptive_sparse.patterns.make_pattern`).
 - `OracleProvider`: the true attention's block map through a `Policy` (the upper bound).
 - `CaptureProvider`: wraps any provider and records, per layer, the density of its masks and
@@ -9,6 +12,10 @@
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
@@ -196,3 +203,108 @@ class CaptureProvider:
         recalls = [r["recall"] for r in rows if r["recall"] is not None]
         return {"density": sum(r["density"] for r in rows) / len(rows),
                 "recall": sum(recalls) / len(recalls) if recalls else None}
+
+
+SPEC_KINDS = ("dense", "pattern", "oracle", "gate")
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """What to build a provider from.
+
+    kind: "dense" (None provider), "pattern" (`name` of the zoo with `params`), "oracle" (the
+    true attention through `policy`, ranked by `target`; extra `params` go to the zoo's
+    `oracle` pattern) or "gate" (trained gates at `gates`, any folder `resolve_gates_dir`
+    accepts, through `policy`). block_size: of pattern and oracle masks (a gate's comes from
+    its checkpoint)."""
+
+    kind: str
+    name: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    policy: Any = None
+    target: str = "sum"
+    gates: str | os.PathLike | None = None
+    block_size: int = 64
+
+    def __post_init__(self):
+        if self.kind not in SPEC_KINDS:
+            raise ValueError(f"kind: expected one of {SPEC_KINDS}, got {self.kind!r}")
+        if not isinstance(self.params, Mapping):
+            raise TypeError(f"params: expected a mapping, got {type(self.params).__name__}")
+        _check_block_size(self.block_size)
+        if self.kind == "pattern" and not isinstance(self.name, str):
+            raise ValueError(f"name: expected a pattern name for kind 'pattern', got "
+                             f"{self.name!r}")
+        if self.kind in ("oracle", "gate") and self.policy is None:
+            raise ValueError(f"policy: expected a policy (a kind or a mapping) for kind "
+                             f"{self.kind!r}, got None")
+        if self.kind == "gate" and self.gates is None:
+            raise ValueError("gates: expected a gate folder (gates, a training version_N or a "
+                             "run folder such as runs/gates/<name>) for kind 'gate', got None")
+        if self.kind == "oracle" and self.target not in ("sum", "max"):
+            raise ValueError(f"target: expected 'sum' or 'max', got {self.target!r}")
+
+    @classmethod
+    def from_setting(cls, setting: Mapping[str, Any], *, block_size: int = 64) -> "ProviderSpec":
+        """From the flat mapping of CLI settings, sweep trials and policy files:
+        {"pattern": dense | oracle | gate | <pattern name>, "policy", "target", "gates",
+        "name" (a label, ignored), <pattern parameters>}. A "method" key is read as "pattern"
+        (the policy files of sweeps/frontier.py: {"method", "params"})."""
+        if not isinstance(setting, Mapping):
+            raise TypeError(f"setting: expected a mapping, got {type(setting).__name__}")
+        s = dict(setting)
+        if "method" in s and "pattern" not in s:
+            params = s.pop("params", {}) or {}
+            if not isinstance(params, Mapping):
+                raise TypeError(f"params: expected a mapping, got {type(params).__name__}")
+            s = {"pattern": s.pop("method"), **s, **params}
+        method = s.pop("pattern", None)
+        s.pop("name", None)
+        if not isinstance(method, str):
+            raise ValueError(f"pattern: expected a pattern name, 'dense', 'oracle' or 'gate', "
+                             f"got {method!r}")
+        policy, gates = s.pop("policy", None), s.pop("gates", None)
+        if method in ("dense", "gate"):
+            if s and method == "dense":
+                raise ValueError(f"dense: takes no parameters, got {sorted(s)}")
+            if method == "gate" and s:
+                raise ValueError(f"gate: takes only policy and gates, got {sorted(s)}")
+            return cls(method, policy=policy, gates=gates, block_size=block_size)
+        if method == "oracle":
+            return cls("oracle", policy=policy, target=s.pop("target", "sum"), params=s,
+                       block_size=block_size)
+        return cls("pattern", name=method, params=s, block_size=block_size)
+
+
+def build_provider(spec: ProviderSpec, model=None, *, num_layers: int | None = None,
+                   gate_fast: bool | None = None, gate_sets: dict | None = None):
+    """The provider of `spec` (None for dense). Oracle budgets follow `num_layers`, else the
+    model's layer count when `model` is given. A gate provider is attached to `model` (its pre-rotary capture
+    hooks; call `detach()` when done); its gates are loaded onto the model's device, and kept
+    in `gate_sets` ({resolved folder: GateSet}) when given, so repeated settings load once."""
+    if not isinstance(spec, ProviderSpec):
+        raise TypeError(f"spec: expected a ProviderSpec, got {type(spec).__name__}")
+    if spec.kind == "dense":
+        return None
+    if spec.kind == "pattern":
+        return PatternProvider(spec.name, block_size=spec.block_size, **dict(spec.params))
+    if spec.kind == "oracle":
+        if spec.params:
+            return PatternProvider("oracle", block_size=spec.block_size, policy=spec.policy,
+                                   target=spec.target, **dict(spec.params))
+        if num_layers is None and model is not None:
+            from adaptive_sparse.models.config import text_config
+
+            num_layers = int(text_config(model).num_hidden_layers)
+        return OracleProvider(spec.policy, target=spec.target, block_size=spec.block_size,
+                              num_layers=num_layers)
+    if model is None:
+        raise ValueError("model: a gate setting needs the model its gates attach to")
+    from adaptive_sparse.gates import GateProvider, load_gates, resolve_gates_dir
+
+    where = str(resolve_gates_dir(spec.gates))
+    cache = {} if gate_sets is None else gate_sets
+    if where not in cache:
+        device = next(model.parameters()).device
+        cache[where] = load_gates(where, model, map_location=device)
+    return GateProvider(cache[where], spec.policy, model, fast=gate_fast)
