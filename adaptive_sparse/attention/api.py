@@ -82,7 +82,7 @@ def check_scale(scale, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+        raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
     return float(scale)
 
 

@@ -90,8 +90,9 @@ def _check_type(name: str, key: str, value, kind: type) -> None:
     ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
           Policy: isinstance(value, (Policy, dict))}.get(kind, isinstance(value, kind))
     if not ok:
-        what = "a Policy or a dict" if kind is Policy else f"a {kind.__name__}"
-        raise TypeError(f"{key}: expected {what} (pattern {name!r}), got {value!r}")
+        what, got = (("a Policy or a dict", type(value).__name__) if kind is Policy
+                     else (f"a {kind.__name__}", repr(value)))
+        raise TypeError(f"{key}: expected {what}, got {got} (a parameter of pattern {name!r})")
 
 
 __all__ = ["PATTERNS", "PATTERN_PARAMS", "INPUT_DEPENDENT", "make_pattern", "dense",
