@@ -166,10 +166,8 @@ def _worker(rank, world, store_path, out_path, what):
     torch.set_num_threads(1)
     report = {}
     try:
-        if what == "attention":
-            _cases(rank, world, report)
-        else:
-            _model_case(rank, world, report)
+        {"attention": _cases, "model": _model_case, "triton": _triton_case}[what](
+            rank, world, report)
         dist.barrier()
     except Exception:  # noqa: BLE001 - the report carries the traceback to the test
         report["error"] = traceback.format_exc()
@@ -177,10 +175,19 @@ def _worker(rank, world, store_path, out_path, what):
     dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path, what):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"),
-                                            str(tmp_path / "report"), what),
-                             nprocs=world, join=False, start_method="spawn")
+def _spawn(world, tmp_path, what, env=None):
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # inherited by the spawned processes
+    try:
+        ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"),
+                                                str(tmp_path / "report"), what),
+                                 nprocs=world, join=False, start_method="spawn")
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
     import time
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=5):
@@ -307,6 +314,32 @@ def test_model_prefill_matches_single_process(tmp_path):
         assert rep["max_abs_diff_sparse"] < 1e-4, (arch, rep)
         assert rep["sparse_vs_dense"] > 1e-3, (arch, rep)  # the sparse check is not the dense one
         assert rep["layers"] == 2 and rep["positions"] == 191, (arch, rep)  # 150 -> 192 padded
+
+
+def _triton_case(rank, world, report):
+    from adaptive_sparse.attention.triton.forward import default_config
+
+    g = torch.Generator().manual_seed(9)
+    case = ("t", 1, 4, 2, 100, 16, 16, "kv", 1, 0.4, "zigzag")
+    mask = _mask(g, case)
+    q, k, v = _inputs(g, case)
+    report["auto_config"] = _run_case(rank, world, case, mask, q, k, v, backend="triton")
+    sh = dict(rank=rank, world=world, block_size=16)
+    out = context_parallel_attention(*(shard_sequence(t, dim=2, **sh) for t in (q, k, v)), mask,
+                                     backend="triton",
+                                     kernel_config=default_config(16, 16, 2, True))
+    full = gather_sequence(out, dim=2, seq_len=100)
+    if rank == 0:
+        ref = block_sparse_attention(q, k, v, mask, backend="reference")
+        report["pinned_config_vs_ref"] = float((full - ref).abs().max())
+
+
+def test_triton_kernel_steps_in_the_interpreter(tmp_path):
+    """The GPU path (Triton steps, pinned tile config) on the CPU interpreter."""
+    rep = _spawn(2, tmp_path, "triton", env={"TRITON_INTERPRET": "1"})[0]
+    auto = rep["auto_config"]
+    assert auto["finite"] and auto["err"] <= 2 * auto["ref_err"] + 1e-5, auto
+    assert auto["vs_ref"] < 1e-4 and rep["pinned_config_vs_ref"] < 1e-4, rep
 
 
 def test_ring_benchmark_cpu_smoke(tmp_path):

@@ -390,7 +390,7 @@ def _unpack(buf: torch.Tensor, rv: _Recv, B: int, Hkv: int):
 
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.Tensor,
                   lo: torch.Tensor):
-    """Log-sum-exp merge of two partial attentions over disjoint keys.
+    """Log-sum-exp merge of two partial attentions over disjoint keys (out is updated in place).
 
     out fp32 [B, H, L, D] and lse fp32 [B, H, L] (None: nothing yet), o [B, H, L, D] and lo
     [B, H, L] of the new keys. Rows without any key keep out 0 and lse -inf."""
@@ -398,7 +398,7 @@ def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.T
         return o.float(), lo.clone()
     new = torch.logaddexp(lse, lo)
     safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    out = out * torch.exp(lse - safe)[..., None] + o.float() * torch.exp(lo - safe)[..., None]
+    out.mul_(torch.exp(lse - safe)[..., None]).addcmul_(o, torch.exp(lo - safe)[..., None])
     return out, new
 
 
