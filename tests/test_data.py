@@ -107,9 +107,9 @@ def test_user_corpora(tmp_path):
     docs = load_corpus(str(jl))
     assert [(d.id, d.text) for d in docs] == [("x1", "one"), ("c.jsonl:3", "two")]
     (tmp_path / "bad.jsonl").write_text('{"body": "no text"}\n')
-    with pytest.raises(ValueError, match="spec: .*line 1: expected an object with a string 'text'"):
+    with pytest.raises(ValueError, match="corpus: .*line 1: expected an object with a string 'text'"):
         load_corpus(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(ValueError, match="spec: expected one of"):
+    with pytest.raises(ValueError, match="corpus: expected one of"):
         load_corpus(str(tmp_path / "missing"))
 
 
@@ -132,7 +132,7 @@ def test_pack_errors():
     tok = CharTokenizer()
     with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
         pack(tok, [Document("a", "abc", "t")], 1)
-    with pytest.raises(ValueError, match="docs: not enough text"):
+    with pytest.raises(ValueError, match="seq_len: the documents hold .* not enough"):
         pack(tok, [Document("a", "abc", "t")], 16)
     with pytest.raises(ValueError, match="max_sequences"):
         pack(tok, [Document("a", "abc", "t")], 2, max_sequences=0)

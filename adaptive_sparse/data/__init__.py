@@ -7,7 +7,10 @@ from adaptive_sparse.data.corpora import (
     Document,
     load_corpus,
     pack,
+    read_text,
+    select_documents,
     sequence_id,
+    split_by_position,
     split_documents,
     split_essays,
 )
@@ -21,6 +24,6 @@ from adaptive_sparse.data.needle import (
 
 __all__ = [
     "BUILTIN", "Document", "NeedleSample", "SPLITS", "extract_number", "load_corpus",
-    "make_needle_samples", "needle_accuracy", "pack", "score_answer", "sequence_id",
-    "split_documents", "split_essays",
+    "make_needle_samples", "needle_accuracy", "pack", "read_text", "score_answer",
+    "select_documents", "sequence_id", "split_by_position", "split_documents", "split_essays",
 ]

@@ -97,39 +97,69 @@ def _interleave(a: list, b: list) -> list:
     return out
 
 
+def read_text(path, *, name: str = "corpus") -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped). A binary file (one with
+    NUL bytes) or another encoding is refused with a ValueError naming `name` and the file."""
+    path = Path(path)
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{name}: {path} is a binary file (NUL byte at offset {nul}), "
+                         "expected UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                         f"offset {e.start}); convert it first, e.g. `iconv -t UTF-8`") from None
+
+
 def _user_documents(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"spec: folder {path} holds no text files "
+            raise ValueError(f"corpus: folder {path} holds no text files "
                              f"({', '.join(TEXT_SUFFIXES)})")
         docs = []
         for f in files:
             if f.suffix == ".jsonl":
                 docs.extend(_jsonl_documents(f))
             else:
-                docs.append(Document(f.relative_to(path).as_posix(),
-                                     f.read_text(encoding="utf-8", errors="replace"), str(f)))
+                docs.append(Document(f.relative_to(path).as_posix(), read_text(f), str(f)))
         return docs
+    if not path.is_file():
+        raise ValueError(f"corpus: {path} is not a regular file or folder")
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)
-    return [Document(path.name, path.read_text(encoding="utf-8", errors="replace"), str(path))]
+    return [Document(path.name, read_text(path), str(path))]
 
 
 def _jsonl_documents(path: Path) -> list[Document]:
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"spec: {path} line {n} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"spec: {path} line {n}: expected an object with a string "
-                                 f"'text' key")
-            docs.append(Document(str(row.get("id", f"{path.name}:{n}")), row["text"], str(path)))
+    docs, seen = [], {}
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corpus: {path} line {n} is not JSON ({e.msg} at column "
+                             f"{e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"corpus: {path} line {n} is nested too deeply to be a document "
+                             "(expected an object with a string 'text' key)") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"corpus: {path} line {n}: expected an object with a string "
+                             f"'text' key, got {type(row).__name__}"
+                             + (f" with keys {sorted(row)[:5]}" if isinstance(row, dict) else ""))
+        doc_id = row.get("id", f"{path.name}:{n}")
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise ValueError(f"corpus: {path} line {n}: expected 'id' to be a string or an int, "
+                             f"got {type(doc_id).__name__}")
+        doc_id = str(doc_id)
+        if doc_id in seen:
+            raise ValueError(f"corpus: {path} line {n}: id {doc_id!r} repeats line "
+                             f"{seen[doc_id]}; ids must be unique")
+        seen[doc_id] = n
+        docs.append(Document(doc_id, row["text"], str(path)))
     return docs
 
 
@@ -140,7 +170,7 @@ def load_corpus(spec: str = "default", *, min_chars: int = 20_000) -> list[Docum
         `min_chars // 10` (essays, which are shorter); user corpora are taken whole.
     The order is deterministic."""
     if not isinstance(spec, (str, Path)):
-        raise TypeError(f"spec: expected a corpus name or a path, got {type(spec).__name__}")
+        raise TypeError(f"corpus: expected a corpus name or a path, got {type(spec).__name__}")
     if isinstance(min_chars, bool) or not isinstance(min_chars, int) or min_chars < 0:
         raise ValueError(f"min_chars: expected a non-negative int, got {min_chars!r}")
     name = str(spec)
@@ -153,12 +183,12 @@ def load_corpus(spec: str = "default", *, min_chars: int = 20_000) -> list[Docum
     else:
         path = Path(name).expanduser()
         if not path.exists():
-            raise ValueError(f"spec: expected one of {BUILTIN} or an existing file, folder or "
-                             f"JSONL, got {name!r}")
+            raise ValueError(f"corpus: expected one of {BUILTIN} or an existing file, folder "
+                             f"or JSONL, got {name!r}")
         docs = _user_documents(path)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"spec: corpus {name!r} has no non-empty documents")
+        raise ValueError(f"corpus: {name!r} has no non-empty documents")
     return docs
 
 
@@ -187,6 +217,51 @@ def split_documents(docs: list[Document], seed: int = 0,
     return out
 
 
+def split_by_position(docs: list[Document], split: str,
+                      fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[Document]:
+    """The `split` part of every document, cut by character position (train: the first 80%,
+    validation: the next 10%, test: the last 10% with the default fractions): how a corpus of a
+    few documents, too few to split by document, is still split without overlap."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    i = SPLITS.index(split)
+    lo, hi = sum(fractions[:i]), sum(fractions[: i + 1])
+    out = []
+    for d in docs:
+        part = d.text[round(lo * len(d.text)): round(hi * len(d.text))]
+        if part.strip():
+            out.append(Document(f"{d.id}@{split}", part, d.source))
+    return out
+
+
+def select_documents(spec: str, split: str | None = None, *, seed: int = 0
+                     ) -> tuple[list[Document], str]:
+    """(documents, a line saying which) of corpus `spec` for an evaluation.
+
+    split None: the validation split of a built-in corpus, every document of a user's own
+    corpus (a path). "all": every document. A named split of a corpus whose documents all hash to
+    other splits (one file, a small JSONL) falls back to `split_by_position`, and the line says
+    so."""
+    docs = load_corpus(spec)
+    user = str(spec) not in BUILTIN
+    if split is None:
+        split = "all" if user else "validation"
+    if split == "all":
+        return docs, f"corpus {spec}: all {len(docs)} document(s)"
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS + ('all',)}, got {split!r}")
+    chosen = split_documents(docs, seed=seed)[split]
+    if chosen:
+        return chosen, f"corpus {spec}: {len(chosen)} {split} document(s) of {len(docs)}"
+    chosen = split_by_position(docs, split)
+    if not chosen:
+        raise ValueError(f"split: corpus {spec!r} has no {split} text, even cut by position; "
+                         f"use --split all or give more text")
+    return chosen, (f"corpus {spec}: none of its {len(docs)} document(s) falls in the {split} "
+                    f"split by document, so the {split} part of each document (cut by position) "
+                    f"is used")
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -207,11 +282,12 @@ def pack(tokenizer, docs: list[Document], seq_len: int, max_sequences: int | Non
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: expected an EOS token to separate packed documents")
-    rows, buf = [], []
+    rows, buf, seen = [], [], 0
     for d in docs:
         if max_sequences is not None and len(rows) >= max_sequences:
             break
         ids = _encode(tokenizer, d.text[: seq_len * chars_per_token_bound])
+        seen += len(ids)
         if not ids:
             continue
         if len(ids) >= seq_len and not buf:
@@ -224,7 +300,9 @@ def pack(tokenizer, docs: list[Document], seq_len: int, max_sequences: int | Non
     if max_sequences is not None:
         rows = rows[:max_sequences]
     if not rows:
-        raise ValueError(f"docs: not enough text for one sequence of {seq_len} tokens")
+        raise ValueError(f"seq_len: the documents hold {seen} tokens, not enough for one "
+                         f"sequence of {seq_len}; ask for a shorter sequence (--seq-len) or give "
+                         "more text")
     return torch.tensor(rows, dtype=torch.long)
 
 
