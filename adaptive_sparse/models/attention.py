@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_sparse.attention.api import BACKENDS, block_sparse_attention
+from adaptive_sparse.attention.decode import decode_attention_from_mask
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
 ATTN_NAME = "adaptive_sparse"
@@ -84,10 +85,12 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
         mask = state.provider(module.layer_idx, query, key) if state.provider is not None else None
         if mask is None:
             mask = _full_mask(N, M, state.block_size, str(query.device))
-        backend = state.backend
-        if backend == "auto" and not query.is_cuda:
-            backend = "gather"  # reference semantics, work proportional to density
-        out = block_sparse_attention(query, key, value, mask, scale=scale, backend=backend)
+        backend = state.backend  # "auto": block_sparse_attention's (triton on CUDA, else gather)
+        if N == 1:  # a decode step: the split-KV decode kernel on CUDA
+            out = decode_attention_from_mask(query, key, value, mask, scale=scale,
+                                             backend=backend)
+        else:
+            out = block_sparse_attention(query, key, value, mask, scale=scale, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -152,9 +155,8 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64,
     provider: callable (layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None,
         or None for dense causal attention through `block_sparse_attention`.
     block_size: block size of the dense mask used when the provider returns None.
-    backend: passed to `block_sparse_attention`; "auto" runs "gather" on CPU (the reference
-        semantics with work proportional to density) and triton on CUDA. Calls nest (the
-        previous state is restored)."""
+    backend: passed to `block_sparse_attention`, whose "auto" is the one meaning everywhere
+        (triton on CUDA, gather elsewhere). Calls nest (the previous state is restored)."""
     if provider is not None and not callable(provider):
         raise TypeError(f"provider: expected a callable (layer_idx, q, k) -> BlockSparseMask | "
                         f"None, got {type(provider).__name__}")

@@ -1,0 +1,411 @@
+"""Decode gates: which KV-cache blocks each new token reads.
+
+The decode gate of a layer works on what the KV cache holds: keys *after* rotary embedding.
+K side: each cache block of `block_size` tokens is pooled (max / min / avg, configurable) and
+projected once per KV head, `kg = cat(poolings) @ wk[h]` [gate_dim]; `DecodeKeyCache` does this
+incrementally as the cache grows (a block is pooled and projected once, when it fills; only the
+partial last block is redone per token, at most `block_size` tokens). Q side: the new token's
+query heads of one GQA group are concatenated and projected, `qg = cat(q[h*G:(h+1)*G]) @ wq[h]`.
+The score of block j is `qg . kg_j / sqrt(gate_dim)`: one selection per KV head, shared by its
+query group, which is what the split-KV decode kernel reads. The "identity" init makes the score
+the mean attention logit of the block over the group (q . mean(k) = mean(q . k)).
+
+Budgets are `adaptive_sparse.policies.Policy` on a one-row score map (q_len 1): "top_k" blocks,
+a token budget (`token_budget_policy`), "threshold" and "top_p" on the row's softmax, "density";
+`keep_sink` forces block 0 and `keep_diagonal` the block of the new token (`local_blocks` more
+recent ones).
+
+Training distills the dense attention of decode-position queries: for a query at position p the
+target is the mass of its group's attention (mean over the group's heads) on each complete block
+before p's block, renormalized; the loss is KL(target || softmax(scores)) over those blocks (p's
+own block is forced at inference). `train_decode_gates` runs it on a live model with plain
+PyTorch (the model frozen, gates of all layers trained together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaptive_sparse.errors import fail
+from adaptive_sparse.gates.network import (
+    GateConfig,
+    _identity_init,
+    _positive_int,
+    model_shapes,
+    pool_blocks,
+)
+from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask, num_blocks
+from adaptive_sparse.policies import Policy
+
+DECODE_GATES_FORMAT = "adaptive-sparse-decode-gates"
+DECODE_GATES_VERSION = 1
+
+
+@dataclass
+class DecodeGateConfig:
+    """Shapes and options of a decode gate set (JSON-serializable through `to_dict`)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 64
+    gate_dim: int | None = None
+    k_pooling: tuple[str, ...] = ("max", "min", "avg")
+    init: str = "identity"
+
+    def __post_init__(self):
+        # the fields shared with the prefill gates' config, validated by it
+        shared = GateConfig(**dataclasses.asdict(self), use_rotary=False)
+        self.gate_dim, self.k_pooling = shared.gate_dim, shared.k_pooling
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["k_pooling"] = list(d["k_pooling"])
+        return d
+
+    # GateConfig's reader: refuses unknown keys, turns the pooling lists back into tuples
+    from_dict = classmethod(GateConfig.from_dict.__func__)
+
+    @classmethod
+    def from_model(cls, model, **options) -> "DecodeGateConfig":
+        s = model_shapes(model)
+        return cls(num_layers=s["num_layers"], num_heads=s["num_heads"],
+                   num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"], **options)
+
+
+class DecodeGate(nn.Module):
+    """The decode gate of one layer: wq [Hkv, G * D, gate_dim], wk [Hkv, Pk * D, gate_dim]."""
+
+    def __init__(self, config: DecodeGateConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.wq = nn.Parameter(torch.empty(c.num_kv_heads, c.group_size * c.head_dim, c.gate_dim))
+        self.wk = nn.Parameter(torch.empty(c.num_kv_heads, len(c.k_pooling) * c.head_dim,
+                                           c.gate_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        c = self.config
+        with torch.no_grad():
+            if c.init == "identity":  # score = the group's mean attention logit of the block
+                self.wq.copy_(_identity_init(c.num_kv_heads, ("avg",), c.head_dim, c.group_size))
+                self.wk.copy_(_identity_init(c.num_kv_heads, c.k_pooling, c.head_dim, 1))
+            else:  # N(0, 1 / fan_in)
+                self.wq.normal_(0.0, self.wq.shape[1] ** -0.5)
+                self.wk.normal_(0.0, self.wk.shape[1] ** -0.5)
+
+    def pooled_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, Hkv, L, D] -> pooled features [B, Hkv, ceil(L / bs), Pk * D] (parameters' dtype;
+        a partial last block pools its tokens only)."""
+        c = self.config
+        pooled = pool_blocks(k.to(self.wk.dtype), c.block_size, c.k_pooling)
+        return torch.cat([pooled[p] for p in c.k_pooling], dim=-1)
+
+    def project_keys(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, Kb, Pk * D] -> kg [B, Hkv, Kb, gate_dim]."""
+        return torch.einsum("bhkf,hfo->bhko", feats, self.wk)
+
+    def project_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, N, D] (post-rotary) -> qg [B, Hkv, N, gate_dim], 1/sqrt(gate_dim) folded in."""
+        c = self.config
+        B, _, N, D = q.shape
+        qc = q.to(self.wq.dtype).view(B, c.num_kv_heads, c.group_size, N, D)
+        qc = qc.permute(0, 1, 3, 2, 4).reshape(B, c.num_kv_heads, N, c.group_size * D)
+        return torch.einsum("bhnf,hfo->bhno", qc, self.wq) / math.sqrt(c.gate_dim)
+
+    def scores(self, q: torch.Tensor, kg: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, N, D], kg [B, Hkv, Kb, gate_dim] -> logits [B, Hkv, N, Kb]."""
+        return torch.matmul(self.project_queries(q), kg.transpose(-1, -2))
+
+
+class DecodeGateSet(nn.ModuleList):
+    """One `DecodeGate` per layer."""
+
+    def __init__(self, config: DecodeGateConfig):
+        if not isinstance(config, DecodeGateConfig):
+            raise fail("config", "a DecodeGateConfig", type(config).__name__, cls=TypeError)
+        super().__init__([DecodeGate(config) for _ in range(config.num_layers)])
+        self.config = config
+
+
+class DecodeKeyCache:
+    """Projected key-block features of one layer's KV cache, kept in step with the cache.
+
+    `update(k)` with the whole cache k [B, Hkv, M, D] returns kg [B, Hkv, ceil(M / bs), gd]. A
+    call whose cache is the previous one plus one token pools and projects only the block that
+    filled (if any) and the partial last block; anything else (a new prompt, a different batch)
+    recomputes from the given cache once. Gate weights changed in place are noticed (their
+    version) and trigger a recompute."""
+
+    def __init__(self, gate: DecodeGate):
+        self.gate = gate
+        self.recomputes = 0  # full recomputations (one per prompt)
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = None  # [B, Hkv, capacity, gd]
+        self.length = 0
+        self.full = 0  # blocks pooled from complete blocks
+        self.key = None
+
+    def _ensure(self, B, H, blocks, gd, dtype, device) -> None:
+        if self.buf is None or self.buf.shape[2] < blocks:
+            cap = max(16, 1 << (blocks - 1).bit_length())
+            new = torch.empty(B, H, cap, gd, dtype=dtype, device=device)
+            if self.buf is not None:
+                new[:, :, :self.full] = self.buf[:, :, :self.full]
+            self.buf = new
+
+    @torch.no_grad()
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        gate, bs = self.gate, self.gate.config.block_size
+        B, H, M, _ = k.shape
+        key = (B, H, k.device, gate.wk._version, gate.wk.data_ptr())
+        if key != self.key or M != self.length + 1:
+            self.reset()
+            self.key = key
+            self.recomputes += 1
+        nb, full = num_blocks(M, bs), M // bs
+        self._ensure(B, H, nb, gate.wk.shape[-1], gate.wk.dtype, k.device)
+        if full > self.full:  # blocks that filled since the last call: pooled once
+            part = k[:, :, self.full * bs:full * bs]
+            self.buf[:, :, self.full:full] = gate.project_keys(gate.pooled_keys(part))
+            self.full = full
+        if nb > full:  # the partial last block (at most bs tokens)
+            self.buf[:, :, full:nb] = gate.project_keys(gate.pooled_keys(k[:, :, full * bs:]))
+        self.length = M
+        return self.buf[:, :, :nb]
+
+
+def token_budget_policy(tokens: int, block_size: int, **options) -> Policy:
+    """A "top_k" Policy keeping ceil(tokens / block_size) blocks per row (forced ones
+    included)."""
+    _positive_int("tokens", tokens)
+    return Policy(kind="top_k", k=-(-tokens // block_size), **options)
+
+
+def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, block_size: int,
+                         layer_idx: int = 0, num_layers: int = 1) -> BlockSparseMask:
+    """scores [B, Hkv, Kb] (logits of one new token per sequence) -> BlockSparseMask with
+    q_len 1, kv_len `kv_len` and heads Hkv (what the decode kernel reads). No device sync."""
+    return policy.to_mask(scores[:, :, None], q_len=1, kv_len=kv_len, block_size=block_size,
+                          layer_idx=layer_idx, num_layers=num_layers, validate=False)
+
+
+def decode_block_mass(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *,
+                      block_size: int, scale: float | None = None) -> torch.Tensor:
+    """The distillation target. q [B, Hq, N, D] queries at absolute positions [N] (post-rotary),
+    k [B, Hkv, M, D] the keys; each query sees keys <= its position. Returns float32
+    [B, Hkv, N, Kb]: the attention mass on each key block, averaged over the group's heads
+    (rows sum to 1)."""
+    B, Hq, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.einsum("bhgnd,bhmd->bhgnm", q.float().view(B, Hkv, G, N, D), k.float()) * scale
+    visible = torch.arange(M, device=q.device)[None, :] <= positions[:, None]  # [N, M]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).mean(2)  # [B, Hkv, N, M]
+    kb = num_blocks(M, block_size)
+    p = nn.functional.pad(p, (0, kb * block_size - M))
+    return p.view(B, Hkv, N, kb, block_size).sum(-1)
+
+
+def decode_distill_loss(gate: DecodeGate, q: torch.Tensor, k: torch.Tensor,
+                        positions: torch.Tensor, target: torch.Tensor | None = None):
+    """KL(target || softmax(gate scores)) over the complete blocks before each query's block.
+
+    q [B, Hq, N, D] at positions [N] (each >= block_size), k [B, Hkv, M, D]; target as from
+    `decode_block_mass` (computed when None). Returns a scalar (mean over rows)."""
+    bs = gate.config.block_size
+    if target is None:
+        target = decode_block_mass(q, k, positions, block_size=bs)
+    kb = target.shape[-1]
+    cand = torch.arange(kb, device=q.device)[None, :] < (positions // bs)[:, None]  # [N, Kb]
+    kg = gate.project_keys(gate.pooled_keys(k[:, :, :kb * bs]))[:, :, :kb]
+    logits = gate.scores(q, kg).masked_fill(~cand, float("-inf"))  # [B, Hkv, N, Kb]
+    t = target * cand
+    t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.log_softmax(logits.float(), -1)
+    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), 0.0).sum(-1)
+    return kl.mean()
+
+
+class QKRecorder:
+    """A provider that records each layer's post-rotary (q, k) and keeps attention dense."""
+
+    def __init__(self):
+        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        self.qk[layer_idx] = (q.detach(), k.detach())
+        return None
+
+
+def record_qk(model, ids: torch.Tensor, *, block_size: int = 64) -> dict:
+    """{layer: (q [B, Hq, N, D], k [B, Hkv, N, D])} post-rotary, from one dense forward pass."""
+    from adaptive_sparse.models.attention import sparse_attention
+
+    rec = QKRecorder()
+    with torch.no_grad(), sparse_attention(model, rec, block_size=block_size):
+        model(ids)
+    return rec.qk
+
+
+def train_decode_gates(model, sequences: torch.Tensor, gates: DecodeGateSet | None = None, *,
+                       steps: int = 50, lr: float = 1e-3, queries: int = 16,
+                       block_size: int = 64, batch_size: int = 1, seed: int = 0,
+                       log_every: int = 0) -> tuple[DecodeGateSet, list[float]]:
+    """Distill decode gates for every layer of `model` (frozen) from its dense attention.
+
+    sequences: LongTensor [S, N] token ids (N > block_size). Each step takes `batch_size`
+    sequences, records the layers' q/k in one dense pass and scores `queries` random decode
+    positions in [block_size, N). Returns (gates, per-step mean loss over layers)."""
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise fail("sequences", "a LongTensor [S, N]", getattr(sequences, "shape", sequences))
+    S, N = sequences.shape
+    if N <= block_size:
+        raise fail("sequences", f"length > block_size={block_size}", N)
+    for name in ("steps", "queries", "batch_size"):
+        _positive_int(name, locals()[name])
+    if gates is None:
+        gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=block_size))
+    if gates.config.block_size != block_size:
+        raise fail("block_size", f"{gates.config.block_size} (that of the gates)", block_size)
+    device = next(model.parameters()).device
+    gates.to(device).train()
+    opt = torch.optim.Adam(gates.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for step in range(steps):
+        rows = torch.randint(0, S, (batch_size,), generator=gen)
+        qk = record_qk(model, sequences[rows].to(device), block_size=block_size)
+        pos = torch.randint(block_size, N, (queries,), generator=gen).sort().values.to(device)
+        opt.zero_grad()
+        losses = []
+        for layer, (q, k) in sorted(qk.items()):
+            loss = decode_distill_loss(gates[layer], q[:, :, pos], k, pos)
+            loss.backward()
+            losses.append(float(loss.detach()))
+        opt.step()
+        history.append(sum(losses) / len(losses))
+        if log_every and step % log_every == 0:
+            print(f"step {step}: decode-gate KL {history[-1]:.4f}", flush=True)
+    return gates.eval(), history
+
+
+def save_decode_gates(gates: DecodeGateSet, path) -> str:
+    """One safetensors file (config in its metadata), written atomically; returns its sha256."""
+    from adaptive_sparse.io import atomic_save_tensors
+
+    meta = {"format": DECODE_GATES_FORMAT, "version": str(DECODE_GATES_VERSION),
+            "config": json.dumps(gates.config.to_dict())}
+    return atomic_save_tensors(path, gates.state_dict(), metadata=meta)
+
+
+def load_decode_gates(path, *, map_location="cpu") -> DecodeGateSet:
+    """The gates written by `save_decode_gates` (format, version and tensor shapes checked)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != DECODE_GATES_FORMAT \
+                or meta.get("version") != str(DECODE_GATES_VERSION):
+            raise fail("path", f"a {DECODE_GATES_FORMAT} v{DECODE_GATES_VERSION} file",
+                       f"format {meta.get('format')!r} v{meta.get('version')!r} in {path}")
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    gates = DecodeGateSet(DecodeGateConfig.from_dict(json.loads(meta["config"])))
+    want = {n: tuple(t.shape) for n, t in gates.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in state.items()}
+    if want != got:
+        raise fail("path", f"tensors {want}", f"{got} in {path}")
+    gates.load_state_dict(state)
+    return gates.eval()
+
+
+DECODE_MODES = ("dense", "gate", "oracle")
+
+
+class DecodeProvider:
+    """A provider for `adaptive_sparse.models.sparse_attention` that serves prefill and decode.
+
+    prefill: a provider for calls with more than one query (None: dense prefill).
+    decode: for one-query calls, "dense" (None), "gate" (the decode gates' selection under
+        `policy`, key features kept by a `DecodeKeyCache` per layer) or "oracle" (the true
+        attention mass of the new token's group per block under `policy`: a quality bound that
+        reads the whole cache).
+    policy: a `Policy` (or its dict); `token_budget_policy` gives a token budget.
+    block_size: the cache block size of the decode selection (default: the gates', else 64);
+        pass the same to `sparse_attention`.
+    num_layers: the model's layer count, for a policy with a "linear" layer schedule (the gates'
+        count when given).
+    `selected_blocks` / `total_blocks` (device tensors, no sync) count the decode selections."""
+
+    def __init__(self, policy=None, *, gates: DecodeGateSet | None = None, prefill=None,
+                 decode: str = "gate", block_size: int | None = None,
+                 num_layers: int | None = None):
+        if decode not in DECODE_MODES:
+            raise fail("decode", f"one of {DECODE_MODES}", decode)
+        if decode != "dense":
+            policy = Policy.coerce(policy) if policy is not None else None
+            if policy is None:
+                raise fail("policy", f"a Policy for decode={decode!r}", policy)
+        if decode == "gate" and not isinstance(gates, DecodeGateSet):
+            raise fail("gates", "a DecodeGateSet for decode='gate'", type(gates).__name__,
+                       cls=TypeError)
+        if prefill is not None and not callable(prefill):
+            raise fail("prefill", "a provider callable or None", type(prefill).__name__,
+                       cls=TypeError)
+        self.policy, self.gates, self.prefill, self.decode = policy, gates, prefill, decode
+        if block_size is None:
+            block_size = gates.config.block_size if gates is not None else 64
+        if block_size not in SUPPORTED_BLOCK_SIZES or (gates is not None
+                                                       and block_size != gates.config.block_size):
+            raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES} (that of the gates when "
+                       "given)", block_size)
+        self.block_size = block_size
+        self.caches = {} if gates is None else {i: DecodeKeyCache(g) for i, g in enumerate(gates)}
+        self.num_layers = len(gates) if gates is not None else num_layers
+        self.selected_blocks = self.total_blocks = 0
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        if q.shape[2] > 1:
+            if self.decode == "gate":
+                self.caches[layer_idx].update(k)  # the prompt's blocks, pooled once
+            return self.prefill(layer_idx, q, k) if self.prefill is not None else None
+        if self.decode == "dense":
+            return None
+        M, bs = k.shape[2], self.block_size
+        num_layers = self.num_layers or layer_idx + 1  # only a "linear" layer schedule needs it
+        with torch.no_grad():
+            if self.decode == "gate":
+                kg = self.caches[layer_idx].update(k)
+                scores = self.gates[layer_idx].scores(q, kg)[:, :, 0]  # [B, Hkv, Kb]
+                mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
+                                            layer_idx=layer_idx, num_layers=num_layers)
+            else:
+                pos = torch.full((1,), M - 1, device=q.device)
+                mass = decode_block_mass(q, k, pos, block_size=bs)  # [B, Hkv, 1, Kb]
+                mask = self.policy.to_mask(mass, q_len=1, kv_len=M, block_size=bs,
+                                           layer_idx=layer_idx, num_layers=num_layers,
+                                           scores_are_probs=True, validate=False)
+        self.selected_blocks = self.selected_blocks + mask.kv_num_blocks.sum()
+        self.total_blocks += mask.kv_num_blocks.numel() * num_blocks(M, bs)
+        return mask
+
+    def decode_density(self) -> float | None:
+        """Mean share of the cache blocks the decode steps read (None before any)."""
+        if not self.total_blocks:
+            return None
+        return float(self.selected_blocks) / self.total_blocks
