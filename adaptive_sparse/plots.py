@@ -1,11 +1,68 @@
-"""PNG figures (matplotlib, Agg backend): the true block attention beside a method's mask, and
-perplexity change against density for a set of settings."""
+"""PNG figures (matplotlib, Agg backend), one colour per method everywhere.
+
+`METHOD_COLORS` is the one palette: every figure of the project (the demo's tradeoff, per-layer
+densities, sweep frontiers, the README's quality figure) colours a method by `method_style`, so
+the learned gate is red and the oracle black in every panel. Figures are written atomically.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
+
+# family -> colour (tab10 and friends); the gate red, the oracle black, dense grey
+METHOD_COLORS = {
+    "gate": "#d62728",
+    "oracle": "#000000",
+    "dense": "#7f7f7f",
+    "sliding_window": "#1f77b4",
+    "longformer": "#17becf",
+    "bigbird": "#ff7f0e",
+    "strided": "#2ca02c",
+    "lsh": "#bcbd22",
+    "hierarchical": "#9467bd",
+    "vertical_slash": "#8c564b",
+    "antidiagonal": "#e377c2",
+}
+_MARKERS = {"gate": "o", "oracle": "s", "dense": "D", "sliding_window": "v", "longformer": "^",
+            "bigbird": "<", "strided": ">", "lsh": "x", "hierarchical": "P",
+            "vertical_slash": "X", "antidiagonal": "d"}
+
+
+def method_family(name: str) -> str:
+    """The family of a method label: "gate/threshold", "gate (learned), density" -> "gate";
+    "sliding_window 512 + sink" -> "sliding_window"; unknown labels are their own family."""
+    head = str(name).strip().lower()
+    for family in sorted(METHOD_COLORS, key=len, reverse=True):
+        if head == family or head.startswith((family + "/", family + " ", family + "(",
+                                               family + ",")):
+            return family
+    return head
+
+
+def method_style(name: str) -> dict:
+    """matplotlib keyword arguments for a method's line or points: its family's colour and
+    marker; the gate drawn thick, the oracle dashed; a threshold / top-p policy of a family is
+    the same colour with its own line style."""
+    family = method_family(name)
+    color = METHOD_COLORS.get(family)
+    if color is None:  # a method outside the palette: a stable colour from its name
+        import zlib
+
+        color = f"C{zlib.crc32(family.encode()) % 10}"
+    style = {"color": color, "marker": _MARKERS.get(family, "o")}
+    if family == "gate":
+        style["lw"] = 2.2
+    if family == "oracle":
+        style["linestyle"] = "--"
+    if "threshold" in str(name) or "top_p" in str(name):
+        style["linestyle"] = "-." if family == "oracle" else ":" if family != "gate" else "-"
+        style["markerfacecolor"] = "white"
+    elif family == "gate" and "density" in str(name):
+        style["linestyle"] = "--"
+    return style
 
 
 def _pyplot():
@@ -15,6 +72,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, out) -> Path:
+    from adaptive_sparse.io import atomic_write_bytes
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(out, buf.getvalue())
 
 
 def plot_block_attention(block_map: torch.Tensor, mask: torch.Tensor, out, *, title: str = "",
@@ -46,29 +113,82 @@ def plot_block_attention(block_map: torch.Tensor, mask: torch.Tensor, out, *, ti
     return _save(plt, fig, out)
 
 
-def _save(plt, fig, out) -> Path:
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_tradeoff(results: list[dict], out, *, title: str = "") -> Path:
-    """Scatter of perplexity change (%) against density, one labelled point per result
-    (dicts with keys name, density, ppl_change)."""
+    """Perplexity change (%) against density, one point per result (dicts with keys name,
+    density, ppl_change), coloured by method. Names go in the legend, never beside the points,
+    so points that coincide (two patterns with the same mask) cannot overprint their labels;
+    the legend marks such groups "(same point as ...)"."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.6, 4.6))
+    seen: dict[tuple, str] = {}
     for r in results:
         if r.get("density") is None:
             continue
         x, y = r["density"], 100 * r["ppl_change"]
-        ax.scatter([x], [y], s=30)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        key = (round(x, 3), round(y, 2))
+        label = r["name"] if key not in seen else f"{r['name']} (same point as {seen[key]})"
+        seen.setdefault(key, r["name"])
+        style = method_style(r["name"])
+        ax.scatter([x], [y], s=70 if label != r["name"] else 40, label=label, zorder=3,
+                   marker=style["marker"], edgecolors=style["color"],
+                   facecolors=style.get("markerfacecolor", style["color"]))
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("density (share of causal blocks computed)")
     ax.set_ylabel("perplexity change vs dense (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
         ax.set_title(title)
+    return _save(plt, fig, out)
+
+
+def plot_layer_density(per_layer: dict[str, list[float]], out, *, title: str = "",
+                       target: float | None = None) -> Path:
+    """Density per layer, one line per method (name -> [density of layer 0, 1, ...]), with the
+    target density as a dotted line: where a method spends its budget across depth."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 3.8))
+    for name, dens in per_layer.items():
+        style = method_style(name)
+        ax.plot(range(len(dens)), dens, label=name, ms=4, **style)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", lw=1, label=f"target {target:g}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("density")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if title:
+        ax.set_title(title)
+    return _save(plt, fig, out)
+
+
+def plot_frontier(rows: list[dict], out, *, cost: str = "density", budgets=(),
+                  title: str = "sparsity / quality frontier") -> Path:
+    """Sweep trials (dicts with method, `cost`, ppl_change, front_method) as faint points and
+    each method's Pareto front as a line, coloured by method; each quality budget a labelled
+    dotted line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for method in sorted({r["method"] for r in rows}):
+        pts = [r for r in rows if r["method"] == method]
+        style = method_style(method)
+        ax.scatter([r[cost] for r in pts], [100 * r["ppl_change"] for r in pts], s=10,
+                   alpha=0.3, color=style["color"])
+        front = sorted((r for r in pts if r.get("front_method")), key=lambda r: r[cost])
+        ax.plot([r[cost] for r in front], [100 * r["ppl_change"] for r in front], ms=4,
+                label=method, **style)
+    for b in budgets:
+        ax.axhline(100 * b, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"budget +{100 * b:g}% ppl", xy=(1.0, 100 * b), xycoords=("axes fraction",
+                    "data"), xytext=(-4, 2), textcoords="offset points", ha="right",
+                    va="bottom", fontsize=7, color="grey")
+    ax.set_yscale("symlog", linthresh=1.0)
+    if rows:
+        ax.set_ylim(bottom=min(0.0, 120 * min(r["ppl_change"] for r in rows)))
+    ax.set_xlabel("density (share of causal blocks computed)" if cost == "density" else cost)
+    ax.set_ylabel("perplexity change vs dense (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(plt, fig, out)
