@@ -8,7 +8,9 @@ every host sync of the plan), counts the K/V bytes moved against a dense ring ((
 every rank), and at density 1.0 times PyTorch's dense context parallel
 (`torch.distributed.tensor.experimental.context_parallel` with SDPA) in the same run. A
 `--gate-seqlens` row times a random gate end to end (pooled-K all_gather, local scores, policy,
-schedule, attention) against the same on one GPU. Correctness comes first: at `--check-seqlen`
+schedule, attention) against the same on one GPU, and `--prefill-seqlens` rows the prefill of a
+random-weight Qwen2 model of Qwen2.5-0.5B's shapes (context-parallel attention layers) against
+rank 0 alone. Configs that would start after `--time-budget` seconds are skipped and listed. Correctness comes first: at `--check-seqlen`
 the gathered output is compared with the single-GPU kernel and both with an fp64 oracle on sampled
 rows, and every timed config's gathered output with the single-GPU output.
 
@@ -47,7 +49,8 @@ from adaptive_sparse.io import atomic_write_text  # noqa: E402
 from benchmarks.common import SHAPES, environment, oracle_rows, random_mask  # noqa: E402
 
 SMOKE = dict(shape=(4, 2, 16), seqlens=[500, 1024], densities=[0.1, 1.0], block_size=16,
-             check_seqlen=300, gate_seqlens=[400], tune_seqlen=0, reps=1, single_max_seqlen=600)
+             check_seqlen=300, gate_seqlens=[400], tune_seqlen=0, reps=1, single_max_seqlen=600,
+             prefill_seqlens=[200], prefill_reps=1)
 
 
 def vslash_mask(heads, n, bs, density, gen, device) -> BlockSparseMask:
@@ -292,6 +295,92 @@ def sampled_fp64_err(rank, world, q, k, v, out_local, mask, scale, device) -> fl
     return float(t)
 
 
+PREFILL_MODEL = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                     max_position_embeddings=1 << 22, rope_theta=1e6)  # Qwen2.5-0.5B shapes
+TINY_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  max_position_embeddings=4096)
+
+
+def prefill_rows(rank, world, args, bs, backend, device, t_start, skipped) -> list[dict]:
+    """Prefill of a random-weight Qwen2 base model (Qwen2.5-0.5B shapes; the final hidden
+    states, no logits) with every attention layer on a vslash mask of each density: context
+    parallel over all ranks vs the same path on rank 0 alone (a group of one: one kernel call
+    per layer on the whole sequence). Error: max |difference| of the final hidden states
+    relative to their max |value| (bf16 through every layer)."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from adaptive_sparse.models.context_parallel import context_parallel_prefill
+
+    smoke = args.cpu_smoke
+    solo = dist.new_group([0])
+    torch.manual_seed(0)  # the same weights on every rank
+    cfg = Qwen2Config(**(TINY_MODEL if smoke else PREFILL_MODEL))
+    dtype = torch.float32 if smoke else torch.bfloat16
+    model = Qwen2Model(cfg).to(device=device, dtype=dtype).eval()
+    hkv, hq = cfg.num_key_value_heads, cfg.num_attention_heads
+    d_head = cfg.hidden_size // hq
+    configs = {}
+    if not smoke and args.tune_seqlen:
+        g = torch.Generator(device=device).manual_seed(1)
+        q, k, v = (torch.randn(1, h, args.tune_seqlen, d_head, generator=g, device=device,
+                               dtype=dtype) for h in (hq, hkv, hkv))
+        for d in args.prefill_densities:
+            configs[d] = tuned_config(q, k, v, make_mask("vslash", hkv, args.tune_seqlen, bs, d,
+                                                         device), d_head ** -0.5)
+        del q, k, v
+    rows = []
+    for n in args.prefill_seqlens:
+        ids = torch.randint(0, cfg.vocab_size, (1, n),
+                            generator=torch.Generator().manual_seed(n)).to(device)
+        for d in args.prefill_densities:
+            late = torch.tensor([float(time.monotonic() - t_start > args.time_budget)],
+                                device=device)
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            if bool(late):
+                skipped.append(dict(kind="prefill", n=n, density=d))
+                continue
+            mask = make_mask("vslash", hkv, n, bs, d, device)
+            run = dict(block_size=bs, backend=backend, provider=lambda i, q, k: mask,
+                       kernel_config=configs.get(d))
+
+            def cp():
+                with torch.no_grad():
+                    return context_parallel_prefill(model, ids, **run)
+
+            ms_cp = timed(cp, args.prefill_reps, collective=True)
+            out, _, stats = cp()
+            hidden = gather_sequence(out.last_hidden_state, dim=1, seq_len=n)
+            del out
+            sent = total(sum(s.bytes_sent for s in stats), device)
+            dense_ring = total(sum(s.dense_ring_bytes for s in stats), device)
+            ms_single = err = None
+            if rank == 0:
+                def single():
+                    with torch.no_grad():
+                        return context_parallel_prefill(model, ids, group=solo, **run)
+                ms_single = timed(single, args.prefill_reps, collective=False)
+                ref = single()[0].last_hidden_state[:, :n].float()
+                err = float((hidden.float() - ref).abs().max() / ref.abs().max())
+                del ref
+            del hidden
+            dist.barrier()
+            row = dict(kind="prefill", mask="prefill vslash", n=n,
+                       density=round(mask.density(), 4), ms_single=ms_single, ms_cp=ms_cp,
+                       speedup=None if ms_single is None else ms_single / ms_cp,
+                       bytes_cp=sent, bytes_dense_ring=dense_ring,
+                       bytes_ratio=sent / dense_ring, ms_torch_cp=None,
+                       max_err_vs_single=err, err_kind="relative, final hidden states",
+                       kernel_config=configs.get(d), layers=len(stats))
+            rows.append(row)
+            if rank == 0:
+                print(f"prefill N={n} d={row['density']:.3f}: 1 GPU {ms_single:.1f} ms, "
+                      f"{world} ranks {ms_cp:.1f} ms, bytes {row['bytes_ratio']:.3f} of a "
+                      f"dense ring, rel err {err:.1e}", flush=True)
+    return rows
+
+
 def worker(rank, world, args, init):
     smoke = args.cpu_smoke
     if smoke:
@@ -372,16 +461,25 @@ def worker(rank, world, args, init):
         gates.append(gate_row(rank, world, q, k, v, scale, d, args.reps, backend,
                               configs.get(d), bs, device))
         del q, k, v
-    if rank == 0:
+    def save(prefill, final):
+        if rank:
+            return
         report = dict(report_head(env, world, Hq, Hkv, D, bs, dtype), backend=backend,
-                      checks=checks,
-                      rows=rows, gates=[g for g in gates if g], skipped=skipped,
-                      nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
+                      checks=checks, rows=rows, gates=[g for g in gates if g], prefill=prefill,
+                      skipped=skipped, prefill_model=TINY_MODEL if smoke else PREFILL_MODEL,
+                      nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"), complete=final,
                       wall_s=round(time.monotonic() - t_start, 1))
-        print(table(report), flush=True)
         atomic_write_text(args.json, json.dumps(report, indent=1))
-        if args.md:
-            atomic_write_text(args.md, table(report) + "\n")
+        if final:
+            print(table(report), flush=True)
+            if args.md:
+                atomic_write_text(args.md, table(report) + "\n")
+
+    save([], False)  # the attention rows survive a failure in the prefill rows
+    prefill = []
+    if bool(ok) and args.prefill_seqlens:
+        prefill = prefill_rows(rank, world, args, bs, backend, device, t_start, skipped)
+    save(prefill, True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -403,7 +501,7 @@ def table(report, header: bool = True) -> str:
     def f(x, spec, suffix=""):
         return "-" if x is None else f"{x:{spec}}{suffix}"
 
-    for r in report["rows"] + report["gates"]:
+    for r in report["rows"] + report["gates"] + report.get("prefill", []):
         tcp = f"{r['ms_torch_cp']:.2f} ({r['torch_cp']})" if r.get("ms_torch_cp") else "-"
         err = f(r["max_err_vs_single"], ".1e") if r.get("err_vs_fp64_sampled") is None \
             else f"{r['err_vs_fp64_sampled']:.1e} (fp64, sampled rows)"
@@ -436,10 +534,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-seqlen", type=int, default=32768)
     ap.add_argument("--gate-seqlens", type=_ints, default=_ints("262144"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefill-seqlens", type=_ints, default=_ints("131072,262144"),
+                    help="model-level prefill rows (empty: none)")
+    ap.add_argument("--prefill-densities", type=_floats, default=_floats("0.1,1.0"))
+    ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--single-max-seqlen", type=int, default=524288,
                     help="longest N timed on one GPU; longer ones are checked against fp64 "
                          "on sampled rows instead")
-    ap.add_argument("--time-budget", type=float, default=360.0,
+    ap.add_argument("--time-budget", type=float, default=330.0,
                     help="seconds after which remaining configs are skipped (and listed)")
     ap.add_argument("--json", default="ring.json")
     ap.add_argument("--md", default=None)
@@ -455,7 +557,8 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         args.nproc = 2
         for key in ("seqlens", "densities", "block_size", "check_seqlen", "gate_seqlens",
-                    "tune_seqlen", "reps", "single_max_seqlen"):
+                    "tune_seqlen", "reps", "single_max_seqlen", "prefill_seqlens",
+                    "prefill_reps"):
             setattr(args, key, SMOKE[key])
     elif not torch.cuda.is_available():
         ap.error("no CUDA device: run with --cpu-smoke on CPU")

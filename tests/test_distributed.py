@@ -355,4 +355,7 @@ def test_ring_benchmark_cpu_smoke(tmp_path):
         err = row["err_vs_fp64_sampled"] if row["ms_single"] is None else row["max_err_vs_single"]
         assert err < 1e-4, row
         assert row["bytes_cp"] <= row["bytes_dense_ring"]
-    assert "ms" in proc.stdout
+    assert data["complete"] and len(data["prefill"]) == 2 and data["gates"]
+    for row in data["prefill"] + data["gates"]:
+        assert row["max_err_vs_single"] < 1e-4 and row["ms_cp"] > 0, row
+    assert "| 1024 | vslash |" in proc.stdout

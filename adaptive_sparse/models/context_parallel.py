@@ -39,6 +39,7 @@ class CPModelState:
     layout: str = "zigzag"
     backend: str = "auto"
     provider: object = None
+    kernel_config: dict | None = None
     stats: list = field(default_factory=list)
 
 
@@ -68,7 +69,7 @@ def cp_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
     out, stats = context_parallel_attention(
         query, key, value, mask, seq_len=state.seq_len, block_size=state.block_size,
         group=state.group, layout=state.layout, scale=scale, backend=backend,
-        return_stats=True)
+        kernel_config=state.kernel_config, return_stats=True)
     state.stats.append(stats)
     return out.transpose(1, 2).contiguous(), None
 
@@ -84,9 +85,12 @@ def register() -> None:
 
 @contextlib.contextmanager
 def context_parallel_model(model, *, seq_len: int, block_size: int = 64, group=None,
-                           layout: str = "zigzag", backend: str = "auto", provider=None):
+                           layout: str = "zigzag", backend: str = "auto", provider=None,
+                           kernel_config: dict | None = None):
     """Within the block, `model`'s attention layers are context parallel over `group` for a
-    sequence of `seq_len` tokens; yields the `CPModelState` (its `stats` fill per layer)."""
+    sequence of `seq_len` tokens; yields the `CPModelState` (its `stats` fill per layer).
+    kernel_config pins the Triton tile config (backend "triton"), as in
+    `context_parallel_attention`."""
     if provider is not None and not callable(provider):
         raise TypeError(f"provider: expected a callable (layer_idx, q_local, k_local) -> "
                         f"BlockSparseMask | LocalMask | None, got {type(provider).__name__}")
@@ -96,7 +100,7 @@ def context_parallel_model(model, *, seq_len: int, block_size: int = 64, group=N
     register()
     mods = _attention_modules(model)
     previous = model.config._attn_implementation
-    state = CPModelState(seq_len, block_size, group, layout, backend, provider)
+    state = CPModelState(seq_len, block_size, group, layout, backend, provider, kernel_config)
     for m in mods:
         m.__dict__[_CP_STATE] = state
     _set_impl(model, CP_ATTN_NAME)
@@ -110,7 +114,8 @@ def context_parallel_model(model, *, seq_len: int, block_size: int = 64, group=N
 
 def context_parallel_prefill(model, input_ids: torch.Tensor, *, block_size: int = 64,
                              group=None, layout: str = "zigzag", backend: str = "auto",
-                             provider=None, **model_kwargs):
+                             provider=None, kernel_config: dict | None = None,
+                             **model_kwargs):
     """Prefill `input_ids` [B, N] (the full sequence, the same on every rank) with each rank
     holding its shard of the hidden states.
 
@@ -126,7 +131,8 @@ def context_parallel_prefill(model, input_ids: torch.Tensor, *, block_size: int 
                          layout=layout)
     pos = local_positions(N, rank, world, block_size, layout, device=input_ids.device)
     with context_parallel_model(model, seq_len=N, block_size=block_size, group=group,
-                                layout=layout, backend=backend, provider=provider) as state:
+                                layout=layout, backend=backend, provider=provider,
+                                kernel_config=kernel_config) as state:
         out = model(input_ids=ids, position_ids=pos[None].expand(B, -1), use_cache=False,
                     **model_kwargs)
     return out, pos, state.stats
