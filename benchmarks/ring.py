@@ -107,6 +107,13 @@ def timed(fn, reps: int, *, collective: bool) -> float:
     return ms
 
 
+def past_budget(t_start: float, budget: float, device) -> bool:
+    """Whether any rank is past the time budget (every rank gets the same answer)."""
+    late = torch.tensor([float(time.monotonic() - t_start > budget)], device=device)
+    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late)
+
+
 def total(x: int | float, device) -> float:
     t = torch.tensor([float(x)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -315,6 +322,10 @@ def prefill_rows(rank, world, args, bs, backend, device, t_start, skipped) -> li
 
     smoke = args.cpu_smoke
     solo = dist.new_group([0])
+    if past_budget(t_start, args.time_budget, device):
+        skipped.append(dict(kind="prefill", n=args.prefill_seqlens,
+                            density=args.prefill_densities))
+        return []
     torch.manual_seed(0)  # the same weights on every rank
     cfg = Qwen2Config(**(TINY_MODEL if smoke else PREFILL_MODEL))
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -335,10 +346,7 @@ def prefill_rows(rank, world, args, bs, backend, device, t_start, skipped) -> li
         ids = torch.randint(0, cfg.vocab_size, (1, n),
                             generator=torch.Generator().manual_seed(n)).to(device)
         for d in args.prefill_densities:
-            late = torch.tensor([float(time.monotonic() - t_start > args.time_budget)],
-                                device=device)
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
-            if bool(late):
+            if past_budget(t_start, args.time_budget, device):
                 skipped.append(dict(kind="prefill", n=n, density=d))
                 continue
             mask = make_mask("vslash", hkv, n, bs, d, device)
@@ -440,10 +448,7 @@ def worker(rank, world, args, init):
         ql, kl, vl = (shard_sequence(t, dim=2, **sh) for t in (q, k, v))
         for d in args.densities:
             for kind in (["dense"] if d >= 1.0 else args.masks):
-                late = torch.tensor([float(time.monotonic() - t_start > args.time_budget)],
-                                    device=device)
-                dist.all_reduce(late, op=dist.ReduceOp.MAX)
-                if bool(late):
+                if past_budget(t_start, args.time_budget, device):
                     skipped.append(dict(n=n, density=d, mask=kind))
                     continue
                 row = measure(rank, world, args, (q, k, v), (ql, kl, vl),
