@@ -53,7 +53,8 @@ def oracle(q, k, v, seqlens, num, idx, bs, scale):
 
 
 def _tol(dtype):
-    return {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    """Error allowed relative to the oracle's largest output magnitude."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2 ** -7}[dtype]
 
 
 def check_against_oracle(backend, case, bs, *, num_splits=None, dense=False, four_d=False):
@@ -76,7 +77,8 @@ def check_against_oracle(backend, case, bs, *, num_splits=None, dense=False, fou
     eager = decode_reference(q, k, v, seqlens, num, idx, block_size=bs, scale=scale)[0]
     eager_err = (eager.double() - ref_out).abs().max().item()
     err = (res.double() - ref_out).abs().max().item()
-    assert err <= max(2 * eager_err, _tol(q.dtype)), (err, eager_err)
+    peak = ref_out.abs().max().item()
+    assert err <= max(2 * eager_err, _tol(q.dtype) * peak), (err, eager_err, peak)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
@@ -251,10 +253,11 @@ def test_train_decode_gates_lowers_the_distillation_loss(tmp_path):
     torch.manual_seed(0)
     gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=16, init="random"))
     before = held_loss(gates)
-    gates, history = train_decode_gates(model, train, gates, steps=40, lr=1e-2, block_size=16,
+    gates, history = train_decode_gates(model, train, gates, steps=15, lr=2e-2, block_size=16,
                                         queries=24, batch_size=2)
     after = held_loss(gates)
     assert after < 0.8 * before, (before, after)
+    assert history[-1] < history[0]
     path = save_decode_gates(gates, tmp_path / "decode.safetensors") and \
         tmp_path / "decode.safetensors"
     again = load_decode_gates(path)
