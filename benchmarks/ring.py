@@ -120,14 +120,28 @@ def total(x: int | float, device) -> float:
     return float(t)
 
 
-def tuned_config(q, k, v, mask, scale):
-    """Autotune the kernel once on this mask (one GPU) and return the chosen tile config."""
+def tuned_configs(q, k, v, masks: dict, scale, rank: int, device) -> dict:
+    """{density: tile config}: the kernel autotuned on each mask on rank 0 (one GPU), sent to
+    every rank as JSON, so all ranks pin the same tiles."""
     from adaptive_sparse.attention.triton import triton_block_sparse_attention
     from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
 
-    triton_block_sparse_attention(q, k, v, mask, scale, True)
-    cfg = bsa_fwd_autotuned.best_config
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    text = ""
+    if rank == 0:
+        configs = {}
+        for d, mask in masks.items():
+            triton_block_sparse_attention(q, k, v, mask, scale, True)
+            cfg = bsa_fwd_autotuned.best_config
+            configs[d] = {**cfg.kwargs, "num_warps": cfg.num_warps,
+                          "num_stages": cfg.num_stages}
+        text = json.dumps([[d, c] for d, c in configs.items()])
+    size = torch.tensor([len(text.encode())], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    data = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if rank == 0:
+        data.copy_(torch.tensor(list(text.encode()), dtype=torch.uint8))
+    dist.broadcast(data, src=0)
+    return {float(d): c for d, c in json.loads(bytes(data.tolist()).decode())}
 
 
 def single_fn(q, k, v, mask, scale, backend, config):
@@ -337,10 +351,10 @@ def prefill_rows(rank, world, args, bs, backend, device, t_start, skipped) -> li
         g = torch.Generator(device=device).manual_seed(1)
         q, k, v = (torch.randn(1, h, args.tune_seqlen, d_head, generator=g, device=device,
                                dtype=dtype) for h in (hq, hkv, hkv))
-        for d in args.prefill_densities:
-            configs[d] = tuned_config(q, k, v, make_mask("vslash", hkv, args.tune_seqlen, bs, d,
-                                                         device), d_head ** -0.5)
-        del q, k, v
+        masks = {d: make_mask("vslash", hkv, args.tune_seqlen, bs, d, device)
+                 for d in args.prefill_densities}
+        configs = tuned_configs(q, k, v, masks, d_head ** -0.5, rank, device)
+        del q, k, v, masks
     rows = []
     for n in args.prefill_seqlens:
         ids = torch.randint(0, cfg.vocab_size, (1, n),
@@ -422,9 +436,10 @@ def worker(rank, world, args, init):
     configs = {}
     if not smoke and args.tune_seqlen:
         q, k, v = inputs(args.tune_seqlen)
-        for d in args.densities:
-            m = make_mask("random", Hkv, args.tune_seqlen, bs, d, device)
-            configs[d] = tuned_config(q, k, v, m, scale)
+        masks = {d: make_mask("random", Hkv, args.tune_seqlen, bs, d, device)
+                 for d in args.densities}
+        configs = tuned_configs(q, k, v, masks, scale, rank, device)
+        del masks
         log(f"pinned kernel configs (tuned at N={args.tune_seqlen}): {configs}")
         del q, k, v
     checks = []
