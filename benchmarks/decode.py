@@ -114,7 +114,7 @@ def gate_cost(M, bs, density, q, k, dense_ms) -> dict:
             "gate_share_of_dense": (graphed or eager) / dense_ms}
 
 
-def run(args, log) -> tuple[list[dict], list[dict]]:
+def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict]]:
     dev = "cuda"
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -190,6 +190,7 @@ def run(args, log) -> tuple[list[dict], list[dict]]:
                         f"{g['gate_graph_ms']} ms, share of dense {g['gate_share_of_dense']:.3f}")
             del q, k, v, out
             torch.cuda.empty_cache()
+            save(rows, gates)  # what is measured so far survives a time limit
     return rows, gates
 
 
@@ -245,12 +246,14 @@ def main(argv=None) -> int:
 
     env = environment()
     log(json.dumps(env))
-    rows, gates = run(args, log)
-    text = table(env, rows, gates)
-    print(text)
-    if args.json:
-        atomic_write_json(args.json, {"environment": env, "args": vars(args), "rows": rows,
-                                      "gates": gates, "table": text})
+    def save(rows, gates):
+        if args.json:
+            atomic_write_json(args.json, {"environment": env, "args": vars(args), "rows": rows,
+                                          "gates": gates, "table": table(env, rows, gates)})
+
+    rows, gates = run(args, log, save)
+    print(table(env, rows, gates))
+    save(rows, gates)
     failed = [r for r in rows if r.get("correct") is False]
     return 1 if failed else 0
 

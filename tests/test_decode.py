@@ -168,8 +168,9 @@ def test_bad_decode_inputs_name_the_argument():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bs,D,G", [(64, 128, 4), (128, 128, 8), (64, 64, 7), (128, 64, 1)])
+@pytest.mark.parametrize("dtype,bs,D,G", [
+    (torch.bfloat16, 64, 128, 4), (torch.bfloat16, 128, 128, 8), (torch.bfloat16, 64, 64, 7),
+    (torch.bfloat16, 128, 64, 1), (torch.float16, 64, 128, 4), (torch.float32, 128, 64, 3)])
 def test_gpu_decode_matches_fp64(dtype, bs, D, G):
     Hkv = 2
     case = random_decode_case(4, G * Hkv, Hkv, 5000, D, bs, 0.2, dtype=dtype, device="cuda",
