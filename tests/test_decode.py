@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from adaptive_sparse.attention.decode import decode_reference, sparse_decode_attention
-from test_training import tiny_llama  # tests/ is on sys.path (rootdir-relative test modules)
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -179,6 +178,12 @@ def test_gpu_decode_matches_fp64(dtype, bs, D, G):
     for splits in (None, 1, 7):
         check_against_oracle("triton", case, bs, num_splits=splits)
     check_against_oracle("triton", case, bs, dense=True)
+
+
+def tiny_llama(**kwargs):
+    from test_training import tiny_llama  # tests/ is on sys.path (rootdir-relative modules)
+
+    return tiny_llama(**kwargs)
 
 
 def _gate(bs=16, seed=0):
