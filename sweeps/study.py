@@ -568,9 +568,11 @@ def run_worker(study: optuna.Study, storage: BaseStorage, objective, *,
             _set_attr(trial, "error", repr(e)[:2000])
         try:
             study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-        except UpdateFinishedTrialError:
-            log.warning("trial %d was marked stale and retried elsewhere; result dropped",
-                        trial.number)
+        except (UpdateFinishedTrialError, ValueError):
+            if not storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            log.warning("trial %d was marked stale (no heartbeat for %s s) and retried; its "
+                        "result is dropped", trial.number, getattr(storage, "grace_period", "?"))
             continue
         finished += 1
     return finished

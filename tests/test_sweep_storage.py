@@ -1,5 +1,8 @@
-"""Sweeps across processes: exact trial counts on the journal file and on a real PostgreSQL
-server, and a worker killed with SIGKILL mid-trial whose trial is retried.
+"""Sweeps across processes, through `adaptive-sparse sweep`: exact trial counts on SQLite, the
+journal file and a real PostgreSQL server; several commands started at once on one fresh study,
+and again on an existing one (no schema crash, no duplicate, exactly n slots); a worker killed
+with SIGKILL mid-trial whose trial is retried; a journal whose last line was torn by a full
+disk; a sweep whose trials all fail exits 1 and a re-run retries them.
 
 PostgreSQL: the `postgres_url` fixture starts a throwaway cluster (initdb + pg_ctl from
 /usr/lib/postgresql/*/bin) on a free localhost port in a tmp dir, trust auth, and stops it at
@@ -11,6 +14,7 @@ Debian's `postgresql`)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -80,52 +84,96 @@ def postgres_url(tmp_path_factory):
                         "stop"], capture_output=True)
 
 
-def _config(path: Path, *, name: str, sleep: float, marker_dir: Path | None = None) -> Path:
+def _config(path: Path, *, name: str, sleep: float, marker_dir: Path | None = None,
+            factory: str = "sweeps.evaluators:SyntheticEvaluator", grace_period: int = 3,
+            **args) -> Path:
     cfg = {"name": name, "seed": 0, "n_startup_trials": 4, "heartbeat_interval": 1,
-           "grace_period": 3, "max_retry": 2,
+           "grace_period": grace_period, "max_retry": 2,
            "methods": {"sliding_window": {"window": {"low": 1, "high": 30}},
                        "gate/top_p": {"p": {"low": 0.5, "high": 0.99}}},
-           "evaluator": {"factory": "sweeps.evaluators:SyntheticEvaluator",
+           "evaluator": {"factory": factory,
                          "args": {"sleep": sleep,
-                                  "marker_dir": str(marker_dir) if marker_dir else None}}}
+                                  "marker_dir": str(marker_dir) if marker_dir else None,
+                                  **args}}}
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _sweep(config: Path, run_dir: Path, storage: str, n_trials: int, workers: int):
-    cmd = [sys.executable, "-m", "sweeps.cli", "sweep", "--config", str(config), "--n-trials",
-           str(n_trials), "--workers", str(workers), "--storage", storage, "--run-dir",
-           str(run_dir), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _sweep(config: Path, run_dir: Path, storage: str, n_trials: int, workers: int,
+           extra: tuple[str, ...] = (), pythonpath: Path | None = None):
+    cmd = [sys.executable, "-m", "adaptive_sparse.cli", "sweep", "--config", str(config),
+           "--n-trials", str(n_trials), "--workers", str(workers), "--storage", storage,
+           "--run-dir", str(run_dir), "--no-progress", *extra]
+    paths = [str(REPO), *([str(pythonpath)] if pythonpath else []),
+             os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _finish(procs, timeout: float = 150) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return outs
+
+
 def _check_exact(run_dir: Path, n_trials: int, killed: int = 0):
+    """Every slot done by exactly one trial (complete, or pruned as a duplicate of a complete
+    one), `killed` FAIL trials (retried), nothing else."""
     _, study = load_run(run_dir)
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert sorted(t.user_attrs["slot"] for t in complete) == list(range(n_trials))
+    assert sorted(t.user_attrs["slot"] for t in done) == list(range(n_trials))
+    assert all("duplicate_of" in t.user_attrs for t in done if t.state == TrialState.PRUNED)
     assert len(failed) == killed, [(t.number, t.state, t.user_attrs) for t in trials]
     assert len(trials) == n_trials + killed
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    return complete, failed
+    return done, failed
 
 
 def _storages(tmp_path, request):
     if request.param == "journal":
         return f"journal:{tmp_path / 'study.log'}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture(params=["journal", "postgresql"])
+@pytest.fixture(params=["sqlite", "journal", "postgresql"])
 def storage(tmp_path, request):
     return _storages(tmp_path, request)
 
 
+def _name(tmp_path: Path, prefix: str) -> str:
+    """A study name unique per test (one PostgreSQL database serves the module)."""
+    return f"{prefix}-{tmp_path.name}"
+
+
+def test_concurrent_commands_on_one_fresh_study_then_resumes(tmp_path, storage):
+    """4 `sweep` commands started at once on a new study, then 3 at once growing it to 20:
+    no schema-creation crash, every command exits 0, exactly n slots, no duplicate run."""
+    cfg = _config(tmp_path / "cfg.yaml", name=_name(tmp_path, "conc"), sleep=0.05,
+                  grace_period=30)  # no live trial is taken for dead on a loaded machine
+    run = tmp_path / "run"
+    outs = _finish([_sweep(cfg, run, storage, n_trials=12, workers=1) for _ in range(4)])
+    for out in outs:
+        assert "12/12 trials done" in out and "Traceback" not in out, out[-3000:]
+    _check_exact(run, 12)
+    outs = _finish([_sweep(cfg, run, storage, n_trials=20, workers=1) for _ in range(3)])
+    for out in outs:
+        assert "20/20 trials done" in out and "Traceback" not in out, out[-3000:]
+    _check_exact(run, 20)
+
+
 def test_three_workers_complete_exact_count(tmp_path, storage):
-    name = f"exact{abs(hash(str(tmp_path))) % 10**8}"
+    name = _name(tmp_path, "exact")
     cfg = _config(tmp_path / "cfg.yaml", name=name, sleep=0.05)
     proc = _sweep(cfg, tmp_path / "run", storage, n_trials=21, workers=3)
     out, _ = proc.communicate(timeout=150)
@@ -135,7 +183,7 @@ def test_three_workers_complete_exact_count(tmp_path, storage):
 
 
 def test_sigkill_mid_trial_is_retried(tmp_path, storage):
-    name = f"kill{abs(hash(str(tmp_path))) % 10**8}"
+    name = _name(tmp_path, "kill")
     markers = tmp_path / "markers"
     markers.mkdir()
     cfg = _config(tmp_path / "cfg.yaml", name=name, sleep=0.6, marker_dir=markers)
@@ -152,8 +200,81 @@ def test_sigkill_mid_trial_is_retried(tmp_path, storage):
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=150)
     assert proc.returncode == 0, out
-    complete, failed = _check_exact(tmp_path / "run", 8, killed=1)
-    retried = [t for t in complete if t.system_attrs.get("failed_trial") == failed[0].number]
+    done, failed = _check_exact(tmp_path / "run", 8, killed=1)
+    retried = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1
     assert retried[0].user_attrs["slot"] == failed[0].user_attrs["slot"]
     assert retried[0].params == failed[0].params
+
+
+FAILING = """
+import os
+from sweeps.evaluators import SyntheticEvaluator
+
+
+class Failing(SyntheticEvaluator):
+    def __init__(self, fail_while: str, **kw):
+        super().__init__(**kw)
+        self.fail_while = fail_while
+
+    def evaluate(self, family, params):
+        if os.path.exists(self.fail_while):
+            raise RuntimeError("the evaluator failed on purpose")
+        return super().evaluate(family, params)
+"""
+
+
+def test_all_trials_failing_exits_1_and_rerun_retries(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "failing_eval.py").write_text(FAILING)
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    cfg = _config(tmp_path / "cfg.yaml", name="f", sleep=0.0, factory="failing_eval:Failing",
+                  fail_while=str(flag))
+    store, run = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "run"
+
+    def sweep(*extra):
+        p = _sweep(cfg, run, store, n_trials=3, workers=1, extra=extra,
+                   pythonpath=tmp_path / "mine")
+        return p, _finish([p])[0]
+
+    p, out = sweep()
+    assert p.returncode == 2 and "evaluator.factory" in out and "--allow-module" in out, out
+    assert "Traceback" not in out
+    p, out = sweep("--allow-module", "failing_eval")
+    assert p.returncode == 1, out
+    assert "all 3 trials failed" in out and "3/3 trials done" not in out, out
+    assert out.count("FAILED: RuntimeError('the evaluator failed on purpose')") == 3, out
+    flag.unlink()
+    p, out = sweep("--allow-module", "failing_eval")
+    assert p.returncode == 0 and "3/3 trials done" in out, out
+    _, study = load_run(run)
+    by_slot = {}
+    for t in study.get_trials(deepcopy=False):
+        by_slot.setdefault(t.user_attrs["slot"], []).append(t.state)
+    assert by_slot == {s: [TrialState.FAIL, TrialState.COMPLETE] for s in range(3)}
+
+
+def test_torn_journal_tail_is_cut_before_appending(tmp_path, caplog):
+    """A full disk cut the journal's last line: the next sweep drops the torn bytes (and says
+    so) instead of appending to them, and the study stays readable."""
+    from sweeps.cli import SweepConfig, run_sweep
+
+    log = tmp_path / "study.log"
+    cfg = {"name": "torn", "seed": 0, "n_trials": 4, "heartbeat_interval": 1,
+           "grace_period": 2, "storage": f"journal:{log}",
+           "methods": {"sliding_window": {"window": {"low": 1, "high": 30}}},
+           "evaluator": {"factory": "sweeps.evaluators:SyntheticEvaluator"}}
+    run_sweep(SweepConfig.from_dict(dict(cfg)), tmp_path / "run", progress=False)
+    data = log.read_bytes()
+    assert data.endswith(b"\n")
+    log.write_bytes(data[:-25])  # mid-line, as a write cut short by ENOSPC leaves it
+    with caplog.at_level("WARNING"):
+        counts = run_sweep(SweepConfig.from_dict({**cfg, "n_trials": 6}), tmp_path / "run",
+                           progress=False)
+    assert "torn line" in caplog.text and str(log) in caplog.text
+    assert counts["slots"] == counts["done"] == 6 and counts["fail"] == 0
+    for line in log.read_bytes().splitlines():
+        json.loads(line)
+    _check_exact(tmp_path / "run", 6, killed=len(
+        [t for t in load_run(tmp_path / "run")[1].get_trials() if t.state == TrialState.FAIL]))
