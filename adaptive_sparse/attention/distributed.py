@@ -390,16 +390,18 @@ def _unpack(buf: torch.Tensor, rv: _Recv, B: int, Hkv: int):
 
 def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.Tensor,
                   lo: torch.Tensor):
-    """Log-sum-exp merge of two partial attentions over disjoint keys (out is updated in place).
+    """Log-sum-exp merge of two partial attentions over disjoint keys.
 
-    out fp32 [B, H, L, D] and lse fp32 [B, H, L] (None: nothing yet), o [B, H, L, D] and lo
-    [B, H, L] of the new keys. Rows without any key keep out 0 and lse -inf."""
+    out [B, H, L, D] and lse fp32 [B, H, L]: the merge so far (None: nothing yet; the first
+    partial is kept as it is, fp32 from the first merge on, updated in place); o [B, H, L, D]
+    and lo fp32 [B, H, L] of the new keys. Rows without any key keep out 0 and lse -inf."""
     if out is None:
-        return o.float(), lo.clone()
+        return o, lo
     new = torch.logaddexp(lse, lo)
     safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    out.mul_(torch.exp(lse - safe)[..., None]).addcmul_(o, torch.exp(lo - safe)[..., None])
-    return out, new
+    w_old = torch.exp(lse - safe)[..., None]
+    out = out.mul_(w_old) if out.dtype == torch.float32 else out * w_old  # fp32 accumulator
+    return out.addcmul_(o, torch.exp(lo - safe)[..., None]), new
 
 
 def _attention_fn(backend: str, scale, kernel_config):
