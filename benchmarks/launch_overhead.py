@@ -19,8 +19,7 @@ import torch
 from adaptive_sparse.attention.triton import (triton_block_sparse_attention,
                                               triton_dense_causal_attention)
 from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
-from benchmarks.attention import SHAPES, graph_bench, random_mask
-from benchmarks.sweep_configs import host_us
+from benchmarks.common import SHAPES, graph_bench, host_us, random_mask
 
 
 def main(argv=None) -> int:

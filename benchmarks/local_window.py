@@ -6,7 +6,8 @@ its window reaches. Timed on random bf16 q/k/v of one layer (Gemma-3-270M: 4 que
 head, d=256) for several chunk sizes, next to:
 - `sdpa-mask`: SDPA with the dense [N, N] sliding-window boolean mask (what transformers' SDPA
   path builds for these layers);
-- `flash-causal`: dense causal SDPA-flash, a lower bound's neighbour (more work, best kernel).
+- `cudnn-causal`, `flash-causal`: dense causal SDPA through the cuDNN and the flash backend, a
+  lower bound's neighbour (more work, the best dense kernels).
 Every output is compared with an fp64 evaluation at N <= --check-max-len (relative error).
 Median of `triton.testing.do_bench` on CUDA (one call on CPU).
 
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_sparse.models.attention import local_window_attention
-from benchmarks.attention import _write, bench, environment
+from adaptive_sparse.io import atomic_write_text
+from benchmarks.common import DENSE_BACKENDS, bench, environment, sdpa_dense
 
 
 def window_mask(n: int, window: int, device) -> torch.Tensor:
@@ -67,19 +69,19 @@ def main(argv=None) -> int:
         mask = window_mask(n, a.window, dev)
         cases["sdpa-mask"] = lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
-        cases["flash-causal"] = lambda: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+        for backend in DENSE_BACKENDS if q.is_cuda else ():
+            cases[f"{backend}-causal"] = lambda b=backend: sdpa_dense(q, k, v, scale, b)
         for name, fn in cases.items():
             try:
                 out = fn()
-                row = dict(N=n, case=name, ms=bench(fn), err=err(out) if name != "flash-causal"
-                           else None)
+                row = dict(N=n, case=name, ms=bench(fn),
+                           err=None if name.endswith("-causal") else err(out))
             except torch.OutOfMemoryError:
                 row = dict(N=n, case=name, ms=None, err=None, oom=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
         del mask
-    _write(a.json, json.dumps({"env": env, "window": a.window, "heads": [hq, hkv, d],
+    atomic_write_text(a.json, json.dumps({"env": env, "window": a.window, "heads": [hq, hkv, d],
                                "rows": rows}, indent=1))
     print(f"\n| N | case | ms | rel err vs fp64 |\n|---|---|---|---|")
     for r in rows:

@@ -1,5 +1,6 @@
 """Per-layer cost of the learned-gate `GateProvider`: reference path vs fast path vs fast path
-replayed from CUDA graphs, next to one layer's dense SDPA-flash attention at the same shape.
+replayed from CUDA graphs, next to one layer's dense SDPA attention (fastest of cuDNN and flash)
+at the same shape.
 
 `--shape smollm2-135m` builds the model exactly as `benchmarks/e2e.py` does (config, seeded
 random weights, bf16) and loads a trained gate set; `--shape llama3-8b` builds a `--layers`-layer
@@ -22,7 +23,8 @@ layer). Speedups are eager / path. Before timing, every layer's mask from `fast`
 (third call: a replay) is compared with `eager` (tiles that differ, rows that differ);
 `graphed` must equal `fast` exactly, else no speedup is reported for it. `--profile` adds the
 kernel-launch count of one call per path (torch.profiler). `sdpa_layer_ms`: median
-time (`benchmarks.attention.bench`) of dense causal SDPA (flash backend, GQA) on random bf16
+time (`benchmarks.common.bench`) of dense causal SDPA (the faster of the cuDNN and flash
+backends, named in `sdpa_backend`; GQA) on random bf16
 q/k/v of one layer's shape; `share` = layer_ms / sdpa_layer_ms. Prints a table; `--json PATH`
 writes the rows.
 
@@ -41,8 +43,9 @@ import time
 
 import torch
 
+from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.policies import Policy
-from benchmarks.attention import _write, bench
+from benchmarks.common import best_dense, dense_baselines
 from benchmarks.e2e import build_model, compare_masks
 
 PATHS = ("eager", "fast", "graphed")
@@ -62,18 +65,15 @@ def build_llama_shape(dev, layers: int, seed: int = 0):
     return model.eval().requires_grad_(False).to(device=dev, dtype=torch.bfloat16)
 
 
-def sdpa_layer_ms(hq: int, hkv: int, n: int, d: int, dev) -> float | None:
-    """Median time of one layer's dense causal SDPA-flash forward (CUDA only)."""
+def sdpa_layer_ms(hq: int, hkv: int, n: int, d: int, dev) -> tuple[str, float] | None:
+    """(backend, median ms) of one layer's dense causal SDPA forward, the faster of cuDNN and
+    flash (CUDA only)."""
     if dev.type != "cuda":
         return None
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=hq != hkv))
+    return best_dense(dense_baselines(q, k, v, 1 / d ** 0.5))
 
 
 def _sync(cuda: bool) -> None:
@@ -141,7 +141,8 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
             call_ms = statistics.median(_wall_ms(call, cuda) for _ in range(a.reps))
             layer_ms = statistics.median(_wall_ms(every, cuda) / nl for _ in range(a.reps))
             timings[name] = (call_ms, layer_ms, _launches(call, cuda) if a.profile else None)
-    sdpa_ms = sdpa_layer_ms(hq, hkv, n, d, dev)
+    dense = sdpa_layer_ms(hq, hkv, n, d, dev)
+    sdpa_ms = None if dense is None else dense[1]
     base_call, base_layer = timings["eager"][:2]
     for name in PATHS:
         call_ms, layer_ms, launches = timings[name]
@@ -154,6 +155,7 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
                    vs_eager=checks.get(name), shape=a.shape, heads=[hq, hkv], head_dim=d,
                    block_size=gates.config.block_size,
                    sdpa_layer_ms=None if sdpa_ms is None else round(sdpa_ms, 4),
+                   sdpa_backend=None if dense is None else dense[0],
                    share=None if sdpa_ms is None else round(layer_ms / sdpa_ms, 4))
         if launches is not None:
             row.update(launches)
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
         rows += run_length(model, gates, policy, n, a, cuda, dev)
     print(f"\n| N | path | call ms (sync around) | per-layer ms (all {gates.config.num_layers} "
           "layers back to back) | speedup call | speedup per layer | masks vs eager "
-          "(tiles / rows differing) | launches | dense SDPA ms per layer | share |")
+          "(tiles / rows differing) | launches | dense SDPA ms per layer (backend) | share |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         v = r["vs_eager"]
@@ -224,10 +226,10 @@ def main(argv=None) -> int:
             launches = f"{launches} + {r['graph_launches']} graph"
         print(f"| {r['N']} | {r['path']} | {r['call_ms']:.3f} | {r['layer_ms']:.3f} | "
               f"{r['speedup_call'] or '-'} | {r['speedup_layer'] or '-'} | {cmp} | {launches} | "
-              f"{r['sdpa_layer_ms'] or '-'} | "
+              f"{r['sdpa_layer_ms'] or '-'} ({r['sdpa_backend'] or '-'}) | "
               f"{'-' if r['share'] is None else format(100 * r['share'], '.1f') + '%'} |")
     if a.json:
-        _write(a.json, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(a.json, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from adaptive_sparse.attention.triton import (triton_block_sparse_attention,
                                               triton_dense_causal_attention)
-from benchmarks.attention import SHAPES, random_mask
+from benchmarks.common import SHAPES, random_mask
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import torch
 import triton
@@ -23,10 +22,10 @@ import triton.testing
 
 from adaptive_sparse.attention.triton import (mean_blocks_per_row, triton_block_sparse_attention,
                                               triton_dense_causal_attention)
-from adaptive_sparse.attention.triton.forward import _configs, keep
+from adaptive_sparse.attention.triton.forward import autotune_configs, keep
 from adaptive_sparse.masks import BlockSparseMask
-from benchmarks.attention import (SHAPES, graph_bench, oracle_rows, pair_table, random_mask,
-                                  rel_err)
+from benchmarks.common import (SHAPES, graph_bench, host_us, oracle_rows, pair_table,
+                               random_mask, rel_err)
 
 
 def candidates(path=None) -> list[dict]:
@@ -35,19 +34,7 @@ def candidates(path=None) -> list[dict]:
         with open(path) as f:
             return json.load(f)
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-            for c in _configs()]
-
-
-def host_us(fn, calls=200) -> float:
-    """Microseconds per call of back-to-back launches (one sync at the end): the host-bound time
-    when it exceeds the kernel time."""
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e6
+            for c in autotune_configs()]
 
 
 def sweep_point(shape, n, density, bs, gen, configs=None) -> dict:

@@ -99,7 +99,7 @@ def test_fp8_refuses_bad_shapes():
 def test_gpu_fp8_error_next_to_bf16(D):
     """fp8 error vs fp64 stays within a small multiple of the bf16 kernel's, every config."""
     from adaptive_sparse.attention.triton import triton_block_sparse_attention
-    from adaptive_sparse.attention.triton.forward_fp8 import (_configs,
+    from adaptive_sparse.attention.triton.forward_fp8 import (autotune_configs,
                                                               fp8_block_sparse_attention, keep)
 
     gen = torch.Generator().manual_seed(D)
@@ -108,7 +108,7 @@ def test_gpu_fp8_error_next_to_bf16(D):
     err_bf16 = _rel(triton_block_sparse_attention(q, k, v, mask, 1 / math.sqrt(D)), ref)
     emulated = _emulated(q, k, v, mask, 1 / math.sqrt(D))
     args = {"BS": 128, "HEAD_DIM": D, "G": 4, "SHARED": True}
-    kept = [c for c in _configs() if keep(c, args)]
+    kept = [c for c in autotune_configs() if keep(c, args)]
     assert kept
     for c in kept:
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}

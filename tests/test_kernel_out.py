@@ -56,3 +56,25 @@ def test_bad_out_buffer_is_refused():
     with pytest.raises(TypeError, match="out: expected a torch.Tensor"):
         triton_block_sparse_attention(q, k, v, mask, 0.2, out=q.numpy())
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_autotuned_out_buffer_bf16(D):
+    """The autotuned bf16 launch writes every element of a NaN-poisoned `out`, within bf16 error
+    of fp64 (head_dim 256 takes the 128-row, 8-warp tiles)."""
+    from test_triton import random_mask
+
+    from adaptive_sparse.attention.triton import triton_block_sparse_attention
+
+    gen = torch.Generator().manual_seed(D)
+    q = torch.randn(1, 8, 1100, D, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(1, 2, 1100, D, generator=gen).to("cuda", torch.bfloat16)
+            for _ in range(2))
+    mask = random_mask(1, 2, 1100, 1100, 128, 0.5, gen=gen, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    triton_block_sparse_attention(q, k, v, mask, D ** -0.5, out=out)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, D ** -0.5)
+    assert torch.isfinite(out).all()
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2

@@ -269,7 +269,7 @@ def test_gpu_error_within_eager_low_precision(case, dtype):
 @needs_cuda
 def test_gpu_every_autotune_config_is_correct():
     """One correctness check per kernel config that keep() admits for these shapes."""
-    from adaptive_sparse.attention.triton.forward import _configs, keep
+    from adaptive_sparse.attention.triton.forward import autotune_configs, keep
     kt = _kernels()
     gen = torch.Generator().manual_seed(11)
     for D, bs, dtype in ((64, 64, torch.bfloat16), (128, 128, torch.bfloat16),
@@ -283,7 +283,7 @@ def test_gpu_every_autotune_config_is_correct():
         bound = 1.5 * rel_err(eager_low_precision(q, k, v, mask, 0.1), ref) + 1e-5
         args = {"BS": bs, "HEAD_DIM": D, "G": 4, "SHARED": True,
                 "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
-        kept = [cfg for cfg in _configs() if keep(cfg, args)]
+        kept = [cfg for cfg in autotune_configs() if keep(cfg, args)]
         assert kept, (D, bs, dtype)
         for cfg in kept:
             pinned = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}

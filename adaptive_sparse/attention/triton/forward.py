@@ -88,7 +88,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, strid
 
 
 @triton.jit
-def _tile_start(idx_base, t, DENSE: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+def tile_start(idx_base, t, DENSE: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
     """First key of the t-th sub-tile of a row: dense rows walk blocks 0.., sparse rows their
     index list."""
     SPLIT: tl.constexpr = BS // BLOCK_N
@@ -97,6 +97,54 @@ def _tile_start(idx_base, t, DENSE: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.
     else:
         kb = tl.load(idx_base + t // SPLIT)
     return kb * BS + (t % SPLIT) * BLOCK_N
+
+
+@triton.jit
+def program_rows(H_Q, HEADS_PER_MASK, G: tl.constexpr, BS: tl.constexpr, GH: tl.constexpr,
+                  RB: tl.constexpr):
+    """This program's (batch, KV head, first query head, mask head, query block, first row).
+    Axis 1 is batch x KV head; axis 0 walks the KV head's G // GH program heads one after the
+    other, each over its query blocks longest rows first (BS // RB programs per block)."""
+    SUBS: tl.constexpr = BS // RB
+    HPG: tl.constexpr = G // GH
+    pid = tl.program_id(0)
+    n_rows = tl.num_programs(0) // HPG  # query row blocks (Qb * SUBS)
+    hp = pid // n_rows
+    rb = pid % n_rows
+    qb = n_rows // SUBS - 1 - rb // SUBS  # longest rows first
+    r0 = qb * BS + (rb % SUBS) * RB
+    bk = tl.program_id(1)
+    b = (bk // (H_Q // G)).to(tl.int64)
+    hk = (bk % (H_Q // G)).to(tl.int64)
+    h0 = hk * G + hp * GH
+    hm = (h0 // HEADS_PER_MASK).to(tl.int64)
+    return b, hk, h0, hm, qb, r0
+
+
+@triton.jit
+def row_blocks(num_ptr, idx_base, qb, r0, N_Q, N_KV, OFFSET, BS: tl.constexpr,
+                CAUSAL: tl.constexpr, DENSE: tl.constexpr):
+    """(kept key blocks of this query block, how many of them come first and need no mask):
+    key blocks below `full_below` are visible to every row from r0 on; of a sorted index list
+    only the last two can reach past it (the diagonal and the ragged end)."""
+    if CAUSAL:
+        full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
+    else:
+        full_below = N_KV // BS
+    if DENSE:
+        if CAUSAL:
+            n_blk = (tl.minimum(qb * BS + BS, N_Q) - 1 + OFFSET) // BS + 1
+        else:
+            n_blk = tl.cdiv(N_KV, BS)
+        n_full = tl.minimum(n_blk, full_below)
+    else:
+        n_blk = tl.load(num_ptr)
+        last = tl.load(idx_base + tl.maximum(n_blk - 1, 0))
+        prev = tl.load(idx_base + tl.maximum(n_blk - 2, 0))
+        n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
+            + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
+        n_full = n_blk - n_masked
+    return n_blk, n_full
 
 
 @triton.jit
@@ -124,19 +172,7 @@ def bsa_fwd_kernel(
     row, both rounded up to powers of two)."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
-    SUBS: tl.constexpr = BS // RB
-    HPG: tl.constexpr = G // GH  # programs per KV head and row block
-    pid = tl.program_id(0)
-    n_rows = tl.num_programs(0) // HPG  # query row blocks (Qb * SUBS)
-    hp = pid // n_rows
-    rb = pid % n_rows
-    qb = n_rows // SUBS - 1 - rb // SUBS  # longest rows first
-    r0 = qb * BS + (rb % SUBS) * RB
-    bk = tl.program_id(1)
-    b = (bk // (H_Q // G)).to(tl.int64)
-    hk = (bk % (H_Q // G)).to(tl.int64)
-    h0 = hk * G + hp * GH
-    hm = (h0 // HEADS_PER_MASK).to(tl.int64)
+    b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
 
     offs_i = tl.arange(0, BLOCK_M)
     rows = r0 + offs_i % RB  # [BLOCK_M]
@@ -154,37 +190,21 @@ def bsa_fwd_kernel(
         v_src = tl.make_tensor_descriptor(v_src, shape=[N_KV, HEAD_DIM], strides=[stride_vm, 1],
                                           block_shape=[BLOCK_N, HEAD_DIM])
 
-    # key blocks below `full_below` are visible to every row of this program
-    if CAUSAL:
-        full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
-    else:
-        full_below = N_KV // BS
     idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
-    if DENSE:
-        if CAUSAL:
-            n_blk = (tl.minimum(qb * BS + BS, N_Q) - 1 + OFFSET) // BS + 1
-        else:
-            n_blk = tl.cdiv(N_KV, BS)
-        n_full = tl.minimum(n_blk, full_below)
-    else:
-        n_blk = tl.load(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq)
-        last = tl.load(idx_base + tl.maximum(n_blk - 1, 0))
-        prev = tl.load(idx_base + tl.maximum(n_blk - 2, 0))
-        n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
-            + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
-        n_full = n_blk - n_masked
+    n_blk, n_full = row_blocks(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq,
+                                idx_base, qb, r0, N_Q, N_KV, OFFSET, BS, CAUSAL, DENSE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for t in range(0, n_full * SPLIT):
-        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
                                      DOT_PREC)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
-        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
@@ -203,7 +223,7 @@ def bsa_fwd_kernel(
         tl.store(LSE + (b * H_Q + heads) * N_Q + rows, lse, mask=row_ok)
 
 
-def _configs():
+def autotune_configs():
     out = []
     for use_desc in (True, False):
         for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2),
@@ -269,7 +289,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 bsa_fwd_autotuned = triton.autotune(
-    configs=_configs(),
+    configs=autotune_configs(),
     key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "WRITE_O", "DOT_PREC",
          "QB_BUCKET", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
@@ -278,7 +298,7 @@ bsa_fwd_autotuned = triton.autotune(
 _ALLOCATOR_SET = False
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     global _ALLOCATOR_SET
     if not _ALLOCATOR_SET:
         triton.set_allocator(
@@ -343,7 +363,7 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
     meta = dict(G=Hq // Hkv, BS=block_size, HEAD_DIM=D, SHARED=shared, CAUSAL=causal,
                 DENSE=dense, WRITE_O=write_o, WRITE_LSE=return_lse,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    _ensure_allocator()
+    ensure_allocator()
     if config is None:
         def grid(m):
             return (qb * (block_size // m["RB"]) * (Hq // Hkv // m["GH"]), B * Hkv)

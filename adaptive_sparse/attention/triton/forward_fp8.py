@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptive_sparse.attention.triton.forward import (LOG2E, _ensure_allocator, _tile_start,
-                                                      canonical_heads, check_head_dim, check_out,
-                                                      pow2_bucket)
+from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_head_dim,
+                                                      check_out, ensure_allocator, pow2_bucket,
+                                                      program_rows, row_blocks, tile_start)
 
 E4M3_MAX = 448.0
 LOG2_E4M3_MAX = math.log2(E4M3_MAX)
@@ -67,24 +67,12 @@ def bsa_fwd_fp8_kernel(
     CAUSAL: tl.constexpr, DENSE: tl.constexpr,
     GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid and tables as `bsa_fwd_kernel` (programs of one KV head's query heads adjacent).
+    """Grid, program order (`program_rows`) and tables as `bsa_fwd_kernel`.
     Q8 e4m3 [B, H_Q, N_Q, D], K8 e4m3 [B, H_KV, N_KV, D], VT8 e4m3 [B, H_KV, D, N_KV16];
     SQ fp32 [B, H_Q, QB], SK fp32 [B, H_KV, KB], SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
-    SUBS: tl.constexpr = BS // RB
-    HPG: tl.constexpr = G // GH
-    pid = tl.program_id(0)
-    n_rows = tl.num_programs(0) // HPG
-    hp = pid % HPG
-    rb = pid // HPG
-    qb = n_rows // SUBS - 1 - rb // SUBS
-    r0 = qb * BS + (rb % SUBS) * RB
-    bk = tl.program_id(1)
-    b = (bk // (H_Q // G)).to(tl.int64)
-    hk = (bk % (H_Q // G)).to(tl.int64)
-    h0 = hk * G + hp * GH
-    hm = (h0 // HEADS_PER_MASK).to(tl.int64)
+    b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
 
     offs_i = tl.arange(0, BLOCK_M)
     rows = r0 + offs_i % RB
@@ -103,34 +91,19 @@ def bsa_fwd_fp8_kernel(
                                        shape=[HEAD_DIM, N_KV16], strides=[stride_vd, 1],
                                        block_shape=[HEAD_DIM, BLOCK_N])
 
-    if CAUSAL:
-        full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
-    else:
-        full_below = N_KV // BS
     idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
-    if DENSE:
-        if CAUSAL:
-            n_blk = (tl.minimum(qb * BS + BS, N_Q) - 1 + OFFSET) // BS + 1
-        else:
-            n_blk = tl.cdiv(N_KV, BS)
-        n_full = tl.minimum(n_blk, full_below)
-    else:
-        n_blk = tl.load(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq)
-        last = tl.load(idx_base + tl.maximum(n_blk - 1, 0))
-        prev = tl.load(idx_base + tl.maximum(n_blk - 2, 0))
-        n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
-            + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
-        n_full = n_blk - n_masked
+    n_blk, n_full = row_blocks(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq,
+                                idx_base, qb, r0, N_Q, N_KV, OFFSET, BS, CAUSAL, DENSE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for t in range(0, n_full * SPLIT):
-        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
                                   rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
-        start_n = _tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
                                   rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL)
 
@@ -171,7 +144,7 @@ def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, row
     return acc, l_i, m_new
 
 
-def _configs():
+def autotune_configs():
     out = []
     for block_m, block_n, warps, stages in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3),
                                             (64, 128, 4, 2), (64, 64, 4, 3)):
@@ -199,7 +172,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 bsa_fwd_fp8_autotuned = triton.autotune(
-    configs=_configs(),
+    configs=autotune_configs(),
     key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QB_BUCKET", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_fp8_kernel)
@@ -254,7 +227,7 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
             Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
             heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense)
-    _ensure_allocator()
+    ensure_allocator()
     if config is None and not q.is_cuda:
         block_m = min(64, bs)
         gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
