@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call that checks and times the attention kernels (issue 14):
-#   1. the GPU tests of the kernels (-m gpu: bf16 and FP8 forward, every autotune config, block
-#      maps, the out= buffer), then
-#   2. benchmarks/attention.py: one table per head_dim (llama3-8b d=128, smollm2-135m d=64,
-#      gemma3-270m d=256) with the device, versions, measured ceilings and every baseline (SDPA
-#      cuDNN, SDPA flash, compiled Flex given full blocks, ours bf16, ours FP8), N 8k-128k,
-#      densities 0.05-1.0. Arguments pass through to attention.py (e.g. --seqlens 8192).
+#   1. the GPU tests of the kernels (-m gpu: bf16 and FP8 forward, the autotuned out= buffer,
+#      block maps; TESTS_K passes a -k filter, e.g. "not every_autotune_config"), then
+#   2. benchmarks/attention.py: one table per head_dim with the device, versions, measured
+#      ceilings and every baseline (SDPA cuDNN, SDPA flash, compiled Flex given full blocks, ours
+#      bf16, ours FP8), densities 0.05-1.0: llama3-8b (d=128) at D128_SEQLENS, then gemma3-270m
+#      (d=256) and smollm2-135m (d=64) at OTHER_SEQLENS. Each part stops after its *_TIMEOUT
+#      seconds; the JSON holds every row finished by then.
 # Logs, JSON and markdown land in $OUT (default ./gpu_out).
 #   OUT=gpu_out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -16,8 +17,18 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
     | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    python3 -m pytest -q -x -m gpu tests/test_triton.py tests/test_fp8.py tests/test_kernel_out.py \
-        2>&1 | tail -n 30 | tee "$OUT/pytest.log"
+    timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -q -x -m gpu -k "${TESTS_K:-}" \
+        tests/test_triton.py tests/test_fp8.py tests/test_kernel_out.py 2>&1 | tail -n 20 \
+        | tee "$OUT/pytest.log"
 fi
-python3 benchmarks/attention.py --json "$OUT/attention.json" --md "$OUT/attention.md" "$@" \
-    2>&1 | grep -v "^$" | tee "$OUT/bench.log" | grep -v '^{'
+bench() {  # name, timeout, attention.py arguments...
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 benchmarks/attention.py --json "$OUT/attention_$name.json" \
+        --md "$OUT/attention_$name.md" "$@" > "$OUT/bench_$name.log" 2>&1
+    echo "attention.py $name: exit $?"
+    cat "$OUT/attention_$name.md" 2>/dev/null
+}
+bench d128 "${D128_TIMEOUT:-1200}" --shapes llama3-8b --seqlens "${D128_SEQLENS:-8192,32768,131072}"
+bench d256_d64 "${OTHER_TIMEOUT:-1200}" --shapes gemma3-270m,smollm2-135m \
+    --seqlens "${OTHER_SEQLENS:-8192,32768,131072}"
