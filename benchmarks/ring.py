@@ -107,6 +107,23 @@ def timed(fn, reps: int, *, collective: bool) -> float:
     return ms
 
 
+def p2p_gb_per_s(rank: int, world: int, device) -> float | None:
+    """GB/s of a 1 GiB send from rank 0 to rank 1 (the P2P path the K/V tiles take)."""
+    if world < 2:
+        return None
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dist.barrier()  # a first collective on the group before any P2P (NCCL asks for it)
+
+    def fn():
+        if rank < 2:
+            op = dist.P2POp(dist.isend if rank == 0 else dist.irecv, buf, 1 - rank)
+            for w in dist.batch_isend_irecv([op]):
+                w.wait()
+
+    ms = timed(fn, 3, collective=True)
+    return round(buf.numel() / ms / 1e6, 1)
+
+
 def past_budget(t_start: float, budget: float, device) -> bool:
     """Whether any rank is past the time budget (every rank gets the same answer)."""
     late = torch.tensor([float(time.monotonic() - t_start > budget)], device=device)
@@ -426,6 +443,8 @@ def worker(rank, world, args, init):
     t_start = time.monotonic()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     env = environment() if rank == 0 else {}
+    if not smoke:
+        env["p2p_gb_per_s"] = p2p_gb_per_s(rank, world, device)
     gen = torch.Generator(device=device).manual_seed(0)  # rank 0's oracle row sampling
 
     def inputs(n):
