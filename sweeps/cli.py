@@ -78,7 +78,9 @@ def _valid(key: str, v: Any, data: dict) -> bool:
         "max_density": lambda: _is_num(v) and 0 < v <= 1,
         "latency": lambda: isinstance(v, str),
         "heartbeat_interval": lambda: _is_int(v, 1),
-        "grace_period": lambda: _is_int(v) and v > data.get("heartbeat_interval", 10),
+        "grace_period": lambda: _is_int(v) and v > (data.get("heartbeat_interval", 10)
+                                                    if _is_int(data.get("heartbeat_interval", 10))
+                                                    else 0),
         "max_retry": lambda: _is_int(v, 0), "n_startup_trials": lambda: _is_int(v, 0),
         "population_size": lambda: _is_int(v, 2),
         "budgets": lambda: isinstance(v, list) and bool(v) and all(_is_num(b) and b >= 0
@@ -132,8 +134,10 @@ class SweepConfig:
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}, expected some of "
                              f"{sorted(FIELD_TYPES)}")
-        for key, value in data.items():
-            expected, optional = FIELD_TYPES[key]
+        for key, (expected, optional) in FIELD_TYPES.items():
+            if key not in data:
+                continue
+            value = data[key]
             if value is None and optional:
                 continue
             if not _valid(key, value, data):

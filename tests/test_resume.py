@@ -16,23 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gating.targets import featurize
-from test_training import tiny_llama
+from test_training import BS, N, cache_dir  # noqa: F401 (the tiny featurized cache)
 
 REPO = Path(__file__).resolve().parents[1]
-BS, N = 16, 128
 RUN = Path("runs/gates/smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume_cache")
-    model = tiny_llama()
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("validation", 2)):
-        featurize(model, torch.randint(0, 128, (n, N), generator=g), root / split,
-                  model_name="tiny", corpus="random", split=split, block_size=BS, progress=False)
-    return root
 
 
 def _args(cache: Path, steps: int = 60) -> list[str]:
@@ -75,13 +62,13 @@ def _best(run: Path) -> tuple[str, float]:
     return Path(cb["best_model_path"]).name, float(cb["best_model_score"])
 
 
-def test_kill_9_then_resume_matches_uninterrupted_run(cache, tmp_path):
+def test_kill_9_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir(), cut.mkdir()
-    rc, out = _run(_args(cache), full)
+    rc, out = _run(_args(cache_dir), full)
     assert rc == 0, out[-3000:]
 
-    proc = _train(_args(cache), cut)
+    proc = _train(_args(cache_dir), cut)
     last = cut / RUN / "version_0/checkpoints/last.ckpt"
     deadline, killed_at = time.time() + 180, None
     try:
@@ -101,7 +88,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(cache, tmp_path):
     assert not (cut / RUN / "version_0/gates").exists()
     assert _step(last) < 60
 
-    rc, out = _run([*_args(cache), "--ckpt_path", str(last)], cut)
+    rc, out = _run([*_args(cache_dir), "--ckpt_path", str(last)], cut)
     assert rc == 0, out[-3000:]
     assert sorted(p.name for p in (cut / RUN).iterdir()) == ["tensorboard", "version_0"]
     assert [p.name for p in (cut / RUN / "tensorboard").iterdir()] == ["version_0"]
@@ -112,7 +99,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(cache, tmp_path):
         assert (run_cut / "gates" / name).read_bytes() == (run_full / "gates" / name).read_bytes()
 
 
-def test_bad_resume_and_step_values_exit_2(cache, tmp_path):
+def test_bad_resume_and_step_values_exit_2(cache_dir, tmp_path):
     foreign = tmp_path / "foreign.ckpt"  # a torch zip outside any run folder
     with zipfile.ZipFile(foreign, "w") as z:
         z.writestr("archive/data.pkl", b"not what it seems")
@@ -122,7 +109,7 @@ def test_bad_resume_and_step_values_exit_2(cache, tmp_path):
         (["--trainer.max_steps", "-5"], "trainer.max_steps", "expected a positive int"),
     ]
     for extra, name, why in cases:
-        rc, out = _run([*_args(cache), *extra], tmp_path, timeout=120)
+        rc, out = _run([*_args(cache_dir), *extra], tmp_path, timeout=120)
         assert rc == 2, (extra, out[-2000:])
         assert name in out and why in out and "Traceback" not in out, (extra, out[-2000:])
     assert not (tmp_path / "runs").exists()
