@@ -127,6 +127,29 @@ def _cases(rank, world, report):
                                           return_stats=True)
     report.setdefault("window_peers", {})[rank] = [stats.peers_sent, stats.peers_received]
     _gate_case(rank, world, report)
+    _bad_input_case(rank, world, report)
+
+
+def _bad_input_case(rank, world, report):
+    """Errors raised identically on every rank, before any communication."""
+    sh = dict(rank=rank, world=world, block_size=16)
+    q, k, v = (shard_sequence(torch.randn(1, h, 100, 16), dim=2, **sh) for h in (4, 2, 2))
+    lb = q.shape[2] // 16
+    messages = []
+    bad = [
+        LocalMask(torch.ones(1, 2, lb + 1, 7, dtype=torch.bool), 100, 16),  # wrong shape
+        BlockSparseMask.full(1, 1, block_size=16, q_len=100, kv_len=100, causal=False),
+        BlockSparseMask.full(1, 1, block_size=16, q_len=90, kv_len=100),  # q_len != kv_len
+        BlockSparseMask.full(1, 1, block_size=16, q_len=300, kv_len=300),  # other shard size
+        BlockSparseMask.full(1, 3, block_size=16, q_len=100, kv_len=100),  # 3 heads
+    ]
+    for mask in bad:
+        try:
+            context_parallel_attention(q, k, v, mask, backend="gather")
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    report.setdefault("bad_input", {})[rank] = messages
 
 
 def _gate_case(rank, world, report):
@@ -244,6 +267,16 @@ def test_bytes_follow_the_mask(attention_reports):
         assert reports[r]["plan_reuse"][str(r)] is True
 
 
+def test_bad_input_under_dist_names_the_argument(attention_reports):
+    world, reports = attention_reports
+    expected = ["mask.rows", "non-causal", "q_len == kv_len", "q_local", "heads 1, Hkv=2"]
+    for r in range(world):
+        messages = reports[r]["bad_input"][str(r)]
+        assert all(m is not None for m in messages), messages
+        for want, got in zip(expected, messages):
+            assert want in got, (want, got)
+
+
 def test_gate_scores_from_local_q_and_gathered_pooled_k(attention_reports):
     world, reports = attention_reports
     for r in range(world):
@@ -274,7 +307,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(RuntimeError, match="not initialized"):
         context_parallel_attention(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16),
                                    torch.randn(1, 2, 64, 16), None, seq_len=128, block_size=16)
-    assert LocalMask.__doc__
+    with pytest.raises(ValueError, match="block_size"):
+        shard_sequence(torch.zeros(1, 10), dim=1, rank=0, world=2, block_size=48)
 
 
 def _tiny_model(arch):
