@@ -356,3 +356,27 @@ def test_generate_command_on_smollm2():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dense :" in res.stdout and "sparse:" in res.stdout
     assert "greedy agreement with dense" in res.stdout
+
+
+@pytest.mark.parametrize("options", [dict(kind="top_k", k=3), dict(kind="top_k", k=1),
+                                     dict(kind="top_k", k=4, local_blocks=2),
+                                     dict(kind="top_k", k=5, keep_sink=False),
+                                     dict(kind="density", density=0.3),
+                                     dict(kind="top_k", k=2, layer_schedule="linear",
+                                          layer_scale_end=3.0)])
+def test_direct_top_k_selection_equals_the_policy(options):
+    """The capturable top-k path of select_decode_blocks gives Policy.to_mask's mask."""
+    from adaptive_sparse.gates.decode import select_decode_blocks
+    from adaptive_sparse.masks import BlockSparseMask
+    from adaptive_sparse.policies import Policy
+
+    policy = Policy(**options)
+    scores = torch.randn(3, 2, 12, generator=torch.Generator().manual_seed(5))
+    for layer in (0, 3):
+        mask = select_decode_blocks(scores, policy, kv_len=180, block_size=16, layer_idx=layer,
+                                    num_layers=4)
+        want = policy.to_mask(scores[:, :, None], q_len=1, kv_len=180, block_size=16,
+                              layer_idx=layer, num_layers=4)
+        assert torch.equal(mask.to_dense(), want.to_dense()), (options, layer)
+        BlockSparseMask.from_indices(mask.kv_num_blocks, mask.kv_indices, block_size=16,
+                                     q_len=1, kv_len=180, sort=False)  # a valid mask

@@ -199,9 +199,41 @@ def token_budget_policy(tokens: int, block_size: int, **options) -> Policy:
 def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, block_size: int,
                          layer_idx: int = 0, num_layers: int = 1) -> BlockSparseMask:
     """scores [B, Hkv, Kb] (logits of one new token per sequence) -> BlockSparseMask with
-    q_len 1, kv_len `kv_len` and heads Hkv (what the decode kernel reads). No device sync."""
+    q_len 1, kv_len `kv_len` and heads Hkv (what the decode kernel reads). No device sync.
+
+    A "top_k" / "density" policy whose budget is the same for every head takes a direct path
+    (one top-k and one sort of each row on the device, no host tensor: capturable in a CUDA
+    graph); other policies go through `Policy.to_mask`. Both give the same mask."""
+    B, H, kb = scores.shape
+    if policy.kind in ("top_k", "density"):
+        budgets = policy.row_budgets(q_len=1, kv_len=kv_len, block_size=block_size, heads=H,
+                                     layer_idx=layer_idx, num_layers=num_layers)[:, 0]
+        if bool((budgets == budgets[0]).all()):
+            return _top_k_mask(scores, int(budgets[0]), policy, kv_len, block_size)
     return policy.to_mask(scores[:, :, None], q_len=1, kv_len=kv_len, block_size=block_size,
                           layer_idx=layer_idx, num_layers=num_layers, validate=False)
+
+
+def _top_k_mask(scores, k: int, policy: Policy, kv_len: int, block_size: int):
+    """The k best blocks of each row, sink / recent blocks forced (kept even beyond k)."""
+    B, H, kb = scores.shape
+    lo = max(0, kb - 1 - policy.local_blocks)
+    n_forced = len(set(range(lo, kb - 1)) | ({0} if policy.keep_sink else set())
+                   | ({kb - 1} if policy.keep_diagonal else set()))
+    k = min(kb, max(k, n_forced, 1))
+    cols = torch.arange(kb, device=scores.device)
+    forced = (cols >= lo) & (cols < kb - 1)  # built on the device: no host copy
+    if policy.keep_sink:
+        forced |= cols == 0
+    if policy.keep_diagonal:
+        forced |= cols == kb - 1
+    s = scores.float().masked_fill(forced, float("inf"))
+    top = s.topk(k, dim=-1).indices  # [B, H, k]
+    picked = torch.zeros(B, H, kb, dtype=torch.bool, device=s.device).scatter_(-1, top, True)
+    order = torch.sort(cols + kb * (~picked).long(), dim=-1).values % kb  # picked first, ascending
+    num = torch.full((B, H, 1), k, dtype=torch.int32, device=s.device)
+    return BlockSparseMask._trusted(num, order.to(torch.int32)[:, :, None], block_size, 1,
+                                    kv_len, True, float(k))
 
 
 def decode_block_mass(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *,
