@@ -227,7 +227,8 @@ class BlockSparseMask:
         if isinstance(kv_len, bool) or not isinstance(kv_len, int) or kv_len < 1:
             raise _fail("kv_len", "a positive int", repr(kv_len))
         kb = num_blocks(kv_len, block_size)
-        for name, t, hi in (("kv_num_blocks", kv_num_blocks, kb), ("kv_indices", kv_indices, kb - 1)):
+        for name, t, hi in (("kv_num_blocks", kv_num_blocks, kb),
+                            ("kv_indices", kv_indices, kb - 1)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) > hi):
                 raise _fail(name, f"values in [0, {hi}]", f"range [{int(t.min())}, {int(t.max())}]")
         kv_num_blocks = kv_num_blocks.to(torch.int32)

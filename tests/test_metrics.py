@@ -77,7 +77,8 @@ def test_attention_recall_errors():
     with pytest.raises(ValueError, match="block_sum: expected a float tensor"):
         m.update(torch.rand(3, 3), torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="block_sum: expected a float tensor"):
-        m.update(torch.ones(1, 1, 3, 3, dtype=torch.int64), torch.ones(1, 1, 3, 3, dtype=torch.bool))
+        m.update(torch.ones(1, 1, 3, 3, dtype=torch.int64),
+                 torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask: expected tiles"):
         m.update(torch.rand(1, 2, 3, 3), torch.ones(1, 1, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask: expected batch 1 or 1 and heads dividing 2"):

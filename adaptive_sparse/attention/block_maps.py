@@ -50,8 +50,8 @@ def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
 def _check(q, k, block_size, causal) -> None:
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a rank-4 tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a rank-4 tensor, got {got}")
     B, Hq, N, D = q.shape
     if Hq < 1 or N < 1 or D < 1:
         raise ValueError(f"q: expected at least one head, row and head_dim, got {tuple(q.shape)}")

@@ -78,7 +78,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
         o = o.view(B, Hg, Hq // Hg, r1 - r0, -1)
         o = torch.where(seen, o / l, torch.zeros_like(o))
         out[:, :, r0:r1] = o.reshape(B, Hq, r1 - r0, -1).to(q.dtype)
-        lse[:, :, r0:r1] = torch.where(seen, m + torch.log(l), float("-inf")).reshape(B, Hq, r1 - r0)
+        lse[:, :, r0:r1] = torch.where(seen, m + torch.log(l),
+                                       float("-inf")).reshape(B, Hq, r1 - r0)
     if return_lse:
         return out, lse
     return out

@@ -60,8 +60,8 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     When the mask has 1 or Hkv heads, a program serves several query heads of one KV group.
     `config` pins the kernel's tile config (keys GH, RB, BLOCK_N, USE_DESC, num_warps,
     num_stages); None autotunes on CUDA, keyed by the number of query blocks and the mean kept
-    blocks per row (`blocks_per_row`, else `mean_blocks_per_row(mask)`: the mask's hint), and uses a small
-    fixed config in the interpreter.
+    blocks per row (`blocks_per_row`, else `mean_blocks_per_row(mask)`: the mask's hint), and
+    uses a small fixed config in the interpreter.
     Returns out [B, Hq, N, D] in q.dtype (written into `out`, a contiguous tensor of that
     shape, dtype and device, when given), and lse fp32 [B, Hq, N] (natural log, -inf for rows
     with no visible key) when `return_lse`.
