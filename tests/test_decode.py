@@ -129,6 +129,23 @@ def test_triton_empty_selection_gives_zeros(splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("splits", [1, 2])
+def test_triton_broadcast_tables(splits):
+    """Tables with batch 1 / head 1 (one selection for every sequence or head) broadcast."""
+    device = "cuda" if CUDA else "cpu"
+    q, k, v, _, num, idx = random_decode_case(2, 4, 2, 100, 16, 16, 0.5, dtype=torch.float32,
+                                              device=device, seed=13, seqlens=[100, 100])
+    for n, i in ((num[:1, :1], idx[:1, :1]), (num[:1], idx[:1]), (num[:, :1], idx[:, :1])):
+        out = torch.full_like(q, float("nan"))
+        sparse_decode_attention(q, k, v, kv_num_blocks=n, kv_indices=i, block_size=16,
+                                backend="triton", out=out, num_splits=splits)
+        want = sparse_decode_attention(q, k, v, kv_num_blocks=n.expand(2, 2).contiguous(),
+                                       kv_indices=i.expand(2, 2, -1).contiguous(),
+                                       block_size=16, backend="reference")
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+
+
+@needs_triton
 def test_triton_ignores_blocks_past_the_sequence_end():
     """A block listed past a short sequence's end contributes nothing (ragged batches share one
     table width); the last partial block reads only its valid tokens."""

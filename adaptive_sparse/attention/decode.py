@@ -25,6 +25,7 @@ from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
 DECODE_BACKENDS = ("auto", "reference", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_int_table(name: str, t, shape: str, rank: int, device) -> None:
@@ -37,29 +38,24 @@ def _check_int_table(name: str, t, shape: str, rank: int, device) -> None:
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, block_size, scale,
-              out, check_indices):
-    """Returns (q3 [B, Hq, D], cache_seqlens [B], kv_num_blocks [B, Hkv] | None,
-    kv_indices [B, Hkv, Kmax] | None, scale)."""
+              out, check_indices) -> float:
+    """Checks shapes, dtypes and devices (no view or allocation: this runs every decode step);
+    returns the scale."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-    if q.dim() == 4:
-        if q.shape[2] != 1:
-            raise fail("q", "[B, Hq, D] or [B, Hq, 1, D] (one query token)", tuple(q.shape))
-        q3 = q[:, :, 0]
-    elif q.dim() == 3:
-        q3 = q
-    else:
-        raise fail("q", "[B, Hq, D] or [B, Hq, 1, D]", tuple(q.shape))
-    check_head_tensor("q", q3[:, :, None])
+    if not (q.dim() == 3 or (q.dim() == 4 and q.shape[2] == 1)):
+        raise fail("q", "[B, Hq, D] or [B, Hq, 1, D] (one query token)", tuple(q.shape))
+    if q.dtype not in DTYPES:
+        raise fail("q", f"a dtype in {DTYPES}", q.dtype)
     check_head_tensor("k", k_cache)
     check_head_tensor("v", v_cache)
-    B, Hq, D = q3.shape
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Bk, Hkv, M, Dk = k_cache.shape
+    dev = q.device
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise fail("k, v", f"dtype {q.dtype} (that of q)", f"{k_cache.dtype}, {v_cache.dtype}")
-    if k_cache.device != q.device or v_cache.device != q.device:
-        raise fail("k, v", f"device {q.device} (that of q)",
-                    f"{k_cache.device}, {v_cache.device}")
+    if k_cache.device != dev or v_cache.device != dev:
+        raise fail("k, v", f"device {dev} (that of q)", f"{k_cache.device}, {v_cache.device}")
     if Bk != B or Dk != D:
         raise fail("k", f"[{B}, Hkv, M, {D}] (batch and head_dim of q)", tuple(k_cache.shape))
     if v_cache.shape != k_cache.shape:
@@ -68,26 +64,25 @@ def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, blo
         raise fail("k", f"a KV head count dividing Hq={Hq}", f"Hkv={Hkv}")
     if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
-    if cache_seqlens is None:
-        cache_seqlens = torch.full((B,), M, dtype=torch.int32, device=q.device)
-    _check_int_table("cache_seqlens", cache_seqlens, "[B]", 1, q.device)
-    if cache_seqlens.shape[0] != B:
-        raise fail("cache_seqlens", f"shape [{B}]", tuple(cache_seqlens.shape))
+    if cache_seqlens is not None:
+        _check_int_table("cache_seqlens", cache_seqlens, "[B]", 1, dev)
+        if cache_seqlens.shape[0] != B:
+            raise fail("cache_seqlens", f"shape [{B}]", tuple(cache_seqlens.shape))
     if (kv_num_blocks is None) != (kv_indices is None):
         raise fail("kv_num_blocks, kv_indices", "both given (sparse) or both None (dense)",
-                    f"{type(kv_num_blocks).__name__}, {type(kv_indices).__name__}")
+                   f"{type(kv_num_blocks).__name__}, {type(kv_indices).__name__}")
     if kv_indices is not None:
-        _check_int_table("kv_num_blocks", kv_num_blocks, "[B, Hkv]", 2, q.device)
-        _check_int_table("kv_indices", kv_indices, "[B, Hkv, Kmax]", 3, q.device)
+        _check_int_table("kv_num_blocks", kv_num_blocks, "[B, Hkv]", 2, dev)
+        _check_int_table("kv_indices", kv_indices, "[B, Hkv, Kmax]", 3, dev)
         if kv_num_blocks.shape[0] not in (1, B) or kv_num_blocks.shape[1] not in (1, Hkv):
             raise fail("kv_num_blocks", f"[{B} or 1, {Hkv} or 1]", tuple(kv_num_blocks.shape))
         if kv_indices.shape[:2] != kv_num_blocks.shape:
             raise fail("kv_indices", f"leading dims {tuple(kv_num_blocks.shape)} "
-                        "(those of kv_num_blocks)", tuple(kv_indices.shape))
-        kv_num_blocks = kv_num_blocks.expand(B, Hkv)
-        kv_indices = kv_indices.expand(B, Hkv, kv_indices.shape[2])
+                       "(those of kv_num_blocks)", tuple(kv_indices.shape))
         if check_indices:
-            _check_indices(kv_num_blocks, kv_indices, cache_seqlens, M, block_size)
+            seqlens = cache_seqlens if cache_seqlens is not None \
+                else torch.full((B,), M, dtype=torch.int32, device=dev)
+            _check_indices(kv_num_blocks, kv_indices, seqlens, M, block_size)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
@@ -96,10 +91,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, blo
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise fail("out", f"{tuple(q.shape)} {q.dtype} on {q.device} (like q)",
-                        f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    return q3, cache_seqlens, kv_num_blocks, kv_indices, float(scale)
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != dev:
+            raise fail("out", f"{tuple(q.shape)} {q.dtype} on {dev} (like q)",
+                       f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    return float(scale)
 
 
 def _check_indices(kv_num_blocks, kv_indices, cache_seqlens, M, block_size) -> None:
@@ -180,25 +175,29 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     when `return_lse`."""
     if backend not in DECODE_BACKENDS:
         raise fail("backend", f"one of {DECODE_BACKENDS}", backend)
-    q3, seqlens, num, idx, scale = _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks,
-                                             kv_indices, block_size, scale, out, check_indices)
+    scale = _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, block_size,
+                      scale, out, check_indices)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
-    out3 = None if out is None else (out[:, :, 0] if out.dim() == 4 else out)
     if backend == "triton":
         check_triton(q)
         from adaptive_sparse.attention.triton.decode import triton_sparse_decode
-        o, lse = triton_sparse_decode(q3, k_cache, v_cache, seqlens, num, idx,
-                                      block_size=block_size, scale=scale, out=out3,
-                                      num_splits=num_splits)
+        result, lse = triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks,
+                                           kv_indices, block_size=block_size, scale=scale,
+                                           out=out, num_splits=num_splits)
     else:
-        o, lse = decode_reference(q3, k_cache, v_cache, seqlens, num, idx,
+        B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+        Hkv, M = k_cache.shape[1], k_cache.shape[2]
+        seqlens = cache_seqlens if cache_seqlens is not None \
+            else torch.full((B,), M, dtype=torch.int32, device=q.device)
+        num = idx = None
+        if kv_indices is not None:
+            num = kv_num_blocks.expand(B, Hkv)
+            idx = kv_indices.expand(B, Hkv, kv_indices.shape[2])
+        o, lse = decode_reference(q.reshape(B, Hq, D), k_cache, v_cache, seqlens, num, idx,
                                   block_size=block_size, scale=scale)
         lse = lse.float()
-        if out3 is not None:
-            out3.copy_(o)
-            o = out3
-    result = out if out is not None else (o.unsqueeze(2) if q.dim() == 4 else o)
+        result = o.view(q.shape) if out is None else out.copy_(o.view(q.shape))
     if return_lse:
         return result, (lse.unsqueeze(2) if q.dim() == 4 else lse)
     return result

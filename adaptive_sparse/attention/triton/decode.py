@@ -31,12 +31,13 @@ def decode_split_fwd_kernel(
     stride_ob, stride_oh,
     stride_nb, stride_nh,
     stride_ib, stride_ih,
-    H_KV, QK_SCALE, WORK_BUCKET,
+    H_KV, N_KV, QK_SCALE, WORK_BUCKET,
     G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DENSE: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr, DIRECT: tl.constexpr, UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (splits, B * H_KV). Q/O [B, H_KV * G, D]; K/V [B, H_KV, M, D]; SEQLENS int32 [B];
+    """Grid (splits, B * H_KV). Q/O [B, H_KV * G, (1,) D]; K/V [B, H_KV, M, D]; SEQLENS int32 [B]
+    (UNIFORM: every sequence holds N_KV tokens, SEQLENS unread);
     KV_NUM int32 [B, H_KV], KV_IDX int32 [B, H_KV, Kmax] (any strides; ignored when DENSE);
     LSE fp32 [B, H_KV * G]. Not DIRECT: O_PART fp32 [B, H_KV, splits, GP, D] and LSE_PART fp32
     [B, H_KV, splits, GP] (contiguous) receive each split's normalized output and log-sum-exp
@@ -48,7 +49,10 @@ def decode_split_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)
     hk = (bh % H_KV).to(tl.int64)
-    seqlen = tl.load(SEQLENS + b)
+    if UNIFORM:
+        seqlen = N_KV
+    else:
+        seqlen = tl.load(SEQLENS + b)
     if DENSE:
         n_blk = tl.cdiv(seqlen, BS)
     else:
@@ -167,7 +171,7 @@ def _prune(configs, named_args, **kwargs):
 
 decode_split_fwd_autotuned = triton.autotune(
     configs=_configs(),
-    key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "DOT_PREC", "WORK_BUCKET"],
+    key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "UNIFORM", "DOT_PREC", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(decode_split_fwd_kernel)
 
@@ -201,34 +205,43 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
                          config: dict | None = None):
     """Split-KV decode over the selected cache blocks.
 
-    q [B, Hq, D] (last dim contiguous), k/v [B, Hkv, M, D], cache_seqlens int32 [B];
-    kv_num_blocks int32 [B, Hkv] and kv_indices int32 [B, Hkv, Kmax] (any strides, e.g.
-    broadcast), or both None for dense decode. out: optional [B, Hq, D] buffer in q's dtype.
-    config pins {"BLOCK_N", "num_warps", "num_stages"}; None autotunes on CUDA (a fixed small
-    config in the interpreter). Returns (out [B, Hq, D], lse fp32 [B, Hq], natural log)."""
-    B, Hq, D = q.shape
+    q [B, Hq, D] or [B, Hq, 1, D] (last dim contiguous), k/v [B, Hkv, M, D]; cache_seqlens int32
+    [B] or None (every sequence holds M tokens); kv_num_blocks int32 [B|1, Hkv|1] and kv_indices
+    int32 [B|1, Hkv|1, Kmax] (any strides; size-1 leading dims broadcast), or both None for
+    dense decode. out: optional buffer shaped like q in q's dtype. config pins {"BLOCK_N",
+    "num_warps", "num_stages"}; None autotunes on CUDA (a fixed small config in the
+    interpreter). Returns (out shaped like q, lse fp32 [B, Hq], natural log). No host-device
+    sync and no host tensor: capturable in a CUDA graph once tuned."""
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, M = k_cache.shape[1], k_cache.shape[2]
     if D not in HEAD_DIMS:
         raise ValueError(f"q: expected head_dim in {HEAD_DIMS} for the triton backend, got {D}")
     G = Hq // Hkv
     GP = _pow2_at_least(G, 16)
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
     dense = kv_indices is None
     if dense:
-        kv_num_blocks = kv_indices = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+        kv_num_blocks = kv_indices = k_cache  # unread
         max_blocks = -(-M // block_size)
-        sn, si = (0, 0), (0, 0)
+        sn = si = (0, 0)
     else:
-        max_blocks = kv_indices.shape[2]
-        sn, si = kv_num_blocks.stride(), kv_indices.stride()[:2]
         if kv_indices.stride(2) != 1:
             kv_indices = kv_indices.contiguous()
-            si = kv_indices.stride()[:2]
+        max_blocks = kv_indices.shape[2]
+        sn = tuple(0 if n == 1 else st for n, st in zip(kv_num_blocks.shape,
+                                                         kv_num_blocks.stride()))
+        si = tuple(0 if n == 1 else st for n, st in zip(kv_indices.shape[:2],
+                                                         kv_indices.stride()[:2]))
     if out is None:
-        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-    if out.stride(-1) != 1:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.stride(-1) != 1:
         raise ValueError(f"out: expected a last-dim stride of 1, got strides {out.stride()}")
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     splits = num_splits if num_splits is not None else choose_splits(B, Hkv, max_blocks, q.device)
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
@@ -240,14 +253,16 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     else:
         o_part = torch.empty(B, Hkv, splits, GP, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, Hkv, splits, GP, dtype=torch.float32, device=q.device)
-    args = (q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, kv_num_blocks,
-            kv_indices, q.stride(0), q.stride(1),
+    uniform = cache_seqlens is None
+    args = (q, k_cache, v_cache, out, lse, o_part, lse_part,
+            lse if uniform else cache_seqlens, kv_num_blocks, kv_indices,
+            q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), sn[0], sn[1], si[0], si[1],
-            Hkv, float(scale) * LOG2E, _pow2_at_least(per_split))
+            Hkv, M, float(scale) * LOG2E, _pow2_at_least(per_split))
     meta = dict(G=G, GP=GP, BS=block_size, HEAD_DIM=D, DENSE=dense, DIRECT=direct,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                UNIFORM=uniform, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (splits, B * Hkv)
     if config is None and not q.is_cuda:
         config = {"BLOCK_N": min(64, block_size), "num_warps": 4, "num_stages": 2}
