@@ -10,9 +10,11 @@ every rank), and at density 1.0 times PyTorch's dense context parallel
 `--gate-seqlens` row times a random gate end to end (pooled-K all_gather, local scores, policy,
 schedule, attention) against the same on one GPU, and `--prefill-seqlens` rows the prefill of a
 random-weight Qwen2 model of Qwen2.5-0.5B's shapes (context-parallel attention layers) against
-rank 0 alone. Configs that would start after `--time-budget` seconds are skipped and listed. Correctness comes first: at `--check-seqlen`
-the gathered output is compared with the single-GPU kernel and both with an fp64 oracle on sampled
-rows, and every timed config's gathered output with the single-GPU output.
+rank 0 alone. Configs that would start after `--time-budget` seconds are skipped and listed.
+Correctness comes first: at `--check-seqlen` the gathered output is compared with the single-GPU
+kernel and both with an fp64 oracle on sampled rows (no timing when that fails), and every timed
+config's gathered output with the single-GPU output (beyond `--single-max-seqlen`: with fp64 on
+sampled rows).
 
     NCCL_NVLS_ENABLE=0 PYTHONPATH=. python benchmarks/ring.py --nproc 2 --json ring.json
     PYTHONPATH=. python benchmarks/ring.py --cpu-smoke --json smoke.json   # gloo, tiny, CPU

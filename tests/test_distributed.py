@@ -158,8 +158,8 @@ def _gate_case(rank, world, report):
 
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
-    cfg = GateConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, gate_dim=8,
-                     init="random")
+    cfg = GateConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                     gate_dim=8, init="random")
     gate = Gate(cfg)
     N = 230
     q, k = torch.randn(1, 4, N, 16, generator=g), torch.randn(1, 2, N, 16, generator=g)

@@ -347,7 +347,7 @@ _READY: set = set()
 def _ensure_communicator(group) -> None:
     """A first collective on the group before any P2P (NCCL's batch_isend_irecv asks that the
     group's first operation involve every rank)."""
-    key = id(group)
+    key = id(dist.group.WORLD if group is None else group)  # a re-created group is new
     if key not in _READY:
         dist.barrier(group=group)
         _READY.add(key)
