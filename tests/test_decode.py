@@ -397,3 +397,32 @@ def test_direct_top_k_selection_equals_the_policy(options):
         assert torch.equal(mask.to_dense(), want.to_dense()), (options, layer)
         BlockSparseMask.from_indices(mask.kv_num_blocks, mask.kv_indices, block_size=16,
                                      q_len=1, kv_len=180, sort=False)  # a valid mask
+
+
+def test_sparse_prefill_gates_and_sparse_decode_together(tmp_path):
+    """Prefill through trained-format prefill gates (GateProvider) and decode through decode
+    gates in one generate call: both sides are called and both select."""
+    from adaptive_sparse.gates import GateConfig, GateProvider, GateSet, save_gates
+    from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet, DecodeProvider
+    from adaptive_sparse.models.generate import greedy_generate
+    from adaptive_sparse.policies import Policy
+
+    model = tiny_llama(seed=4)
+    save_gates(GateSet(GateConfig.from_model(model, block_size=16)), tmp_path / "g")
+    policy = Policy(kind="top_k", k=2)
+    prefill = GateProvider(tmp_path / "g", policy, model)
+    calls = []
+
+    def spy(layer_idx, q, k):
+        mask = prefill(layer_idx, q, k)
+        calls.append(mask.density())
+        return mask
+
+    decode = DecodeProvider(policy, gates=DecodeGateSet(DecodeGateConfig.from_model(
+        model, block_size=16)), prefill=spy, block_size=16)
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(6))
+    tokens, _ = greedy_generate(model, ids, max_new_tokens=4, provider=decode, sparse=True,
+                                block_size=16)
+    assert tokens.shape == (1, 4)
+    assert len(calls) == 2 and max(calls) < 1.0  # one prefill call per layer, sparse
+    assert 0 < decode.decode_density() < 0.5

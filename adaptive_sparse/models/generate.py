@@ -118,9 +118,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", choices=("dense", "gate", "oracle"), default="gate",
                    help="decode-step selection: dense, the decode gates, or the oracle "
                         "(default %(default)s)")
-    p.add_argument("--prefill", choices=("dense", "oracle"), default="dense",
-                   help="prefill attention: dense or the oracle under the same policy "
-                        "(default %(default)s)")
+    p.add_argument("--prefill", choices=("dense", "oracle", "gate"), default="dense",
+                   help="prefill attention: dense, the oracle, or trained prefill gates "
+                        "(--prefill-gates), under the same policy (default %(default)s)")
+    p.add_argument("--prefill-gates", default=None,
+                   help="gate directory for --prefill gate (written by `adaptive-sparse train`)")
     p.add_argument("--decode-gates", default=None,
                    help="decode gates file (save_decode_gates); default: untrained gates "
                         "(identity init: the mean attention logit of each block)")
@@ -172,6 +174,14 @@ def build_provider(args, model):
     if args.prefill == "oracle":
         from adaptive_sparse.models.providers import OracleProvider
         prefill = OracleProvider(policy, block_size=args.block_size)
+    elif args.prefill == "gate":
+        from adaptive_sparse.gates import GateProvider, resolve_gates_dir
+        if args.prefill_gates is None:
+            raise fail("--prefill-gates", "a gate directory with --prefill gate", None)
+        prefill = GateProvider(resolve_gates_dir(args.prefill_gates), policy, model)
+        if prefill.gate_set.config.block_size != args.block_size:
+            raise fail("--block-size", f"{prefill.gate_set.config.block_size} (that of the "
+                       "prefill gates)", args.block_size)
     provider = DecodeProvider(policy, gates=gates, prefill=prefill, decode=args.decode,
                               block_size=args.block_size,
                               num_layers=model_shapes(model)["num_layers"])
