@@ -173,6 +173,7 @@ def bsa_fwd_kernel(
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
+    QK_SCALE = tl.cast(QK_SCALE, tl.float32)  # typed fp64 by the launcher in the lse-only pass
 
     offs_i = tl.arange(0, BLOCK_M)
     rows = r0 + offs_i % RB  # [BLOCK_M]

@@ -82,7 +82,7 @@ def bsa_fwd_fp8_kernel(
     q = tl.load(Q8 + b * stride_qb + heads[:, None] * stride_qh
                 + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D] e4m3
-    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * QK_SCALE  # [BLOCK_M]
+    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * tl.cast(QK_SCALE, tl.float32)
     sk_base = SK + (b * (H_Q // G) + hk) * KB
     k_desc = tl.make_tensor_descriptor(K8 + b * stride_kb + hk * stride_kh,
                                        shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
