@@ -16,6 +16,8 @@ needs_triton = pytest.mark.skipif(not (CUDA or INTERPRET),
                                   reason="triton backend: needs CUDA or TRITON_INTERPRET=1")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# model and gate tests use no Triton kernel: run once, in the pass without the interpreter
+no_kernel = pytest.mark.skipif(INTERPRET, reason="no Triton kernel: runs in the other pass")
 
 
 def random_decode_case(B, Hq, Hkv, M, D, bs, density, *, dtype, device, seed, seqlens=None,
@@ -211,6 +213,7 @@ def _gate(bs=16, seed=0):
                                        block_size=bs, init="random"))
 
 
+@no_kernel
 def test_key_cache_grows_incrementally_and_matches_full_pooling():
     from adaptive_sparse.gates.decode import DecodeKeyCache
 
@@ -230,6 +233,7 @@ def test_key_cache_grows_incrementally_and_matches_full_pooling():
     assert cache.recomputes == 2
 
 
+@no_kernel
 def test_decode_policies_force_sink_and_recent_blocks():
     from adaptive_sparse.gates.decode import select_decode_blocks, token_budget_policy
     from adaptive_sparse.policies import Policy
@@ -250,6 +254,7 @@ def test_decode_policies_force_sink_and_recent_blocks():
         assert dense.gather(-1, top[..., None]).all(), policy
 
 
+@no_kernel
 def test_train_decode_gates_lowers_the_distillation_loss(tmp_path):
     from adaptive_sparse.gates.decode import (
         DecodeGateConfig,
@@ -291,6 +296,7 @@ def test_train_decode_gates_lowers_the_distillation_loss(tmp_path):
         load_decode_gates(tmp_path / "other.safetensors")
 
 
+@no_kernel
 @pytest.mark.parametrize("decode", ["gate", "oracle"])
 def test_generation_with_full_budget_equals_dense(decode):
     """A budget covering every block makes sparse decode exact: greedy tokens equal dense,
@@ -313,6 +319,7 @@ def test_generation_with_full_budget_equals_dense(decode):
     assert res["sparse_tokens_per_s"] > 0
 
 
+@no_kernel
 def test_decode_step_through_the_model_matches_the_reference():
     """One decode step of the model under sparse_attention equals the decode reference applied
     to the layer's own q/k/v with the provider's mask (the routing reads the right blocks)."""
@@ -358,6 +365,7 @@ def _cli(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@no_kernel
 def test_generate_command_refuses_bad_input():
     res = _cli("generate", "--prompt", "a", "--prompt-file", "b.txt")
     assert res.returncode == 2 and "--prompt: expected either" in res.stderr
@@ -375,6 +383,7 @@ def test_generate_command_on_smollm2():
     assert "greedy agreement with dense" in res.stdout
 
 
+@no_kernel
 @pytest.mark.parametrize("options", [dict(kind="top_k", k=3), dict(kind="top_k", k=1),
                                      dict(kind="top_k", k=4, local_blocks=2),
                                      dict(kind="top_k", k=5, keep_sink=False),
@@ -399,6 +408,7 @@ def test_direct_top_k_selection_equals_the_policy(options):
                                      q_len=1, kv_len=180, sort=False)  # a valid mask
 
 
+@no_kernel
 def test_sparse_prefill_gates_and_sparse_decode_together(tmp_path):
     """Prefill through trained-format prefill gates (GateProvider) and decode through decode
     gates in one generate call: both sides are called and both select."""
