@@ -56,3 +56,16 @@ def test_notebooks_execute_in_order(kernel_env):
     for kind in ("gate", "masks", "static"):
         assert (run / "artifacts" / kind / "manifest.json").is_file()
     print("notebook seconds:", {k: round(v, 1) for k, v in times.items()})
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_notebooks_are_clean(name):
+    """Committed without outputs (a run's outputs would date and leak machine paths): no
+    outputs, no execution counts, no absolute paths."""
+    text = (NOTEBOOKS / name).read_text()
+    book = json.loads(text)
+    for cell in book["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, name
+    for needle in ("/work/", "/home/", "/tmp/", "/root/", "C:\\\\"):
+        assert needle not in text, (name, needle)
