@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -519,7 +520,10 @@ def worker(rank, world, args, init):
     save([], False)  # the attention rows survive a failure in the prefill rows
     prefill = []
     if bool(ok) and args.prefill_seqlens:
-        prefill = prefill_rows(rank, world, args, bs, backend, device, t_start, skipped)
+        if importlib.util.find_spec("transformers") is None:
+            skipped.append(dict(kind="prefill", reason="transformers is not installed"))
+        else:
+            prefill = prefill_rows(rank, world, args, bs, backend, device, t_start, skipped)
     save(prefill, True)
     dist.barrier()
     dist.destroy_process_group()
