@@ -426,8 +426,9 @@ def prefill_rows(rank, world, args, bs, backend, device, t_start, skipped) -> li
 def worker(rank, world, args, init):
     smoke = args.cpu_smoke
     if smoke:
-        dist.init_process_group("gloo", store=dist.FileStore(init, world), rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=120))
+        store = None if init is None else dist.FileStore(init, world)  # None: torchrun's env
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
         device, dtype, backend = torch.device("cpu"), torch.float32, "gather"
         torch.set_num_threads(1)
     else:
