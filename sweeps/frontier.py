@@ -138,48 +138,15 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _plot_frontier(rows: list[dict], cost: str, budgets: Sequence[float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, method in enumerate(sorted({r["method"] for r in rows})):
-        pts = [r for r in rows if r["method"] == method]
-        color = f"C{k % 10}"
-        ax.scatter([r[cost] for r in pts], [100 * r["ppl_change"] for r in pts], s=10,
-                   alpha=0.3, color=color)
-        front = sorted((r for r in pts if r["front_method"]), key=lambda r: r[cost])
-        ax.plot([r[cost] for r in front], [100 * r["ppl_change"] for r in front], marker="o",
-                ms=4, color=color, label=method,
-                linestyle="--" if method.startswith("oracle") else "-")
-    for b in budgets:
-        ax.axhline(100 * b, color="gray", linestyle=":", linewidth=1)
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylim(bottom=min(0.0, 120 * min(r["ppl_change"] for r in rows)))
-    ax.set_xlabel("density (fraction of causal blocks computed)" if cost == "density" else cost)
-    ax.set_ylabel("perplexity change vs dense (%)")
-    ax.set_title("sparsity / quality frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from adaptive_sparse.plots import plot_frontier
+    plot_frontier(rows, path, cost=cost, budgets=budgets)
 
 
 def _plot_layers(row: dict, budget: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    dens = row["per_layer_density"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(range(len(dens)), dens, color="C0")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("density")
-    ax.set_title(f"{row['method']} (trial {row['trial']}), sparsest within "
-                 f"+{100 * budget:g}% ppl: density {row['density']:.3f}")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from adaptive_sparse.plots import plot_layer_density
+    plot_layer_density({f"{row['method']} (trial {row['trial']})": row["per_layer_density"]},
+                       path, title=f"sparsest within +{100 * budget:g}% ppl: density "
+                                   f"{row['density']:.3f}")
 
 
 def write_report(run_dir: str | Path, budgets: Sequence[float] | None = None,
