@@ -18,6 +18,11 @@ either fully visible or not needed at all: only the rank's own step applies the 
 Limits: self-attention prefill (mask q_len == kv_len == N); a non-causal mask needs N to be a
 multiple of 2P * block_size (padded keys would be visible); padded query rows of the output are
 unspecified and dropped by `unshard_sequence`.
+
+    sh = dict(rank=dist.get_rank(), world=dist.get_world_size(), block_size=mask.block_size)
+    q_l, k_l, v_l = (shard_sequence(t, dim=2, **sh) for t in (q, k, v))
+    out_l, stats = context_parallel_attention(q_l, k_l, v_l, mask, return_stats=True)
+    out = gather_sequence(out_l, dim=2, seq_len=mask.q_len)  # == block_sparse_attention(...)
 """
 
 from __future__ import annotations
