@@ -159,4 +159,5 @@ def test_allow_module_admits_a_named_factory_and_help_says_configs_are_code(tmp_
     assert r.returncode == 2 and "mymod:Mine" in r.stderr, r.stderr
     r = run("--config", str(cfg), "--run-dir", "run", "--no-progress", "--allow-module", "mymod")
     assert r.returncode == 0 and "2/2 trials done" in r.stdout, r.stdout + r.stderr
-    assert r.stdout.count("complete: density") == 2, r.stdout
+    assert r.stdout.count("complete: density") == 2, r.stdout  # a line per finished trial
+    assert "\r" not in r.stdout + r.stderr  # no progress bar off a terminal

@@ -157,6 +157,24 @@ def test_sampled_allocation_records_method_as_parameter(tmp_path):
     assert all(t.params["method"] == t.user_attrs["method"] for t in _trials(tmp_path))
 
 
+def test_identical_parameters_are_not_evaluated_twice(tmp_path):
+    """Two possible settings, six slots: two evaluations, four trials pruned as duplicates (the
+    demo study once ran the same parameters twice); objectives named in the study."""
+    ev = SyntheticEvaluator()
+    cfg = _cfg(n_trials=6, methods={"sliding_window": {"window": [3, 5]}},
+               storage=_journal(tmp_path))
+    counts = run_sweep(cfg, tmp_path, evaluator=ev, progress=False)
+    trials = _trials(tmp_path)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    twins = [t for t in trials if t.state == TrialState.PRUNED]
+    assert ev.evaluations == len(done) == len({json.dumps(t.params) for t in done}) <= 2
+    assert len(twins) == 6 - len(done) and counts["done"] == 6 and counts["fail"] == 0
+    by_number = {t.number: t for t in done}
+    for t in twins:
+        assert by_number[t.user_attrs["duplicate_of"]].params == t.params
+    assert load_run(tmp_path)[1].metric_names == ["density", "ppl_change"]
+
+
 def test_unknown_allocation_refused():
     with pytest.raises(ValueError, match="method_allocation: expected one of"):
         SearchSpace.from_config(METHODS, SyntheticEvaluator(), allocation="greedy")
