@@ -112,6 +112,12 @@ def _cases(rank, world, report):
                                             backend="reference")
     report["empty_shards"] = _run_case(rank, world, case, _mask(g, case, window_only=True),
                                        q, k, v)
+    # non-causal (no padding: N = 256 is a multiple of 2 * world * 16): only the reference
+    nc = ("non_causal", 1, 4, 2, 256, 16, 16, "q", 1, 0.3, "zigzag")
+    dense = torch.rand(1, 4, 16, 16, generator=g) < 0.3
+    mask_nc = BlockSparseMask.from_dense(dense, block_size=16, q_len=256, kv_len=256,
+                                         causal=False)
+    report["non_causal"] = _run_case(rank, world, nc, mask_nc, *_inputs(g, nc))
     # one plan reused: a second call with fresh inputs
     plan = plan_context_parallel(mask, batch=2, q_heads=4, kv_heads=2, head_dim=16,
                                  elem_bytes=4)
@@ -263,6 +269,12 @@ def test_matches_single_process_and_fp64_oracle(attention_reports, name):
     assert rep["err"] <= 2 * rep["ref_err"] + 1e-5, rep
     assert rep["vs_ref"] < 1e-4 and rep["lse_err"] < 1e-4, rep
     assert rep["sent"] == rep["received"]
+
+
+def test_non_causal_matches_single_process(attention_reports):
+    world, reports = attention_reports
+    rep = reports[0]["non_causal"]
+    assert rep["finite"] and rep["vs_ref"] < 1e-5 and rep["sent"] == rep["received"] > 0, rep
 
 
 def test_bytes_follow_the_mask(attention_reports):
