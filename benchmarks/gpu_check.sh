@@ -17,7 +17,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
     | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -q -x -m gpu -k "${TESTS_K:-}" \
+    timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -q -m gpu -k "${TESTS_K:-}" \
         tests/test_triton.py tests/test_fp8.py tests/test_kernel_out.py 2>&1 | tail -n 20 \
         | tee "$OUT/pytest.log"
 fi

@@ -198,12 +198,19 @@ def bsa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    kb = tl.load(idx_base) if not DENSE else 0  # sparse rows: the block index one tile ahead
     for t in range(0, n_full * SPLIT):
-        start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        if DENSE:
+            start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
+        else:
+            kb_next = tl.load(idx_base + tl.minimum((t + 1) // SPLIT, n_blk - 1))
+            start_n = kb * BS + (t % SPLIT) * BLOCK_N
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
                                      DOT_PREC)
+        if not DENSE:
+            kb = kb_next
     for t in range(n_full * SPLIT, n_blk * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
