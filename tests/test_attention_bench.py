@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="runs the Triton kernels on the CPU interpreter")
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="runs the Triton kernels on the CPU interpreter")
 
 
 def _artifact(tmp_path, heads):
@@ -30,6 +30,7 @@ def _artifact(tmp_path, heads):
     return save_masks(tmp_path / "art", masks, method="test")
 
 
+@needs_interpreter
 @pytest.mark.parametrize("heads", [9, 3])
 def test_artifact_case_checks_every_layer(tmp_path, heads):
     from benchmarks import attention
@@ -46,3 +47,23 @@ def test_artifact_case_checks_every_layer(tmp_path, heads):
     assert all(r["mask_heads"] == heads for r in layer_rows)
     assert all(r["ok"] and r["err"] < 1e-2 for r in rows)
     assert [r["density"] for r in layer_rows] == pytest.approx([m.density() for _, m in masks])
+
+
+def test_best_dense_names_the_fastest_backend_in_every_table():
+    from benchmarks import attention
+    from benchmarks.common import best_dense
+
+    assert best_dense({"cudnn": 1.5, "flash": 2.5}) == ("cudnn", 1.5)
+    assert best_dense({"cudnn": 3.0, "flash": 2.5}) == ("flash", 2.5)
+    env = {"device": "dev", "torch": "t", "triton": "tr", "cuda": "c", "cudnn": 1,
+           "matmul_bf16_tflops": 700.0, "copy_tb_per_s": 4.0}
+    rows = [dict(shape=s, Hq=4, Hkv=1, D=d, N=8192, block_size=128, sdpa_ms=sdpa,
+                 best_dense=best_dense(sdpa)[0], best_dense_ms=best_dense(sdpa)[1],
+                 best_dense_tflops=600.0, provider="ours", density=0.5, ms=1.0, tflops=500.0,
+                 err=2e-3, ok=True, speedup_vs_dense=best_dense(sdpa)[1] / 1.0)
+            for s, d, sdpa in (("llama3-8b", 128, {"cudnn": 1.5, "flash": 2.5}),
+                               ("gemma3-270m", 256, {"cudnn": 3.0, "flash": 2.5}))]
+    md = attention.markdown(env, rows, [], [])
+    assert md.count("| N | density |") == 2  # one table per shape / head_dim
+    assert "SDPA-cudnn ms | SDPA-flash ms | best dense" in md
+    assert "| cudnn 600 TFLOP/s | 1.50 |" in md and "| flash 600 TFLOP/s | 2.50 |" in md
