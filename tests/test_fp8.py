@@ -88,6 +88,8 @@ def test_fp8_refuses_bad_shapes():
     q = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match="k, v: expected"):
         fp8_block_sparse_attention(q, torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16))
+    with pytest.raises(TypeError, match="q: expected float16"):
+        fp8_block_sparse_attention(q.double(), q.double(), q.double())
     with pytest.raises(ValueError, match="head_dim"):
         fp8_block_sparse_attention(torch.randn(1, 1, 16, 24), torch.randn(1, 1, 16, 24),
                                    torch.randn(1, 1, 16, 24))

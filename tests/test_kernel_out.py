@@ -55,6 +55,8 @@ def test_bad_out_buffer_is_refused():
             triton_block_sparse_attention(q, k, v, mask, 0.2, out=out)
     with pytest.raises(TypeError, match="out: expected a torch.Tensor"):
         triton_block_sparse_attention(q, k, v, mask, 0.2, out=q.numpy())
+    with pytest.raises(TypeError, match="q: expected float16, bfloat16 or float32"):
+        triton_block_sparse_attention(q.double(), k.double(), v.double(), mask, 0.2)
 
 
 

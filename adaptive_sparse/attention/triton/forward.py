@@ -173,7 +173,6 @@ def bsa_fwd_kernel(
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
-    QK_SCALE = tl.cast(QK_SCALE, tl.float32)  # typed fp64 by the launcher in the lse-only pass
 
     offs_i = tl.arange(0, BLOCK_M)
     rows = r0 + offs_i % RB  # [BLOCK_M]
@@ -341,6 +340,7 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
     Returns (out [B, Hq, N, D] or None, lse fp32 [B, Hq, N] or None)."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
+    check_dtype(q)
     if out is not None:
         check_out(out, q)
     elif write_o:
@@ -393,6 +393,13 @@ def check_out(out, q) -> None:
                          f"{q.device}, got {tuple(out.shape)}, {out.dtype}, {out.device}")
     if not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous tensor, got strides {out.stride()}")
+
+
+def check_dtype(q) -> None:
+    """The kernels compute in fp32 / tf32 / bf16 / fp16 tensor-core dots: no fp64."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q: expected float16, bfloat16 or float32 for the triton backend, got "
+                        f"{q.dtype}")
 
 
 def check_head_dim(d: int) -> None:

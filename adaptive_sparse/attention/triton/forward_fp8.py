@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_head_dim,
-                                                      check_out, ensure_allocator, pow2_bucket,
-                                                      program_rows, row_blocks, tile_start)
+from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_dtype,
+                                                      check_head_dim, check_out, ensure_allocator,
+                                                      pow2_bucket, program_rows, row_blocks,
+                                                      tile_start)
 
 E4M3_MAX = 448.0
 LOG2_E4M3_MAX = math.log2(E4M3_MAX)
@@ -82,7 +83,7 @@ def bsa_fwd_fp8_kernel(
     q = tl.load(Q8 + b * stride_qb + heads[:, None] * stride_qh
                 + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D] e4m3
-    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * tl.cast(QK_SCALE, tl.float32)
+    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * QK_SCALE  # [BLOCK_M]
     sk_base = SK + (b * (H_Q // G) + hk) * KB
     k_desc = tl.make_tensor_descriptor(K8 + b * stride_kb + hk * stride_kh,
                                        shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
@@ -189,6 +190,7 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
     GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA and uses a small fixed config
     in the interpreter. Returns out [B, Hq, N, D]."""
     B, Hq, N, D = q.shape
+    check_dtype(q)
     check_head_dim(D)
     Hkv, M = k.shape[1], k.shape[2]
     if k.shape != (B, Hkv, M, D) or v.shape != k.shape or Hkv < 1 or Hq % Hkv:
