@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
@@ -225,13 +226,23 @@ def build_objective(cfg: SweepConfig, evaluator=None, *,
                           max_density=cfg.max_density, latency=latency)
 
 
-def _open(cfg: SweepConfig, run_dir: Path):
+def _sampler(cfg: SweepConfig, seed: int):
+    return make_sampler(cfg.sampler, seed=seed, constrained=cfg.max_density is not None,
+                        population_size=cfg.population_size,
+                        n_startup_trials=cfg.n_startup_trials)
+
+
+def _open(cfg: SweepConfig, run_dir: Path, seed: int | None = None):
     storage = open_storage(cfg.storage, run_dir, heartbeat_interval=cfg.heartbeat_interval,
                            grace_period=cfg.grace_period, max_retry=cfg.max_retry)
-    sampler = make_sampler(cfg.sampler, seed=cfg.seed, constrained=cfg.max_density is not None,
-                           population_size=cfg.population_size,
-                           n_startup_trials=cfg.n_startup_trials)
+    sampler = _sampler(cfg, cfg.seed if seed is None else seed)
     return open_study(storage, cfg.name, cfg.objectives, sampler=sampler), storage
+
+
+def _process_seed(cfg: SweepConfig) -> int:
+    """The sampler seed of a process that joins a study others also sample: samplers seeded
+    alike would propose the same parameters in every process."""
+    return (cfg.seed * 1_000_003 + os.getpid()) % 2**31
 
 
 def trial_line(t: optuna.trial.FrozenTrial, objectives: list[str]) -> str:
@@ -353,10 +364,12 @@ def run_sweep(cfg: SweepConfig, run_dir: str | Path, *, workers: int = 1, join: 
     atomic_write_json(run_dir / "sweep.json", {
         "study_name": cfg.name, "storage": cfg.storage, "objectives": cfg.objectives,
         "config": asdict(cfg)})
+    added = ensure_slots(study, storage, cfg.n_trials) if not join else 0
     if not join:
-        added = ensure_slots(study, storage, cfg.n_trials)
         log.info("study %r in %s: %d slots (%d trials added)", cfg.name, cfg.storage,
                  cfg.n_trials, added)
+    if added < cfg.n_trials:  # a resume or a second command: not the seeded fresh study
+        study.sampler = _sampler(cfg, _process_seed(cfg))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(study, list(cfg.objectives), stop,
                                                     progress and sys.stderr.isatty()),
@@ -413,7 +426,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
     allow = tuple(args.allow_module)
     if args.worker:
         cfg = _worker_config(args, allow)
-        study, storage = _open(cfg, Path(cfg.run_dir))
+        study, storage = _open(cfg, Path(cfg.run_dir), seed=_process_seed(cfg))
         run_worker(study, storage, build_objective(cfg, allow_modules=allow),
                    poll_interval=min(1.0, cfg.heartbeat_interval))
         return 0
