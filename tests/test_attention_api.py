@@ -156,3 +156,59 @@ def test_degenerate_shapes_are_named(shapes, match):
     q, k = torch.randn(*shapes[0]), torch.randn(*shapes[1])
     with pytest.raises(ValueError, match=match):
         block_sparse_attention(q, k, k.clone(), mask)
+
+
+@pytest.mark.parametrize("dtype,cuda,triton,elsewhere,want", [
+    (torch.float64, True, True, "gather", "reference"),  # the kernels have no float64
+    (torch.float64, False, False, "gather", "reference"),
+    (torch.float32, True, True, "gather", "triton"),
+    (torch.bfloat16, True, False, "gather", "gather"),  # no triton: the PyTorch path
+    (torch.float16, False, True, "reference", "reference"),
+])
+def test_auto_backend_routes_float64_to_the_reference(monkeypatch, dtype, cuda, triton, elsewhere,
+                                                      want):
+    from types import SimpleNamespace
+
+    from adaptive_sparse.attention import api
+
+    monkeypatch.setattr(api, "triton_available", lambda: triton)
+    assert api.auto_backend(SimpleNamespace(dtype=dtype, is_cuda=cuda), elsewhere) == want
+
+
+def test_float64_auto_is_the_reference_computed_in_float64(caplog):
+    q, k, v, mask = (t.double() if isinstance(t, torch.Tensor) else t for t in _inputs(21))
+    out = torch.full_like(q, float("nan"))
+    with caplog.at_level(logging.DEBUG, logger="adaptive_sparse.attention.api"):
+        block_sparse_attention(q, k, v, mask, out=out)
+    assert "auto picked backend 'reference'" in caplog.text
+    want, _ = _fp64(q, k, v, mask)
+    assert float((out - want).abs().max()) < 1e-12  # float64 throughout, not an fp32 softmax
+    got = block_sparse_attention(q, k, v, mask, backend="gather")
+    assert got.dtype == torch.float64 and float((got - want).abs().max()) < 1e-12
+
+
+def test_float64_block_maps_auto_computed_in_float64():
+    from adaptive_sparse.attention.block_maps import block_attention_maps
+
+    g = torch.Generator().manual_seed(22)
+    q, k = torch.randn(1, 2, 40, 16, generator=g).double(), torch.randn(1, 1, 48, 16, generator=g)
+    k = k.double() * 4  # peaked rows
+    bmax, bsum = block_attention_maps(q, k, block_size=16)
+    s = (q @ k.transpose(-1, -2)).div(4).masked_fill(~(torch.arange(48) <= torch.arange(40)[:, None]
+                                                         + 8), -math.inf)
+    p = torch.softmax(s, -1)  # [1, 2, 40, 48]
+    want = torch.nn.functional.pad(p, (0, 0, 0, 8)).view(1, 2, 3, 16, 3, 16).sum((3, 5))
+    want = want / torch.tensor([16.0, 16.0, 8.0], dtype=torch.float64)[:, None]
+    assert bsum.dtype == torch.float32
+    assert float((bsum.double() - want).abs().max()) < 1e-7
+
+
+def test_explicit_triton_refuses_float64_naming_the_dtype():
+    from adaptive_sparse.attention.block_maps import block_attention_maps
+
+    q, k, v, mask = (t.double() if isinstance(t, torch.Tensor) else t for t in _inputs(23))
+    with pytest.raises(TypeError, match="^q: expected float16, bfloat16 or float32 for backend "
+                                        "'triton', got torch.float64"):
+        block_sparse_attention(q, k, v, mask, backend="triton")
+    with pytest.raises(TypeError, match="got torch.float64"):
+        block_attention_maps(q, k, block_size=16, backend="triton")

@@ -1,7 +1,8 @@
 """`block_sparse_attention`: the one public entry. Validates, then dispatches by backend name.
 
-Explicitly named backends never fall back silently; `auto` picks triton on CUDA and gather
-elsewhere (what models run), and logs which. "reference" is the ground truth of the tests.
+Explicitly named backends never fall back silently; `auto` (`auto_backend`) picks the reference
+for float64 inputs, triton on CUDA and gather elsewhere (what models run), and logs which.
+"reference" is the ground truth of the tests.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from adaptive_sparse.masks import BlockSparseMask
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "gather", "triton", "flex")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # tensor-core dots: no float64
+DTYPES = (*TRITON_DTYPES, torch.float64)  # the PyTorch backends also take float64
 
 
-def check_head_tensor(name: str, t, dtypes=_DTYPES) -> None:
+def check_head_tensor(name: str, t, dtypes=TRITON_DTYPES) -> None:
     """A rank-4 tensor of one of `dtypes`: q [B, Hq, N, D] or k/v [B, Hkv, M, D]."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -34,7 +36,7 @@ def check_head_tensor(name: str, t, dtypes=_DTYPES) -> None:
 
 def _check_inputs(q, k, v, mask, scale, check_finite: bool) -> float:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_head_tensor(name, t)
+        check_head_tensor(name, t, DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -109,8 +111,23 @@ def triton_available() -> bool:
     return True
 
 
+def auto_backend(q: torch.Tensor, elsewhere: str) -> str:
+    """What backend "auto" means for q: "reference" for float64 (the kernels have no float64;
+    the reference computes in it), "triton" for CUDA tensors when triton imports, else
+    `elsewhere` ("gather" for attention, "reference" for block maps)."""
+    if q.dtype == torch.float64:
+        return "reference"
+    if q.is_cuda and triton_available():
+        return "triton"
+    return elsewhere
+
+
 def check_triton(q: torch.Tensor) -> None:
-    """Raise RuntimeError unless an explicitly requested triton backend can run on q."""
+    """Raise unless an explicitly requested triton backend can run on q: TypeError for a dtype
+    the kernels lack (float64), RuntimeError without triton or a CUDA device / the interpreter."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"q: expected float16, bfloat16 or float32 for backend 'triton', got "
+                        f"{q.dtype} (backend 'auto' or 'reference' takes float64)")
     if not triton_available():
         raise RuntimeError("backend 'triton': the triton package is not installed "
                            "(pip install triton)")
@@ -125,12 +142,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            check_finite: bool = False, out: torch.Tensor | None = None):
     """Attention of q over the key blocks that `mask` selects.
 
-    q:    [B, Hq, N, D] float32 | float16 | bfloat16, Hq >= 1, D >= 1 (B = 0 gives empty outputs)
+    q:    [B, Hq, N, D] float32 | float16 | bfloat16 | float64 (not with "triton"), Hq >= 1,
+          D >= 1 (B = 0 gives empty outputs)
     k, v: [B, Hkv, M, D], Hq % Hkv == 0 (GQA; K/V are not repeated)
     mask: BlockSparseMask with q_len = N, kv_len = M, batch 1|B, heads 1|Hkv|Hq
     scale: defaults to 1 / sqrt(D)
-    backend: "auto" = "triton" on CUDA when triton imports, else "gather" (the path models
-        run); "reference" (plain PyTorch, the ground truth of the tests), "gather" (PyTorch,
+    backend: "auto" = "reference" for float64 inputs (the kernels have no float64; a TypeError
+        for an explicit "triton"), else "triton" on CUDA when triton imports, else "gather" (the
+        path models run); "reference" (plain PyTorch, the ground truth of the tests), "gather" (PyTorch,
         work proportional to density), "triton", "flex". A named backend never falls back.
     return_lse: also return the natural-log log-sum-exp, float32 [B, Hq, N] (-inf for rows
         that select no block; their output is zeros)
@@ -148,7 +167,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if out is not None:
         _check_out(out, q, k, v)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "gather"
+        backend = auto_backend(q, "gather")
         log.debug("block_sparse_attention: auto picked backend %r", backend)
     if backend == "triton":
         check_triton(q)

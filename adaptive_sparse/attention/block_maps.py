@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptive_sparse.attention.api import check_scale, check_triton, triton_available
+from adaptive_sparse.attention.api import DTYPES, auto_backend, check_scale, check_triton
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, num_blocks
 
 MAP_BACKENDS = ("auto", "reference", "triton")
@@ -22,9 +22,11 @@ def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
     """Block-pooled maps of softmax(q k^T * scale) with the end-aligned causal rule.
 
     q [B, Hq, N, D], k [B, Hkv, M, D] (GQA by Hq % Hkv == 0, K not repeated); N <= M if causal.
-    backend: "auto" (triton on CUDA when importable, else reference), "reference" (PyTorch,
-        chunked: `chunk_elements` bounds the fp32 scores of one chunk), "triton" (CUDA, or the
-        interpreter with TRITON_INTERPRET=1).
+    q, k: float32 | float16 | bfloat16 | float64 (float64 not with "triton": TypeError).
+    backend: "auto" (reference for float64 inputs, else triton on CUDA when importable, else
+        reference), "reference" (PyTorch, chunked: `chunk_elements` bounds the scores of one
+        chunk; computed in float32, or float64 for float64 inputs: the oracle of the tests),
+        "triton" (CUDA, or the interpreter with TRITON_INTERPRET=1).
     Returns (block_max, block_sum), float32 [B, Hq, Qb, Kb]:
       block_max: max probability inside each tile, then normalized so each row sums to 1
                  (the gate's distillation target);
@@ -37,7 +39,7 @@ def block_attention_maps(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
     _check(q, k, block_size, causal)
     scale = check_scale(scale, q.shape[-1])
     if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "reference"
+        backend = auto_backend(q, "reference")
     if backend == "triton":
         check_triton(q)
         from adaptive_sparse.attention.triton import block_attention_maps_triton
@@ -52,6 +54,8 @@ def _check(q, k, block_size, causal) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a rank-4 tensor, got {got}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name}: expected dtype in {DTYPES}, got {t.dtype}")
     B, Hq, N, D = q.shape
     if Hq < 1 or N < 1 or D < 1:
         raise ValueError(f"q: expected at least one head, row and head_dim, got {tuple(q.shape)}")
@@ -73,10 +77,11 @@ def _maps_reference(q, k, bs: int, scale, causal: bool, chunk_elements: int):
     G = Hq // Hkv
     Qb, Kb = num_blocks(N, bs), num_blocks(M, bs)
     offset = M - N if causal else 0
-    bmax = torch.zeros(B, Hkv, G, Qb, Kb, dtype=torch.float32, device=q.device)
+    work = torch.promote_types(q.dtype, torch.float32)  # float64 inputs: computed in float64
+    bmax = torch.zeros(B, Hkv, G, Qb, Kb, dtype=work, device=q.device)
     bsum = torch.zeros_like(bmax)
-    qg = q.float().view(B, Hkv, G, N, D)
-    kt = k.float().transpose(-1, -2)
+    qg = q.to(work).view(B, Hkv, G, N, D)
+    kt = k.to(work).transpose(-1, -2)
     rows_per_chunk = max(bs, (chunk_elements // max(1, B * Hq * M)) // bs * bs)
     for r0 in range(0, N, rows_per_chunk):
         r1 = min(N, r0 + rows_per_chunk)
@@ -100,10 +105,10 @@ def _maps_reference(q, k, bs: int, scale, causal: bool, chunk_elements: int):
         s = s.view(B, Hkv, G, qb1 - qb0, bs, kb_end, bs)
         bmax[..., qb0:qb1, :kb_end] = s.amax(-1).amax(4)
         bsum[..., qb0:qb1, :kb_end] = s.sum(-1).sum(4)
-    rows_in_block = torch.clamp(N - torch.arange(Qb, device=q.device) * bs, max=bs).float()
+    rows_in_block = torch.clamp(N - torch.arange(Qb, device=q.device) * bs, max=bs).to(work)
     bsum /= rows_in_block[:, None]
     bmax /= bmax.sum(-1, keepdim=True).clamp_min(1e-30)
-    return bmax.view(B, Hq, Qb, Kb), bsum.view(B, Hq, Qb, Kb)
+    return bmax.view(B, Hq, Qb, Kb).float(), bsum.view(B, Hq, Qb, Kb).float()
 
 
 def attention_recall(block_sum: torch.Tensor, dense_mask: torch.Tensor) -> torch.Tensor:

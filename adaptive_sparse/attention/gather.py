@@ -26,8 +26,9 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
     Kb = mask.num_kv_blocks
     offset = M - N if mask.causal else 0
     pad = Kb * bs - M
-    kb = F.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, Kb, bs, D)
-    vb = F.pad(v.float(), (0, 0, 0, pad)).view(B, Hkv, Kb, bs, v.shape[-1])
+    work = torch.promote_types(q.dtype, torch.float32)  # float64 inputs: computed in float64
+    kb = F.pad(k.to(work), (0, 0, 0, pad)).view(B, Hkv, Kb, bs, D)
+    vb = F.pad(v.to(work), (0, 0, 0, pad)).view(B, Hkv, Kb, bs, v.shape[-1])
     num = mask.kv_num_blocks.expand(B, -1, -1)      # [B, Hm, Qb]
     idx = mask.kv_indices.expand(B, -1, -1, -1)     # [B, Hm, Qb, Kb]
     Hm = mask.heads
@@ -59,7 +60,7 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
             kg, vg = kb[b_ar, kh, sel], vb[b_ar, kh, sel]   # [B, Hm', n, bs, D]
             sel_h, valid_h = sel, valid
         Hg = kg.shape[1]  # KV heads (per-group or broadcast mask) or query heads
-        qc = q[:, :, r0:r1].float().reshape(B, Hg, (Hq // Hg) * (r1 - r0), D)
+        qc = q[:, :, r0:r1].to(work).reshape(B, Hg, (Hq // Hg) * (r1 - r0), D)
         s = torch.matmul(qc, kg.reshape(B, Hg, n_max * bs, D).transpose(-1, -2)).mul_(scale)
         s = s.view(B, Hg, Hq // Hg, r1 - r0, n_max, bs)
         cols = sel_h[..., None] * bs + torch.arange(bs, device=q.device)    # [B, Hg, n, bs]

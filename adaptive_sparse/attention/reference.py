@@ -2,7 +2,8 @@
 
 Chunked over query blocks, so memory is O(chunk_rows * kv_len * heads), never O(N^2). Within a
 chunk it scores the chunk's rows against the keys up to the last one they can see, masks by the
-block mask (expanded to elements) and the end-aligned causal rule, and takes an fp32 softmax.
+block mask (expanded to elements) and the end-aligned causal rule, and takes an fp32 softmax
+(float64 for float64 inputs: the fp64 oracle of the tests).
 GQA: the Hq / Hkv query heads of a group are folded into the row dimension, so K and V are
 never repeated.
 """
@@ -39,7 +40,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dense = dense.view(mask.batch, Hkv, G, *dense.shape[2:])
     dense = dense.expand(B, -1, -1, -1, -1)  # [B, Hkv, G, Qb, Kb]
 
-    kf, vf = k.float(), v.float()
+    work = torch.promote_types(q.dtype, torch.float32)  # float64 inputs: computed in float64
+    kf, vf = k.to(work), v.to(work)
     if out is None:
         out = torch.empty(B, Hq, N, v.shape[-1], dtype=q.dtype, device=q.device)
     result = out
@@ -50,7 +52,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for r0 in range(0, N, rows_per_chunk):
         r1 = min(N, r0 + rows_per_chunk)
         kv_end = min(M, r1 - 1 + offset + 1) if mask.causal else M
-        qc = qg[:, :, :, r0:r1].float()  # [B, Hkv, G, R, D]
+        qc = qg[:, :, :, r0:r1].to(work)  # [B, Hkv, G, R, D]
         s = torch.matmul(qc.reshape(B, Hkv, G * (r1 - r0), D), kf[:, :, :kv_end].transpose(-1, -2))
         s = s.view(B, Hkv, G, r1 - r0, kv_end).mul_(scale)
         rows = torch.arange(r0, r1, device=q.device)

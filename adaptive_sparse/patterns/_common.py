@@ -8,8 +8,6 @@ import torch
 
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask, block_causal
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def check_int(name: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -65,10 +63,10 @@ def check_geometry(q_len, kv_len, num_heads, block_size, batch, device=None) -> 
 def check_qk(q, k, *, q_len, kv_len, num_heads, batch, block_size, device):
     """Validate q [B, Hq, N, D] and k [B, Hkv, M, D] against the geometry arguments (which
     default to the tensors' own) and return (N, M, B, Hq, Hkv)."""
-    from adaptive_sparse.attention.api import check_head_tensor
+    from adaptive_sparse.attention.api import DTYPES, check_head_tensor
 
     for name, t in (("q", q), ("k", k)):
-        check_head_tensor(name, t, _DTYPES)
+        check_head_tensor(name, t, DTYPES)
     if q.device != k.device:
         raise ValueError(f"k: expected device {q.device} (that of q), got {k.device}")
     B, Hq, N, D = q.shape
