@@ -217,16 +217,15 @@ def bsa_fwd_kernel(
                                      HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
                                      DOT_PREC)
 
-    nonempty = l_i > 0.0
-    l_safe = tl.where(nonempty, l_i, 1.0)
+    empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
+    l_safe = tl.where(empty, 1.0, l_i)
     if WRITE_O:
         o = acc / l_safe[:, None]
         o_ptrs = O + b * stride_ob + heads[:, None] * stride_oh \
             + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453,
-                       float("-inf"))
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(LSE + (b * H_Q + heads) * N_Q + rows, lse, mask=row_ok)
 
 

@@ -108,8 +108,8 @@ def bsa_fwd_fp8_kernel(
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
                                   rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL)
 
-    nonempty = l_i > 0.0
-    l_safe = tl.where(nonempty, l_i, 1.0)
+    empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
+    l_safe = tl.where(empty, 1.0, l_i)
     sv = tl.load(SV + (b * (H_Q // G) + hk) * HEAD_DIM + offs_d)  # [D]
     o = acc / l_safe[:, None] * sv[None, :]
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh
