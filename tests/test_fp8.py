@@ -119,3 +119,60 @@ def test_gpu_fp8_error_next_to_bf16(D):
         err = _rel(out, ref)
         assert err < 1e-1 and err < 40 * err_bf16, (cfg, err, err_bf16)
         assert _rel(out, emulated) < 6e-2, cfg
+
+
+@needs_interpreter
+def test_interpreter_api_precision_fp8_is_the_fp8_kernel():
+    from adaptive_sparse import block_sparse_attention
+    from adaptive_sparse.attention.triton.forward_fp8 import fp8_block_sparse_attention
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, mask = _case(1, 4, 2, 70, 100, 32, 32, 0.5, gen)
+    out = torch.full_like(q, float("nan"))
+    got = block_sparse_attention(q, k, v, mask, backend="triton", precision="fp8", out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
+    assert torch.equal(out, fp8_block_sparse_attention(q, k, v, mask, 1 / math.sqrt(32)))
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(32))
+    assert 1e-3 < _rel(out, ref) < 1e-1  # e4m3, not the fp32 kernel
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(precision="bf16"), ValueError, r"^precision: expected one of \('input', 'fp8'\)"),
+    (dict(precision="fp8", backend="reference"), ValueError,
+     "^precision: 'fp8' runs on backend 'triton' only .* got backend 'reference'"),
+    (dict(precision="fp8", backend="triton", return_lse=True), ValueError,
+     "^return_lse: expected False with precision 'fp8'"),
+])
+def test_api_precision_is_validated(kwargs, error, match):
+    from adaptive_sparse import block_sparse_attention
+
+    q, k, v, mask = _case(1, 2, 1, 32, 32, 16, 16, 1.0, torch.Generator().manual_seed(8))
+    with pytest.raises(error, match=match):
+        block_sparse_attention(q, k, v, mask, **kwargs)
+
+
+@pytest.mark.skipif(CUDA, reason="auto picks triton on CUDA")
+def test_api_fp8_off_cuda_names_the_backend_auto_picked():
+    from adaptive_sparse import block_sparse_attention
+
+    q, k, v, mask = _case(1, 2, 1, 32, 32, 16, 16, 1.0, torch.Generator().manual_seed(9))
+    with pytest.raises(ValueError, match="got backend 'gather'"):
+        block_sparse_attention(q, k, v, mask, precision="fp8")
+    with pytest.raises(TypeError, match="got torch.float64"):
+        block_sparse_attention(q.double(), k.double(), v.double(), mask, precision="fp8",
+                               backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_api_precision_fp8_through_auto():
+    from adaptive_sparse import block_sparse_attention
+
+    gen = torch.Generator().manual_seed(10)
+    q, k, v, mask = _case(1, 8, 2, 1000, 1000, 128, 128, 0.5, gen, "cuda", torch.bfloat16)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(128))
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention(q, k, v, mask, precision="fp8", out=out)
+    err_fp8 = _rel(out, ref)
+    err_bf16 = _rel(block_sparse_attention(q, k, v, mask), ref)
+    assert err_fp8 < 1e-1 and err_fp8 > err_bf16, (err_fp8, err_bf16)

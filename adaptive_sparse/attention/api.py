@@ -18,6 +18,7 @@ from adaptive_sparse.masks import BlockSparseMask
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "gather", "triton", "flex")
+PRECISIONS = ("input", "fp8")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # tensor-core dots: no float64
 DTYPES = (*TRITON_DTYPES, torch.float64)  # the PyTorch backends also take float64
 
@@ -136,10 +137,20 @@ def check_triton(q: torch.Tensor) -> None:
                            f"for the CPU interpreter); got device {q.device}")
 
 
+def _check_fp8(backend: str, return_lse: bool) -> None:
+    if backend != "triton":
+        raise ValueError(f"precision: 'fp8' runs on backend 'triton' only (CUDA, or "
+                         f"TRITON_INTERPRET=1), got backend {backend!r}")
+    if return_lse:
+        raise ValueError("return_lse: expected False with precision 'fp8' (the fp8 kernel "
+                         "writes no lse), got True")
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: BlockSparseMask, *, scale: float | None = None,
                            backend: str = "auto", return_lse: bool = False,
-                           check_finite: bool = False, out: torch.Tensor | None = None):
+                           check_finite: bool = False, out: torch.Tensor | None = None,
+                           precision: str = "input"):
     """Attention of q over the key blocks that `mask` selects.
 
     q:    [B, Hq, N, D] float32 | float16 | bfloat16 | float64 (not with "triton"), Hq >= 1,
@@ -158,17 +169,25 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         (NaN), never a plausible zero.
     out: a contiguous [B, Hq, N, D] tensor of q's dtype and device that receives the output
         (every element is written); None allocates one.
+    precision: "input" (the dots in the inputs' dtype, fp32 accumulation) or "fp8" (opt-in:
+        e4m3 Q K^T and P V with per-block scales, fp32 accumulation; the triton backend only,
+        which "auto" must pick (CUDA), no lse; relative error ~5e-2 against fp64 where bf16 is
+        ~2e-3; see `attention/triton/forward_fp8.py`).
 
     Returns out [B, Hq, N, D] in q's dtype (fp32 accumulation), or (out, lse).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     scale = _check_inputs(q, k, v, mask, scale, check_finite)
     if out is not None:
         _check_out(out, q, k, v)
     if backend == "auto":
         backend = auto_backend(q, "gather")
         log.debug("block_sparse_attention: auto picked backend %r", backend)
+    if precision == "fp8":
+        _check_fp8(backend, return_lse)
     if backend == "triton":
         check_triton(q)
     if q.shape[0] == 0:  # an empty batch: nothing to compute
@@ -186,6 +205,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         case "flex":
             from adaptive_sparse.attention.flex import flex_attention_forward
             return flex_attention_forward(q, k, v, mask, scale, return_lse, out=out)
+        case "triton" if precision == "fp8":
+            from adaptive_sparse.attention.triton import triton_fp8_block_sparse_attention
+            return triton_fp8_block_sparse_attention(q, k, v, mask, scale, out=out)
         case "triton":
             from adaptive_sparse.attention.triton import triton_block_sparse_attention
             return triton_block_sparse_attention(q, k, v, mask, scale, return_lse, out=out)

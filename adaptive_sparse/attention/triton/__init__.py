@@ -9,10 +9,12 @@ import torch
 
 from adaptive_sparse.attention.triton.block_maps import block_attention_maps_triton
 from adaptive_sparse.attention.triton.forward import check_head_dim, default_config, launch_forward
+from adaptive_sparse.attention.triton.forward_fp8 import fp8_block_sparse_attention
 from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 from adaptive_sparse.masks import BlockSparseMask
 
-__all__ = ["triton_block_sparse_attention", "triton_dense_causal_attention",
+__all__ = ["triton_block_sparse_attention", "triton_fp8_block_sparse_attention",
+           "triton_dense_causal_attention",
            "block_attention_maps_triton", "scores_to_kv_indices", "mean_blocks_per_row"]
 
 
@@ -79,6 +81,16 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         scale=float(scale), heads_per_mask=Hq // mask.heads, shared=shared,
         return_lse=return_lse, config=config, blocks_per_row=blocks_per_row, out=out)
     return (out, lse) if return_lse else out
+
+
+def triton_fp8_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      mask: BlockSparseMask, scale: float, *,
+                                      out: torch.Tensor | None = None):
+    """`fp8_block_sparse_attention` (e4m3 dots, per-block scales) with the checks and the
+    autotune hint of `triton_block_sparse_attention`. Returns out [B, Hq, N, D] in q.dtype."""
+    q, k, v = _prepare(q, k, v)
+    hint = None if _interpreted(q) else mean_blocks_per_row(mask)
+    return fp8_block_sparse_attention(q, k, v, mask, scale, out=out, blocks_per_row=hint)
 
 
 def triton_dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
