@@ -56,11 +56,12 @@ class RunRecord(Callback):
     """`<log_dir>/run.json`: each logger's folder, so a resume reuses the same versions."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
             return
         from adaptive_sparse.io import atomic_write_json
 
-        atomic_write_json(Path(trainer.log_dir) / RUN_FILE, {
+        atomic_write_json(Path(log_dir) / RUN_FILE, {
             "loggers": [{"class": type(lg).__name__, "log_dir": lg.log_dir}
                         for lg in trainer.loggers]})
 
