@@ -6,10 +6,11 @@ Storage (``open_storage``):
   trial) holds the write lock from its first read and concurrent processes wait for each other
   instead of failing with "database is locked".
 - ``journal:<path>`` (or a path ending in ``.log`` / ``.journal``): Optuna's JournalStorage on a
-  ``JournalFileBackend`` whose append lock is an ``flock`` (released by the kernel when its holder
-  dies, so a killed worker never leaves a stale lock). A torn last line (a full disk or a crash
-  mid-append) is cut off, under that lock, before the file is opened, with a warning naming the
-  file and the bytes dropped: appending after it would make the journal unreadable for good.
+  ``JournalFileBackend`` (``JournalFile``) whose append lock is an ``flock`` (released by the
+  kernel when its holder dies, so a killed worker never leaves a stale lock). A torn last line
+  (a full disk or a crash mid-append) is cut off, under that lock, before the file is opened and
+  before every append, with a warning naming the file and the bytes dropped (appending after it
+  would make the journal unreadable for good); an append that fails part-way is rolled back.
 - ``postgresql://user@host:port/db`` (any SQLAlchemy URL): workers on many machines.
 
 Exact trial counts. ``ensure_slots(study, storage, n)`` enqueues ``n`` numbered *slots*
@@ -236,6 +237,28 @@ def storage_lock(url: str) -> Iterator[None]:
     yield
 
 
+class JournalFile(JournalFileBackend):
+    """A ``JournalFileBackend`` whose appends leave no torn line: under the append lock the tail
+    is checked (and a torn one cut off) before writing, and a write that fails part-way (a full
+    disk: ENOSPC, EFBIG) is rolled back to the previous size before the error propagates."""
+
+    def __init__(self, path: str | Path, lock: FileLock):
+        super().__init__(str(path), lock_obj=lock)
+        self.path, self.lock = Path(path), lock
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with self.lock:
+            repair_journal(self.path, self.lock)
+            size = self.path.stat().st_size
+            try:
+                super().append_logs(logs)
+            except OSError as e:
+                os.truncate(self.path, size)
+                raise OSError(e.errno, f"storage: cannot append to journal {self.path} "
+                                       f"({e.strerror or e}); the journal was left as it "
+                                       f"was") from None
+
+
 def repair_journal(path: str | Path, lock: FileLock) -> int:
     """Cut a torn last line (no final newline: a write cut short by a full disk or a crash) off
     the journal ``path`` under its append ``lock``; returns the bytes dropped."""
@@ -307,7 +330,7 @@ def _open_storage(url: str, heartbeat_interval: int, grace: int, retry) -> BaseS
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal(path, lock)
-            backend = JournalFileBackend(str(path), lock_obj=lock)
+            backend = JournalFile(path, lock)
         except OSError as e:
             raise ValueError(f"storage: cannot open journal file {str(path)!r}: {e}") from None
         try:

@@ -289,3 +289,38 @@ def test_torn_journal_tail_is_cut_before_appending(tmp_path, caplog):
         json.loads(line)
     _check_exact(tmp_path / "run", 6, killed=len(
         [t for t in load_run(tmp_path / "run")[1].get_trials() if t.state == TrialState.FAIL]))
+
+
+FULL_DISK = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+from sweeps.study import ensure_slots, open_storage, open_study
+path = sys.argv[1]
+storage = open_storage("journal:" + path, heartbeat_interval=1)
+study = open_study(storage, "full", ["density", "ppl_change"])
+ensure_slots(study, storage, 2)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 40, resource.RLIM_INFINITY))
+try:
+    ensure_slots(study, storage, 30)
+except OSError as e:
+    print("refused:", e)
+"""
+
+
+def test_journal_append_cut_by_a_full_disk_is_rolled_back(tmp_path):
+    """A file-size limit makes the append fail part-way, as a full disk does: the journal is
+    rolled back to its last whole line, and the study opens and grows afterwards."""
+    log = tmp_path / "study.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, str(log)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert "storage: cannot append to journal" in r.stdout, r.stdout + r.stderr
+    assert "the journal was left as it was" in r.stdout
+    data = log.read_bytes()
+    assert data.endswith(b"\n") and all(json.loads(line) for line in data.splitlines())
+    from sweeps.study import ensure_slots, open_storage, open_study, trial_counts
+    storage = open_storage(f"journal:{log}", heartbeat_interval=1)
+    study = open_study(storage, "full", ["density", "ppl_change"])
+    assert trial_counts(study)["slots"] == 2
+    ensure_slots(study, storage, 5)
+    assert trial_counts(study)["waiting"] == 5
