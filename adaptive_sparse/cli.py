@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="needle depths in [0, 1], comma-separated (default 0.1,0.5,0.9)")
     p.add_argument("--needle-samples", type=_int_at_least(1), default=1,
                    help="samples per depth (default %(default)s)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, subparser=p)
 
     p = sub.add_parser("compare", help="several settings on the same sequences (dense once)",
                        description="Several settings on the same sequences; dense runs once. "
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG of perplexity change against density")
     p.add_argument("--dense-cache", default=None,
                    help="JSON file caching dense NLLs across runs (created if missing)")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, subparser=p)
 
     p = sub.add_parser("show", help="PNG: true block attention beside a method's mask",
                        epilog=epilog, formatter_class=fmt)
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=_int_at_least(0), default=0,
                    help="which packed sequence, from 0 (default 0)")
     p.add_argument("--out", default="mask.png", help="PNG to write (default %(default)s)")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=cmd_show, subparser=p)
 
     p = sub.add_parser("demo", help="train gates, compare with the oracle and every pattern at "
                        "equal density, sweep, export (SmolLM2-135M, about 15 min on 2 cores)")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns-only", action="store_true",
                    help="only dense vs patterns vs oracle (no gate training, sweep or export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, subparser=p)
 
     from adaptive_sparse.models.generate import add_generate_arguments, cmd_generate
 
@@ -346,7 +346,9 @@ def main(argv=None) -> int:
     try:
         if command in PASSTHROUGH:
             return _passthrough(command, argv[1:])
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # named by the subcommand's parser: "adaptive-sparse eval: error: ..."
+            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"adaptive-sparse {command}: interrupted", file=sys.stderr)
@@ -563,6 +565,33 @@ def make_provider(setting: dict, *, block_size: int, num_layers: int, model=None
     return build_provider(spec, model, num_layers=num_layers)
 
 
+def check_settings(settings: list[dict], *, block_size: int, seq_len: int,
+                   flag: str | None = None) -> None:
+    """Refuse a bad parameter value before the model loads: each pattern and oracle setting is
+    run once on random q, k of one head at `seq_len`; a gate setting's folder is resolved and
+    its policy checked. `flag`: where the settings came from (named in the message)."""
+    import torch
+
+    from adaptive_sparse.policies import Policy
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, seq_len, 8, generator=g)  # [B, H, N, D]
+    for i, setting in enumerate(settings):
+        where = f"{flag}: entry {i} ({setting_name(setting)}): " if flag else ""
+        try:
+            if setting["pattern"] == "gate":
+                from adaptive_sparse.gates import resolve_gates_dir
+
+                resolve_gates_dir(setting["gates"])
+                Policy.from_dict(dict(setting["policy"]))
+                continue
+            provider = make_provider(setting, block_size=block_size, num_layers=1)
+            if provider is not None:
+                provider(0, q, q)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{where}{e}") from None
+
+
 def _select_documents(args):
     """(documents, a line saying which): read before the model loads, so a bad corpus fails
     fast."""
@@ -643,7 +672,10 @@ def _run_settings(args, settings: list[dict], *, needle: bool = False) -> dict:
     from adaptive_sparse.models import load_model, model_fingerprint
     from adaptive_sparse.models.config import text_config
 
-    cache = read_dense_cache(args.dense_cache) if getattr(args, "dense_cache", None) else {}
+    cache = read_dense_cache(args.dense_cache) \
+        if getattr(args, "dense_cache", None) is not None else {}
+    check_settings(settings, block_size=args.block_size, seq_len=args.seq_len,
+                   flag="--settings" if getattr(args, "settings", None) else None)
     selected = _select_documents(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -710,7 +742,7 @@ def cmd_eval(args) -> int:
     from adaptive_sparse.io import atomic_write_json
 
     for flag, path in (("--json", args.json), ("--dense-cache", args.dense_cache)):
-        if path:
+        if path is not None:
             check_output(flag, path)
     setting = setting_from_args(args)
     run = _run_settings(args, [setting], needle=args.needle)
@@ -738,6 +770,8 @@ def read_settings(spec: str) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"--settings: the inline list is not JSON ({e.msg} at column "
                              f"{e.colno})") from None
+        except RecursionError:
+            raise ValueError("--settings: the inline list is nested too deeply") from None
         where = "the inline list"
     else:
         path = Path(spec)
@@ -752,6 +786,8 @@ def read_settings(spec: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"--settings: {path} line {e.lineno}: not JSON ({e.msg})") \
                     from None
+            except RecursionError:
+                raise ValueError(f"--settings: {path} is nested too deeply") from None
         else:
             raw = read_yaml("--settings", path)
         where = str(path)
@@ -783,7 +819,7 @@ def cmd_compare(args) -> int:
 
     for flag, path in (("--json", args.json), ("--plot", args.plot),
                        ("--dense-cache", args.dense_cache)):
-        if path:
+        if path is not None:
             check_output(flag, path)
     settings = read_settings(args.settings)
     run = _run_settings(args, settings)
@@ -807,6 +843,7 @@ def cmd_show(args) -> int:
 
     check_output("--out", args.out)
     setting = setting_from_args(args)
+    check_settings([setting], block_size=args.block_size, seq_len=args.seq_len)
     selected = _select_documents(args)
     model, tokenizer = load_model(args.model)
     _check_positions(model, args.seq_len)
