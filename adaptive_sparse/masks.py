@@ -464,3 +464,25 @@ def blocks_per_row_for_density(density: float, q_len: int, kv_len: int, block_si
         if abs(d - density) < best_err:
             best, best_err = k, abs(d - density)
     return best
+
+
+def compare_masks(masks, ref) -> dict:
+    """How two {key (e.g. layer): BlockSparseMask} dicts differ, pooled over their keys: exact
+    (same index tables everywhere), tiles_differ, rows_differ (query-block rows with a differing
+    tile), tiles (tiles compared), tile_fraction (tiles_differ / tiles)."""
+    if set(masks) != set(ref):
+        raise _fail("ref", f"the keys of masks {sorted(masks)}", sorted(ref))
+    tiles = rows = total = 0
+    exact = True
+    for key, m in masks.items():
+        r = ref[key]
+        if (m.block_size, m.q_len, m.kv_len) != (r.block_size, r.q_len, r.kv_len):
+            raise _fail(f"ref[{key!r}]", "the block_size, q_len and kv_len of masks[key]", repr(r))
+        exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
+            and torch.equal(m.kv_indices, r.kv_indices)
+        diff = m.to_dense() != r.to_dense()  # [B, H, Qb, Kb] (batch 1 or heads 1 broadcast)
+        tiles += int(diff.sum())
+        rows += int(diff.any(-1).sum())
+        total += diff.numel()
+    return dict(exact=bool(exact), tiles_differ=tiles, rows_differ=rows, tiles=total,
+                tile_fraction=tiles / max(total, 1))

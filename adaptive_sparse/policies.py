@@ -432,3 +432,56 @@ def density_mask(scores: torch.Tensor, density: float, *, q_len: int, kv_len: in
     """scores float [B, H, Qb, Kb] -> per row the ceil(density * causal blocks) best blocks."""
     return _plain("density", "density", density, scores, q_len, kv_len, block_size, keep_sink,
                   keep_diagonal, local_blocks, scores_are_probs)
+
+
+def calibrate_to_density(screen, make, lo: float, hi: float, target: float, *,
+                         integer: bool = False, log: bool = False, iters: int = 8):
+    """(make(x), density) for the knob x in [lo, hi] whose density `screen(make(x))` is closest
+    to `target` (ties: the sparser), by bisection on a knob whose growth raises the density.
+
+    A threshold's density falls as tau grows: bisect on 1 / tau, e.g.
+    `calibrate_to_density(screen, lambda x: Policy(kind="threshold", tau=1 / x), 1, 1e7, 0.1,
+    log=True, iters=16)`. `log` halves geometrically (lo > 0), `integer` on integers (it stops
+    once hi - lo <= 1). Each knob value is screened once; every screened value is a candidate.
+    """
+    if not (_is_real(lo) and _is_real(hi)) or not lo < hi or (log and lo <= 0):
+        raise ValueError(f"lo, hi: expected finite numbers lo < hi (lo > 0 with log), "
+                         f"got {lo!r}, {hi!r}")
+    if not _is_real(target) or target <= 0:
+        raise ValueError(f"target: expected a positive density, got {target!r}")
+    if not _is_int(iters) or iters < 1:
+        raise ValueError(f"iters: expected an int >= 1, got {iters!r}")
+    seen: dict = {}
+
+    def density(x):
+        if x not in seen:
+            seen[x] = float(screen(make(x)))
+        return seen[x]
+
+    a, b = lo, hi
+    for _ in range(iters):
+        if integer and b - a <= 1:
+            break
+        mid = (a + b) // 2 if integer else (math.sqrt(a * b) if log else (a + b) / 2)
+        if density(mid) < target:
+            a = mid
+        else:
+            b = mid
+    density(a), density(b)
+    best = min(seen, key=lambda x: (abs(seen[x] - target), seen[x]))
+    return make(best), seen[best]
+
+
+def nearest_to_densities(screen, candidates, targets) -> dict:
+    """target -> (candidate, its screen result) of the candidate whose `screen(candidate)
+    ["density"]` is closest to each target (ties: the sparser). Each candidate is screened once;
+    for settings on a grid rather than a monotone knob (see `calibrate_to_density`)."""
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("candidates: expected at least one, got none")
+    screened = [(float(s["density"]), c, s) for c in candidates for s in (screen(c),)]
+    out = {}
+    for t in targets:
+        _, c, s = min(screened, key=lambda x: (abs(x[0] - t), x[0]))
+        out[t] = (c, s)
+    return out

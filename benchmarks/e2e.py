@@ -43,8 +43,9 @@ import torch
 
 from adaptive_sparse.evaluate import final_hidden
 from adaptive_sparse.models import sparse_attention
-from adaptive_sparse.policies import Policy
 from adaptive_sparse.io import atomic_write_text
+from adaptive_sparse.masks import compare_masks
+from adaptive_sparse.policies import Policy, calibrate_to_density
 from benchmarks.common import DENSE_BACKENDS, environment
 
 # LlamaConfig fields of SmolLM2-135M(-Instruct), as `load_model("smollm2-135m").config` reports
@@ -214,39 +215,13 @@ def gate_masks(model, gates, policy, ids, a, fast=None) -> dict:
 
 def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 16) -> dict:
     """tau of the `threshold` policy whose mean density on `ids` is closest to `target`:
-    bisection in log(tau) (density falls as tau grows) over [1e-7, 1]."""
-    import math
+    bisection in log(1 / tau) over [1, 1e7] (density falls as tau grows)."""
+    def screen(policy):
+        return mean_density(gate_masks(model, gates, policy, ids, a, fast))
 
-    lo, hi = math.log(1e-7), 0.0
-    best = None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        tau = math.exp(mid)
-        d = mean_density(gate_masks(model, gates, Policy(kind="threshold", tau=tau), ids, a, fast))
-        if best is None or abs(d - target) < abs(best["density"] - target):
-            best = {"tau": tau, "density": d}
-        if d > target:
-            lo = mid
-        else:
-            hi = mid
-    return best
-
-
-def compare_masks(masks: dict, ref: dict) -> dict:
-    """Differences between two {layer: BlockSparseMask} dicts: exact (same index tables),
-    tiles and rows that differ, tiles compared, share of tiles that differ."""
-    tiles = rows = total = 0
-    exact = True
-    for layer, m in masks.items():
-        r = ref[layer]
-        exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
-            and torch.equal(m.kv_indices, r.kv_indices)
-        diff = m.to_dense() != r.to_dense()
-        tiles += int(diff.sum())
-        rows += int(diff.any(-1).sum())
-        total += diff.numel()
-    return dict(exact=bool(exact), tiles_differ=tiles, rows_differ=rows, tiles=total,
-                tile_fraction=tiles / max(total, 1))
+    policy, d = calibrate_to_density(screen, lambda x: Policy(kind="threshold", tau=1.0 / x),
+                                     1.0, 1e7, target, log=True, iters=iters)
+    return {"tau": policy.tau, "density": d}
 
 
 def mask_agreement(model, gates, policy, ids, a) -> dict:
@@ -258,19 +233,17 @@ def mask_agreement(model, gates, policy, ids, a) -> dict:
 
 
 def perplexity(model, seqs, ctx_factory) -> float | None:
-    """exp(mean next-token NLL) over the rows of `seqs` under the context, None without them."""
-    import math
-
+    """Perplexity over the rows of `seqs` under the context, None without them."""
     from adaptive_sparse.evaluate import sequence_nll
+    from adaptive_sparse.metrics import Perplexity
 
     if seqs is None:
         return None
-    nll = count = 0
+    ppl = Perplexity()
     with ctx_factory():
         for row in seqs:
-            s, c = sequence_nll(model, row[None])
-            nll, count = nll + s, count + c
-    return math.exp(nll / count)
+            ppl.update(*sequence_nll(model, row[None]))
+    return float(ppl.compute())
 
 
 def dense_contexts(cuda: bool):

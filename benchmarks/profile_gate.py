@@ -44,9 +44,10 @@ import time
 import torch
 
 from adaptive_sparse.io import atomic_write_text
+from adaptive_sparse.masks import compare_masks
 from adaptive_sparse.policies import Policy
 from benchmarks.common import best_dense, dense_baselines
-from benchmarks.e2e import build_model, compare_masks
+from benchmarks.e2e import build_model
 
 PATHS = ("eager", "fast", "graphed")
 # Llama-3-8B's attention shapes (the kernel benchmark's llama3-8b shape); MLP as in the model

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sparse.policies import nearest_to_densities
+
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
 
 
@@ -75,15 +77,10 @@ def families(seq_len: int, bs: int) -> dict[str, tuple[str, list[dict]]]:
 def calibrate(evaluator, family: str, members: list[dict], targets) -> dict[float, dict]:
     """target density -> {"params", "screen_density", "screen_recall"} of the closest member
     (ties: the sparser). Screens each member once."""
-    screened = []
-    for params in members:
-        s = evaluator.screen(family, params)
-        screened.append((float(s["density"]), float(s.get("recall", float("nan"))), params))
-    out = {}
-    for t in targets:
-        d, r, p = min(screened, key=lambda x: (abs(x[0] - t), x[0]))
-        out[t] = {"params": p, "screen_density": d, "screen_recall": r}
-    return out
+    near = nearest_to_densities(lambda p: evaluator.screen(family, p), members, targets)
+    return {t: {"params": p, "screen_density": float(s["density"]),
+                "screen_recall": float(s.get("recall", float("nan")))}
+            for t, (p, s) in near.items()}
 
 
 class Results:
@@ -105,8 +102,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        from adaptive_sparse.evaluate import write_json
-        write_json(self.path, self.data)
+        from adaptive_sparse.io import atomic_write_json
+        atomic_write_json(self.path, self.data)
 
 
 def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSITIES,
@@ -257,21 +254,19 @@ def plot(results: Results, seq_lens, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adaptive_sparse.plots import method_style
+
     lens = [n for n in seq_lens if any(r["seq_len"] == n for r in results.data["rows"])]
     if not lens:
         return None
     fig, axes = plt.subplots(1, len(lens), figsize=(6.5 * len(lens), 4.6), squeeze=False)
     for ax, n in zip(axes[0], lens):
         rows = [r for r in results.data["rows"] if r["seq_len"] == n]
-        for k, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        for m in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((r["density"], 100 * r["ppl_change"]) for r in rows if r["method"] == m)
-            style = {"gate": dict(color="k", lw=2.2),
-                     "gate/threshold": dict(color="C3", lw=2.2),
-                     "oracle": dict(color="k", ls="--"),
-                     "oracle/threshold": dict(color="C3", ls="--")}.get(
-                m, dict(color=f"C{(0, 1, 2, 4, 5, 6, 7, 8, 9)[k % 9]}", lw=1))  # red: gates
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
-                    label=NAMES.get(m, m), **style)
+            style = method_style(m)  # one colour per method in every figure
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, label=NAMES.get(m, m),
+                    **style)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("density (share of causal blocks computed)")
         ax.set_ylabel("perplexity change vs dense (%)")
@@ -293,7 +288,8 @@ def union_fronts(reports: list[str], out: Path, budgets=(0.01, 0.05)) -> str:
     sparsest setting per method within each budget, with the ratio of the best gate's density
     to the best pattern's (the issue-5 target: <= 0.5 at +1%). Dense perplexities may differ
     by GPU rounding (1e-4 relative), no more."""
-    from sweeps.frontier import _flag_fronts, _plot_frontier, best_within
+    from adaptive_sparse.plots import plot_frontier
+    from sweeps.frontier import best_within, flag_fronts
 
     rows, dense = [], set()
     for i, path in enumerate(reports):
@@ -304,9 +300,9 @@ def union_fronts(reports: list[str], out: Path, budgets=(0.01, 0.05)) -> str:
     if max(dense) > min(dense) * (1 + 1e-4):
         raise ValueError(f"reports: the sweeps measured different dense perplexities "
                          f"{sorted(dense)}; they did not run on the same sequences")
-    _flag_fronts(rows, ["density", "ppl_change"])
+    flag_fronts(rows, ["density", "ppl_change"])
     out.mkdir(parents=True, exist_ok=True)
-    _plot_frontier(rows, "density", budgets, out / "frontier_union.png")
+    plot_frontier(rows, out / "frontier_union.png", cost="density", budgets=budgets)
     methods = sorted({r["method"] for r in rows})
     lines = [f"{len(rows)} completed trials from {len(reports)} sweeps (dense perplexity "
              f"{min(dense):.3f}).", "",
@@ -423,8 +419,8 @@ def train(out: Path, args) -> tuple[Path, dict]:
             "train_sequences": args.train_docs, "seq_len": args.train_seq_len,
             "train_tokens": args.train_docs * args.train_seq_len,
             "tokens_seen": args.steps * args.train_seq_len, "device": args.device}
-    from adaptive_sparse.evaluate import write_json
-    write_json(info_path, info)
+    from adaptive_sparse.io import atomic_write_json
+    atomic_write_json(info_path, info)
     return gates, info
 
 

@@ -92,7 +92,9 @@ def trial_rows(study: optuna.Study, objectives: Sequence[str]) -> list[dict[str,
     return rows
 
 
-def _flag_fronts(rows: list[dict], objectives: Sequence[str]) -> dict[str, list[int]]:
+def flag_fronts(rows: list[dict], objectives: Sequence[str]) -> dict[str, list[int]]:
+    """Flag each row `front_method` / `front_overall` (on its method's / the pooled Pareto front
+    of `objectives`) and return {"overall" | method: [trial ids on that front]}."""
     dirs = [OBJECTIVES[o] for o in objectives]
     fronts: dict[str, list[int]] = {}
     for row in rows:
@@ -164,7 +166,7 @@ def write_report(run_dir: str | Path, budgets: Sequence[float] | None = None,
     if not rows:
         raise ValueError(f"run_dir: study {meta['study_name']!r} has no completed trials yet")
     cost = objectives[0] if objectives[0] in ("density", "latency_ms") else "density"
-    fronts = _flag_fronts(rows, objectives)
+    fronts = flag_fronts(rows, objectives)
     methods = sorted({r["method"] for r in rows})
     deployable = [m for m in methods if not m.startswith("oracle")]
     best: dict[str, dict[str, Any]] = {}

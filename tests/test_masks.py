@@ -245,3 +245,25 @@ def test_to_flex_output_equals_the_reference_with_full_blocks():
     block_sparse_attention(q, k, v, m, backend="flex", out=out)
     ref = block_sparse_attention(q, k, v, m, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_masks_counts_tiles_and_rows_that_differ():
+    from adaptive_sparse.masks import compare_masks
+
+    allowed = block_causal(256, 256, 64)  # [4, 4]
+    a = allowed[None, None].repeat(1, 2, 1, 1)
+    b = a.clone()
+    b[0, 1, 3, 0] = False  # one tile of one row of head 1
+    b[0, 0, 2, 1] = False
+    ma, mb = (BlockSparseMask.from_dense(x, block_size=64, q_len=256, kv_len=256) for x in (a, b))
+    same = compare_masks({0: ma, 1: ma}, {0: ma, 1: ma})
+    assert same == dict(exact=True, tiles_differ=0, rows_differ=0, tiles=64, tile_fraction=0.0)
+    diff = compare_masks({0: ma, 1: ma}, {0: ma, 1: mb})
+    assert not diff["exact"] and diff["tiles_differ"] == 2 and diff["rows_differ"] == 2
+    assert diff["tile_fraction"] == 2 / 64
+    with pytest.raises(ValueError, match="^ref: expected the keys of masks"):
+        compare_masks({0: ma}, {1: ma})
+    other = BlockSparseMask.from_dense(block_causal(128, 128, 64)[None, None], block_size=64,
+                                       q_len=128, kv_len=128)
+    with pytest.raises(ValueError, match=r"^ref\[0\]: expected the block_size"):
+        compare_masks({0: ma}, {0: other})

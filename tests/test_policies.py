@@ -279,3 +279,70 @@ def test_bad_layer_position_is_named(layer_idx, num_layers, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         Policy("top_k", k=2).to_mask(scores, q_len=256, kv_len=256, block_size=64,
                                      layer_idx=layer_idx, num_layers=num_layers)
+
+
+def _threshold_screen(scores, calls):
+    def screen(policy):
+        calls.append(policy.tau)
+        return float(policy.to_mask(scores, q_len=1024, kv_len=1024, block_size=64).density())
+    return screen
+
+
+def test_calibrate_to_density_bisects_a_threshold_to_its_target():
+    from adaptive_sparse.policies import calibrate_to_density
+
+    scores = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 3
+    calls = []
+    policy, d = calibrate_to_density(_threshold_screen(scores, calls),
+                                     lambda x: Policy(kind="threshold", tau=1.0 / x),
+                                     1.0, 1e7, 0.3, log=True, iters=16)
+    assert len(calls) == len(set(calls)) <= 18  # each tau screened once
+    assert abs(d - 0.3) < 0.02 and policy.kind == "threshold"
+    assert d == pytest.approx(_threshold_screen(scores, [])(policy))
+    # the best of every screened tau, not only of the last bracket
+    dens = [_threshold_screen(scores, [])(Policy(kind="threshold", tau=t)) for t in calls]
+    assert abs(d - 0.3) == min(abs(x - 0.3) for x in dens)
+
+
+def test_calibrate_to_density_on_an_integer_knob_ties_to_the_sparser():
+    from adaptive_sparse.policies import calibrate_to_density
+
+    seen = []
+
+    def screen(k):
+        seen.append(k)
+        return k / 10  # density 0.1 per step
+
+    params, d = calibrate_to_density(screen, lambda x: x, 0, 10, 0.35, integer=True, iters=20)
+    assert (params, d) == (3, 0.3) and len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("args,match", [
+    ((1.0, 1.0, 0.1), "^lo, hi: expected"), ((0.0, 1.0, 0.1, True), "^lo, hi: expected"),
+    ((1.0, 2.0, 0.0), "^target: expected"), ((1.0, 2.0, float("nan")), "^target: expected"),
+])
+def test_calibrate_to_density_refuses_bad_arguments(args, match):
+    from adaptive_sparse.policies import calibrate_to_density
+
+    lo, hi, target, *log = args
+    with pytest.raises(ValueError, match=match):
+        calibrate_to_density(float, float, lo, hi, target, log=bool(log))
+    with pytest.raises(ValueError, match="^iters: expected"):
+        calibrate_to_density(float, float, 1.0, 2.0, 0.5, iters=0)
+
+
+def test_nearest_to_densities_screens_each_candidate_once_ties_sparser():
+    from adaptive_sparse.policies import nearest_to_densities
+
+    calls = []
+
+    def screen(c):
+        calls.append(c)
+        return {"density": c / 10, "recall": 1 - c / 10}
+
+    near = nearest_to_densities(screen, [1, 2, 4, 8], [0.1, 0.3, 0.6, 1.0])
+    assert calls == [1, 2, 4, 8]
+    assert {t: c for t, (c, _) in near.items()} == {0.1: 1, 0.3: 2, 0.6: 4, 1.0: 8}
+    assert near[0.3][1] == {"density": 0.2, "recall": 0.8}
+    with pytest.raises(ValueError, match="^candidates: expected at least one"):
+        nearest_to_densities(screen, [], [0.1])
