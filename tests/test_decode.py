@@ -446,3 +446,29 @@ def test_sparse_prefill_gates_and_sparse_decode_together(tmp_path):
 def test_generate_command_refuses_training_without_gates():
     res = _cli("generate", "--decode", "oracle", "--train-steps", "3")
     assert res.returncode == 2 and "--train-steps: expected" in res.stderr
+
+
+@no_kernel
+@pytest.mark.parametrize("prefill", ["dense", "oracle", "gate"])
+def test_generate_options_build_the_providers(prefill, tmp_path):
+    import argparse
+
+    from adaptive_sparse.gates import GateConfig, GateSet, save_gates
+    from adaptive_sparse.models.generate import add_generate_arguments, make_decode_provider
+
+    model = tiny_llama(seed=5)
+    save_gates(GateSet(GateConfig.from_model(model, block_size=16)), tmp_path / "g")
+    p = argparse.ArgumentParser()
+    add_generate_arguments(p)
+    args = p.parse_args(["--prefill", prefill, "--prefill-gates", str(tmp_path / "g"),
+                         "--block-size", "16", "--tokens", "40",
+                         "--save-decode-gates", str(tmp_path / "d.safetensors")])
+    provider, policy = make_decode_provider(args, model)
+    assert policy.kind == "top_k" and policy.k == 3
+    assert (provider.prefill is None) == (prefill == "dense")
+    assert (tmp_path / "d.safetensors").is_file()
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        from adaptive_sparse.models.attention import sparse_attention
+        with sparse_attention(model, provider, block_size=16):
+            model(ids)

@@ -154,7 +154,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def build_provider(args, model, tokenizer=None):
+def make_decode_provider(args, model, tokenizer=None):
     from adaptive_sparse.gates.decode import (
         DecodeGateConfig,
         DecodeGateSet,
@@ -164,6 +164,7 @@ def build_provider(args, model, tokenizer=None):
         token_budget_policy,
     )
     from adaptive_sparse.gates.network import model_shapes
+    from adaptive_sparse.models.providers import ProviderSpec, build_provider
     from adaptive_sparse.policies import Policy
 
     params = dict(args.param)
@@ -188,18 +189,14 @@ def build_provider(args, model, tokenizer=None):
         if args.save_decode_gates:
             sha = save_decode_gates(gates, args.save_decode_gates)
             print(f"decode gates written to {args.save_decode_gates} (sha256 {sha[:12]})")
-    prefill = None
-    if args.prefill == "oracle":
-        from adaptive_sparse.models.providers import OracleProvider
-        prefill = OracleProvider(policy, block_size=args.block_size)
-    elif args.prefill == "gate":
-        from adaptive_sparse.gates import GateProvider, resolve_gates_dir
-        if args.prefill_gates is None:
-            raise fail("--prefill-gates", "a gate directory with --prefill gate", None)
-        prefill = GateProvider(resolve_gates_dir(args.prefill_gates), policy, model)
-        if prefill.gate_set.config.block_size != args.block_size:
-            raise fail("--block-size", f"{prefill.gate_set.config.block_size} (that of the "
-                       "prefill gates)", args.block_size)
+    if args.prefill == "gate" and args.prefill_gates is None:
+        raise fail("--prefill-gates", "a gate directory with --prefill gate", None)
+    prefill = build_provider(ProviderSpec(args.prefill, policy=policy, gates=args.prefill_gates,
+                                          block_size=args.block_size), model)
+    gate_set = getattr(prefill, "gate_set", None)
+    if gate_set is not None and gate_set.config.block_size != args.block_size:
+        raise fail("--block-size", f"{gate_set.config.block_size} (that of the prefill gates)",
+                   args.block_size)
     provider = DecodeProvider(policy, gates=gates, prefill=prefill, decode=args.decode,
                               block_size=args.block_size,
                               num_layers=model_shapes(model)["num_layers"])
@@ -244,7 +241,7 @@ def cmd_generate(args) -> int:
     if ids.shape[1] < 2:
         raise fail("--prompt", "a prompt of at least 2 tokens", ids.shape[1])
     ids = ids.expand(args.batch, -1).contiguous()
-    provider, policy = build_provider(args, model, tokenizer)
+    provider, policy = make_decode_provider(args, model, tokenizer)
     res = compare_generation(model, ids, provider, max_new_tokens=args.max_new_tokens,
                              block_size=args.block_size, backend=args.backend)
     res.update(model=args.model, decode=args.decode, prefill=args.prefill,
