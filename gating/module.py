@@ -21,15 +21,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import MeanMetric
 
+from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import block_causal
 from adaptive_sparse.gates import GateConfig, GateSet
 
 LOSSES = ("kl", "mse")
 SPLITS = ("train", "validation")
-
-
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got!r}")
 
 
 def _metric_name(prefix: str, value: float) -> str:
@@ -58,7 +55,7 @@ def distill_loss(scores: torch.Tensor, target: torch.Tensor, allowed: torch.Tens
     elif kind == "mse":
         per_row = ((logp.exp().masked_fill(~allowed, 0.0) - t) ** 2).sum(-1)
     else:
-        raise _fail("loss", f"one of {LOSSES}", kind)
+        raise fail("loss", f"one of {LOSSES}", kind)
     return per_row.mean()
 
 
@@ -88,19 +85,19 @@ class GateDistillModule(L.LightningModule):
                  recall_densities: tuple[float, ...] = (0.1, 0.25, 0.5)):
         super().__init__()
         if loss not in LOSSES:
-            raise _fail("loss", f"one of {LOSSES}", loss)
+            raise fail("loss", f"one of {LOSSES}", loss)
         for name, v in (("lr", lr), ("threshold", threshold)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v:
-                raise _fail(name, "a positive number", v)
+                raise fail(name, "a positive number", v)
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise _fail("weight_decay", "a number >= 0", weight_decay)
+            raise fail("weight_decay", "a number >= 0", weight_decay)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise _fail("warmup_steps", "an int >= 0", warmup_steps)
+            raise fail("warmup_steps", "an int >= 0", warmup_steps)
         if not 0 <= min_lr_ratio <= 1:
-            raise _fail("min_lr_ratio", "a number in [0, 1]", min_lr_ratio)
+            raise fail("min_lr_ratio", "a number in [0, 1]", min_lr_ratio)
         for d in recall_densities:
             if not 0 < d <= 1:
-                raise _fail("recall_densities", "values in (0, 1]", d)
+                raise fail("recall_densities", "values in (0, 1]", d)
         self.save_hyperparameters()
         self.gates: GateSet | None = None
         self._gate_options = dict(block_size=block_size, gate_dim=gate_dim,
@@ -137,10 +134,10 @@ class GateDistillModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         shapes = getattr(dm, "model_shapes", None)
         if shapes is None:
-            raise _fail("model_shapes", "shapes given, or a GateDataModule whose cache has them",
+            raise fail("model_shapes", "shapes given, or a GateDataModule whose cache has them",
                         None)
         if dm.block_size != self.hparams.block_size:
-            raise _fail("block_size", f"{dm.block_size} (that of the cache)",
+            raise fail("block_size", f"{dm.block_size} (that of the cache)",
                         self.hparams.block_size)
         self._build(shapes)
 
@@ -287,16 +284,16 @@ class GateDataModule(L.LightningDataModule):
         for name, v in (("seq_len", seq_len), ("num_train", num_train), ("num_val", num_val),
                         ("batch_size", batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise _fail(name, "a positive int", v)
+                raise fail(name, "a positive int", v)
         from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES
 
         if block_size not in SUPPORTED_BLOCK_SIZES:
-            raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
+            raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
         if not 0 < val_fraction < 1:
-            raise _fail("val_fraction", "a number in (0, 1)", val_fraction)
+            raise fail("val_fraction", "a number in (0, 1)", val_fraction)
         if num_threads is not None and (isinstance(num_threads, bool)
                                         or not isinstance(num_threads, int) or num_threads < 1):
-            raise _fail("num_threads", "a positive int or None", num_threads)
+            raise fail("num_threads", "a positive int or None", num_threads)
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir)
         self.block_size = block_size
@@ -333,7 +330,7 @@ class GateDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if hp.model is None:
-            raise _fail("model", f"a model to featurize the missing cache(s) {todo} in "
+            raise fail("model", f"a model to featurize the missing cache(s) {todo} in "
                         f"{self.cache_dir}", None)
         from adaptive_sparse.models import load_model
         from gating.targets import featurize
@@ -365,7 +362,7 @@ class GateDataModule(L.LightningDataModule):
         for split, want in (("train", hp.num_train), ("validation", hp.num_val)):
             seqs = pack(tokenizer, parts[split], hp.seq_len, want)
             if seqs.shape[0] < want:
-                raise _fail("corpus", f"enough {split} text for {want} sequences of "
+                raise fail("corpus", f"enough {split} text for {want} sequences of "
                             f"{hp.seq_len} tokens", f"{seqs.shape[0]} sequences")
             out[split] = seqs
         return out
