@@ -18,6 +18,13 @@ def _as_tensor(name: str, x) -> torch.Tensor:
     raise TypeError(f"{name}: expected a number or a tensor, got {type(x).__name__}")
 
 
+def _add_sums(metric: Metric, *names: str) -> None:
+    """Scalar float64 states, summed across processes."""
+    for name in names:
+        metric.add_state(name, default=torch.tensor(0.0, dtype=torch.float64),
+                         dist_reduce_fx="sum")
+
+
 class Perplexity(Metric):
     """exp(total NLL / total tokens), from summed negative log-likelihoods (natural log).
 
@@ -28,9 +35,7 @@ class Perplexity(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        _add_sums(self, "nll", "tokens")
 
     def update(self, nll_sum, count) -> None:
         nll, n = _as_tensor("nll_sum", nll_sum).sum(), _as_tensor("count", count).sum()
@@ -64,8 +69,7 @@ class AttentionRecall(Metric):
                                       or num_heads < 1):
             raise ValueError(f"num_heads: expected a positive int or None, got {num_heads!r}")
         self.num_heads = num_heads
-        self.add_state("kept", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("rows", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        _add_sums(self, "kept", "rows")
         if num_heads is not None:
             self.add_state("kept_per_head", default=torch.zeros(num_heads, dtype=torch.float64),
                            dist_reduce_fx="sum")
@@ -117,10 +121,7 @@ class Density(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("selected", default=torch.tensor(0.0, dtype=torch.float64),
-                       dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        _add_sums(self, "selected", "total")
 
     def update(self, mask: BlockSparseMask) -> None:
         if not isinstance(mask, BlockSparseMask):
@@ -144,10 +145,7 @@ class NeedleAccuracy(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0.0, dtype=torch.float64),
-                       dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        _add_sums(self, "correct", "total")
 
     def update(self, answers, targets) -> None:
         from adaptive_sparse.data.needle import NeedleSample, score_answer

@@ -40,6 +40,27 @@ def _qk_tile(q, k_src, start_n, stride_km, N_KV,
 
 
 @triton.jit
+def masked_row_max(s, m_i, scale, start_n, rows, N_KV, OFFSET, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scores `s` [BLOCK_M, BLOCK_N] of the key tile at `start_n` with hidden keys (past N_KV,
+    or after the end-aligned diagonal) at -inf when MASKED; the new running row max
+    max(m_i, max(s) * scale) (scale: a scalar or one per row); and that max with -inf rows at 0,
+    safe to subtract."""
+    if MASKED:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = offs_n[None, :] < N_KV
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= rows[:, None] + OFFSET)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    return s, m_new, m_safe
+
+
+@triton.jit
 def _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET, QK_SCALE,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
@@ -48,16 +69,8 @@ def _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET,
     (exp2 with the scale folded in: QK_SCALE = scale * log2(e)), then acc += P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        keep = offs_n[None, :] < N_KV
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= rows[:, None] + OFFSET)
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-    if MASKED:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
+    s, m_new, m_safe = masked_row_max(s, m_i, QK_SCALE, start_n, rows, N_KV, OFFSET, BLOCK_N,
+                                      MASKED, CAUSAL)
     p = tl.math.exp2(s * QK_SCALE - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)

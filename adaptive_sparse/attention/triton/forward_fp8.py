@@ -23,8 +23,8 @@ import triton.language as tl
 
 from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_dtype,
                                                       check_head_dim, check_out, ensure_allocator,
-                                                      pow2_bucket, program_rows, row_blocks,
-                                                      tile_start)
+                                                      masked_row_max, pow2_bucket, program_rows,
+                                                      row_blocks, tile_start)
 
 E4M3_MAX = 448.0
 LOG2_E4M3_MAX = math.log2(E4M3_MAX)
@@ -125,17 +125,8 @@ def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, row
     k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] e4m3
     s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
     c = row_scale * tl.load(sk_base + start_n // BS)  # [BLOCK_M]
-    if MASKED:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = offs_n[None, :] < N_KV
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= rows[:, None] + OFFSET)
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    if MASKED:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
+    s, m_new, m_safe = masked_row_max(s, m_i, c, start_n, rows, N_KV, OFFSET, BLOCK_N, MASKED,
+                                      CAUSAL)
     p = tl.math.exp2(s * c[:, None] - (m_safe - 8.807354922057604)[:, None])  # 448 * p
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
