@@ -160,8 +160,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale: defaults to 1 / sqrt(D)
     backend: "auto" = "reference" for float64 inputs (the kernels have no float64; a TypeError
         for an explicit "triton"), else "triton" on CUDA when triton imports, else "gather" (the
-        path models run); "reference" (plain PyTorch, the ground truth of the tests), "gather" (PyTorch,
-        work proportional to density), "triton", "flex". A named backend never falls back.
+        path models run); "reference" (plain PyTorch, the ground truth of the tests), "gather"
+        (PyTorch, work proportional to density), "triton", "flex". A named backend never falls
+        back.
     return_lse: also return the natural-log log-sum-exp, float32 [B, Hq, N] (-inf for rows
         that select no block; their output is zeros)
     check_finite: refuse NaN/inf in q, k, v (one extra pass). Without it non-finite inputs

@@ -53,8 +53,8 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
         valid = torch.arange(n_max, device=q.device) < num[:, :, qb, None]  # [B, Hm, n]
         if kv_head_of_mask is None:  # gather for every KV head with the one shared row
             kh = torch.arange(Hkv, device=q.device)[None, :, None]
-            kg, vg = kb[b_ar, kh, sel.expand(B, Hkv, n_max)], vb[b_ar, kh, sel.expand(B, Hkv, n_max)]
             sel_h, valid_h = sel.expand(B, Hkv, n_max), valid.expand(B, Hkv, n_max)
+            kg, vg = kb[b_ar, kh, sel_h], vb[b_ar, kh, sel_h]
         else:
             kh = kv_head_of_mask[None, :, None]
             kg, vg = kb[b_ar, kh, sel], vb[b_ar, kh, sel]   # [B, Hm', n, bs, D]

@@ -40,6 +40,13 @@ def _qk_tile(q, k_src, start_n, stride_km, N_KV,
 
 
 @triton.jit
+def softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online-softmax start, fp32: row max -inf [BLOCK_M], row sum 0, accumulator 0 [BLOCK_M, D]."""
+    return (tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+            tl.zeros([BLOCK_M], dtype=tl.float32), tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32))
+
+
+@triton.jit
 def masked_row_max(s, m_i, scale, start_n, rows, N_KV, OFFSET, BLOCK_N: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """Scores `s` [BLOCK_M, BLOCK_N] of the key tile at `start_n` with hidden keys (past N_KV,
@@ -115,7 +122,8 @@ def tile_start(idx_base, t, DENSE: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.c
 @triton.jit
 def program_rows(H_Q, HEADS_PER_MASK, G: tl.constexpr, BS: tl.constexpr, GH: tl.constexpr,
                   RB: tl.constexpr):
-    """This program's (batch, KV head, first query head, mask head, query block, first row).
+    """This program's (batch, KV head, mask head, query block, first row, rows [GH * RB],
+    heads [GH * RB]): GH query heads of one KV group times RB rows.
     Axis 1 is batch x KV head; axis 0 walks the KV head's G // GH program heads one after the
     other, each over its query blocks longest rows first (BS // RB programs per block)."""
     SUBS: tl.constexpr = BS // RB
@@ -131,15 +139,22 @@ def program_rows(H_Q, HEADS_PER_MASK, G: tl.constexpr, BS: tl.constexpr, GH: tl.
     hk = (bk % (H_Q // G)).to(tl.int64)
     h0 = hk * G + hp * GH
     hm = (h0 // HEADS_PER_MASK).to(tl.int64)
-    return b, hk, h0, hm, qb, r0
+    offs_i = tl.arange(0, GH * RB)
+    rows = r0 + offs_i % RB
+    heads = (h0 + offs_i // RB).to(tl.int64)
+    return b, hk, hm, qb, r0, rows, heads
 
 
 @triton.jit
-def row_blocks(num_ptr, idx_base, qb, r0, N_Q, N_KV, OFFSET, BS: tl.constexpr,
-                CAUSAL: tl.constexpr, DENSE: tl.constexpr):
-    """(kept key blocks of this query block, how many of them come first and need no mask):
-    key blocks below `full_below` are visible to every row from r0 on; of a sorted index list
-    only the last two can reach past it (the diagonal and the ragged end)."""
+def row_blocks(KV_NUM, KV_IDX, b, hm, qb, r0, stride_nb, stride_nh, stride_nq, stride_ib,
+               stride_ih, stride_iq, N_Q, N_KV, OFFSET, BS: tl.constexpr, CAUSAL: tl.constexpr,
+               DENSE: tl.constexpr):
+    """(this query block's row of the index table, its kept key blocks, how many of them come
+    first and need no mask): key blocks below `full_below` are visible to every row from r0 on;
+    of a sorted index list only the last two can reach past it (the diagonal and the ragged
+    end)."""
+    idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
+    num_ptr = KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq
     if CAUSAL:
         full_below = tl.minimum(r0 + OFFSET + 1, N_KV) // BS
     else:
@@ -157,7 +172,7 @@ def row_blocks(num_ptr, idx_base, qb, r0, N_Q, N_KV, OFFSET, BS: tl.constexpr,
         n_masked = ((n_blk >= 1) & (last >= full_below)).to(tl.int32) \
             + ((n_blk >= 2) & (prev >= full_below)).to(tl.int32)
         n_full = n_blk - n_masked
-    return n_blk, n_full
+    return idx_base, n_blk, n_full
 
 
 @triton.jit
@@ -185,11 +200,7 @@ def bsa_fwd_kernel(
     row, both rounded up to powers of two)."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
-    b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
-
-    offs_i = tl.arange(0, BLOCK_M)
-    rows = r0 + offs_i % RB  # [BLOCK_M]
-    heads = (h0 + offs_i // RB).to(tl.int64)
+    b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < N_Q
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh \
@@ -203,13 +214,11 @@ def bsa_fwd_kernel(
         v_src = tl.make_tensor_descriptor(v_src, shape=[N_KV, HEAD_DIM], strides=[stride_vm, 1],
                                           block_shape=[BLOCK_N, HEAD_DIM])
 
-    idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
-    n_blk, n_full = row_blocks(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq,
-                                idx_base, qb, r0, N_Q, N_KV, OFFSET, BS, CAUSAL, DENSE)
+    idx_base, n_blk, n_full = row_blocks(KV_NUM, KV_IDX, b, hm, qb, r0, stride_nb, stride_nh,
+                                         stride_nq, stride_ib, stride_ih, stride_iq, N_Q, N_KV,
+                                         OFFSET, BS, CAUSAL, DENSE)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_M, HEAD_DIM)
     kb = tl.load(idx_base) if not DENSE else 0  # sparse rows: the block index one tile ahead
     for t in range(0, n_full * SPLIT):
         if DENSE:
@@ -383,16 +392,23 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
     meta = dict(G=Hq // Hkv, BS=block_size, HEAD_DIM=D, SHARED=shared, CAUSAL=causal,
                 DENSE=dense, WRITE_O=write_o, WRITE_LSE=return_lse,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    ensure_allocator()
-    if config is None:
-        def grid(m):
-            return (qb * (block_size // m["RB"]) * (Hq // Hkv // m["GH"]), B * Hkv)
-        bsa_fwd_autotuned[grid](*args, **meta)
-    else:
-        cfg = dict(config)
-        grid = (qb * (block_size // cfg["RB"]) * (Hq // Hkv // cfg["GH"]), B * Hkv)
-        bsa_fwd_kernel[grid](*args, **meta, **cfg)
+    launch(bsa_fwd_autotuned, bsa_fwd_kernel, args, meta, config, qb, B * Hkv)
     return (out if write_o else None), (lse if return_lse else None)
+
+
+def launch(autotuned, kernel, args, meta: dict, config: dict | None, qb: int,
+           kv_programs: int) -> None:
+    """Launch a forward kernel on the grid of `bsa_fwd_kernel` (qb query blocks, kv_programs =
+    B * Hkv): autotuned when `config` is None, else with `config` pinned."""
+    ensure_allocator()
+
+    def grid(m):
+        return (qb * (meta["BS"] // m["RB"]) * (meta["G"] // m["GH"]), kv_programs)
+
+    if config is None:
+        autotuned[grid](*args, **meta)
+    else:
+        kernel[grid(config)](*args, **meta, **config)
 
 
 def check_out(out, q) -> None:

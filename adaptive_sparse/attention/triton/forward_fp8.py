@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_dtype,
-                                                      check_head_dim, check_out, ensure_allocator,
+                                                      check_head_dim, check_out, launch,
                                                       masked_row_max, pow2_bucket, program_rows,
-                                                      row_blocks, tile_start)
+                                                      row_blocks, softmax_state, tile_start)
 
 E4M3_MAX = 448.0
 LOG2_E4M3_MAX = math.log2(E4M3_MAX)
@@ -73,11 +73,7 @@ def bsa_fwd_fp8_kernel(
     SQ fp32 [B, H_Q, QB], SK fp32 [B, H_KV, KB], SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
-    b, hk, h0, hm, qb, r0 = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
-
-    offs_i = tl.arange(0, BLOCK_M)
-    rows = r0 + offs_i % RB
-    heads = (h0 + offs_i // RB).to(tl.int64)
+    b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < N_Q
     q = tl.load(Q8 + b * stride_qb + heads[:, None] * stride_qh
@@ -92,13 +88,11 @@ def bsa_fwd_fp8_kernel(
                                        shape=[HEAD_DIM, N_KV16], strides=[stride_vd, 1],
                                        block_shape=[HEAD_DIM, BLOCK_N])
 
-    idx_base = KV_IDX + b * stride_ib + hm * stride_ih + qb * stride_iq
-    n_blk, n_full = row_blocks(KV_NUM + b * stride_nb + hm * stride_nh + qb * stride_nq,
-                                idx_base, qb, r0, N_Q, N_KV, OFFSET, BS, CAUSAL, DENSE)
+    idx_base, n_blk, n_full = row_blocks(KV_NUM, KV_IDX, b, hm, qb, r0, stride_nb, stride_nh,
+                                         stride_nq, stride_ib, stride_ih, stride_iq, N_Q, N_KV,
+                                         OFFSET, BS, CAUSAL, DENSE)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = softmax_state(BLOCK_M, HEAD_DIM)
     for t in range(0, n_full * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
@@ -220,18 +214,10 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
             Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
             heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense)
-    ensure_allocator()
     if config is None and not q.is_cuda:
         block_m = min(64, bs)
         gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
         config = {"GH": gh, "RB": block_m // gh, "BLOCK_N": min(64, bs), "num_warps": 4,
                   "num_stages": 2}
-    if config is None:
-        def grid(m):
-            return (qb * (bs // m["RB"]) * (Hq // Hkv // m["GH"]), B * Hkv)
-        bsa_fwd_fp8_autotuned[grid](*args, **meta)
-    else:
-        cfg = dict(config)
-        grid = (qb * (bs // cfg["RB"]) * (Hq // Hkv // cfg["GH"]), B * Hkv)
-        bsa_fwd_fp8_kernel[grid](*args, **meta, **cfg)
+    launch(bsa_fwd_fp8_autotuned, bsa_fwd_fp8_kernel, args, meta, config, qb, B * Hkv)
     return out
