@@ -249,7 +249,8 @@ class StreamSampler(Sampler):
         self.start = start or (lambda: 0)
 
     def _perm(self, e: int) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+        g = torch.Generator().manual_seed(self.seed + e)
+        return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self):
         pos = int(self.start())

@@ -46,7 +46,8 @@ _INT, _STR = "an int", "a string"
 # key -> (expected, optional); checked on load
 FIELD_TYPES: dict[str, tuple[str, bool]] = {
     "name": ("a non-empty string", False), "methods": ("a mapping", False),
-    "objectives": ("a list of objective names", False), "sampler": (f"one of {list(SAMPLERS)}", False),
+    "objectives": ("a list of objective names", False),
+    "sampler": (f"one of {list(SAMPLERS)}", False),
     "seed": (_INT, False), "n_trials": ("an int >= 0", False), "run_dir": (_STR, True),
     "storage": (_STR, True), "evaluator": ("a mapping", False), "screening": ("a mapping", False),
     "max_density": ("a number in (0, 1]", True), "latency": ("'module:callable'", True),

@@ -174,8 +174,9 @@ class ModelEvaluator:
     validation split. gates: the trained gates for gate/* methods, as
     ``adaptive_sparse.gates.resolve_gates_dir`` reads them (a gates folder, a training version
     folder, or a run folder such as ``runs/gates/<name>``: its newest version); resolved, and a
-    missing one refused, when the evaluator is built. A policy file may name its own. Perplexity runs every attention layer through ``sparse_attention`` with the
-    method's provider; the dense baseline runs the same path with no mask and is cached.
+    missing one refused, when the evaluator is built. A policy file may name its own.
+    Perplexity runs every attention layer through ``sparse_attention`` with the method's
+    provider; the dense baseline runs the same path with no mask and is cached.
 
     ``screen`` (the cheap stage): the first ``screen_sequences`` sequences' post-rotary q, k
     and true block sums are recorded once per layer; a pattern or the oracle is then screened by

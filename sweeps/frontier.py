@@ -180,7 +180,8 @@ def write_report(run_dir: str | Path, budgets: Sequence[float] | None = None,
                                               "params": r["params"]} for m, r in per.items()}}
         if chosen is not None:
             name = f"policy_within_{_budget_tag(b)}pct.json"
-            atomic_write_text(run_dir / name, json.dumps(policy_file(chosen), indent=2, sort_keys=True))
+            atomic_write_text(run_dir / name,
+                              json.dumps(policy_file(chosen), indent=2, sort_keys=True))
             files.append(name)
     report = {"study_name": meta["study_name"], "objectives": objectives, "cost": cost,
               "budgets": budgets, "fronts": fronts, "best": best, "trials": rows,
