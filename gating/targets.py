@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from adaptive_sparse.attention.block_maps import block_attention_maps
+from adaptive_sparse.errors import fail
 from adaptive_sparse.gates.network import POOLINGS, model_shapes, pool_blocks
 from adaptive_sparse.gates.provider import QKCapture
 from adaptive_sparse.io import atomic_save_tensors, atomic_write_json, sha256_file
@@ -38,22 +39,12 @@ KEY_FIELDS = ("model", "fingerprint", "corpus", "split", "seq_len", "block_size"
 _ATTN_NAME = "adaptive_sparse_gate_capture"
 
 
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
-def model_fingerprint(model) -> dict:
-    from adaptive_sparse.models import model_fingerprint as fingerprint
-
-    return fingerprint(model)
-
-
-def cache_key(*, model: str | None, fingerprint: dict | None, corpus: str, split: str, seq_len: int,
-              block_size: int, poolings=POOLINGS) -> dict:
+def cache_key(*, model: str | None, fingerprint: dict | None, corpus: str, split: str,
+              seq_len: int, block_size: int, poolings=POOLINGS) -> dict:
     """The identity of a cache. A None model or fingerprint is not checked by `check_key`."""
-    return {"model": None if model is None else str(model), "fingerprint": fingerprint, "corpus": str(corpus),
-            "split": str(split), "seq_len": int(seq_len), "block_size": int(block_size),
-            "poolings": list(poolings)}
+    return {"model": None if model is None else str(model), "fingerprint": fingerprint,
+            "corpus": str(corpus), "split": str(split), "seq_len": int(seq_len),
+            "block_size": int(block_size), "poolings": list(poolings)}
 
 
 def check_key(found: dict, expected: dict, where) -> None:
@@ -80,9 +71,9 @@ def read_manifest(directory) -> dict | None:
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("format") != CACHE_FORMAT:
-        raise _fail("format", repr(CACHE_FORMAT), manifest.get("format"))
+        raise fail("format", repr(CACHE_FORMAT), manifest.get("format"))
     if manifest.get("version") != CACHE_VERSION:
-        raise _fail("version", str(CACHE_VERSION), manifest.get("version"))
+        raise fail("version", str(CACHE_VERSION), manifest.get("version"))
     return manifest
 
 
@@ -124,9 +115,11 @@ def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpu
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from adaptive_sparse.models import model_fingerprint
+
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 \
             or sequences.dtype not in (torch.int64, torch.int32):
-        raise _fail("sequences", "an integer LongTensor [S, N]",
+        raise fail("sequences", "an integer LongTensor [S, N]",
                     getattr(sequences, "shape", type(sequences).__name__))
     S, N = sequences.shape
     out_dir = Path(out_dir)
@@ -188,9 +181,9 @@ class GateCache:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if manifest is None:
-            raise _fail("directory", f"a gate cache holding {MANIFEST}", str(directory))
+            raise fail("directory", f"a gate cache holding {MANIFEST}", str(directory))
         if not manifest.get("complete"):
-            raise _fail("directory", "a complete cache (featurize was interrupted; run it again "
+            raise fail("directory", "a complete cache (featurize was interrupted; run it again "
                         "to resume)", str(directory))
         if expected_key is not None:
             check_key(manifest["key"], expected_key, self.directory)
@@ -199,7 +192,7 @@ class GateCache:
         if verify:
             for s in self.shards:
                 if sha256_file(self.directory / s["file"]) != s["sha256"]:
-                    raise _fail(s["file"], f"sha256 {s['sha256']}", "a different file")
+                    raise fail(s["file"], f"sha256 {s['sha256']}", "a different file")
 
     @property
     def key(self) -> dict:

@@ -8,7 +8,8 @@ import torch
 from adaptive_sparse.attention.block_maps import block_attention_maps
 from adaptive_sparse.gates.network import POOLINGS, pool_blocks
 from adaptive_sparse.gates.provider import QKCapture
-from gating.targets import GateCache, cache_key, featurize, model_fingerprint
+from adaptive_sparse.models import model_fingerprint
+from gating.targets import GateCache, cache_key, featurize
 
 BS = 16
 
