@@ -93,7 +93,7 @@ CASES = [
     ("q rank 3", lambda: _attn(q=torch.randn(2, 100, 8)),
      ValueError, "q: expected rank 4 [B, Hq, N, D], got shape (2, 100, 8)"),
     ("q int dtype", lambda: _attn(q=torch.ones(1, 2, 100, 8, dtype=torch.int64)),
-     ValueError, "q: expected dtype in (float32, float16, bfloat16), got torch.int64"),
+     ValueError, "q: expected dtype in (float32, float16, bfloat16, float64), got torch.int64"),
     ("q, k dtypes differ", lambda: _attn(q=torch.randn(1, 2, 100, 8, dtype=torch.float16)),
      ValueError, "q, k, v: expected one dtype"),
     ("k on another device", lambda: _attn(k=torch.randn(1, 2, 100, 8, device="meta")),
