@@ -66,6 +66,10 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> tuple[dict, opt
     except (OSError, ValueError) as e:
         raise ValueError(f"run_dir: expected {str(path)!r} written by `adaptive-sparse sweep`: "
                          f"{e}") from None
+    keys = {"study_name": str, "storage": str, "objectives": list}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in keys.items()):
+        raise ValueError(f"run_dir: {str(path)!r} is not a sweep record (expected an object with "
+                         f"study_name, storage, objectives)")
     store = open_storage(storage or meta["storage"], run_dir)
     try:
         study = optuna.load_study(study_name=meta["study_name"], storage=store)

@@ -80,8 +80,16 @@ CASES = [
 ]
 
 
+def _main(args: list[str]) -> int:
+    """`adaptive-sparse ARGS` in this process; argparse's own refusals exit through SystemExit."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return e.code
+
+
 def _sweep(args: list[str], capsys) -> tuple[int, str]:
-    rc = main(["sweep", *args])
+    rc = _main(["sweep", *args])
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -161,3 +169,41 @@ def test_allow_module_admits_a_named_factory_and_help_says_configs_are_code(tmp_
     assert r.returncode == 0 and "2/2 trials done" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("complete: density") == 2, r.stdout  # a line per finished trial
     assert "\r" not in r.stdout + r.stderr  # no progress bar off a terminal
+
+
+def test_run_dir_under_a_file_exit_2(tmp_path, capsys):
+    path, blocker = tmp_path / "ok.yaml", tmp_path / "file"
+    path.write_text(yaml.safe_dump(GOOD))
+    blocker.write_text("")
+    rc, out = _sweep(["--config", str(path), "--run-dir", str(blocker / "run")], capsys)
+    assert rc == 2 and "run_dir" in out and "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from sweeps.cli import SweepConfig, run_sweep
+    run = tmp_path_factory.mktemp("frontier") / "run"
+    run_sweep(SweepConfig.from_dict(dict(GOOD)), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--budget", "-0.1"], "budget: expected a non-negative"),
+    (["--budget", "nan"], "budget: expected a non-negative"),
+    (["--budget", "abc"], "--budget"),
+    (["--storage", "nonsense-url"], "storage: expected sqlite:///PATH"),
+])
+def test_frontier_bad_arguments_exit_2(finished_run, capsys, args, why):
+    rc = _main(["frontier", str(finished_run), *args])
+    out = capsys.readouterr()
+    assert rc == 2 and why in out.out + out.err and "Traceback" not in out.err, out
+
+
+@pytest.mark.parametrize("content, why", [(None, "sweep.json"), (b"{not json", "sweep.json"),
+                                          (b"[]", "sweep.json")])
+def test_frontier_bad_run_dir_exit_2(tmp_path, capsys, content, why):
+    if content is not None:
+        (tmp_path / "sweep.json").write_bytes(content)
+    rc = _main(["frontier", str(tmp_path)])
+    out = capsys.readouterr()
+    assert rc == 2 and why in out.err and "Traceback" not in out.err, out
