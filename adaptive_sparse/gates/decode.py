@@ -202,8 +202,9 @@ def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, b
     q_len 1, kv_len `kv_len` and heads Hkv (what the decode kernel reads). No device sync.
 
     A "top_k" / "density" policy whose budget is the same for every head takes a direct path
-    (one top-k and one sort of each row on the device, no host tensor: capturable in a CUDA
-    graph); other policies go through `Policy.to_mask`. Both give the same mask."""
+    (one top-k and one sort of each row on the device, no host tensor and no sync, meant for
+    CUDA-graph capture); other policies go through `Policy.to_mask`. Both give the same
+    mask."""
     B, H, kb = scores.shape
     if policy.kind in ("top_k", "density"):
         budgets = policy.row_budgets(q_len=1, kv_len=kv_len, block_size=block_size, heads=H,

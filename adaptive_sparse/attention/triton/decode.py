@@ -211,7 +211,7 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     dense decode. out: optional buffer shaped like q in q's dtype. config pins {"BLOCK_N",
     "num_warps", "num_stages"}; None autotunes on CUDA (a fixed small config in the
     interpreter). Returns (out shaped like q, lse fp32 [B, Hq], natural log). No host-device
-    sync and no host tensor: capturable in a CUDA graph once tuned."""
+    sync and no host tensor (meant for CUDA-graph capture once tuned; not yet tried)."""
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, M = k_cache.shape[1], k_cache.shape[2]
     if D not in HEAD_DIMS:
