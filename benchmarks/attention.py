@@ -29,7 +29,7 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
 from adaptive_sparse.attention.triton.forward_fp8 import fp8_block_sparse_attention
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import BlockSparseMask, diagonal_blocks
-from benchmarks.common import (SHAPES, bench, best_dense, dense_baselines, environment,
+from benchmarks.common import (SHAPES, bench, best_dense, dense_baselines, environment, fmt,
                                graph_bench, oracle_rows, pair_table, random_mask, rel_err,
                                sdpa_dense)
 
@@ -239,10 +239,6 @@ def gate_case(n, bs, density, gen, log) -> dict:
     return row
 
 
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
-
 def env_lines(env) -> list[str]:
     return [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA "
             f"{env.get('cuda')}, cuDNN {env.get('cudnn')}. Ceilings measured in the same run: "
@@ -263,14 +259,14 @@ def shape_table(env, rows) -> list[str]:
         dense = r["provider"] == "ours-dense-kernel"
         lines.append(
             f"| {r['N']} | {'1.0 (dense kernel)' if dense else format(r['density'], '.3f')} | "
-            f"{r['ms']:.3f} | {r['tflops']:.0f} | {_fmt(r.get('fp8_ms'), '.3f')} | "
-            f"{_fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | {_fmt(r.get('flex_ms'), '.3f')} | "
-            + " | ".join(_fmt(r["sdpa_ms"].get(n), ".3f") for n in names) +
+            f"{r['ms']:.3f} | {r['tflops']:.0f} | {fmt(r.get('fp8_ms'), '.3f')} | "
+            f"{fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | {fmt(r.get('flex_ms'), '.3f')} | "
+            + " | ".join(fmt(r["sdpa_ms"].get(n), ".3f") for n in names) +
             f" | {r['best_dense']} {r['best_dense_tflops']:.0f} TFLOP/s | "
-            f"{_fmt(r.get('speedup_vs_dense'), '.2f')} | {_fmt(r.get('speedup_vs_flex'), '.2f')} "
-            f"| {r['err']:.1e} / {_fmt(r.get('err_fp8'), '.1e')} / "
-            f"{_fmt(r.get('err_flex'), '.1e')} | {'yes' if r['ok'] else 'NO'} | "
-            f"{_fmt(r.get('graph_ms'), '.3f')} / {_fmt(r.get('flex_graph_ms'), '.3f')} |")
+            f"{fmt(r.get('speedup_vs_dense'), '.2f')} | {fmt(r.get('speedup_vs_flex'), '.2f')} "
+            f"| {r['err']:.1e} / {fmt(r.get('err_fp8'), '.1e')} / "
+            f"{fmt(r.get('err_flex'), '.1e')} | {'yes' if r['ok'] else 'NO'} | "
+            f"{fmt(r.get('graph_ms'), '.3f')} / {fmt(r.get('flex_graph_ms'), '.3f')} |")
     return lines
 
 
@@ -293,7 +289,7 @@ def markdown(env, rows, targets, gates) -> str:
         for t in targets:
             lines.append(f"| {t['N']} | {t['block_size']} | {t['ms']:.3f} | {t['sdpa_ms']:.3f} "
                          f"| {t['ratio_vs_sdpa']:.2f} | {t['peak_extra_bytes'] / 2**20:.1f} | "
-                         f"{t['output_bytes'] / 2**20:.1f} | {_fmt(t['err_max'], '.1e')} | "
+                         f"{t['output_bytes'] / 2**20:.1f} | {fmt(t['err_max'], '.1e')} | "
                          f"{'yes' if t['ok'] else 'NO'} |")
     if gates:
         lines += ["", "Scores -> kv_indices (top-k, one Triton launch, Hq=32 score rows) vs dense "

@@ -178,3 +178,13 @@ def host_us(fn, calls=200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / calls * 1e6
+
+
+def fmt(x, spec: str) -> str:
+    """`format(x, spec)`, or "-" for a missing value (a table cell)."""
+    return "-" if x is None else format(x, spec)
+
+
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (a command-line value); empty items are skipped."""
+    return [float(x) for x in text.split(",") if x]

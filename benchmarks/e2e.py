@@ -42,11 +42,11 @@ import time
 import torch
 
 from adaptive_sparse.evaluate import final_hidden
-from adaptive_sparse.models import sparse_attention
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import compare_masks
+from adaptive_sparse.models import sparse_attention, text_config
 from adaptive_sparse.policies import Policy, calibrate_to_density
-from benchmarks.common import DENSE_BACKENDS, environment
+from benchmarks.common import DENSE_BACKENDS, environment, floats, fmt
 
 # LlamaConfig fields of SmolLM2-135M(-Instruct), as `load_model("smollm2-135m").config` reports
 # them; `--check-config` compares them with the loaded GGUF model where it is installed.
@@ -261,8 +261,7 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     from adaptive_sparse.gates import GateProvider
 
     dev = next(model.parameters()).device
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
+    cfg = text_config(model)
     if data is None:
         gen = torch.Generator(device="cpu").manual_seed(n)
         ids = torch.randint(cfg.vocab_size, (1, n), generator=gen).to(dev)
@@ -353,10 +352,6 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     return extra + rows
 
 
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
-
-
 def markdown(env, rows, a) -> str:
     L = next((r["layers"] for r in rows), 0)
     real = a.model is not None
@@ -413,16 +408,12 @@ def markdown(env, rows, a) -> str:
         dens = "1.0" if r["density"] is None else f"{r['density']:.3f}"
         pc = None if r["ppl_change"] is None else 100 * r["ppl_change"]
         lines.append(f"| {n} | {r['config']} | {dens} | {r['ms']:.2f} | "
-                     f"{_fmt(r['speedup_vs_sdpa'], '.2f')} | {r['best_dense']} | "
-                     f"{_fmt(r['perplexity'], '.3f')} | "
-                     f"{_fmt(pc, '+.2f')}{'' if pc is None else '%'} | {r['attn_fn_ms']:.2f} | "
+                     f"{fmt(r['speedup_vs_sdpa'], '.2f')} | {r['best_dense']} | "
+                     f"{fmt(r['perplexity'], '.3f')} | "
+                     f"{fmt(pc, '+.2f')}{'' if pc is None else '%'} | {r['attn_fn_ms']:.2f} | "
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
                      f"{100 * r['gate_share']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
 
 
 def load_real(name: str, dev, corpus: str, seqlens, ppl_docs: int):
@@ -474,7 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default="e2e.md")
     a = ap.parse_args(argv)
     try:
-        a.density_list, a.threshold_list = _floats(a.densities), _floats(a.thresholds)
+        a.density_list, a.threshold_list = floats(a.densities), floats(a.thresholds)
         seqlens = [int(x) for x in a.seqlens.split(",") if x]
     except ValueError as e:
         ap.error(f"--densities/--thresholds/--seqlens: expected comma-separated numbers ({e})")
