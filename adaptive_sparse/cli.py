@@ -293,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="preset, .gguf file or HF folder")
     p.add_argument("--seq-len", type=_int_at_least(64), default=None,
-                   help="tokens per sequence (default 4096; 2048 with --patterns-only)")
+                   help="tokens per sequence (default 2048)")
     p.add_argument("--block-size", type=_int_at_least(1), default=None,
-                   help="tokens per mask block (default 64)")
+                   help="tokens per mask block (default 32: 64 key blocks per row at 2048 "
+                        "tokens; 64 with --patterns-only)")
     p.add_argument("--num-seqs", type=_int_at_least(1), default=2,
                    help="held-out sequences evaluated (default %(default)s)")
     p.add_argument("--docs", dest="num_seqs", type=_int_at_least(1), action=_Deprecated,
@@ -603,8 +604,12 @@ def _select_documents(args):
 def _pack(args, tokenizer, selected):
     from adaptive_sparse.data import pack
 
+    from adaptive_sparse.data import BUILTIN
+
     docs, note = selected
-    seqs = pack(tokenizer, docs, args.seq_len, args.num_seqs)
+    # a user's own text: a long document gives consecutive sequences, not only its start
+    seqs = pack(tokenizer, docs, args.seq_len, args.num_seqs,
+                whole=str(args.corpus) not in BUILTIN)
     print(f"{note}; {seqs.shape[0]} sequence(s) of {args.seq_len} tokens"
           + (f" (asked for {args.num_seqs}: no more text)" if seqs.shape[0] < args.num_seqs
              else ""), file=sys.stderr)

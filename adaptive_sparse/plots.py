@@ -27,7 +27,7 @@ METHOD_COLORS = {
     "antidiagonal": "#e377c2",
 }
 _MARKERS = {"gate": "o", "oracle": "s", "dense": "D", "sliding_window": "v", "longformer": "^",
-            "bigbird": "<", "strided": ">", "lsh": "x", "hierarchical": "P",
+            "bigbird": "<", "strided": ">", "lsh": "*", "hierarchical": "P",
             "vertical_slash": "X", "antidiagonal": "d"}
 
 

@@ -189,3 +189,14 @@ def test_needle_with_real_tokenizer_chat_template(smollm2_tokenizer):
     assert 900 <= s.input_ids.shape[0] <= 1024
     assert s.prompt.startswith("<|im_start|>") and "<|im_start|>assistant" in s.prompt
     assert s.answer in tok.decode(s.input_ids)
+
+
+def test_pack_whole_cuts_a_long_document_into_consecutive_sequences():
+    tok = CharTokenizer()
+    doc = Document("one", "".join(chr(65 + i % 26) for i in range(50)), "t")
+    assert pack(tok, [doc], 16).shape == (1, 16)
+    seqs = pack(tok, [doc], 16, whole=True)
+    assert seqs.shape == (3, 16)
+    flat = [3 + (ord(c) % 200) for c in doc.text]
+    assert seqs.flatten().tolist() == flat[:48]
+    assert pack(tok, [doc], 16, 2, whole=True).shape == (2, 16)

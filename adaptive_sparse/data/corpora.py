@@ -267,13 +267,14 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def pack(tokenizer, docs: list[Document], seq_len: int, max_sequences: int | None = None,
-         *, chars_per_token_bound: int = 12) -> torch.Tensor:
+         *, chars_per_token_bound: int = 12, whole: bool = False) -> torch.Tensor:
     """Token sequences, LongTensor [S, seq_len].
 
     A document of at least `seq_len` tokens gives one sequence (its first `seq_len` tokens);
     shorter ones are concatenated, separated by the EOS token, until `seq_len` is reached (the
     rest of the last one is dropped, so every sequence starts at a document start). Documents
-    are read in order until `max_sequences` sequences exist."""
+    are read in order until `max_sequences` sequences exist. whole: a long document gives as
+    many consecutive sequences as it fills (how one file of a user's is evaluated)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
     if max_sequences is not None and (isinstance(max_sequences, bool)
@@ -282,16 +283,20 @@ def pack(tokenizer, docs: list[Document], seq_len: int, max_sequences: int | Non
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: expected an EOS token to separate packed documents")
+    per_doc = (max_sequences or 64) if whole else 1
     rows, buf, seen = [], [], 0
     for d in docs:
         if max_sequences is not None and len(rows) >= max_sequences:
             break
-        ids = _encode(tokenizer, d.text[: seq_len * chars_per_token_bound])
+        ids = _encode(tokenizer, d.text[: seq_len * chars_per_token_bound * per_doc])
         seen += len(ids)
         if not ids:
             continue
         if len(ids) >= seq_len and not buf:
             rows.append(ids[:seq_len])
+            while whole and len(ids) >= 2 * seq_len:
+                ids = ids[seq_len:]
+                rows.append(ids[:seq_len])
             continue
         buf.extend(ids if not buf else [eos] + ids)
         if len(buf) >= seq_len:
