@@ -78,33 +78,12 @@ def pattern_knobs(seq_len: int, bs: int) -> dict[str, tuple]:
     }
 
 
-def calibrate(screen, make, lo, hi, target: float, *, integer: bool, iters: int = 8,
-              log: bool = False) -> tuple[dict, float]:
-    """(params, screened density) of the knob value whose density is closest to `target`, by
-    bisection on a knob whose growth raises the density; `screen(params) -> density`."""
-    seen: dict = {}
-
-    def dens(x):
-        if x not in seen:
-            seen[x] = float(screen(make(x)))
-        return seen[x]
-
-    a, b = lo, hi
-    for _ in range(iters):
-        if integer and b - a <= 1:
-            break
-        mid = (a + b) // 2 if integer else (math.sqrt(a * b) if log else (a + b) / 2)
-        if dens(mid) < target:
-            a = mid
-        else:
-            b = mid
-    best = min((a, b), key=lambda x: (abs(dens(x) - target), dens(x)))
-    return make(best), dens(best)
-
-
 def bring_to_density(ev, target: float, *, seq_len: int, bs: int, log=print) -> dict:
     """name -> (family, params, screened density): the gate (threshold policy), the oracle
-    (block-sum ranking, density policy) and every pattern, each calibrated to `target`."""
+    (block-sum ranking; threshold and density policies) and every pattern, each calibrated to
+    `target`."""
+    from adaptive_sparse.policies import calibrate_to_density as calibrate
+
     def screen(family):
         return lambda params: ev.screen(family, params)["density"]
 
