@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaptive_sparse.attention.api import BACKENDS
+from adaptive_sparse.attention.api import BACKENDS, auto_backend
 from adaptive_sparse.attention.distributed import (
     _world, context_parallel_attention, local_positions, padded_length, shard_sequence)
 from adaptive_sparse.models.attention import _attention_modules, _set_impl, adaptive_sparse_mask
@@ -63,9 +63,7 @@ def cp_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
                          f"got a window of {sliding_window}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     mask = state.provider(module.layer_idx, query, key) if state.provider is not None else None
-    backend = state.backend
-    if backend == "auto" and not query.is_cuda:
-        backend = "gather"  # reference semantics, work proportional to density
+    backend = auto_backend(query, "gather") if state.backend == "auto" else state.backend
     out, stats = context_parallel_attention(
         query, key, value, mask, seq_len=state.seq_len, block_size=state.block_size,
         group=state.group, layout=state.layout, scale=scale, backend=backend,
