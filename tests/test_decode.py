@@ -130,6 +130,28 @@ def test_triton_empty_selection_gives_zeros(splits):
     assert out[0, :2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_non_finite_inputs_show_in_the_output(backend, splits):
+    """A NaN query gives a NaN row and lse (never a plausible zero row); a NaN in a selected key
+    reaches every query head of its group and no other."""
+    device = "cuda" if CUDA and backend == "triton" else "cpu"
+    q, k, v, seqlens, num, idx = random_decode_case(2, 4, 2, 96, 16, 16, 1.0, dtype=torch.float32,
+                                                    device=device, seed=23, seqlens=[96, 80])
+    q[0, 1] = float("nan")
+    k[1, 1, 5] = float("nan")  # sequence 1, KV head 1 (query heads 2 and 3), a selected block
+    kw = dict(cache_seqlens=seqlens, kv_num_blocks=num, kv_indices=idx, block_size=16,
+              backend=backend, return_lse=True)
+    if backend == "triton":
+        kw["num_splits"] = splits
+    out, lse = sparse_decode_attention(q, k, v, **kw)
+    nan_rows = torch.zeros(2, 4, dtype=torch.bool)
+    nan_rows[0, 1] = nan_rows[1, 2] = nan_rows[1, 3] = True
+    assert torch.equal(torch.isnan(out).all(-1).cpu(), nan_rows)
+    assert torch.equal(torch.isnan(lse).cpu(), nan_rows)
+    assert torch.isfinite(out.cpu()[~nan_rows]).all()
+
+
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 2])
 def test_triton_broadcast_tables(splits):

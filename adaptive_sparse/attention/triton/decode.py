@@ -96,7 +96,7 @@ def decode_split_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
-    nonempty = l_i > 0.0
+    nonempty = l_i != 0.0  # a NaN row (NaN or inf input) is not empty: NaN out, as the reference
     l_safe = tl.where(nonempty, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse2 = tl.where(nonempty, m_i + tl.math.log2(l_safe), float("-inf"))  # [GP]
@@ -137,7 +137,7 @@ def decode_merge_fwd_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o
         m_i = m_new
-    nonempty = l_i > 0.0
+    nonempty = l_i != 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     heads = hk * G + offs_g
     tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
