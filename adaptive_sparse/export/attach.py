@@ -14,18 +14,25 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sparse.export.fingerprint import fingerprint_differences, model_fingerprint
+from adaptive_sparse.models.fingerprint import fingerprint_differences, model_fingerprint
 from adaptive_sparse.export.format import ArtifactError, read_artifact
 from adaptive_sparse.export.masks import MaskArtifact, masks_from_raw
 
 
-def check_fingerprint(stored: dict | None, model, *, check_weights: bool = True) -> None:
+CHECKS = ("full", "architecture")
+
+
+def check_fingerprint(stored: dict | None, model, *, check: str = "full") -> None:
     """Refuse (ArtifactError) when `model` differs from the artifact's base model, naming every
-    differing field. `check_weights=False` accepts other weights of the same architecture."""
+    differing field. check="full" compares the architecture, the config and the weights;
+    check="architecture" accepts other weights of the same architecture and config (a
+    fine-tuned model, or the same model quantized differently)."""
+    if check not in CHECKS:
+        raise ValueError(f"check: expected one of {CHECKS}, got {check!r}")
     if stored is None:
         return
     actual = model_fingerprint(model)
-    if not check_weights:
+    if check == "architecture":
         actual["weights_sha256"] = None
     diffs = fingerprint_differences(stored, actual)
     if diffs:
@@ -94,15 +101,21 @@ class Sparsifier:
             self.detach()
 
 
-def load_sparsifier(model, path, *, backend: str = "auto",
-                    check_weights: bool = True) -> Sparsifier:
+def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full") -> Sparsifier:
     """Verify the artifact at `path` (format, every hash, fingerprint against `model`) and
-    attach it. Raises ArtifactError on any mismatch, naming the field."""
+    attach it. Raises ArtifactError on any mismatch, naming the field.
+
+    check: "full" (default) requires the model the artifact was made for: same architecture,
+    config and weights (`adaptive_sparse.models.model_fingerprint`, whatever file the weights
+    were loaded from); "architecture" relaxes it to the same architecture and config with any
+    weights, for a fine-tuned or re-quantized model (the masks may then fit less well)."""
+    if check not in CHECKS:
+        raise ValueError(f"check: expected one of {CHECKS}, got {check!r}")
     raw = read_artifact(Path(path))
     kind = raw.manifest["kind"]
     if kind == "gate" and raw.manifest["model"] is None:
         raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint")
-    check_fingerprint(raw.manifest["model"], model, check_weights=check_weights)
+    check_fingerprint(raw.manifest["model"], model, check=check)
     if kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
         from adaptive_sparse.gates import GateProvider
@@ -124,6 +137,6 @@ def load_sparsifier(model, path, *, backend: str = "auto",
 
 
 def _num_layers(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    return int(cfg.num_hidden_layers)
+    from adaptive_sparse.models.config import text_config
+
+    return int(text_config(model).num_hidden_layers)

@@ -14,36 +14,12 @@ from adaptive_sparse.export.masks import aggregate_static, mask_stats, save_mask
 from adaptive_sparse.masks import BlockSparseMask
 
 
-class Recorder:
-    """Provider wrapper: returns `inner`'s mask (None = dense) and keeps, per layer, the masks
-    it returned (a dense-causal mask where it returned None) and, with `maps`, the block_sum
-    attention maps float32 [B, Hq, Qb, Kb] of the same call."""
+def record(model, sequences: torch.Tensor, provider, *, block_size: int, maps: bool = False):
+    """Run `model` on each row of `sequences` (LongTensor [S, N]) under `provider`; returns the
+    `RecordingProvider` holding each layer's masks (and block-sum maps with `maps`)."""
+    from adaptive_sparse.models import RecordingProvider, sparse_attention
 
-    def __init__(self, inner, *, block_size: int, maps: bool = False):
-        self.inner, self.block_size, self.maps = inner, block_size, maps
-        self.masks: dict[int, list[BlockSparseMask]] = {}
-        self.block_sums: dict[int, list[torch.Tensor]] = {}
-
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
-        mask = self.inner(layer_idx, q, k) if self.inner is not None else None
-        n, m = q.shape[2], k.shape[2]
-        rec = mask if mask is not None else BlockSparseMask.full(
-            1, 1, block_size=self.block_size, q_len=n, kv_len=m, device=q.device)
-        self.masks.setdefault(layer_idx, []).append(rec.to("cpu"))
-        if self.maps:
-            from adaptive_sparse.attention.block_maps import block_attention_maps
-
-            _, bsum = block_attention_maps(q, k, block_size=self.block_size)
-            self.block_sums.setdefault(layer_idx, []).append(bsum.cpu())
-        return mask
-
-
-def record(model, sequences: torch.Tensor, provider, *, block_size: int,
-           maps: bool = False) -> Recorder:
-    """Run `model` on each row of `sequences` (LongTensor [S, N]) under `provider`."""
-    from adaptive_sparse.models import sparse_attention
-
-    rec = Recorder(provider, block_size=block_size, maps=maps)
+    rec = RecordingProvider(provider, block_size=block_size, maps=maps)
     device = next(model.parameters()).device
     with torch.no_grad(), sparse_attention(model, rec, block_size=block_size):
         for row in sequences:
@@ -78,7 +54,7 @@ def export_masks(model, sequences: torch.Tensor, provider, out, *, block_size: i
                       overwrite=overwrite)
 
 
-def _recall(rec: Recorder) -> dict:
+def _recall(rec) -> dict:
     from adaptive_sparse.attention.block_maps import attention_recall
 
     per_layer = []

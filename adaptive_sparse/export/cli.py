@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def text_args(sp):
         src = sp.add_mutually_exclusive_group(required=True)
-        src.add_argument("--text", type=Path, help="a text file, folder or JSONL of documents")
-        src.add_argument("--corpus", help="a built-in corpus name (default, stdlib, essays)")
+        src.add_argument("--text", type=Path, help=argparse.SUPPRESS)  # deprecated: --corpus
+        src.add_argument("--corpus", help="default | stdlib | essays | your UTF-8 text file, "
+                                          "folder of text files or JSONL with a 'text' key")
 
     g = sub.add_parser("gate", help="gate weights + policy (from training and a sweep)")
     common(g, source=False)
@@ -106,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
 def _docs(args):
     from adaptive_sparse.data import load_corpus
 
+    if args.text is not None:
+        print("adaptive-sparse export: warning: --text is deprecated; use --corpus",
+              file=sys.stderr)
     return load_corpus(str(args.text) if args.text is not None else args.corpus)
 
 
@@ -120,17 +124,20 @@ def _run(args) -> dict:
     from adaptive_sparse.export import build
     from adaptive_sparse.models import load_model
 
-    model, tok = load_model(args.model)
     if args.command == "gate":
         from adaptive_sparse.export.gates import save_gate_artifact
         from adaptive_sparse.gates import GateProvider, load_gates
+        from adaptive_sparse.gates.network import check_model_shapes
+        from adaptive_sparse.policies import Policy
 
         spec = build.read_policy_file(args.policy_file)
         if spec["method"] != "gate":
             raise ValueError(f"policy_file: expected a gate policy (method 'gate'), got "
                              f"{spec['method']!r}; use `export masks/static` for patterns")
-        gate_set = load_gates(args.gates, model)
-        policy = spec["params"]["policy"]
+        policy = Policy.coerce(spec["params"].get("policy"))
+        gate_set = load_gates(args.gates)  # checked before the model loads
+        model, tok = load_model(args.model)
+        check_model_shapes(gate_set.config, model)
         stats = None
         if args.stats_corpus:
             from adaptive_sparse.data import load_corpus, pack
@@ -144,6 +151,7 @@ def _run(args) -> dict:
                                  stats=stats, overwrite=args.overwrite)
         return summary(out)
 
+    model, tok = load_model(args.model)
     from adaptive_sparse.data import pack, split_documents
 
     provider, method, params = build.make_source(

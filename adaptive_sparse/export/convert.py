@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sparse.export.fingerprint import sha256_hex
+from adaptive_sparse.models.fingerprint import sha256_hex
 from adaptive_sparse.io import atomic_write_dir
 from adaptive_sparse.export.masks import MaskArtifact, load_masks
 from adaptive_sparse.masks import BlockSparseMask

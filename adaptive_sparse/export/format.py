@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any, Mapping
 
 import torch
 
-from adaptive_sparse.export.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
-from adaptive_sparse.io import atomic_write_dir
+from adaptive_sparse.models.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
+from adaptive_sparse.io import atomic_write_dir, open_in, read_dir_consistent
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES
 
 FORMAT_NAME = "adaptive-sparse-artifact"
@@ -40,6 +41,7 @@ FORMAT_VERSION = 1
 KINDS = ("gate", "masks", "static")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_FILE_BYTES = 1 << 36  # 64 GiB: a tensor file is read whole, and only up to its real size
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,120}\.safetensors")
 _TOP_KEYS = ("format", "format_version", "kind", "created_by", "model", "block_size", "method",
@@ -60,7 +62,7 @@ class RawArtifact:
 
 # ---- manifest checks ---------------------------------------------------------------------------
 
-def _fail(field: str, expected: str, got: Any) -> ArtifactError:
+def _manifest_error(field: str, expected: str, got: Any) -> ArtifactError:
     text = repr(got)
     if len(text) > 80:
         text = text[:77] + "..."
@@ -78,14 +80,14 @@ def _is_num(v) -> bool:
 def req_dict(obj, field: str, keys: tuple[str, ...] | None = None) -> dict:
     """`obj` must be a dict (with exactly `keys`, when given)."""
     if not isinstance(obj, dict):
-        raise _fail(field, "an object", type(obj).__name__)
+        raise _manifest_error(field, "an object", type(obj).__name__)
     if keys is not None:
         missing = [k for k in keys if k not in obj]
         if missing:
-            raise _fail(f"{field}.{missing[0]}", "a value (key missing)", "nothing")
+            raise _manifest_error(f"{field}.{missing[0]}", "a value (key missing)", "nothing")
         extra = sorted(k for k in obj if k not in keys)
         if extra:
-            raise _fail(f"{field}.{extra[0]}", f"no such key (allowed: {', '.join(keys)})",
+            raise _manifest_error(f"{field}.{extra[0]}", f"no such key (allowed: {', '.join(keys)})",
                         extra[0])
     return obj
 
@@ -93,32 +95,32 @@ def req_dict(obj, field: str, keys: tuple[str, ...] | None = None) -> dict:
 def req_int(v, field: str, lo: int | None = None, hi: int | None = None) -> int:
     if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise _fail(field, "an int" + rng, v)
+        raise _manifest_error(field, "an int" + rng, v)
     return v
 
 
 def req_num(v, field: str, lo: float | None = None, hi: float | None = None) -> float:
     if not _is_num(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _fail(field, f"a finite number in [{lo}, {hi}]", v)
+        raise _manifest_error(field, f"a finite number in [{lo}, {hi}]", v)
     return float(v)
 
 
 def req_str(v, field: str, choices: tuple[str, ...] | None = None) -> str:
     if not isinstance(v, str) or (choices is not None and v not in choices):
-        raise _fail(field, f"one of {choices}" if choices else "a string", v)
+        raise _manifest_error(field, f"one of {choices}" if choices else "a string", v)
     return v
 
 
 def req_list(v, field: str, max_len: int | None = None) -> list:
     if not isinstance(v, list) or (max_len is not None and len(v) > max_len):
-        raise _fail(field, "a list" + (f" of at most {max_len} items" if max_len else ""),
+        raise _manifest_error(field, "a list" + (f" of at most {max_len} items" if max_len else ""),
                     type(v).__name__ if not isinstance(v, list) else f"{len(v)} items")
     return v
 
 
 def req_bool(v, field: str) -> bool:
     if not isinstance(v, bool):
-        raise _fail(field, "true or false", v)
+        raise _manifest_error(field, "true or false", v)
     return v
 
 
@@ -131,17 +133,17 @@ def _check_fingerprint(fp) -> None:
     for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
         req_int(fp[key], f"model.{key}", 1, 1 << 20)
     if fp["num_heads"] % fp["num_kv_heads"]:
-        raise _fail("model.num_kv_heads", f"a divisor of num_heads ({fp['num_heads']})",
+        raise _manifest_error("model.num_kv_heads", f"a divisor of num_heads ({fp['num_heads']})",
                     fp["num_kv_heads"])
     req_dict(fp["rotary"], "model.rotary")
     if not isinstance(fp["config_sha256"], str) or not _HEX64.fullmatch(fp["config_sha256"]):
-        raise _fail("model.config_sha256", "64 lowercase hex digits", fp["config_sha256"])
+        raise _manifest_error("model.config_sha256", "64 lowercase hex digits", fp["config_sha256"])
     w = fp["weights_sha256"]
     if w is not None and (not isinstance(w, str) or not _HEX64.fullmatch(w)):
-        raise _fail("model.weights_sha256", "null or 64 lowercase hex digits", w)
+        raise _manifest_error("model.weights_sha256", "null or 64 lowercase hex digits", w)
     req_dict(fp["config"], "model.config")
     if sha256_hex(canonical_json(fp["config"]).encode()) != fp["config_sha256"]:
-        raise _fail("model.config_sha256", "the sha256 of model.config", fp["config_sha256"])
+        raise _manifest_error("model.config_sha256", "the sha256 of model.config", fp["config_sha256"])
 
 
 def _check_stats(stats) -> None:
@@ -165,17 +167,17 @@ def check_manifest(m) -> dict:
     if not isinstance(m, dict):
         raise ArtifactError(f"manifest: expected a JSON object, got {type(m).__name__}")
     if m.get("format") != FORMAT_NAME:
-        raise _fail("format", repr(FORMAT_NAME), m.get("format"))
+        raise _manifest_error("format", repr(FORMAT_NAME), m.get("format"))
     version = m.get("format_version")
     if not _is_int(version) or version < 1:
-        raise _fail("format_version", "a positive int", version)
+        raise _manifest_error("format_version", "a positive int", version)
     if version > FORMAT_VERSION:
         raise ArtifactError(
             f"manifest.format_version: this artifact has format version {version}, but this "
             f"adaptive-sparse reads versions up to {FORMAT_VERSION}; upgrade adaptive-sparse")
     digest = m.get("manifest_sha256")
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-        raise _fail("manifest_sha256", "64 lowercase hex digits", digest)
+        raise _manifest_error("manifest_sha256", "64 lowercase hex digits", digest)
     body = {k: v for k, v in m.items() if k != "manifest_sha256"}
     if manifest_digest(body) != digest:
         raise ArtifactError("manifest.manifest_sha256: the manifest was edited after it was "
@@ -185,7 +187,7 @@ def check_manifest(m) -> dict:
     req_str(m["created_by"], "created_by")
     _check_fingerprint(m["model"])
     if m["block_size"] not in SUPPORTED_BLOCK_SIZES or not _is_int(m["block_size"]):
-        raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", m["block_size"])
+        raise _manifest_error("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", m["block_size"])
     req_dict(m["method"], "method", ("name", "params"))
     req_str(m["method"]["name"], "method.name")
     req_dict(m["method"]["params"], "method.params")
@@ -193,14 +195,14 @@ def check_manifest(m) -> dict:
     req_dict(m["content"], "content")
     files = req_dict(m["files"], "files")
     if not files:
-        raise _fail("files", "at least one tensor file", {})
+        raise _manifest_error("files", "at least one tensor file", {})
     for name, entry in files.items():
         if not _FILE_NAME.fullmatch(name) or ".." in name:
-            raise _fail("files", "plain file names ending in .safetensors", name)
+            raise _manifest_error("files", "plain file names ending in .safetensors", name)
         req_dict(entry, f"files.{name}", ("sha256", "size"))
         if not isinstance(entry["sha256"], str) or not _HEX64.fullmatch(entry["sha256"]):
-            raise _fail(f"files.{name}.sha256", "64 lowercase hex digits", entry["sha256"])
-        req_int(entry["size"], f"files.{name}.size", 8, 1 << 44)
+            raise _manifest_error(f"files.{name}.sha256", "64 lowercase hex digits", entry["sha256"])
+        req_int(entry["size"], f"files.{name}.size", 8, MAX_FILE_BYTES)
     return m
 
 
@@ -278,27 +280,47 @@ def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, to
 
 def read_artifact(path) -> RawArtifact:
     """Read and verify an artifact directory: manifest schema and integrity, every file's size
-    and sha256, and the safetensors parse of exactly the bytes that were hashed."""
+    and sha256, and the safetensors parse of exactly the bytes that were hashed.
+
+    Files are opened through one descriptor of the directory without following symbolic links:
+    a file that is a symlink (wherever it points) or not a plain file is refused, and nothing
+    about what it points to is read or reported. Each file's size is checked against the
+    manifest before it is read. An artifact replaced while it is read (`--overwrite`) is read
+    again, so a reader gets the old or the new artifact, never a mix."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected an artifact directory path, got {type(path).__name__}")
+    path = Path(os.path.realpath(path))
+    try:
+        return read_dir_consistent(path, lambda fd: _read_raw(fd, path))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ArtifactError(f"{path}: not an artifact directory (no {MANIFEST})") from None
+
+
+def _open(dir_fd: int, name: str, field: str, max_bytes: int, missing: str) -> bytes:
+    try:
+        return open_in(dir_fd, name, max_bytes=max_bytes)
+    except FileNotFoundError:
+        raise ArtifactError(f"{field}: {missing}") from None
+    except PermissionError as e:
+        raise ArtifactError(f"{field}: {str(e).split(': ', 1)[-1]}; refused") from None
+    except ValueError:
+        raise ArtifactError(f"{field}: size exceeds {max_bytes} bytes") from None
+
+
+def _read_raw(dir_fd: int, path: Path) -> RawArtifact:
     from safetensors.torch import load
 
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(f"{path}: not an artifact directory (no {MANIFEST})")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes")
-    manifest = parse_manifest(mpath.read_bytes())
+    data = _open(dir_fd, MANIFEST, MANIFEST, MAX_MANIFEST_BYTES,
+                 f"missing: {path} is not an artifact directory (no {MANIFEST})")
+    manifest = parse_manifest(data)
     tensors = {}
     for name, entry in manifest["files"].items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise ArtifactError(f"files.{name}: listed in the manifest but missing from {path}")
-        size = fpath.stat().st_size
-        if size != entry["size"]:
-            raise ArtifactError(f"files.{name}: size is {size} bytes, the manifest says "
+        data = _open(dir_fd, name, f"files.{name}", entry["size"],
+                     "listed in the manifest but missing")
+        if len(data) != entry["size"]:
+            raise ArtifactError(f"files.{name}: size is {len(data)} bytes, the manifest says "
                                 f"{entry['size']}")
-        data = fpath.read_bytes()
-        if len(data) != entry["size"] or sha256_hex(data) != entry["sha256"]:
+        if sha256_hex(data) != entry["sha256"]:
             raise ArtifactError(f"files.{name}: sha256 does not match the manifest "
                                 "(the file is corrupted or was modified)")
         try:

@@ -48,7 +48,7 @@ def save_gate_artifact(out, gate_set, policy, *, model, method: str = "gates",
     model (or its fingerprint dict) the gates were trained on; params: e.g. the sweep trial and
     its measured ppl change / density; stats: {"density", "layers"} measured on calibration text.
     """
-    from adaptive_sparse.export.fingerprint import model_fingerprint
+    from adaptive_sparse.models.fingerprint import model_fingerprint
     from adaptive_sparse.gates import GateSet
     from adaptive_sparse.policies import Policy
 

@@ -103,7 +103,7 @@ def _write(out, kind, entries, *, model, method, params, extra_content, overwrit
 def _fingerprint_of(model) -> dict | None:
     if model is None or isinstance(model, dict):
         return model
-    from adaptive_sparse.export.fingerprint import model_fingerprint
+    from adaptive_sparse.models.fingerprint import model_fingerprint
     return model_fingerprint(model)
 
 

@@ -14,21 +14,22 @@ from adaptive_sparse.models.loading import (
     Preset,
     is_chat_model,
     load_model,
-    model_fingerprint,
     resolve_model_path,
 )
+from adaptive_sparse.models.fingerprint import model_fingerprint
 from adaptive_sparse.models.config import text_config
 from adaptive_sparse.models.providers import (
     CaptureProvider,
     OracleProvider,
     PatternProvider,
     ProviderSpec,
+    RecordingProvider,
     build_provider,
 )
 
 __all__ = [
     "ATTN_NAME", "CaptureProvider", "OracleProvider", "PRESETS", "PatternProvider", "Preset",
-    "ProviderSpec", "build_provider", "disable_sparse_attention", "enable_sparse_attention",
+    "ProviderSpec", "RecordingProvider", "build_provider", "disable_sparse_attention", "enable_sparse_attention",
     "is_chat_model", "load_model", "local_window_attention", "model_fingerprint", "register",
     "resolve_model_path", "sparse_attention", "text_config",
 ]

@@ -5,6 +5,8 @@
 
 - `PatternProvider`: a named pattern of the zoo (`adaptive_sparse.patterns.make_pattern`).
 - `OracleProvider`: the true attention's block map through a `Policy` (the upper bound).
+- `RecordingProvider`: wraps any provider (or none: dense) and keeps, per layer and call, the
+  mask it returned and, on request, the layer's q / k and true block maps.
 - `CaptureProvider`: wraps any provider and records, per layer, the density of its masks and
   (optionally) their attention recall, the share of the true attention mass they keep. Recall
   needs the true block maps, computed chunked from the q and k the layer sees: about the cost of
@@ -118,6 +120,49 @@ class OracleProvider:
     def describe(self) -> dict:
         return {"pattern": "oracle", "target": self.target, "block_size": self.block_size,
                 "policy": self.policy.to_dict()}
+
+
+class RecordingProvider:
+    """Wraps `inner` (a provider, or None for dense attention) and returns its masks unchanged,
+    keeping per layer one entry per call (all calls, or only the last with `last_only`):
+      masks[layer]      the returned mask, a dense-causal one where `inner` returned None
+      qk[layer]         (q [B, Hq, N, D], k [B, Hkv, M, D]) post-rotary, detached (qk=True)
+      block_sums[layer] true block maps float32 [B, Hq, Qb, Kb] (maps=True)
+    Kept tensors are moved to `device` ("cpu" by default; None keeps them where they are)."""
+
+    def __init__(self, inner=None, *, block_size: int = 64, qk: bool = False,
+                 maps: bool = False, last_only: bool = False, device="cpu"):
+        if inner is not None and not callable(inner):
+            raise TypeError(f"inner: expected a provider callable or None, got "
+                            f"{type(inner).__name__}")
+        self.inner, self.block_size = inner, _check_block_size(block_size)
+        self.keep_qk, self.keep_maps, self.last_only = bool(qk), bool(maps), bool(last_only)
+        self.device = device
+        self.masks: dict[int, list[BlockSparseMask]] = {}
+        self.qk: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.block_sums: dict[int, list[torch.Tensor]] = {}
+
+    def _keep(self, store: dict, layer_idx: int, value) -> None:
+        if self.last_only:
+            store[layer_idx] = [value]
+        else:
+            store.setdefault(layer_idx, []).append(value)
+
+    def _moved(self, x):
+        return x if self.device is None else x.to(self.device)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        mask = self.inner(layer_idx, q, k) if self.inner is not None else None
+        shown = mask if mask is not None else BlockSparseMask.full(
+            1, 1, block_size=self.block_size, q_len=q.shape[2], kv_len=k.shape[2],
+            device=q.device)
+        self._keep(self.masks, layer_idx, self._moved(shown))
+        if self.keep_qk:
+            self._keep(self.qk, layer_idx, (self._moved(q.detach()), self._moved(k.detach())))
+        if self.keep_maps:
+            _, bsum = block_attention_maps(q, k, block_size=self.block_size)
+            self._keep(self.block_sums, layer_idx, self._moved(bsum))
+        return mask
 
 
 class CaptureProvider:

@@ -1,11 +1,17 @@
-"""Base-model fingerprint: what an artifact must agree on with the model it is attached to.
+"""The one model fingerprint: what an artifact, a gate cache or an eval JSON must agree on with
+the model it is used with.
 
-The fingerprint names the architecture and the shapes attention depends on (layers, heads, KV
-heads, head_dim, rotary settings), holds the canonical model config with its sha256, and (for a
-model) a sha256 of a sample of its weights (the first 256 values of every tensor, rounded to
-bfloat16 so that the fp32 and bf16 loads of one checkpoint agree). Runtime
-keys that do not change the computation (dtype, cache and output flags, token ids, label maps,
-transformers version, private `_` keys) are left out of the canonical config.
+The fingerprint names the architecture (the model class) and the shapes attention depends on
+(layers, heads, KV heads, head_dim, rotary settings), holds the canonical model config with its
+sha256, and a sha256 of the weights: every value of every state_dict tensor, rounded to bfloat16
+(so the fp32 and bf16 loads of one checkpoint agree), with the tensor names and shapes. Nothing
+depends on where the model came from: the same weights loaded from a GGUF file or from a Hugging
+Face folder give the same fingerprint. Runtime keys that do not change the computation (dtype,
+cache and output flags, token ids, label maps, transformers version, private `_` keys, the
+source path) are left out of the canonical config.
+
+Cost of the weights hash (whole tensors, 2 CPU cores): see `weights_digest`. It is computed once
+per model and cached on it while no parameter changes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ _VOLATILE_KEYS = frozenset({
     "id2label", "label2id", "problem_type", "pad_token_id", "bos_token_id", "eos_token_id",
     "sep_token_id", "decoder_start_token_id", "tokenizer_class", "name_or_path",
     "attn_implementation", "use_return_dict", "tf_legacy_loss", "torchscript",
+    "quantization_config",  # where the weights came from (a GGUF); the weights digest covers them
 })
 
 _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
@@ -72,7 +79,9 @@ def config_fingerprint(config, *, architecture: str | None = None) -> dict:
     """Fingerprint of a transformers `PretrainedConfig` (see the module docstring).
 
     `architecture` defaults to `config.architectures[0]`, else the model type."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from adaptive_sparse.models.config import text_config
+
+    text = text_config(config)
     heads = int(text.num_attention_heads)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     hidden = int(text.hidden_size)
@@ -99,7 +108,8 @@ def config_fingerprint(config, *, architecture: str | None = None) -> dict:
 
 
 def model_fingerprint(model) -> dict:
-    """Fingerprint of a Hugging Face model: its config, with the model class as architecture."""
+    """Fingerprint of a Hugging Face model: its config, with the model class as architecture,
+    and `weights_digest(model)`."""
     if not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers model with a .config, "
                         f"got {type(model).__name__}")
@@ -108,18 +118,56 @@ def model_fingerprint(model) -> dict:
     return fp
 
 
+_DIGEST_CHUNK = 1 << 24  # elements converted at a time: bounds the extra memory to 32 MB
+
+
+def _tensor_key(t) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t._version)
+
+
+def _state_key(state) -> tuple:
+    return tuple((name, _tensor_key(t)) for name, t in sorted(state.items()))
+
+
+def remember_weights_digest(model, digest: str) -> None:
+    """Record `digest` as `weights_digest(model)` for the model's current tensors: for a loader
+    that has just verified the weights' files against a digest computed earlier from the same
+    tensors (the weights cache of `adaptive_sparse.models.loading`)."""
+    model.__dict__["_adaptive_sparse_digest"] = (_state_key(model.state_dict()), digest)
+
+
 def weights_digest(model) -> str:
-    """sha256 over (name, shape, first 256 values in bfloat16) of every state_dict tensor."""
+    """sha256 over (name, shape, every value in bfloat16) of every state_dict tensor; a tensor
+    that shares storage with an earlier one (tied embeddings) is recorded by reference. Cached
+    on the model, keyed by every tensor's storage and version counter (an in-place update or a
+    load changes it). Cost, whole tensors on 2 CPU cores: SmolLM2-135M ~1 s (see
+    docs/RELIABILITY.md)."""
     import torch
 
+    state = model.state_dict()
+    key = _state_key(state)
+    cached = model.__dict__.get("_adaptive_sparse_digest")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)};".encode())
-        sample = t.detach().flatten()[:256].cpu()
-        if sample.is_floating_point():
-            sample = sample.to(torch.bfloat16).view(torch.int16)
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
+    seen: dict[tuple, str] = {}
+    with torch.no_grad():
+        for name, t in sorted(state.items()):
+            h.update(f"{name}{tuple(t.shape)};".encode())
+            ident = _tensor_key(t)[:4]
+            if ident in seen:
+                h.update(f"={seen[ident]};".encode())
+                continue
+            seen[ident] = name
+            flat = t.detach().reshape(-1)
+            for i in range(0, flat.numel(), _DIGEST_CHUNK):
+                part = flat[i:i + _DIGEST_CHUNK].cpu()
+                if part.is_floating_point():
+                    part = part.to(torch.bfloat16).view(torch.int16)
+                h.update(part.contiguous().numpy().data)
+    digest = h.hexdigest()
+    model.__dict__["_adaptive_sparse_digest"] = (key, digest)
+    return digest
 
 
 def _short(value: Any) -> str:
