@@ -95,9 +95,11 @@ def atomic_write_text(path, text: str, *, mode: int = 0o644) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
-def atomic_write_json(path, obj, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
-    """JSON (non-JSON values written as their str, NaN refused) with a final newline."""
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str, allow_nan=False)
+def atomic_write_json(path, obj, *, indent: int | None = 2, sort_keys: bool = False,
+                      allow_nan: bool = True) -> Path:
+    """JSON with a final newline; values JSON lacks are written as their str (NaN as Python's
+    json writes it unless `allow_nan=False`)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str, allow_nan=allow_nan)
     return atomic_write_text(path, text + "\n")
 
 

@@ -10,8 +10,8 @@ Face folder give the same fingerprint. Runtime keys that do not change the compu
 cache and output flags, token ids, label maps, transformers version, private `_` keys, the
 source path) are left out of the canonical config.
 
-Cost of the weights hash (whole tensors, 2 CPU cores): see `weights_digest`. It is computed once
-per model and cached on it while no parameter changes.
+Cost of the weights hash: see `weights_digest`. It is computed once per model and cached on it
+while no parameter changes.
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def weights_digest(model) -> str:
     """sha256 over (name, shape, every value in bfloat16) of every state_dict tensor; a tensor
     that shares storage with an earlier one (tied embeddings) is recorded by reference. Cached
     on the model, keyed by every tensor's storage and version counter (an in-place update or a
-    load changes it). Cost, whole tensors on 2 CPU cores: SmolLM2-135M ~1 s (see
-    docs/RELIABILITY.md)."""
+    load changes it). Cost of hashing whole tensors, measured on 2 shared CPU cores: SmolLM2-135M
+    2.3 s, Qwen2.5-Coder-0.5B 4.9-5.6 s; a load from the weights cache reuses the digest recorded
+    when the cache was written (`remember_weights_digest`), ~0.01 s."""
     import torch
 
     state = model.state_dict()
