@@ -140,9 +140,10 @@ def weights_digest(model) -> str:
     """sha256 over (name, shape, every value in bfloat16) of every state_dict tensor; a tensor
     that shares storage with an earlier one (tied embeddings) is recorded by reference. Cached
     on the model, keyed by every tensor's storage and version counter (an in-place update or a
-    load changes it). Cost of hashing whole tensors, measured on 2 shared CPU cores: SmolLM2-135M
-    2.3 s, Qwen2.5-Coder-0.5B 4.9-5.6 s; a load from the weights cache reuses the digest recorded
-    when the cache was written (`remember_weights_digest`), ~0.01 s."""
+    load changes it). Cost of hashing whole tensors on 2 CPU cores (fp32 models): SmolLM2-135M
+    1.7 s, Qwen2.5-Coder-0.5B 2.8 s (2.3 s and 4.9-5.6 s with the cores shared); a load from the
+    weights cache reuses the digest recorded when the cache was written
+    (`remember_weights_digest`): ~0.002 s."""
     import torch
 
     state = model.state_dict()
