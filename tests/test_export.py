@@ -825,3 +825,15 @@ def test_cli_export_gate_refuses_bad_gate_folders_before_loading_the_model(tmp_p
                str(tmp_path / "runs"), "--policy-file", str(policy), "--out", str(tmp_path / "a"))
     assert res.returncode == 2 and "gates: expected a gate checkpoint" in res.stderr
     assert not (tmp_path / "art").exists() and not (tmp_path / "a").exists()
+
+
+def test_overwrite_without_rename_exchange_falls_back_to_two_renames(tmp_path, gen, monkeypatch):
+    import adaptive_sparse.io as aio
+
+    first = save_masks(tmp_path / "art", {0: random_mask(gen, 1, 2, 64)})
+    assert aio.exchange(tmp_path / "art", tmp_path / "art") in (True, False)
+    monkeypatch.setattr(aio, "exchange", lambda a, b: False)
+    new = random_mask(gen, 1, 2, 64, p=0.9)
+    save_masks(first, {0: new}, overwrite=True)
+    assert load_masks(first).layer_masks()[0] == new
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
