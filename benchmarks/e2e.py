@@ -44,7 +44,7 @@ import torch
 from adaptive_sparse.evaluate import final_hidden
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import compare_masks
-from adaptive_sparse.models import sparse_attention, text_config
+from adaptive_sparse.models import RecordingProvider, sparse_attention, text_config
 from adaptive_sparse.policies import Policy, calibrate_to_density
 from benchmarks.common import DENSE_BACKENDS, environment, floats, fmt
 
@@ -107,19 +107,17 @@ class Clock:
 
 
 class TimedProvider:
-    """Wraps a mask provider: times each call on `clock`, optionally keeps the masks."""
+    """Wraps a mask provider and times each call on `clock` (set by `measure`; None: untimed).
+    Recording the masks is `adaptive_sparse.models.RecordingProvider`'s job (see `recorded_masks`)."""
 
-    def __init__(self, inner, clock: Clock | None = None, keep: bool = False):
-        self.inner, self.clock, self.keep = inner, clock, keep
-        self.masks: dict[int, object] = {}
+    def __init__(self, inner, clock: Clock | None = None):
+        self.inner, self.clock = inner, clock
 
     def __call__(self, layer_idx, q, k):
         t = self.clock.start() if self.clock else None
         mask = self.inner(layer_idx, q, k)
         if self.clock:
             self.clock.stop(t)
-        if self.keep:
-            self.masks[layer_idx] = mask
         return mask
 
 
@@ -207,10 +205,15 @@ def gate_masks(model, gates, policy, ids, a, fast=None) -> dict:
     from adaptive_sparse.gates import GateProvider
 
     with GateProvider(gates, policy, model, fast=fast) as gate:
-        recorder = TimedProvider(gate, keep=True)
-        with sparse_attention(model, recorder, block_size=a.block_size, backend=a.backend):
-            forward(model, ids)
-    return recorder.masks
+        return recorded_masks(model, gate, ids, a)
+
+
+def recorded_masks(model, provider, ids, a) -> dict:
+    """layer -> the mask `provider` returned in one forward over `ids` (kept on its device)."""
+    recorder = RecordingProvider(provider, block_size=a.block_size, last_only=True, device=None)
+    with sparse_attention(model, recorder, block_size=a.block_size, backend=a.backend):
+        forward(model, ids)
+    return {layer: kept[0] for layer, kept in recorder.masks.items()}
 
 
 def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 16) -> dict:
@@ -327,10 +330,7 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
         model, None, block_size=a.block_size, backend=a.backend)))
     for name, target, policy in policies:
         with GateProvider(gates, policy, model, fast=fast) as gate:
-            recorder = TimedProvider(gate, keep=True)
-            with sparse_attention(model, recorder, block_size=a.block_size, backend=a.backend):
-                forward(model, ids)
-            masks = recorder.masks
+            masks = recorded_masks(model, gate, ids, a)
             achieved = mean_density(masks)
             timed = TimedProvider(gate)
             rows.append(measure(name, "adaptive_sparse", lambda: sparse_attention(

@@ -152,20 +152,6 @@ class SyntheticEvaluator:
                 os.remove(marker)
 
 
-class _RecordQK:
-    """Provider that keeps each layer's post-rotary q [B, Hq, N, D], k [B, Hkv, M, D] and their
-    block sums [B, Hq, Qb, Kb], and leaves attention dense."""
-
-    def __init__(self, block_size: int):
-        self.block_size, self.layers = block_size, {}
-
-    def __call__(self, layer_idx, q, k):
-        from adaptive_sparse.attention.block_maps import block_attention_maps
-        bsum = block_attention_maps(q, k, block_size=self.block_size)[1]
-        self.layers[layer_idx] = (q.detach(), k.detach(), bsum)
-        return None
-
-
 class ModelEvaluator:
     """A pretrained model on validation sequences (LongTensor [S, seq_len]).
 
@@ -286,7 +272,7 @@ class ModelEvaluator:
     def screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
         import torch
         from adaptive_sparse.attention.block_maps import attention_recall
-        from adaptive_sparse.models import CaptureProvider, sparse_attention
+        from adaptive_sparse.models import CaptureProvider, RecordingProvider, sparse_attention
         model, sequences = self._load()
         if family == "gate":
             with self._detached(self.provider(family, params)) as provider, torch.no_grad():
@@ -297,11 +283,13 @@ class ModelEvaluator:
             summary = capture.summary()
             return {"density": summary["density"], "recall": summary["recall"]}
         if self._qk is None:
-            rec = _RecordQK(self.block_size)
+            rec = RecordingProvider(block_size=self.block_size, qk=True, maps=True,
+                                    last_only=True, device=None)
             with torch.no_grad(), sparse_attention(model, rec, block_size=self.block_size,
                                                    backend=self.backend):
                 model(input_ids=sequences[: self.screen_sequences].to(self.device))
-            self._qk = rec.layers
+            self._qk = {layer: (*rec.qk[layer][0], rec.block_sums[layer][0])
+                        for layer in rec.qk}
         provider = self.provider(family, params)
         dens, recs = [], []
         with torch.no_grad():

@@ -275,25 +275,15 @@ def decode_distill_loss(gate: DecodeGate, q: torch.Tensor, k: torch.Tensor,
     return kl.mean()
 
 
-class QKRecorder:
-    """A provider that records each layer's post-rotary (q, k) and keeps attention dense."""
-
-    def __init__(self):
-        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
-        self.qk[layer_idx] = (q.detach(), k.detach())
-        return None
-
-
 def record_qk(model, ids: torch.Tensor, *, block_size: int = 64) -> dict:
     """{layer: (q [B, Hq, N, D], k [B, Hkv, N, D])} post-rotary, from one dense forward pass."""
     from adaptive_sparse.models.attention import sparse_attention
+    from adaptive_sparse.models.providers import RecordingProvider
 
-    rec = QKRecorder()
+    rec = RecordingProvider(block_size=block_size, qk=True, last_only=True, device=None)
     with torch.no_grad(), sparse_attention(model, rec, block_size=block_size):
         model(ids)
-    return rec.qk
+    return {layer: kept[0] for layer, kept in rec.qk.items()}
 
 
 def train_decode_gates(model, sequences: torch.Tensor, gates: DecodeGateSet | None = None, *,
