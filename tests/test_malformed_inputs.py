@@ -363,3 +363,17 @@ def test_case_count():
          + 2 * len(CONFIGS) + 2 * 7 + 2)
     assert n >= 300, n
     print(json.dumps({"malformed_cli_cases": n}))
+
+
+@pytest.mark.parametrize("command,text,key", [
+    ("sweep", 'name: t\nn_trials: "ten"\nmethods: {}\n', "n_trials"),
+    ("sweep", "name: t\nseed: abc\nmethods: {}\n", "seed"),
+    ("train", "trainer:\n  max_steps: ten\n", "trainer.max_steps"),
+    ("train", "model:\n  lr: fast\n", "model.lr"),
+])
+def test_config_type_errors(command, text, key, tmp_path, capsys):
+    """Wrong types inside a well-formed config: named by key (sweeps check on load,
+    LightningCLI's parser for train)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    refused([command, "--config", cfg], capsys, key)
