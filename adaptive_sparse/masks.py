@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaptive_sparse.errors import fail
+
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -45,8 +47,12 @@ def diagonal_blocks(q_len: int, kv_len: int, block_size: int, *, device=None) ->
     return (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
 
 
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
+def _check_values(name: str, t: torch.Tensor, hi: int, expected: str) -> None:
+    """Values of `t` in [0, hi], else `fail` with the first bound crossed (min or max)."""
+    if t.numel():
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high > hi:
+            raise fail(name, expected, low if low < 0 else high)
 
 
 def _indices_of(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +80,7 @@ def visible_blocks(q_len: int, kv_len: int, block_size: int, *, causal: bool = T
 def _check_hint(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or value < 0):
-        raise _fail("blocks_per_row", "None or a non-negative finite float", repr(value))
+        raise fail("blocks_per_row", "None or a non-negative finite float", value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,59 +134,62 @@ class BlockSparseMask:
     def _validate(self) -> None:
         bs, q_len, kv_len = self.block_size, self.q_len, self.kv_len
         if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
-            raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(bs))
+            raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", bs)
         for name, val in (("q_len", q_len), ("kv_len", kv_len)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise _fail(name, "a positive int", repr(val))
+                raise fail(name, "a positive int", val)
         if not isinstance(self.causal, bool):
-            raise _fail("causal", "a bool", repr(self.causal))
+            raise fail("causal", "a bool", self.causal)
         _check_hint(self.blocks_per_row)
         if self.causal and q_len > kv_len:
-            raise _fail("q_len", f"<= kv_len ({kv_len}) for a causal mask", q_len)
+            raise fail("q_len", f"<= kv_len ({kv_len}) for a causal mask", q_len)
         n, idx = self.kv_num_blocks, self.kv_indices
         if not isinstance(n, torch.Tensor):
-            raise _fail("kv_num_blocks", "a torch.Tensor", type(n).__name__)
+            raise fail("kv_num_blocks", "a torch.Tensor", type(n).__name__)
         if not isinstance(idx, torch.Tensor):
-            raise _fail("kv_indices", "a torch.Tensor", type(idx).__name__)
+            raise fail("kv_indices", "a torch.Tensor", type(idx).__name__)
         if n.dtype != torch.int32:
-            raise _fail("kv_num_blocks", "dtype torch.int32", n.dtype)
+            raise fail("kv_num_blocks", "dtype torch.int32", n.dtype)
         if idx.dtype != torch.int32:
-            raise _fail("kv_indices", "dtype torch.int32", idx.dtype)
+            raise fail("kv_indices", "dtype torch.int32", idx.dtype)
         if n.device != idx.device:
-            raise _fail("kv_indices", f"device {n.device} (that of kv_num_blocks)", idx.device)
+            raise fail("kv_indices", f"device {n.device} (that of kv_num_blocks)", idx.device)
         qb, kb = num_blocks(q_len, bs), num_blocks(kv_len, bs)
         if n.dim() != 3:
-            raise _fail("kv_num_blocks", "rank 3 [B, H, Qb]", tuple(n.shape))
+            raise fail("kv_num_blocks", "rank 3 [B, H, Qb]", tuple(n.shape))
         if n.shape[2] != qb:
-            raise _fail("kv_num_blocks", f"Qb = ceil(q_len / block_size) = {qb} in dim 2",
-                        tuple(n.shape))
+            raise fail("kv_num_blocks", f"Qb = ceil(q_len / block_size) = {qb} in dim 2",
+                       tuple(n.shape))
         if idx.dim() != 4:
-            raise _fail("kv_indices", "rank 4 [B, H, Qb, Kb]", tuple(idx.shape))
+            raise fail("kv_indices", "rank 4 [B, H, Qb, Kb]", tuple(idx.shape))
         if tuple(idx.shape) != (n.shape[0], n.shape[1], qb, kb):
-            raise _fail("kv_indices", f"shape {(n.shape[0], n.shape[1], qb, kb)} "
-                        f"(Kb = ceil(kv_len / block_size))", tuple(idx.shape))
+            raise fail("kv_indices", f"shape {(n.shape[0], n.shape[1], qb, kb)} "
+                       f"(Kb = ceil(kv_len / block_size))", tuple(idx.shape))
         if n.shape[0] < 1 or n.shape[1] < 1:
-            raise _fail("kv_num_blocks", "B >= 1 and H >= 1", tuple(n.shape))
-        if n.numel() and (int(n.min()) < 0 or int(n.max()) > kb):
-            raise _fail("kv_num_blocks", f"values in [0, {kb}]",
-                        f"range [{int(n.min())}, {int(n.max())}]")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= kb):
-            raise _fail("kv_indices", f"values in [0, {kb})",
-                        f"range [{int(idx.min())}, {int(idx.max())}]")
+            raise fail("kv_num_blocks", "B >= 1 and H >= 1", tuple(n.shape))
+        _check_values("kv_num_blocks", n, kb, f"values in [0, {kb}]")
+        _check_values("kv_indices", idx, kb - 1, f"values in [0, {kb})")
         valid = self._valid_slots()
         if kb > 1:
             step = idx[..., 1:] - idx[..., :-1]
             both = valid[..., 1:]
-            if bool(((step <= 0) & both).any()):
-                raise _fail("kv_indices", "strictly ascending indices (no duplicates) in the "
-                            "first kv_num_blocks entries of each row", "a repeated or unsorted row")
+            bad = ((step <= 0) & both).any(-1)  # [B, H, Qb]
+            if bool(bad.any()):
+                raise fail("kv_indices", "strictly ascending indices (no duplicates) in the "
+                           "first kv_num_blocks entries of each row", self._first_row(bad))
         if self.causal:
             allowed = block_causal(q_len, kv_len, bs, device=idx.device)  # [Qb, Kb]
             ok = torch.gather(allowed.expand(*idx.shape[:2], qb, kb), 3, idx.long())
-            if bool((valid & ~ok).any()):
-                raise _fail("kv_indices", "only blocks inside the causal region "
-                            "(a key block after every query of its query block)",
-                            "a block above the causal diagonal")
+            bad = (valid & ~ok).any(-1)  # [B, H, Qb]
+            if bool(bad.any()):
+                raise fail("kv_indices", "only blocks inside the causal region (a key block "
+                           "after every query of its query block)", self._first_row(bad))
+
+    def _first_row(self, bad: torch.Tensor) -> dict:
+        """The first row flagged in `bad` (bool [B, H, Qb]) and its selected key blocks."""
+        b, h, r = (int(i) for i in bad.nonzero()[0])
+        n = int(self.kv_num_blocks[b, h, r])
+        return {"row": (b, h, r), "blocks": self.kv_indices[b, h, r, :n].tolist()}
 
     def _valid_slots(self) -> torch.Tensor:
         kb = self.kv_indices.shape[-1]
@@ -196,11 +205,11 @@ class BlockSparseMask:
         for callers whose `dense` is inside the causal region and of the right shape by
         construction, e.g. `Policy.to_mask` on a hot path."""
         if not isinstance(dense, torch.Tensor):
-            raise _fail("dense", "a bool torch.Tensor [B, H, Qb, Kb]", type(dense).__name__)
+            raise fail("dense", "a bool torch.Tensor [B, H, Qb, Kb]", type(dense).__name__)
         if dense.dtype != torch.bool:
-            raise _fail("dense", "dtype torch.bool", dense.dtype)
+            raise fail("dense", "dtype torch.bool", dense.dtype)
         if dense.dim() != 4:
-            raise _fail("dense", "rank 4 [B, H, Qb, Kb]", tuple(dense.shape))
+            raise fail("dense", "rank 4 [B, H, Qb, Kb]", tuple(dense.shape))
         num, idx = _indices_of(dense)
         if not validate:
             return cls._trusted(num, idx.contiguous(), block_size, q_len, kv_len, causal)
@@ -216,21 +225,20 @@ class BlockSparseMask:
         come in any order and are sorted; duplicates are still refused."""
         for name, t, rank in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
             if not isinstance(t, torch.Tensor):
-                raise _fail(name, "a torch.Tensor", type(t).__name__)
+                raise fail(name, "a torch.Tensor", type(t).__name__)
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise _fail(name, "an integer dtype", t.dtype)
+                raise fail(name, "an integer dtype", t.dtype)
             if t.dim() != rank:
-                raise _fail(name, f"rank {rank}", tuple(t.shape))
+                raise fail(name, f"rank {rank}", tuple(t.shape))
         if not isinstance(block_size, int) or isinstance(block_size, bool) \
                 or block_size not in SUPPORTED_BLOCK_SIZES:
-            raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(block_size))
+            raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
         if isinstance(kv_len, bool) or not isinstance(kv_len, int) or kv_len < 1:
-            raise _fail("kv_len", "a positive int", repr(kv_len))
+            raise fail("kv_len", "a positive int", kv_len)
         kb = num_blocks(kv_len, block_size)
         for name, t, hi in (("kv_num_blocks", kv_num_blocks, kb),
                             ("kv_indices", kv_indices, kb - 1)):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) > hi):
-                raise _fail(name, f"values in [0, {hi}]", f"range [{int(t.min())}, {int(t.max())}]")
+            _check_values(name, t, hi, f"values in [0, {hi}]")
         kv_num_blocks = kv_num_blocks.to(torch.int32)
         if sort and kv_indices.shape[:3] == kv_num_blocks.shape \
                 and kv_indices.device == kv_num_blocks.device:
@@ -324,7 +332,7 @@ class BlockSparseMask:
         q_len, kv_len = block_mask.seq_lengths
         bs_q, bs_k = block_mask.BLOCK_SIZE
         if bs_q != bs_k:
-            raise _fail("block_mask", "square blocks", block_mask.BLOCK_SIZE)
+            raise fail("block_mask", "square blocks", block_mask.BLOCK_SIZE)
         qb, kb = num_blocks(q_len, bs_q), num_blocks(kv_len, bs_q)
 
         def dense_of(num, idx):
@@ -358,7 +366,7 @@ class BlockSparseMask:
         import numpy as np
 
         if not (0 <= batch < self.batch) or not (0 <= head < self.heads):
-            raise _fail("batch/head", f"indices in [0, {self.batch}) x [0, {self.heads})",
+            raise fail("batch/head", f"indices in [0, {self.batch}) x [0, {self.heads})",
                         (batch, head))
         num = self.kv_num_blocks[batch, head].cpu().numpy().astype(np.int64)
         idx = self.kv_indices[batch, head].cpu().numpy()
@@ -377,7 +385,7 @@ class BlockSparseMask:
         for b, row in enumerate(matrices):
             for h, m in enumerate(row):
                 if tuple(m.blocksize) != (block_size, block_size):
-                    raise _fail("matrices", f"blocksize {(block_size, block_size)}", m.blocksize)
+                    raise fail("matrices", f"blocksize {(block_size, block_size)}", m.blocksize)
                 for r in range(qb):
                     cols = m.indices[m.indptr[r]:m.indptr[r + 1]]
                     dense[b, h, r, torch.as_tensor(cols, dtype=torch.long)] = True
@@ -390,7 +398,7 @@ class BlockSparseMask:
         if num_heads == h:
             return self
         if num_heads % h:
-            raise _fail("num_heads", f"a multiple of the mask's head count {h}", num_heads)
+            raise fail("num_heads", f"a multiple of the mask's head count {h}", num_heads)
         rep = num_heads // h
         return BlockSparseMask._trusted(self.kv_num_blocks.repeat_interleave(rep, dim=1),
                                         self.kv_indices.repeat_interleave(rep, dim=1),
@@ -401,7 +409,7 @@ class BlockSparseMask:
         """Per-query-head mask -> per-KV-group mask: a group reads the union of its heads."""
         h = self.heads
         if group_size < 1 or h % group_size:
-            raise _fail("group_size", f"a divisor of the mask's head count {h}", group_size)
+            raise fail("group_size", f"a divisor of the mask's head count {h}", group_size)
         dense = self.to_dense()
         dense = dense.view(self.batch, h // group_size, group_size, *dense.shape[2:]).any(2)
         return BlockSparseMask.from_dense(dense, block_size=self.block_size, q_len=self.q_len,
@@ -436,20 +444,20 @@ class BlockSparseMask:
 def combine(*masks: BlockSparseMask, op: str = "or") -> BlockSparseMask:
     """Union ("or") or intersection ("and") of masks of the same geometry."""
     if not masks:
-        raise _fail("masks", "at least one mask", 0)
+        raise fail("masks", "at least one mask", 0)
     first = masks[0]
     dense = first.to_dense()
     for m in masks[1:]:
         if (m.block_size, m.q_len, m.kv_len, m.causal) != \
                 (first.block_size, first.q_len, first.kv_len, first.causal):
-            raise _fail("masks", "the same block_size, q_len, kv_len and causal", repr(m))
+            raise fail("masks", "the same block_size, q_len, kv_len and causal", m)
         other = m.to_dense()
         if op == "or":
             dense = dense | other
         elif op == "and":
             dense = dense & other
         else:
-            raise _fail("op", "'or' or 'and'", repr(op))
+            raise fail("op", "'or' or 'and'", op)
     return BlockSparseMask.from_dense(dense, block_size=first.block_size, q_len=first.q_len,
                                       kv_len=first.kv_len, causal=first.causal, validate=False)
 
@@ -471,13 +479,13 @@ def compare_masks(masks, ref) -> dict:
     (same index tables everywhere), tiles_differ, rows_differ (query-block rows with a differing
     tile), tiles (tiles compared), tile_fraction (tiles_differ / tiles)."""
     if set(masks) != set(ref):
-        raise _fail("ref", f"the keys of masks {sorted(masks)}", sorted(ref))
+        raise fail("ref", f"the keys of masks {sorted(masks)}", sorted(ref))
     tiles = rows = total = 0
     exact = True
     for key, m in masks.items():
         r = ref[key]
         if (m.block_size, m.q_len, m.kv_len) != (r.block_size, r.q_len, r.kv_len):
-            raise _fail(f"ref[{key!r}]", "the block_size, q_len and kv_len of masks[key]", repr(r))
+            raise fail(f"ref[{key!r}]", "the block_size, q_len and kv_len of masks[key]", r)
         exact &= torch.equal(m.kv_num_blocks, r.kv_num_blocks) \
             and torch.equal(m.kv_indices, r.kv_indices)
         diff = m.to_dense() != r.to_dense()  # [B, H, Qb, Kb] (batch 1 or heads 1 broadcast)

@@ -169,7 +169,7 @@ def test_from_indices_takes_any_integer_dtype(dtype):
 def test_from_indices_checks_values_before_the_int32_cast(name, value, sort):
     num, idx = _causal_indices(torch.int64)
     (idx if name == "kv_indices" else num).view(-1)[1] = value  # 2**32 + 1 would wrap to 1
-    with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, \d\], got range"):
+    with pytest.raises(ValueError, match=rf"^{name}: expected values in \[0, \d\], got {value}$"):
         BlockSparseMask.from_indices(num, idx, block_size=16, q_len=32, kv_len=32, sort=sort)
 
 

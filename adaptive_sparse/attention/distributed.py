@@ -34,23 +34,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from adaptive_sparse.attention.api import block_sparse_attention, check_head_tensor
+from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask, num_blocks
 
 LAYOUTS = ("zigzag", "contiguous")
 
 
-def _fail(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
-
-
 def _check_layout(layout) -> None:
     if layout not in LAYOUTS:
-        raise _fail("layout", f"one of {LAYOUTS}", repr(layout))
+        raise fail("layout", f"one of {LAYOUTS}", layout)
 
 
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(name, f"an int >= {low}", repr(value))
+        raise fail(name, f"an int >= {low}", value)
 
 
 def chunk_ids(rank: int, world: int, layout: str = "zigzag") -> tuple[int, int]:
@@ -64,7 +61,7 @@ def padded_length(seq_len: int, world: int, block_size: int) -> int:
     _check_int("seq_len", seq_len, 1)
     _check_int("world", world, 1)
     if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise _fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", repr(block_size))
+        raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
     unit = 2 * world * block_size
     return -(-seq_len // unit) * unit
 
@@ -244,18 +241,18 @@ def plan_context_parallel(mask, *, batch: int, q_heads: int, kv_heads: int, head
                       ("head_dim", head_dim), ("elem_bytes", elem_bytes)):
         _check_int(name, val, 1)
     if q_heads % kv_heads:
-        raise _fail("kv_heads", f"a divisor of q_heads={q_heads}", kv_heads)
+        raise fail("kv_heads", f"a divisor of q_heads={q_heads}", kv_heads)
     stats = CPStats()
     if mask is None:
         if seq_len is None or block_size is None:
-            raise _fail("seq_len/block_size", "ints when mask is None (dense causal)",
-                        (seq_len, block_size))
+            raise fail("seq_len/block_size", "ints when mask is None (dense causal)",
+                       (seq_len, block_size))
         mask = BlockSparseMask.full(1, 1, block_size=block_size, q_len=seq_len, kv_len=seq_len,
                                     device=device)
     if isinstance(mask, BlockSparseMask):
         if mask.q_len != mask.kv_len:
-            raise _fail("mask", "a self-attention mask with q_len == kv_len",
-                        f"q_len={mask.q_len}, kv_len={mask.kv_len}")
+            raise fail("mask", "a self-attention mask: (q_len, kv_len) with q_len == kv_len",
+                       (mask.q_len, mask.kv_len))
         causal, bs, n = mask.causal, mask.block_size, mask.q_len
         full = _padded_dense(mask, world)  # [Bm, Hm, Tb, Tb]
         tb = full.shape[-1]
@@ -270,19 +267,20 @@ def plan_context_parallel(mask, *, batch: int, q_heads: int, kv_heads: int, head
         causal, bs, n = True, mask.block_size, mask.seq_len
         r = mask.rows
         if not isinstance(r, torch.Tensor) or r.dtype != torch.bool or r.dim() != 4:
-            raise _fail("mask.rows", "a bool tensor [Bm, Hm, Lb, Kb]",
-                        getattr(r, "shape", type(r).__name__))
+            raise fail("mask.rows", "a bool tensor [Bm, Hm, Lb, Kb]",
+                       (r.dtype, tuple(r.shape)) if isinstance(r, torch.Tensor)
+                       else type(r).__name__)
         tb = padded_length(n, world, bs) // bs
         lb = tb // world
         if r.shape[2] != lb or r.shape[3] != num_blocks(n, bs):
-            raise _fail("mask.rows", f"[Bm, Hm, {lb}, {num_blocks(n, bs)}] for seq_len={n}, "
-                        f"block_size={bs}, {world} ranks", tuple(r.shape))
+            raise fail("mask.rows", f"[Bm, Hm, {lb}, {num_blocks(n, bs)}] for seq_len={n}, "
+                       f"block_size={bs}, {world} ranks", tuple(r.shape))
         header = torch.tensor([r.shape[0], r.shape[1], n, bs], dtype=torch.int64,
                               device=r.device)
         headers = _all_gather_small(header, world, group)
         if not bool((headers == header).all()):
-            raise _fail("mask", "LocalMask rows of one batch, head count, seq_len and "
-                        "block_size on every rank", headers.tolist())
+            raise fail("mask", "LocalMask rows of one batch, head count, seq_len and "
+                       "block_size on every rank", headers.tolist())
         order = torch.cat([_block_ids(p, world, lb, layout, r.device) for p in range(world)])
         rows = F.pad(r, (0, tb - r.shape[3]))[..., order]  # [Bm, Hm, Lb, Tb] rank-major
         bm, hm = r.shape[:2]
@@ -291,16 +289,16 @@ def plan_context_parallel(mask, *, batch: int, q_heads: int, kv_heads: int, head
         need = _all_gather_small(mine, world, group).bool()  # [Pdst, Psrc, Bm, Hn, Lb]
         stats.metadata_bytes = (header.numel() * 8 + mine.numel()) * (world - 1)
     else:
-        raise TypeError(f"mask: expected a BlockSparseMask, a LocalMask or None, "
-                        f"got {type(mask).__name__}")
+        raise fail("mask", "a BlockSparseMask, a LocalMask or None", type(mask).__name__,
+                   cls=TypeError)
     if bm not in (1, batch):
-        raise _fail("mask", f"batch 1 or {batch}", bm)
+        raise fail("mask", f"batch 1 or {batch}", bm)
     if hm not in (1, kv_heads, q_heads):
-        raise _fail("mask", f"heads 1, Hkv={kv_heads} or Hq={q_heads}", hm)
+        raise fail("mask", f"heads 1, Hkv={kv_heads} or Hq={q_heads}", hm)
     padded = tb * bs
     if not causal and padded != n:
-        raise _fail("mask", f"a sequence length that is a multiple of 2 * world * block_size "
-                    f"= {2 * world * bs} for a non-causal mask (padded keys would be visible)", n)
+        raise fail("mask", f"a sequence length that is a multiple of 2 * world * block_size "
+                   f"= {2 * world * bs} for a non-causal mask (padded keys would be visible)", n)
     L = lb * bs
     tile_bytes = 2 * bs * head_dim * elem_bytes  # one K and one V tile
     stats.dense_ring_bytes = (world - 1) * batch * kv_heads * lb * tile_bytes
@@ -446,21 +444,21 @@ def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
         check_head_tensor(name, t)
     B, Hq, L, D = q_local.shape
     if k_local.shape != v_local.shape or k_local.shape[0] != B or k_local.shape[2:] != (L, D):
-        raise _fail("k_local/v_local", f"one shape [{B}, Hkv, {L}, {D}]",
-                    (tuple(k_local.shape), tuple(v_local.shape)))
+        raise fail("k_local/v_local", f"one shape [{B}, Hkv, {L}, {D}]",
+                   (tuple(k_local.shape), tuple(v_local.shape)))
     Hkv = k_local.shape[1]
     if Hq % Hkv:
-        raise _fail("k_local", f"a KV head count dividing Hq={Hq}", Hkv)
+        raise fail("k_local", f"a KV head count dividing Hq={Hq}", Hkv)
     if plan is None:
         plan = plan_context_parallel(mask, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                                      elem_bytes=k_local.element_size(), group=group,
                                      layout=layout, seq_len=seq_len, block_size=block_size,
                                      device=q_local.device)
     if plan.shape != (B, Hq, Hkv, L):
-        raise _fail("q_local", f"shard shapes (B, Hq, Hkv, L) = {plan.shape} (the mask's "
-                    f"sequence of {plan.seq_len} over {plan.world} ranks)", (B, Hq, Hkv, L))
+        raise fail("q_local", f"shard shapes (B, Hq, Hkv, L) = {plan.shape} (the mask's "
+                   f"sequence of {plan.seq_len} over {plan.world} ranks)", (B, Hq, Hkv, L))
     if kernel_config is not None and backend != "triton":
-        raise _fail("backend", "'triton' when kernel_config is given", repr(backend))
+        raise fail("backend", "'triton' when kernel_config is given", backend)
     attend = _attention_fn(backend, scale, kernel_config)
     k_local, v_local = k_local.contiguous(), v_local.contiguous()
     _ensure_communicator(group)
