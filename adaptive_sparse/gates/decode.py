@@ -35,6 +35,7 @@ from torch import nn
 from adaptive_sparse.errors import fail
 from adaptive_sparse.gates.network import (
     GateConfig,
+    GateShape,
     _identity_init,
     _positive_int,
     model_shapes,
@@ -48,15 +49,9 @@ DECODE_GATES_VERSION = 1
 
 
 @dataclass
-class DecodeGateConfig:
+class DecodeGateConfig(GateShape):
     """Shapes and options of a decode gate set (JSON-serializable through `to_dict`)."""
 
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int = 64
-    gate_dim: int | None = None
     k_pooling: tuple[str, ...] = ("max", "min", "avg")
     init: str = "identity"
 
@@ -64,18 +59,6 @@ class DecodeGateConfig:
         # the fields shared with the prefill gates' config, validated by it
         shared = GateConfig(**dataclasses.asdict(self), use_rotary=False)
         self.gate_dim, self.k_pooling = shared.gate_dim, shared.k_pooling
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["k_pooling"] = list(d["k_pooling"])
-        return d
-
-    # GateConfig's reader: refuses unknown keys, turns the pooling lists back into tuples
-    from_dict = classmethod(GateConfig.from_dict.__func__)
 
     @classmethod
     def from_model(cls, model, **options) -> "DecodeGateConfig":

@@ -53,7 +53,44 @@ def _poolings(name: str, value) -> tuple[str, ...]:
 
 
 @dataclass
-class GateConfig:
+class GateShape:
+    """The fields a prefill gate set (`GateConfig`) and a decode one (`DecodeGateConfig`) share:
+    the model's attention shapes, the block size and the gate's width (None -> head_dim)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 64
+    gate_dim: int | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateShape":
+        """The config `to_dict` wrote: unknown keys refused, pooling lists back to tuples."""
+        if not isinstance(d, dict):
+            raise _fail("config", "a dict", type(d).__name__)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise _fail("config", f"keys from {sorted(names)}", unknown)
+        d = dict(d)
+        for key in ("q_pooling", "k_pooling", "rope_inv_freq"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass
+class GateConfig(GateShape):
     """Shapes and options of a gate set (JSON-serializable through `to_dict`).
 
     block_size: one of adaptive_sparse.masks.SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128); the
@@ -63,12 +100,6 @@ class GateConfig:
     needs gate_dim == head_dim); "random" draws N(0, 1/in_features) weights.
     """
 
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int = 64
-    gate_dim: int | None = None
     q_pooling: tuple[str, ...] = ("avg",)
     k_pooling: tuple[str, ...] = ("max", "min", "avg")
     share_kv_group: bool = False
@@ -116,10 +147,6 @@ class GateConfig:
                         self.init)
 
     @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def gate_heads(self) -> int:
         """Heads of the score map: num_kv_heads when shared within a KV group, else num_heads."""
         return self.num_kv_heads if self.share_kv_group else self.num_heads
@@ -131,26 +158,6 @@ class GateConfig:
             return torch.tensor(self.rope_inv_freq, dtype=torch.float64)
         return self.rope_theta ** (-torch.arange(0, gd, 2, dtype=torch.float64) / gd)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for key in ("q_pooling", "k_pooling", "rope_inv_freq"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GateConfig":
-        if not isinstance(d, dict):
-            raise _fail("config", "a dict", type(d).__name__)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise _fail("config", f"keys from {sorted(names)}", unknown)
-        d = dict(d)
-        for key in ("q_pooling", "k_pooling", "rope_inv_freq"):
-            if isinstance(d.get(key), list):
-                d[key] = tuple(d[key])
-        return cls(**d)
 
     @classmethod
     def from_model(cls, model, **options) -> "GateConfig":
