@@ -46,7 +46,7 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full"):
 def load_artifact(path):
     """Any artifact, verified: a MaskArtifact (masks/static) or a GateArtifact (gate)."""
     raw = read_artifact(path)
-    if raw.manifest["kind"] == "gate":
+    if raw.kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
         return gate_from_raw(raw)
     from adaptive_sparse.export.masks import masks_from_raw

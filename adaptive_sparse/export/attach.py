@@ -112,11 +112,10 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full") 
     if check not in CHECKS:
         raise ValueError(f"check: expected one of {CHECKS}, got {check!r}")
     raw = read_artifact(Path(path))
-    kind = raw.manifest["kind"]
-    if kind == "gate" and raw.manifest["model"] is None:
+    if raw.kind == "gate" and raw.fingerprint is None:
         raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint")
-    check_fingerprint(raw.manifest["model"], model, check=check)
-    if kind == "gate":
+    check_fingerprint(raw.fingerprint, model, check=check)
+    if raw.kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
         from adaptive_sparse.gates import GateProvider
 
@@ -133,7 +132,7 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full") 
             raise ArtifactError(f"content.entries: layer {bad[0]} >= the model's "
                                 f"{n_layers} layers")
         provider = ArtifactMaskProvider(art)
-    return Sparsifier(model, art, provider, raw.manifest["block_size"]).attach(backend)
+    return Sparsifier(model, art, provider, raw.block_size).attach(backend)
 
 
 def _num_layers(model) -> int:

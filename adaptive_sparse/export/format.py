@@ -52,15 +52,32 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read or trusted; the message names the file and field."""
 
 
+class ManifestFields:
+    """What every verified artifact reads from its `manifest` the same way."""
+    manifest: dict
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def block_size(self) -> int:
+        return self.manifest["block_size"]
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The base model's fingerprint (None for a masks/static artifact made without one)."""
+        return self.manifest["model"]
+
+
 @dataclass(frozen=True)
-class RawArtifact:
+class RawArtifact(ManifestFields):
     """A verified artifact: its manifest and the tensors of every file (CPU)."""
     path: Path
     manifest: dict
     tensors: dict[str, dict[str, torch.Tensor]]  # file name -> tensor name -> tensor
 
 
-# ---- manifest checks ---------------------------------------------------------------------------
 
 def _manifest_error(field: str, expected: str, got: Any) -> ArtifactError:
     text = repr(got)
@@ -234,7 +251,6 @@ def parse_manifest(data: bytes) -> dict:
     return check_manifest(obj)
 
 
-# ---- writing ----------------------------------------------------------------------------------
 
 def build_manifest(*, kind: str, model: dict | None, block_size: int, method: Mapping,
                    stats: Mapping, content: Mapping) -> dict:
@@ -276,7 +292,6 @@ def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, to
     return atomic_write_dir(out, blobs, overwrite=overwrite, marker=MANIFEST)
 
 
-# ---- reading ----------------------------------------------------------------------------------
 
 def read_artifact(path) -> RawArtifact:
     """Read and verify an artifact directory: manifest schema and integrity, every file's size

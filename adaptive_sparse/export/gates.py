@@ -13,30 +13,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from adaptive_sparse.export.format import (
-    ArtifactError, RawArtifact, build_manifest, read_artifact, req_dict, write_artifact)
+    ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact, req_dict,
+    write_artifact)
 
 GATES_FILE = "gates.safetensors"
 
 
 @dataclass(frozen=True)
-class GateArtifact:
+class GateArtifact(ManifestFields):
     """A verified gate artifact: the rebuilt GateSet (eval mode, CPU) and its Policy."""
     path: Path
     manifest: dict
     gate_set: Any  # adaptive_sparse.gates.GateSet
     policy: Any  # adaptive_sparse.policies.Policy
-
-    @property
-    def kind(self) -> str:
-        return "gate"
-
-    @property
-    def block_size(self) -> int:
-        return self.manifest["block_size"]
-
-    @property
-    def fingerprint(self) -> dict:
-        return self.manifest["model"]
 
 
 def save_gate_artifact(out, gate_set, policy, *, model, method: str = "gates",

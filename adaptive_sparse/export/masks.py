@@ -21,8 +21,8 @@ from typing import Mapping, Sequence
 import torch
 
 from adaptive_sparse.export.format import (
-    ArtifactError, RawArtifact, build_manifest, read_artifact, req_bool, req_dict, req_int,
-    req_list, req_num, write_artifact)
+    ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact, req_bool,
+    req_dict, req_int, req_list, req_num, write_artifact)
 from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
 
 MASKS_FILE = "masks.safetensors"
@@ -150,27 +150,14 @@ def _plain_recall(r):
             "docs": int(r["docs"])}
 
 
-# ---- reading ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class MaskArtifact:
+class MaskArtifact(ManifestFields):
     """A verified mask or static artifact. `masks[(layer, bucket)]` (bucket None for kind
     "masks") are validated `BlockSparseMask`s on CPU."""
     path: Path
     manifest: dict
     masks: dict[tuple[int, int | None], BlockSparseMask]
-
-    @property
-    def kind(self) -> str:
-        return self.manifest["kind"]
-
-    @property
-    def block_size(self) -> int:
-        return self.manifest["block_size"]
-
-    @property
-    def fingerprint(self) -> dict | None:
-        return self.manifest["model"]
 
     @property
     def layers(self) -> list[int]:
@@ -328,7 +315,6 @@ def load_masks(path) -> MaskArtifact:
     return masks_from_raw(read_artifact(path))
 
 
-# ---- static aggregation -----------------------------------------------------------------------
 
 def aggregate_static(masks: Sequence[BlockSparseMask], *, min_fraction: float = 0.5,
                      max_blocks_per_row: int | None = None, keep_diagonal: bool = True,
