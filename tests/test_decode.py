@@ -3,19 +3,12 @@ oracle, the incremental decode gate and its training, and generation through tra
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from adaptive_sparse.attention.decode import decode_reference, sparse_decode_attention
+from marks import CUDA, INTERPRET, gpu, needs_cuda, needs_triton  # tests/ is on sys.path
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not (CUDA or INTERPRET),
-                                  reason="triton backend: needs CUDA or TRITON_INTERPRET=1")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # model and gate tests use no Triton kernel: run once, in the pass without the interpreter
 no_kernel = pytest.mark.skipif(INTERPRET, reason="no Triton kernel: runs in the other pass")
 

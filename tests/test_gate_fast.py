@@ -9,7 +9,6 @@ TRITON_INTERPRET=1 (`TRITON_INTERPRET=1 pytest tests/test_gate_fast.py`)."""
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -18,14 +17,9 @@ from adaptive_sparse.masks import BlockSparseMask, block_causal, num_blocks
 from adaptive_sparse.policies import Policy
 from adaptive_sparse.gates import GateProvider
 from adaptive_sparse.gates.network import Gate, GateConfig, GateSet, gate_tables
+from marks import CUDA, gpu, needs_cuda, needs_triton as needs_kernel
 from test_gates import tiny_llama  # tests/ is on sys.path (rootdir-relative test modules)
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernel = pytest.mark.skipif(not (CUDA or INTERPRET),
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 DEV = "cuda" if CUDA else "cpu"
 
 

@@ -1,0 +1,16 @@
+"""Where a test can run: the device and Triton-interpreter flags and the skip marks built on them
+(tests/ is on sys.path: `from marks import needs_triton`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not (CUDA or INTERPRET),
+                                  reason="triton backend: needs CUDA or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+gpu = pytest.mark.gpu
