@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,8 +59,6 @@ def rewrite_manifest(path: Path, edit, *, rehash: bool) -> None:
         m["manifest_sha256"] = manifest_digest(body)
     (path / "manifest.json").write_text(json.dumps(m))
 
-
-# ---- round trips ------------------------------------------------------------------------------
 
 def test_mask_artifact_round_trip_is_bit_identical(tmp_path, gen):
     masks = {0: random_mask(gen, 2, 4, 100), 1: random_mask(gen, 2, 2, 100, m=160),
@@ -132,8 +131,6 @@ def test_static_artifact_round_trip_and_recall(tmp_path, gen):
     assert torch.equal(cropped.to_dense(), static[0].to_dense()[:, :, :5, :5])
     assert art.mask_for(0, n + 1) is None
 
-
-# ---- converters -------------------------------------------------------------------------------
 
 def fp64_masked_attention(q, k, v, mask: BlockSparseMask):
     """Oracle: dense fp64 attention with the block mask expanded to elements."""
@@ -220,8 +217,6 @@ def test_bsr_and_dense_conversions_match_to_dense(tmp_path, gen):
     with pytest.raises(ValueError, match="to: expected one of"):
         convert_artifact(path, "csr", tmp_path / "x")
 
-
-# ---- corruption and edits ---------------------------------------------------------------------
 
 @pytest.fixture
 def small_artifact(tmp_path, gen):
@@ -358,8 +353,6 @@ def test_no_pickle_and_not_an_artifact(tmp_path):
     assert "pickle" not in src.replace("unpickled", "") and "torch.load" not in src
 
 
-# ---- fingerprints -----------------------------------------------------------------------------
-
 def test_fingerprint_mismatch_is_refused_naming_the_field(tmp_path, gen):
     from adaptive_sparse.export.attach import check_fingerprint
     from adaptive_sparse.models.fingerprint import model_fingerprint
@@ -386,6 +379,31 @@ def test_fingerprint_mismatch_is_refused_naming_the_field(tmp_path, gen):
     check_fingerprint(json.loads(canonical_json(model_fingerprint(fp32))), bf16)
 
 
+def _check_attached_logits(model, path, ids, live, *, as_context: bool):
+    """The artifact at `path`, attached to `model` (as a context, or attached then detached),
+    gives the logits of the live provider it was made from (`live()`: a context), not the dense
+    ones, and dense ones again once detached."""
+    from adaptive_sparse.export import load_sparsifier
+
+    with torch.no_grad():
+        dense = model(ids).logits
+        with live():
+            want = model(ids).logits
+        if as_context:
+            with load_sparsifier(model, path) as handle:
+                got = model(ids).logits
+                assert handle.attached
+        else:
+            handle = load_sparsifier(model, path)
+            got = model(ids).logits
+            handle.detach()
+        assert not handle.attached
+        after = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, dense, atol=1e-4)
+    torch.testing.assert_close(after, dense)
+
+
 def test_static_artifact_attaches_and_detaches(tmp_path, gen):
     from adaptive_sparse.export import load_sparsifier
     from adaptive_sparse.models import sparse_attention
@@ -397,22 +415,11 @@ def test_static_artifact_attaches_and_detaches(tmp_path, gen):
     path = save_static(tmp_path / "s", {n: static}, model=model, min_fraction=0.5,
                        max_blocks_per_row=None, calibration_docs=1)
     ids = torch.randint(0, 97, (1, 50), generator=gen)
-    with torch.no_grad():
-        dense = model(ids).logits
-        with sparse_attention(model, lambda i, q, k: crop(static[i], q.shape[2]), block_size=bs):
-            want = model(ids).logits
-        handle = load_sparsifier(model, path)
-        got = model(ids).logits
-        handle.detach()
-        after = model(ids).logits
-    assert torch.equal(got, want)
-    assert not torch.allclose(got, dense, atol=1e-4)
-    torch.testing.assert_close(after, dense)
+    _check_attached_logits(model, path, ids, lambda: sparse_attention(
+        model, lambda i, q, k: crop(static[i], q.shape[2]), block_size=bs), as_context=False)
     with pytest.raises(ArtifactError, match="num_kv_heads"):
         load_sparsifier(tiny_llama(num_key_value_heads=4), path)
 
-
-# ---- atomic writes ----------------------------------------------------------------------------
 
 def test_exception_mid_write_leaves_nothing(tmp_path, gen, monkeypatch):
     import adaptive_sparse.io as fmt
@@ -479,8 +486,6 @@ def test_killed_writer_leaves_no_artifact(tmp_path):
     assert load_masks(out).layers == [0]
 
 
-# ---- gate artifacts ---------------------------------------------------------------------------
-
 def _trained_looking_gates(model, gen):
     from adaptive_sparse.gates import GateConfig, GateSet
 
@@ -508,19 +513,13 @@ def test_gate_artifact_round_trip_gives_identical_logits(tmp_path, gen):
     for (name, a), (name_b, b) in zip(art.gate_set.state_dict().items(), gs.state_dict().items()):
         assert name == name_b and a.dtype == b.dtype and torch.equal(a, b)
     ids = torch.randint(0, 97, (1, 80), generator=gen)
-    with torch.no_grad():
-        dense = model(ids).logits
-        with GateProvider(gs, policy, model) as live, \
-                sparse_attention(model, live, block_size=16):
-            want = model(ids).logits
-        with load_sparsifier(model, path) as handle:
-            got = model(ids).logits
-            assert handle.attached
-        assert not handle.attached
-        after = model(ids).logits
-    assert torch.equal(got, want)
-    assert not torch.allclose(got, dense, atol=1e-4)
-    torch.testing.assert_close(after, dense)
+
+    @contextlib.contextmanager
+    def live():
+        with GateProvider(gs, policy, model) as gate, sparse_attention(model, gate, block_size=16):
+            yield
+
+    _check_attached_logits(model, path, ids, live, as_context=True)
     with pytest.raises(ArtifactError, match="num_layers: artifact 2, model 3"):
         load_sparsifier(tiny_llama(num_hidden_layers=3), path)
     with pytest.raises(ArtifactError, match="weights_sha256"):
@@ -545,8 +544,6 @@ def test_gate_artifact_refuses_inconsistent_content(tmp_path, gen):
         with pytest.raises(ArtifactError, match=needle):
             load_gate_artifact(path)
 
-
-# ---- builders and CLI -------------------------------------------------------------------------
 
 def test_export_masks_and_static_from_a_live_model(tmp_path, gen):
     from adaptive_sparse.export import load_sparsifier
@@ -619,8 +616,6 @@ def test_export_and_verify_for_the_demo(tmp_path, gen):
     assert res["gate"]["kind"] == "gate" and res["masks"]["kind"] == "masks"
     assert 0 < res["gate"]["density"] < 1
 
-
-# ---- issue 12: untrusted artifacts, atomic overwrite, full disk ---------------------------------
 
 def _cli(*args, cwd=None):
     exe = Path(sys.executable).with_name("adaptive-sparse")

@@ -113,7 +113,6 @@ def gate_stats(model, sequences: torch.Tensor, provider, *, block_size: int) -> 
     return mask_stats([(layer, None, m) for layer, ms in rec.masks.items() for m in ms])
 
 
-
 def read_policy_file(path) -> dict:
     """{"method": pattern name | "gate" | "oracle", "params": {...}}; a bare Policy dict is
     read as {"method": "gate", "params": {"policy": <it>}}."""

@@ -78,7 +78,6 @@ class RawArtifact(ManifestFields):
     tensors: dict[str, dict[str, torch.Tensor]]  # file name -> tensor name -> tensor
 
 
-
 def _manifest_error(field: str, expected: str, got: Any) -> ArtifactError:
     text = repr(got)
     if len(text) > 80:
@@ -251,7 +250,6 @@ def parse_manifest(data: bytes) -> dict:
     return check_manifest(obj)
 
 
-
 def build_manifest(*, kind: str, model: dict | None, block_size: int, method: Mapping,
                    stats: Mapping, content: Mapping) -> dict:
     from adaptive_sparse import __version__
@@ -290,7 +288,6 @@ def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, to
     blobs[MANIFEST] = (json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
                        + "\n").encode()
     return atomic_write_dir(out, blobs, overwrite=overwrite, marker=MANIFEST)
-
 
 
 def read_artifact(path) -> RawArtifact:

@@ -150,7 +150,6 @@ def _plain_recall(r):
             "docs": int(r["docs"])}
 
 
-
 @dataclass(frozen=True)
 class MaskArtifact(ManifestFields):
     """A verified mask or static artifact. `masks[(layer, bucket)]` (bucket None for kind
@@ -313,7 +312,6 @@ def masks_from_raw(raw: RawArtifact) -> MaskArtifact:
 def load_masks(path) -> MaskArtifact:
     """Read and verify a mask or static artifact (raises ArtifactError)."""
     return masks_from_raw(read_artifact(path))
-
 
 
 def aggregate_static(masks: Sequence[BlockSparseMask], *, min_fraction: float = 0.5,
