@@ -29,7 +29,7 @@ from adaptive_sparse.models.providers import (
 
 __all__ = [
     "ATTN_NAME", "CaptureProvider", "OracleProvider", "PRESETS", "PatternProvider", "Preset",
-    "ProviderSpec", "RecordingProvider", "build_provider", "disable_sparse_attention", "enable_sparse_attention",
-    "is_chat_model", "load_model", "local_window_attention", "model_fingerprint", "register",
-    "resolve_model_path", "sparse_attention", "text_config",
+    "ProviderSpec", "RecordingProvider", "build_provider", "disable_sparse_attention",
+    "enable_sparse_attention", "is_chat_model", "load_model", "local_window_attention",
+    "model_fingerprint", "register", "resolve_model_path", "sparse_attention", "text_config",
 ]

@@ -22,13 +22,19 @@ from typing import Any, Mapping
 import torch
 
 from adaptive_sparse.attention.block_maps import attention_recall, block_attention_maps
+from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
 
 def _check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+        raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
     return block_size
+
+
+def _check_inner(inner) -> None:
+    if inner is not None and not callable(inner):
+        raise fail("inner", "a provider callable or None", type(inner).__name__, cls=TypeError)
 
 
 def _check_layers(layers):
@@ -132,9 +138,7 @@ class RecordingProvider:
 
     def __init__(self, inner=None, *, block_size: int = 64, qk: bool = False,
                  maps: bool = False, last_only: bool = False, device="cpu"):
-        if inner is not None and not callable(inner):
-            raise TypeError(f"inner: expected a provider callable or None, got "
-                            f"{type(inner).__name__}")
+        _check_inner(inner)
         self.inner, self.block_size = inner, _check_block_size(block_size)
         self.keep_qk, self.keep_maps, self.last_only = bool(qk), bool(maps), bool(last_only)
         self.device = device
@@ -176,9 +180,7 @@ class CaptureProvider:
 
     def __init__(self, inner=None, *, recall: bool = True, keep_maps: bool = False,
                  block_size: int = 64):
-        if inner is not None and not callable(inner):
-            raise TypeError(f"inner: expected a provider callable or None, got "
-                            f"{type(inner).__name__}")
+        _check_inner(inner)
         self.inner = inner
         self.recall = bool(recall)
         self.keep_maps = bool(keep_maps)
