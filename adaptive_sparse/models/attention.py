@@ -57,6 +57,18 @@ def adaptive_sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offse
     return None
 
 
+def check_unsupported(attention_mask, dropout, softcap, where: str) -> None:
+    """Refuse what transformers may hand an attention function that `where` does not do:
+    an explicit mask, attention dropout, logit soft-capping."""
+    if attention_mask is not None:
+        raise ValueError(f"attention_mask: {where} takes no explicit mask (padding and custom "
+                         "masks are not supported)")
+    if dropout:
+        raise ValueError(f"dropout: expected 0 (no attention dropout), got {dropout}")
+    if softcap is not None:
+        raise ValueError(f"softcap: logit soft-capping is not supported, got {softcap}")
+
+
 def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Tensor,
                                       value: torch.Tensor, attention_mask, scaling=None,
                                       dropout: float = 0.0, sliding_window=None, softcap=None,
@@ -69,13 +81,7 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
     if state is None:
         raise RuntimeError("adaptive_sparse attention: this model has no provider; wrap the call "
                            "in `with sparse_attention(model, provider):`")
-    if attention_mask is not None:
-        raise ValueError("attention_mask: the adaptive_sparse attention takes no explicit mask "
-                         "(padding and custom masks are not supported)")
-    if dropout:
-        raise ValueError(f"dropout: expected 0 (no attention dropout), got {dropout}")
-    if softcap is not None:
-        raise ValueError(f"softcap: logit soft-capping is not supported, got {softcap}")
+    check_unsupported(attention_mask, dropout, softcap, "the adaptive_sparse attention")
     B, Hq, N, D = query.shape
     M = key.shape[2]
     scale = float(scaling) if scaling is not None else D ** -0.5

@@ -22,7 +22,8 @@ import torch
 from adaptive_sparse.attention.api import BACKENDS, auto_backend
 from adaptive_sparse.attention.distributed import (
     _world, context_parallel_attention, local_positions, padded_length, shard_sequence)
-from adaptive_sparse.models.attention import _attention_modules, _set_impl, adaptive_sparse_mask
+from adaptive_sparse.models.attention import (
+    _attention_modules, _set_impl, adaptive_sparse_mask, check_unsupported)
 
 CP_ATTN_NAME = "adaptive_sparse_cp"
 _CP_STATE = "_adaptive_sparse_cp_state"
@@ -52,12 +53,7 @@ def cp_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
     if state is None:
         raise RuntimeError("adaptive_sparse_cp attention: wrap the call in "
                            "`with context_parallel_model(model, seq_len=...)`")
-    if attention_mask is not None:
-        raise ValueError("attention_mask: the context-parallel attention takes no explicit mask")
-    if dropout:
-        raise ValueError(f"dropout: expected 0 (no attention dropout), got {dropout}")
-    if softcap is not None:
-        raise ValueError(f"softcap: logit soft-capping is not supported, got {softcap}")
+    check_unsupported(attention_mask, dropout, softcap, "the context-parallel attention")
     if sliding_window is not None:
         raise ValueError(f"sliding_window: context parallel runs full-attention layers only, "
                          f"got a window of {sliding_window}")
