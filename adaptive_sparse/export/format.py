@@ -32,9 +32,10 @@ from typing import Any, Mapping
 
 import torch
 
-from adaptive_sparse.models.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
+from adaptive_sparse.errors import fail
 from adaptive_sparse.io import atomic_write_dir, open_in, read_dir_consistent
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES
+from adaptive_sparse.models.fingerprint import FINGERPRINT_FIELDS, canonical_json, sha256_hex
 
 FORMAT_NAME = "adaptive-sparse-artifact"
 FORMAT_VERSION = 1
@@ -79,10 +80,7 @@ class RawArtifact(ManifestFields):
 
 
 def _manifest_error(field: str, expected: str, got: Any) -> ArtifactError:
-    text = repr(got)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return ArtifactError(f"manifest.{field}: expected {expected}, got {text}")
+    return fail(f"manifest.{field}", expected, got, cls=ArtifactError)
 
 
 def _is_int(v) -> bool:
