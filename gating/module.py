@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import block_causal
 from adaptive_sparse.gates import GateConfig, GateSet
+from adaptive_sparse.models.config import text_config
 
 LOSSES = ("kl", "mse")
 SPLITS = ("train", "validation")
@@ -351,7 +352,7 @@ class GateDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.corpus == "random":
             g = torch.Generator().manual_seed(hp.split_seed)
-            vocab = model.config.get_text_config().vocab_size
+            vocab = text_config(model).vocab_size
             return {"train": torch.randint(0, vocab, (hp.num_train, hp.seq_len), generator=g),
                     "validation": torch.randint(0, vocab, (hp.num_val, hp.seq_len), generator=g)}
         from adaptive_sparse.data import load_corpus, pack, split_documents

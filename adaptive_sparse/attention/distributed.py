@@ -431,7 +431,7 @@ def context_parallel_attention(q_local: torch.Tensor, k_local: torch.Tensor,
         `shard_sequence`), L = padded_length(N, P, block_size) / P.
     mask: global `BlockSparseMask` (q_len == kv_len == N, identical on every rank), `LocalMask`
         (this rank's rows), or None (dense causal; then seq_len and block_size are required).
-    backend: of `block_sparse_attention` for each step ("auto": triton on CUDA, reference on CPU).
+    backend: of `block_sparse_attention` for each step ("auto": `attention.api.auto_backend`).
     plan: a `plan_context_parallel` result to reuse (mask is then ignored).
     kernel_config: pins the Triton kernel's tile config for every step (backend "triton"; see
         `triton_block_sparse_attention`): no autotuning and no device sync per step.
