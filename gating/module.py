@@ -27,6 +27,9 @@ from adaptive_sparse.gates import GateConfig, GateSet
 from adaptive_sparse.models.config import text_config
 
 LOSSES = ("kl", "mse")
+# distillation target, normalized per query-block row: "max" (block max of the attention
+# probabilities, SeerAttention's) or "sum" (the attention mass of each block)
+TARGETS = ("max", "sum")
 SPLITS = ("train", "validation")
 
 
@@ -83,10 +86,12 @@ class GateDistillModule(L.LightningModule):
                  init: str = "identity", loss: str = "kl", lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.05,
                  threshold: float = 0.01,
-                 recall_densities: tuple[float, ...] = (0.1, 0.25, 0.5)):
+                 recall_densities: tuple[float, ...] = (0.1, 0.25, 0.5), target: str = "max"):
         super().__init__()
         if loss not in LOSSES:
             raise fail("loss", f"one of {LOSSES}", loss)
+        if target not in TARGETS:
+            raise fail("target", f"one of {TARGETS}", target)
         for name, v in (("lr", lr), ("threshold", threshold)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v:
                 raise fail(name, "a positive number", v)
@@ -158,7 +163,7 @@ class GateDistillModule(L.LightningModule):
             qf = {p: batch[f"L{layer}.q.{p}"] for p in c.q_pooling}
             kf = {p: batch[f"L{layer}.k.{p}"] for p in c.k_pooling}
             scores = gate.score_pooled(qf, kf, q_len=n, kv_len=n)  # [B, H, Qb, Kb]
-            target = batch[f"L{layer}.block_max"].float()
+            target = batch[f"L{layer}.block_{hp.get('target', 'max')}"].float()
             target = target / target.sum(-1, keepdim=True).clamp_min(1e-30)
             target = group_targets(target, c.group_size if c.share_kv_group else 1)
             kl = distill_loss(scores, target, allowed, "kl")
