@@ -44,8 +44,12 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full"):
 
 
 def load_artifact(path):
-    """Any artifact, verified: a MaskArtifact (masks/static) or a GateArtifact (gate)."""
+    """Any artifact, verified: a MaskArtifact (masks/static), a GateArtifact (gate) or a
+    DecodeGateArtifact (decode_gate)."""
     raw = read_artifact(path)
+    if raw.kind == "decode_gate":
+        from adaptive_sparse.export.decode import decode_gate_from_raw
+        return decode_gate_from_raw(raw)
     if raw.kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
         return gate_from_raw(raw)

@@ -8,6 +8,7 @@
                                   --heldout-seqs 4 --min-fraction 0.5 [--max-blocks-per-row K]
                                   (--pattern ... | --policy-file ... [--gates DIR]) --out DIR
     adaptive-sparse export convert DIR --to flex|bsr|dense --out OUT
+    adaptive-sparse export decode-gate --out DIR (see export/decode.py)
     adaptive-sparse export verify DIR
 Exit status 0 on success, 2 on a refused input or artifact (the message names the field).
 """
@@ -99,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--overwrite", action="store_true")
 
+    from adaptive_sparse.export.decode import add_decode_parser
+    add_decode_parser(sub)  # decode-gate
     v = sub.add_parser("verify", help="check an artifact and print its summary")
     v.add_argument("artifact", type=Path)
     return p
@@ -120,6 +123,9 @@ def _run(args) -> dict:
         return {"out": str(out), "layout": args.to}
     if args.command == "verify":
         return summary(args.artifact)
+    if args.command == "decode-gate":
+        from adaptive_sparse.export.decode import run_decode_export
+        return summary(run_decode_export(args))
 
     from adaptive_sparse.export import build
     from adaptive_sparse.models import load_model

@@ -3,7 +3,7 @@
 manifest.json (format_version 1), every key required, no others:
   format            "adaptive-sparse-artifact"
   format_version    1 (an int; newer versions are refused with a message to upgrade)
-  kind              "gate" | "masks" | "static"
+  kind              "gate" | "masks" | "static" | "decode_gate" (export/decode.py)
   created_by        "adaptive-sparse <version>"
   model             base-model fingerprint (see fingerprint.py) or null
   block_size        16 | 32 | 64 | 128
@@ -39,7 +39,7 @@ from adaptive_sparse.models.fingerprint import FINGERPRINT_FIELDS, canonical_jso
 
 FORMAT_NAME = "adaptive-sparse-artifact"
 FORMAT_VERSION = 1
-KINDS = ("gate", "masks", "static")
+KINDS = ("gate", "masks", "static", "decode_gate")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 36  # 64 GiB: a tensor file is read whole, and only up to its real size
