@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from adaptive_sparse.attention.api import BACKENDS, block_sparse_attention
+from adaptive_sparse.attention.api import BACKENDS, PRECISIONS, block_sparse_attention
 from adaptive_sparse.attention.decode import decode_attention_from_mask
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
@@ -39,10 +39,11 @@ _LOCAL_CHUNK = 2048  # benchmarks/local_window.py: fastest of 256-2048 at 8k and
 class _State:
     """What the attention function needs, stored on every attention module of one model."""
 
-    def __init__(self, provider, block_size: int, backend: str):
+    def __init__(self, provider, block_size: int, backend: str, precision: str = "input"):
         self.provider = provider
         self.block_size = block_size
         self.backend = backend
+        self.precision = precision
 
 
 def adaptive_sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
@@ -96,7 +97,8 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
             out = decode_attention_from_mask(query, key, value, mask, scale=scale,
                                              backend=backend)
         else:
-            out = block_sparse_attention(query, key, value, mask, scale=scale, backend=backend)
+            out = block_sparse_attention(query, key, value, mask, scale=scale, backend=backend,
+                                         precision=state.precision)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -155,14 +157,16 @@ def _set_impl(model, name: str) -> None:
 
 
 def enable_sparse_attention(model, provider, *, block_size: int = 64,
-                            backend: str = "auto") -> None:
+                            backend: str = "auto", precision: str = "input") -> None:
     """Route `model`'s attention through `provider` until `disable_sparse_attention(model)`.
 
     provider: callable (layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None,
         or None for dense causal attention through `block_sparse_attention`.
     block_size: block size of the dense mask used when the provider returns None.
     backend: passed to `block_sparse_attention`, whose "auto" is the one meaning everywhere
-        (triton on CUDA, gather elsewhere). Calls nest (the previous state is restored)."""
+        (triton on CUDA, gather elsewhere). Calls nest (the previous state is restored).
+    precision: `block_sparse_attention`'s ("fp8": e4m3 Q.K^T and P.V in the prefill, Triton on
+        CUDA only; decode steps stay in the input precision)."""
     if provider is not None and not callable(provider):
         raise TypeError(f"provider: expected a callable (layer_idx, q, k) -> BlockSparseMask | "
                         f"None, got {type(provider).__name__}")
@@ -170,11 +174,13 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64,
         raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     register()
     mods = _attention_modules(model)
     stack = model.__dict__.setdefault(_STACK, [])
     stack.append((model.config._attn_implementation, mods[0].__dict__.get(_STATE)))
-    state = _State(provider, block_size, backend)
+    state = _State(provider, block_size, backend, precision)
     for m in mods:
         m.__dict__[_STATE] = state
     _set_impl(model, ATTN_NAME)
@@ -195,11 +201,13 @@ def disable_sparse_attention(model) -> None:
 
 
 @contextlib.contextmanager
-def sparse_attention(model, provider, *, block_size: int = 64, backend: str = "auto"):
+def sparse_attention(model, provider, *, block_size: int = 64, backend: str = "auto",
+                     precision: str = "input"):
     """`with sparse_attention(model, provider): model(ids)` runs every attention layer through
     `block_sparse_attention` with the provider's masks, and restores the previous attention
     implementation on exit."""
-    enable_sparse_attention(model, provider, block_size=block_size, backend=backend)
+    enable_sparse_attention(model, provider, block_size=block_size, backend=backend,
+                            precision=precision)
     try:
         yield model
     finally:
