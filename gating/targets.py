@@ -1,12 +1,17 @@
 """Featurize once: pooled pre-rotary Q/K features and block attention targets, cached on disk.
 
 One pass of the frozen model over packed sequences `[S, N]` collects, per layer, every pooling
-of `gates.POOLINGS` (so one cache serves any gate pooling set) and the targets of
-`adaptive_sparse.attention.block_maps.block_attention_maps` (its "auto" backend: the Triton
-kernel on CUDA, the chunked PyTorch path elsewhere) on the post-rotary q/k the attention
-really sees (captured through a registered transformers attention function that then runs SDPA):
-`block_max` (row-normalized, the distillation target) and `block_sum` (attention mass, for
-recall). No N x N tensor exists beyond one chunk of the block-map computation.
+of `gates.POOLINGS` of the pre-rotary q/k (`QKCapture`; one cache serves any gate pooling set)
+and the targets of `adaptive_sparse.attention.block_maps.block_attention_maps` (its "auto"
+backend: the Triton kernel on CUDA, the chunked PyTorch path elsewhere) on the post-rotary q/k
+the attention really sees (`adaptive_sparse.models.observe_attention`: dense SDPA attention,
+observed on every layer): `block_max` (row-normalized, the distillation target) and `block_sum`
+(attention mass, for recall). No N x N tensor exists beyond one chunk of the block-map
+computation.
+
+Sliding-window layers (Gemma 3's local layers) are featurized like global ones: their targets are
+the maps of full causal attention over their q/k (the window is not applied), so every layer has
+a gate; `sparse_attention` runs those layers as exact windows and never asks their gates.
 
 Cache layout (a directory per split):
   manifest.json          format, version, key, shapes, shard list (file, sha256, tokens_sha256)
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sparse.attention.block_maps import block_attention_maps
+from adaptive_sparse.attention.block_maps import MAP_BACKENDS, block_attention_maps
 from adaptive_sparse.errors import fail
 from adaptive_sparse.gates.network import POOLINGS, model_shapes, pool_blocks
 from adaptive_sparse.gates.provider import QKCapture
@@ -36,7 +41,6 @@ CACHE_FORMAT = "adaptive-sparse-gate-cache"
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 KEY_FIELDS = ("model", "fingerprint", "corpus", "split", "seq_len", "block_size", "poolings")
-_ATTN_NAME = "adaptive_sparse_gate_capture"
 
 
 def cache_key(*, model: str | None, fingerprint: dict | None, corpus: str, split: str,
@@ -81,46 +85,22 @@ def _tokens_sha(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-class _Collector:
-    """Per forward: pooled pre-rotary q/k (hooks) and block maps of every layer.
-
-    Its attention function sees every layer, sliding-window ones included (which
-    `adaptive_sparse.models.sparse_attention` does not hand to providers), and runs SDPA."""
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
-        self.out: dict[str, torch.Tensor] = {}
-
-    def on_capture(self, layer_idx: int, which: str, x: torch.Tensor) -> None:
-        for pool, t in pool_blocks(x.float(), self.block_size, POOLINGS).items():
-            self.out[f"L{layer_idx}.{which}.{pool}"] = t[0].cpu()  # batch of one
-
-    def attention(self, module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        bmax, bsum = block_attention_maps(query, key, block_size=self.block_size,
-                                          scale=kwargs.get("scaling"))
-        layer = module.layer_idx
-        self.out[f"L{layer}.block_max"] = bmax[0].to(torch.float16).cpu()
-        self.out[f"L{layer}.block_sum"] = bsum[0].to(torch.float16).cpu()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
 def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpus: str,
-              split: str, block_size: int = 64, progress: bool = True) -> dict:
+              split: str, block_size: int = 64, backend: str = "auto",
+              progress: bool = True) -> dict:
     """Run the frozen `model` over `sequences` (LongTensor [S, N]) and write the cache.
 
+    backend: `block_attention_maps`'s, for the targets ("auto": triton on CUDA, else reference).
     Resumes: shards listed in an existing manifest with the same key, the same tokens and a
     matching sha256 are kept. Returns the manifest."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from adaptive_sparse.models import model_fingerprint
+    from adaptive_sparse.models import model_fingerprint, observe_attention
 
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 \
             or sequences.dtype not in (torch.int64, torch.int32):
         raise fail("sequences", "an integer LongTensor [S, N]",
                     getattr(sequences, "shape", type(sequences).__name__))
+    if backend not in MAP_BACKENDS:
+        raise fail("backend", f"one of {MAP_BACKENDS}", backend)
     S, N = sequences.shape
     out_dir = Path(out_dir)
     key = cache_key(model=model_name, fingerprint=model_fingerprint(model), corpus=corpus,
@@ -131,10 +111,18 @@ def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpu
         check_key(old["key"], key, out_dir)
     shards = {s["index"]: s for s in (old or {}).get("shards", [])}
     device = next(model.parameters()).device
-    collector = _Collector(block_size)
-    AttentionInterface.register(_ATTN_NAME, collector.attention)
-    AttentionMaskInterface.register(_ATTN_NAME, sdpa_mask)
-    previous = model.config._attn_implementation
+    out: dict[str, torch.Tensor] = {}  # one sequence's tensors (batch of one)
+
+    def pooled(layer_idx: int, which: str, x: torch.Tensor) -> None:  # x [1, H, N, D] pre-rotary
+        for pool, t in pool_blocks(x.float(), block_size, POOLINGS).items():
+            out[f"L{layer_idx}.{which}.{pool}"] = t[0].cpu()
+
+    def targets(call) -> None:  # call.q [1, Hq, N, D], call.k [1, Hkv, N, D] post-rotary
+        bmax, bsum = block_attention_maps(call.q, call.k, block_size=block_size,
+                                          scale=call.scale, backend=backend)
+        out[f"L{call.layer_idx}.block_max"] = bmax[0].to(torch.float16).cpu()
+        out[f"L{call.layer_idx}.block_sum"] = bsum[0].to(torch.float16).cpu()
+
     manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "shapes": shapes,
                 "feature_dtype": "float32", "target_dtype": "float16", "num_sequences": S,
                 "complete": False, "shards": []}
@@ -142,32 +130,28 @@ def featurize(model, sequences: torch.Tensor, out_dir, *, model_name: str, corpu
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    model.set_attn_implementation(_ATTN_NAME)
-    try:
-        with QKCapture(model, on_capture=collector.on_capture), torch.no_grad():
-            for i in tqdm(range(S), desc=f"featurize {split}", disable=not progress):
-                tokens = sequences[i].to(torch.int64).cpu()
-                tsha = _tokens_sha(tokens)
-                prev = shards.get(i)
-                path = out_dir / f"seq_{i:05d}.safetensors"
-                if prev and prev["tokens_sha256"] == tsha and path.is_file() \
-                        and sha256_file(path) == prev["sha256"]:
-                    manifest["shards"].append(prev)
-                    continue
-                collector.out = {"tokens": tokens}
-                base(input_ids=tokens[None].to(device), use_cache=False)
-                missing = [n for n in range(shapes["num_layers"])
-                           if f"L{n}.block_max" not in collector.out]
-                if missing:
-                    raise RuntimeError(f"featurize: layers {missing} did not run the captured "
-                                       "attention (is the model an AttentionInterface model?)")
-                digest = atomic_save_tensors(path, collector.out)
-                manifest["shards"].append({"index": i, "file": path.name, "sha256": digest,
-                                           "tokens_sha256": tsha})
-                atomic_write_json(out_dir / MANIFEST, manifest)
-    finally:
-        model.set_attn_implementation(previous)
-        collector.out = {}
+    with QKCapture(model, on_capture=pooled), observe_attention(model, targets), \
+            torch.no_grad():
+        for i in tqdm(range(S), desc=f"featurize {split}", disable=not progress):
+            tokens = sequences[i].to(torch.int64).cpu()
+            tsha = _tokens_sha(tokens)
+            prev = shards.get(i)
+            path = out_dir / f"seq_{i:05d}.safetensors"
+            if prev and prev["tokens_sha256"] == tsha and path.is_file() \
+                    and sha256_file(path) == prev["sha256"]:
+                manifest["shards"].append(prev)
+                continue
+            out.clear()
+            out["tokens"] = tokens
+            base(input_ids=tokens[None].to(device), use_cache=False)
+            missing = [n for n in range(shapes["num_layers"]) if f"L{n}.block_max" not in out]
+            if missing:
+                raise RuntimeError(f"featurize: layers {missing} did not run the observed "
+                                   "attention (is the model an AttentionInterface model?)")
+            digest = atomic_save_tensors(path, out)
+            manifest["shards"].append({"index": i, "file": path.name, "sha256": digest,
+                                       "tokens_sha256": tsha})
+            atomic_write_json(out_dir / MANIFEST, manifest)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_json(out_dir / MANIFEST, manifest)

@@ -3,9 +3,12 @@ transformers' AttentionInterface, driven by per-layer mask providers."""
 
 from adaptive_sparse.models.attention import (
     ATTN_NAME,
+    AttentionCall,
+    dense_attention,
     disable_sparse_attention,
     enable_sparse_attention,
     local_window_attention,
+    observe_attention,
     register,
     sparse_attention,
 )
@@ -28,8 +31,9 @@ from adaptive_sparse.models.providers import (
 )
 
 __all__ = [
-    "ATTN_NAME", "CaptureProvider", "OracleProvider", "PRESETS", "PatternProvider", "Preset",
-    "ProviderSpec", "RecordingProvider", "build_provider", "disable_sparse_attention",
-    "enable_sparse_attention", "is_chat_model", "load_model", "local_window_attention",
-    "model_fingerprint", "register", "resolve_model_path", "sparse_attention", "text_config",
+    "ATTN_NAME", "AttentionCall", "CaptureProvider", "OracleProvider", "PRESETS",
+    "PatternProvider", "Preset", "ProviderSpec", "RecordingProvider", "build_provider",
+    "dense_attention", "disable_sparse_attention", "enable_sparse_attention", "is_chat_model",
+    "load_model", "local_window_attention", "model_fingerprint", "observe_attention", "register",
+    "resolve_model_path", "sparse_attention", "text_config",
 ]

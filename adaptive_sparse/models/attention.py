@@ -9,12 +9,18 @@ For each layer a *provider* decides the mask: `provider(layer_idx, q, k) -> Bloc
 with q [B, Hq, N, D] (after rotary) and k [B, Hkv, M, D] (the whole KV cache when decoding,
 N < M); None means dense causal attention.
 
+An *observer* sees every attention layer, global and sliding-window: `observer(call)` with an
+`AttentionCall` (layer index, q, k, v, scale, window) before the layer's attention runs.
+`observe_attention(model, observer)` runs the model densely through SDPA (`dense_attention`:
+flash / the CPU flash kernel, no N x M tensor) while observing it; `sparse_attention(...,
+observer=...)` observes a sparse run.
+
 Limits:
 - No padding: the mask builder returns no mask (causality is applied by the attention itself)
   and refuses a 2D attention mask with padded positions; run one sequence per batch or equal
   lengths.
-- Layers that the model marks as sliding-window (Gemma 3's local layers) run exact, chunked
-  sliding-window attention; the provider is not called for them.
+- Layers that the model marks as sliding-window (Gemma 3's local layers) run exact sliding-window
+  attention (`dense_attention`); the provider is not called for them (the observer is).
 - No attention dropout and no logit soft-capping.
 """
 
@@ -22,12 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from adaptive_sparse.attention.api import BACKENDS, PRECISIONS, block_sparse_attention
 from adaptive_sparse.attention.decode import decode_attention_from_mask
+from adaptive_sparse.errors import fail
 from adaptive_sparse.masks import SUPPORTED_BLOCK_SIZES, BlockSparseMask
 
 ATTN_NAME = "adaptive_sparse"
@@ -36,14 +45,46 @@ _STACK = "_adaptive_sparse_stack"
 _LOCAL_CHUNK = 2048  # benchmarks/local_window.py: fastest of 256-2048 at 8k and 32k on an H100
 
 
-class _State:
-    """What the attention function needs, stored on every attention module of one model."""
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention layer's call, as an observer sees it (before the attention runs).
 
-    def __init__(self, provider, block_size: int, backend: str, precision: str = "input"):
-        self.provider = provider
-        self.block_size = block_size
-        self.backend = backend
-        self.precision = precision
+    q [B, Hq, N, D] after rotary; k, v [B, Hkv, M, D] (M >= N: the whole KV cache when
+    decoding). The attention mask is always causal and end-aligned with no padding (the mask
+    builder refuses padding): query i sits at position i + `q_offset` (= M - N) and sees keys
+    j <= i + q_offset, on a sliding-window layer only those with j > i + q_offset - window."""
+
+    layer_idx: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    window: int | None = None  # the layer's sliding window; None on a global layer
+
+    @property
+    def kind(self) -> str:
+        """ "sliding" on a layer the model marks as sliding-window, else "global"."""
+        return "global" if self.window is None else "sliding"
+
+    @property
+    def q_offset(self) -> int:
+        return self.k.shape[2] - self.q.shape[2]
+
+
+Observer = Callable[[AttentionCall], None]
+
+
+@dataclass(frozen=True)
+class _State:
+    """What the attention function needs, stored on every attention module of one model.
+    sdpa: global layers too run `dense_attention` (the provider is then None)."""
+
+    provider: object
+    block_size: int
+    backend: str
+    precision: str = "input"
+    observer: Observer | None = None
+    sdpa: bool = False
 
 
 def adaptive_sparse_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
@@ -86,8 +127,11 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
     B, Hq, N, D = query.shape
     M = key.shape[2]
     scale = float(scaling) if scaling is not None else D ** -0.5
-    if sliding_window is not None:
-        out = local_window_attention(query, key, value, window=int(sliding_window), scale=scale)
+    window = None if sliding_window is None else int(sliding_window)
+    if state.observer is not None:
+        state.observer(AttentionCall(module.layer_idx, query, key, value, scale, window))
+    if window is not None or state.sdpa:
+        out = dense_attention(query, key, value, scale=scale, window=window)
     else:
         mask = state.provider(module.layer_idx, query, key) if state.provider is not None else None
         if mask is None:
@@ -106,6 +150,27 @@ def adaptive_sparse_attention_forward(module, query: torch.Tensor, key: torch.Te
 def _full_mask(q_len: int, kv_len: int, block_size: int, device: str) -> BlockSparseMask:
     return BlockSparseMask.full(1, 1, block_size=block_size, q_len=q_len, kv_len=kv_len,
                                 device=torch.device(device))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """Exact causal attention, end-aligned (query i at position i + M - N), through
+    `F.scaled_dot_product_attention`; window: a sliding window (keys pos - window < j <= pos).
+
+    Where every causal key is in the window and N == M (a prefill) or N == 1 (a decode step):
+    one SDPA call with `is_causal` (flash on CUDA, the flash kernel on CPU; no N x M tensor),
+    GQA as transformers' "sdpa" attention does it; otherwise `local_window_attention`'s chunks.
+    q [B, Hq, N, D], k/v [B, Hkv, M, D] -> [B, Hq, N, Dv]."""
+    N, M = q.shape[2], k.shape[2]
+    if (window is not None and window < M) or 1 < N < M:
+        return local_window_attention(q, k, v, window=M if window is None else window,
+                                      scale=scale)
+    groups = q.shape[1] // k.shape[1]
+    gqa = groups > 1 and k.shape[-1] == v.shape[-1] <= 256  # else SDPA's math kernel: repeat
+    if groups > 1 and not gqa:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=N > 1,
+                                          enable_gqa=gqa)
 
 
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
@@ -156,8 +221,8 @@ def _set_impl(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def enable_sparse_attention(model, provider, *, block_size: int = 64,
-                            backend: str = "auto", precision: str = "input") -> None:
+def enable_sparse_attention(model, provider, *, block_size: int = 64, backend: str = "auto",
+                            precision: str = "input", observer: Observer | None = None) -> None:
     """Route `model`'s attention through `provider` until `disable_sparse_attention(model)`.
 
     provider: callable (layer_idx, q [B,Hq,N,D], k [B,Hkv,M,D]) -> BlockSparseMask | None,
@@ -166,7 +231,9 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64,
     backend: passed to `block_sparse_attention`, whose "auto" is the one meaning everywhere
         (triton on CUDA, gather elsewhere). Calls nest (the previous state is restored).
     precision: `block_sparse_attention`'s ("fp8": e4m3 Q.K^T and P.V in the prefill, Triton on
-        CUDA only; decode steps stay in the input precision)."""
+        CUDA only; decode steps stay in the input precision).
+    observer: callable (AttentionCall) -> None, called on every attention layer (sliding-window
+        ones included) before its attention runs."""
     if provider is not None and not callable(provider):
         raise TypeError(f"provider: expected a callable (layer_idx, q, k) -> BlockSparseMask | "
                         f"None, got {type(provider).__name__}")
@@ -176,11 +243,20 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64,
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    _enable(model, _State(provider, block_size, backend, precision, _check_observer(observer)))
+
+
+def _check_observer(observer, *, required: bool = False):
+    if (observer is not None or required) and not callable(observer):
+        raise fail("observer", "a callable (AttentionCall) -> None", observer, cls=TypeError)
+    return observer
+
+
+def _enable(model, state: _State) -> None:
     register()
     mods = _attention_modules(model)
     stack = model.__dict__.setdefault(_STACK, [])
     stack.append((model.config._attn_implementation, mods[0].__dict__.get(_STATE)))
-    state = _State(provider, block_size, backend, precision)
     for m in mods:
         m.__dict__[_STATE] = state
     _set_impl(model, ATTN_NAME)
@@ -202,12 +278,27 @@ def disable_sparse_attention(model) -> None:
 
 @contextlib.contextmanager
 def sparse_attention(model, provider, *, block_size: int = 64, backend: str = "auto",
-                     precision: str = "input"):
+                     precision: str = "input", observer: Observer | None = None):
     """`with sparse_attention(model, provider): model(ids)` runs every attention layer through
-    `block_sparse_attention` with the provider's masks, and restores the previous attention
+    `block_sparse_attention` with the provider's masks (sliding-window layers: exact windows),
+    calls `observer` (if given) on every layer, and restores the previous attention
     implementation on exit."""
     enable_sparse_attention(model, provider, block_size=block_size, backend=backend,
-                            precision=precision)
+                            precision=precision, observer=observer)
+    try:
+        yield model
+    finally:
+        disable_sparse_attention(model)
+
+
+@contextlib.contextmanager
+def observe_attention(model, observer: Observer):
+    """`with observe_attention(model, observer): model(ids)` runs every attention layer as
+    exact dense attention through SDPA (`dense_attention`; sliding-window layers keep their
+    window) and calls `observer(AttentionCall)` on each, global and sliding-window, before
+    its attention runs. Restores the previous attention implementation on exit."""
+    observer = _check_observer(observer, required=True)
+    _enable(model, _State(None, 64, "auto", observer=observer, sdpa=True))
     try:
         yield model
     finally:
