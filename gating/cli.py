@@ -7,7 +7,8 @@
 
 Every field of the module, the datamodule, the trainer and the checkpoint callback is a flag.
 The resolved config is saved beside the run (`<log_dir>/config.yaml`), checkpoints keep the best
-(by `val/kl`) and the last, and the best gates are exported with `save_gates` to
+(by `val/kl`) and the last, and the best gates are exported with `save_gates` (a gate artifact,
+no policy, the base model's fingerprint from the target cache) to
 `<log_dir>/gates` after `fit` (the folder `adaptive-sparse eval --gates` and the sweep read). The
 featurization runs in `GateDataModule.prepare_data` when the cache is missing.
 
@@ -182,8 +183,24 @@ class GateCLI(LightningCLI):
             gates = {k[len("gates."):]: v for k, v in state.items() if k.startswith("gates.")}
             module.gates.load_state_dict(gates)
             meta = {"source": Path(best).name}
-        out = module.export_gates(Path(log_dir) / "gates", metadata=meta)
+        out = module.export_gates(Path(log_dir) / "gates", metadata=meta,
+                                  model=base_model_fingerprint(self.datamodule))
         print(f"gates saved to {out}")
+
+
+def base_model_fingerprint(datamodule) -> dict | None:
+    """The fingerprint of the model the training targets came from (recorded in the target
+    cache by `gating.targets.featurize`), stored in the exported gate folder; None when the
+    cache holds none or one of an older form (the folder then records no base model)."""
+    from adaptive_sparse.export.format import check_fingerprint_field
+    from gating.targets import read_manifest
+
+    try:
+        fp = read_manifest(datamodule.split_dir("train"))["key"]["fingerprint"]
+        check_fingerprint_field(fp)  # ArtifactError is a ValueError
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return fp
 
 
 def _trainer_defaults() -> dict:

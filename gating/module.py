@@ -222,12 +222,14 @@ class GateDistillModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def export_gates(self, directory, *, metadata: dict | None = None) -> Path:
-        """Save the gate set with `adaptive_sparse.gates.save_gates`."""
+    def export_gates(self, directory, *, metadata: dict | None = None,
+                     model: dict | None = None) -> Path:
+        """Save the gate set with `adaptive_sparse.gates.save_gates` (a gate artifact without a
+        policy); `model`: the base model's fingerprint, when known."""
         from adaptive_sparse.gates import save_gates
 
         meta = {"global_step": int(self.global_step)} | (metadata or {})
-        return save_gates(self.gates, directory, metadata=meta)
+        return save_gates(self.gates, directory, metadata=meta, model=model)
 
 
 class CacheDataset(Dataset):

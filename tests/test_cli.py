@@ -201,7 +201,7 @@ def test_train_exits_0_after_training_and_writes_gates(gate_cache, tmp_path):
                   "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
                   "--trainer.enable_progress_bar", "false"], tmp_path))
     gates = tmp_path / "runs/gates/smollm2-135m/version_0/gates"
-    assert (gates / "gates.json").is_file(), out
+    assert (gates / "manifest.json").is_file(), out
     refused(run(["train", "--trainer.max_steps", "-3", "--data.cache_dir", gate_cache,
                  "--data.model", "null", "--data.corpus", "random", "--data.seq_len", "128",
                  "--data.block_size", "32", "--data.num_train", "2", "--data.num_val", "1"],

@@ -535,14 +535,21 @@ def test_gate_artifact_refuses_inconsistent_content(tmp_path, gen):
     path = save_gate_artifact(tmp_path / "g", gs, Policy(kind="top_k", k=2), model=model)
     cases = [(("content", "policy", "kind"), "nope", "content.policy"),
              (("content", "gate_config", "num_heads"), 8, "content.gate_config"),
-             (("content", "gate_config", "block_size"), 32, "block_size"),
-             (("model",), None, "manifest.model")]
+             (("content", "gate_config", "block_size"), 32, "block_size")]
     good = (path / "manifest.json").read_text()
     for field, value, needle in cases:
         (path / "manifest.json").write_text(good)
         rewrite_manifest(path, lambda m: _set(m, field, value), rehash=True)
         with pytest.raises(ArtifactError, match=needle):
             load_gate_artifact(path)
+    # no base-model fingerprint (a gate folder whose writer did not know it): the attention
+    # shapes are still checked against the model
+    (path / "manifest.json").write_text(good)
+    rewrite_manifest(path, lambda m: _set(m, ("model",), None), rehash=True)
+    assert load_gate_artifact(path).fingerprint is None
+    from adaptive_sparse.export import load_sparsifier
+    with pytest.raises(ArtifactError, match="other attention shapes: num_layers"):
+        load_sparsifier(tiny_llama(num_hidden_layers=3), path)
 
 
 def test_export_masks_and_static_from_a_live_model(tmp_path, gen):

@@ -231,7 +231,7 @@ def test_save_load_round_trip(tmp_path):
     data = bytearray((tmp_path / "g" / "gates.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "g" / "gates.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="gates.safetensors: expected sha256"):
+    with pytest.raises(ValueError, match="gates.safetensors: sha256 does not match"):
         load_gates(tmp_path / "g")
 
 
@@ -268,9 +268,27 @@ def test_gate_provider_masks_follow_policy(shared):
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def save_legacy_gates(gate_set, directory, metadata=None):
+    """The old two-file gate folder earlier runs wrote (gates.json + gates.safetensors); the
+    library reads it but no longer writes it."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in gate_set.state_dict().items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "gates.safetensors").write_bytes(data)
+    info = {"format": "adaptive-sparse-gates", "version": 1, "config": gate_set.config.to_dict(),
+            "weights_sha256": hashlib.sha256(data).hexdigest(), "metadata": metadata or {}}
+    (directory / "gates.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    return directory
+
+
 def _checkpoint(tmp_path, **kw):
+    """An old-layout folder: its reader keeps the strictness tests below."""
     gates = GateSet(config(init="random", **kw))
-    return save_gates(gates, tmp_path / "g"), gates
+    return save_legacy_gates(gates, tmp_path / "g"), gates
 
 
 def _rewrite_json(path, edit):
@@ -383,7 +401,7 @@ def test_resolve_gates_dir_accepts_run_version_and_gates_folders(tmp_path):
     assert resolve_gates_dir(run / "version_0" / "gates") == run / "version_0" / "gates"
     assert load_gates(run).config == gates.config
     for bad, why in [(tmp_path / "none", "does not exist"), (run / "version_11", "holds no"),
-                     (run / "version_0" / "gates" / "gates.json", "is not a directory")]:
+                     (run / "version_0" / "gates" / "manifest.json", "is not a directory")]:
         with pytest.raises(ValueError, match=f"^gates: expected a gate checkpoint.*{why}"):
             resolve_gates_dir(bad)
 

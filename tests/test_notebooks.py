@@ -51,7 +51,7 @@ def test_notebooks_execute_in_order(kernel_env):
                   if "image/png" in o.get("data", {})]
         assert images, f"{name}: expected at least one plot in the outputs"
     run = kernel_env
-    assert (run / "gates" / "gates.json").is_file()
+    assert (run / "gates" / "manifest.json").is_file()
     assert (run / "sweep" / "frontier.png").is_file()
     for kind in ("gate", "masks", "static"):
         assert (run / "artifacts" / kind / "manifest.json").is_file()

@@ -95,7 +95,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(cache_dir, tmp_path):
     run_full, run_cut = full / RUN / "version_0", cut / RUN / "version_0"
     assert _best(run_cut) == _best(run_full)
     assert _step(run_cut / "checkpoints/last.ckpt") == _step(run_full / "checkpoints/last.ckpt")
-    for name in ("gates.json", "gates.safetensors"):
+    for name in ("manifest.json", "gates.safetensors"):
         assert (run_cut / "gates" / name).read_bytes() == (run_full / "gates" / name).read_bytes()
 
 

@@ -36,11 +36,12 @@ def export_main(argv=None) -> int:
     return main(argv)
 
 
-def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full"):
-    """Attach a gate, masks or static artifact to `model` (see adaptive_sparse/export/attach.py;
-    check="architecture" accepts other weights of the same architecture)."""
+def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full", policy=None):
+    """Attach a gate, masks or static artifact (or a training gate folder, with `policy`) to
+    `model` (see adaptive_sparse/export/attach.py; check="architecture" accepts other weights
+    of the same architecture)."""
     from adaptive_sparse.export.attach import load_sparsifier as load
-    return load(model, path, backend=backend, check=check)
+    return load(model, path, backend=backend, check=check, policy=policy)
 
 
 def load_artifact(path):

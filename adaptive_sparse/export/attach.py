@@ -10,6 +10,7 @@ The returned `Sparsifier` detaches it again (`handle.detach()`, or use it as a c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -101,30 +102,51 @@ class Sparsifier:
             self.detach()
 
 
-def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full") -> Sparsifier:
+def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full",
+                    policy=None) -> Sparsifier:
     """Verify the artifact at `path` (format, every hash, fingerprint against `model`) and
     attach it. Raises ArtifactError on any mismatch, naming the field.
 
     check: "full" (default) requires the model the artifact was made for: same architecture,
     config and weights (`adaptive_sparse.models.model_fingerprint`, whatever file the weights
     were loaded from); "architecture" relaxes it to the same architecture and config with any
-    weights, for a fine-tuned or re-quantized model (the masks may then fit less well)."""
+    weights, for a fine-tuned or re-quantized model (the masks may then fit less well).
+
+    Gates: `path` may be any gate folder `adaptive_sparse.gates.resolve_gates_dir` accepts (a
+    training run, version or gates folder: the same format, see export/gates.py). policy: a
+    Policy or its dict, used instead of the stored one; required for a training folder, which
+    stores none. A gate folder without a fingerprint is checked against the model's attention
+    shapes only."""
     if check not in CHECKS:
         raise ValueError(f"check: expected one of {CHECKS}, got {check!r}")
-    raw = read_artifact(Path(path))
-    if raw.kind == "gate" and raw.fingerprint is None:
-        raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint")
+    raw = read_artifact(_artifact_dir(path))
     check_fingerprint(raw.fingerprint, model, check=check)
     if raw.kind == "gate":
         from adaptive_sparse.export.gates import gate_from_raw
         from adaptive_sparse.gates import GateProvider
+        from adaptive_sparse.gates.network import check_model_shapes
+        from adaptive_sparse.policies import Policy
 
         art = gate_from_raw(raw)
+        if raw.fingerprint is None:
+            try:
+                check_model_shapes(art.gate_set.config, model)
+            except ValueError as e:
+                raise ArtifactError(f"model: the gates were trained for other attention "
+                                    f"shapes: {e}") from None
+        chosen = art.policy if policy is None else Policy.coerce(policy)
+        if chosen is None:
+            raise ValueError(f"policy: the gate folder {raw.path} stores no policy (training "
+                             "writes none); pass policy= (a Policy or its dict), or export it "
+                             "with `adaptive-sparse export gate --policy-file`")
         param = next(model.parameters(), None)
         if param is not None:
             art.gate_set.to(param.device)
-        provider = GateProvider(art.gate_set, art.policy, model)
+        provider = GateProvider(art.gate_set, chosen, model)
     else:
+        if policy is not None:
+            raise ValueError(f"policy: only a gate artifact takes a policy, {raw.path} is a "
+                             f"{raw.kind} artifact")
         art = masks_from_raw(raw)
         n_layers = _num_layers(model)
         bad = [layer for layer in art.layers if layer >= n_layers]
@@ -133,6 +155,27 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full") 
                                 f"{n_layers} layers")
         provider = ArtifactMaskProvider(art)
     return Sparsifier(model, art, provider, raw.block_size).attach(backend)
+
+
+def _artifact_dir(path) -> Path:
+    """`path`, or the gate folder of a training run / version folder that holds no manifest;
+    an old two-file gate folder is refused with the command that converts it."""
+    from adaptive_sparse.gates.checkpoint import MANIFEST, is_legacy, resolve_gates_dir
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected an artifact directory path, got {type(path).__name__}")
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    try:
+        found = resolve_gates_dir(path)
+    except ValueError:
+        return path  # read_artifact names what is missing
+    if is_legacy(found):
+        raise ArtifactError(f"{found}: an old two-file gate folder (gates.json); load it with "
+                            "adaptive_sparse.gates.load_gates, or convert it with `adaptive-sparse "
+                            f"export gate --gates {found} --policy-file P.json --out DIR`")
+    return found
 
 
 def _num_layers(model) -> int:

@@ -138,7 +138,9 @@ def req_bool(v, field: str) -> bool:
     return v
 
 
-def _check_fingerprint(fp) -> None:
+def check_fingerprint_field(fp) -> None:
+    """Validate a manifest's `model` value: null or a `model_fingerprint` dict (ArtifactError
+    naming the field)."""
     if fp is None:
         return
     req_dict(fp, "model", FINGERPRINT_FIELDS + ("config",))
@@ -199,7 +201,7 @@ def check_manifest(m) -> dict:
     req_dict(m, "manifest", _TOP_KEYS)
     req_str(m["kind"], "kind", KINDS)
     req_str(m["created_by"], "created_by")
-    _check_fingerprint(m["model"])
+    check_fingerprint_field(m["model"])
     if m["block_size"] not in SUPPORTED_BLOCK_SIZES or not _is_int(m["block_size"]):
         raise _manifest_error("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", m["block_size"])
     req_dict(m["method"], "method", ("name", "params"))
@@ -262,13 +264,14 @@ def build_manifest(*, kind: str, model: dict | None, block_size: int, method: Ma
 
 
 def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                   *, overwrite: bool = False) -> Path:
+                   *, overwrite: bool = False, marker: str = MANIFEST) -> Path:
     """Write `tensors` ({file name: {tensor name: tensor}}) and the manifest atomically.
 
     `manifest` is `build_manifest(...)`'s dict; `files` and `manifest_sha256` are filled in
     here and the result is checked with `check_manifest` before anything is renamed into place.
-    An existing `out` is refused unless `overwrite` (and then only if it holds a manifest.json,
-    so a directory that is not an artifact is never removed)."""
+    An existing `out` is refused unless `overwrite` (and then only if it holds `marker`, a
+    manifest.json unless told otherwise, so a directory that is not an artifact is never
+    removed)."""
     from safetensors.torch import save
 
     blobs, files = {}, {}
@@ -285,7 +288,7 @@ def write_artifact(out, manifest: Mapping, tensors: Mapping[str, Mapping[str, to
     check_manifest(json.loads(canonical_json(full)))
     blobs[MANIFEST] = (json.dumps(full, indent=1, sort_keys=True, allow_nan=False)
                        + "\n").encode()
-    return atomic_write_dir(out, blobs, overwrite=overwrite, marker=MANIFEST)
+    return atomic_write_dir(out, blobs, overwrite=overwrite, marker=marker)
 
 
 def read_artifact(path) -> RawArtifact:

@@ -1,9 +1,19 @@
-"""Gate artifacts: trained gate weights plus the policy that turns their scores into masks.
+"""Gate artifacts: trained gate weights, and the policy that turns their scores into masks.
+
+One format for every gate folder: what `adaptive-sparse train` writes in
+`runs/gates/<name>/version_N/gates` (through `adaptive_sparse.gates.save_gates`) and what
+`adaptive-sparse export gate` writes are both artifacts of kind "gate" (format.py: manifest v1,
+one sha256 per file, written by `adaptive_sparse.io.atomic_write_dir`, verified on every load).
 
 Files: `gates.safetensors` (the GateSet's state_dict, names `<layer>.<param>`).
-`content`: {"gate_config": GateConfig.to_dict(), "policy": Policy.to_dict()}.
+`content`: {"gate_config": GateConfig.to_dict(), "policy": Policy.to_dict() or null}; null in a
+training folder (the policy is chosen later: eval / sweep settings, `export gate --policy-file`,
+or `load_sparsifier(..., policy=)`).
+`model`: the base model's fingerprint, or null when the writer did not know it (training fills it
+from its target cache); a null one is checked against a model's attention shapes only.
+`method`: {"name": "gates", "params": the training metadata (global_step, source checkpoint) or
+the export's parameters}.
 `stats`: densities measured on calibration text when given, else {"density": null, "layers": []}.
-The fingerprint of the base model is required.
 """
 
 from __future__ import annotations
@@ -13,8 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from adaptive_sparse.export.format import (
-    ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact, req_dict,
-    write_artifact)
+    MANIFEST, ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact,
+    req_dict, write_artifact)
 
 GATES_FILE = "gates.safetensors"
 
@@ -25,37 +35,41 @@ class GateArtifact(ManifestFields):
     path: Path
     manifest: dict
     gate_set: Any  # adaptive_sparse.gates.GateSet
-    policy: Any  # adaptive_sparse.policies.Policy
+    policy: Any  # adaptive_sparse.policies.Policy, or None (a training folder)
 
 
-def save_gate_artifact(out, gate_set, policy, *, model, method: str = "gates",
+def save_gate_artifact(out, gate_set, policy=None, *, model=None, method: str = "gates",
                        params: Mapping | None = None, stats: Mapping | None = None,
-                       overwrite: bool = False) -> Path:
-    """Write a gate artifact.
+                       overwrite: bool = False, replaces: str = MANIFEST) -> Path:
+    """Write a gate artifact (the one writer of gate folders; `save_gates` calls it).
 
-    gate_set: adaptive_sparse.gates.GateSet; policy: Policy or its dict; model: the base transformers
-    model (or its fingerprint dict) the gates were trained on; params: e.g. the sweep trial and
-    its measured ppl change / density; stats: {"density", "layers"} measured on calibration text.
-    """
-    from adaptive_sparse.models.fingerprint import model_fingerprint
+    gate_set: adaptive_sparse.gates.GateSet; policy: Policy, its dict, or None (a training
+    folder); model: the base transformers model, its fingerprint dict, or None when unknown;
+    params: e.g. the sweep trial and its measured ppl change / density, or training metadata;
+    stats: {"density", "layers"} measured on calibration text. `replaces`: the file an existing
+    `out` must hold to be overwritten (see `adaptive_sparse.io.atomic_write_dir`)."""
+    from adaptive_sparse.errors import fail
     from adaptive_sparse.gates import GateSet
+    from adaptive_sparse.models.fingerprint import model_fingerprint
     from adaptive_sparse.policies import Policy
 
     if not isinstance(gate_set, GateSet):
-        raise TypeError(f"gate_set: expected an adaptive_sparse.gates.GateSet, got {type(gate_set).__name__}")
-    policy = Policy.coerce(policy)
-    if model is None:
-        raise ValueError("model: a gate artifact needs the base model (or its fingerprint)")
-    fp = model if isinstance(model, dict) else model_fingerprint(model)
+        raise fail("gate_set", "an adaptive_sparse.gates.GateSet", type(gate_set).__name__,
+                   cls=TypeError)
+    policy = None if policy is None else Policy.coerce(policy)
+    fp = model if model is None or isinstance(model, dict) else model_fingerprint(model)
     cfg = gate_set.config
-    _check_config_against(cfg, fp, lambda field, msg: ValueError(f"gate_set: {field} {msg}"))
+    if fp is not None:
+        _check_config_against(cfg, fp, lambda field, msg: ValueError(f"gate_set: {field} {msg}"))
     state = {k: v.detach().cpu() for k, v in gate_set.state_dict().items()}
     manifest = build_manifest(
         kind="gate", model=fp, block_size=cfg.block_size,
         method={"name": method, "params": dict(params or {})},
         stats=dict(stats or {"density": None, "layers": []}),
-        content={"gate_config": cfg.to_dict(), "policy": policy.to_dict()})
-    return write_artifact(out, manifest, {GATES_FILE: state}, overwrite=overwrite)
+        content={"gate_config": cfg.to_dict(),
+                 "policy": None if policy is None else policy.to_dict()})
+    return write_artifact(out, manifest, {GATES_FILE: state}, overwrite=overwrite,
+                          marker=replaces)
 
 
 def _check_config_against(cfg, fp: dict, err) -> None:
@@ -74,18 +88,16 @@ def gate_from_raw(raw: RawArtifact) -> GateArtifact:
     m = raw.manifest
     if m["kind"] != "gate":
         raise ArtifactError(f"{raw.path}: expected a gate artifact, got kind {m['kind']!r}")
-    if m["model"] is None:
-        raise ArtifactError("manifest.model: a gate artifact needs the base-model fingerprint, "
-                            "got null")
     content = req_dict(m["content"], "content", ("gate_config", "policy"))
     req_dict(content["gate_config"], "content.gate_config")
-    req_dict(content["policy"], "content.policy")
+    if content["policy"] is not None:
+        req_dict(content["policy"], "content.policy")
     try:
         cfg = GateConfig.from_dict(content["gate_config"])
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"manifest.content.gate_config: {e}") from None
     try:
-        policy = Policy.from_dict(content["policy"])
+        policy = None if content["policy"] is None else Policy.from_dict(content["policy"])
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"manifest.content.policy: {e}") from None
     if cfg.block_size != m["block_size"]:
@@ -95,7 +107,8 @@ def gate_from_raw(raw: RawArtifact) -> GateArtifact:
     def err(field, msg):
         return ArtifactError(f"manifest.content.gate_config.{field}: {msg}")
 
-    _check_config_against(cfg, m["model"], err)
+    if m["model"] is not None:
+        _check_config_against(cfg, m["model"], err)
     if set(raw.tensors) != {GATES_FILE}:
         raise ArtifactError(f"manifest.files: expected exactly {GATES_FILE!r}, got "
                             f"{sorted(raw.tensors)}")

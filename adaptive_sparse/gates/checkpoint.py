@@ -1,18 +1,24 @@
-"""Gate checkpoints: what training writes and what `eval --gates`, sweeps and export read.
+"""Gate checkpoints: what training writes and what `eval --gates`, sweeps, export and
+`load_sparsifier` read.
 
-A checkpoint is a directory with two files, written together atomically (`adaptive_sparse.io`):
-  gates.safetensors   the GateSet's state_dict (`<layer>.wq`, `<layer>.wk`), never a pickle
-  gates.json          {"format": "adaptive-sparse-gates", "version": 1, "config": GateConfig,
-                       "weights_sha256": hex, "metadata": {...}}
-Loading is as strict as an artifact's (`adaptive_sparse.export`): bad JSON, a missing or wrong
-key, a weights file that is a symlink, too large, of another sha256, with other tensor names or
-shapes than the config declares, or with non-finite values are refused with a ValueError naming
-the file and the field; sizes are checked against the tensors present before anything is
-allocated. `load_gates` also reads a gate artifact (`export gate`), which holds the same weights.
+One format: a gate folder is a gate artifact (`adaptive_sparse.export.gates`: `manifest.json`
++ `gates.safetensors`, written all at once by `adaptive_sparse.io.atomic_write_dir`, the
+manifest and every file's sha256 verified on each load; never a pickle). `save_gates` writes one
+with no policy (chosen later) and the base model's fingerprint when the caller knows it;
+`export gate` writes the same format with a policy. Loading is strict: a tampered manifest or
+weights file, tensor names or shapes other than the config declares (checked against the tensors
+present before anything is allocated), non-finite values or a symlinked file are refused with a
+ValueError (`ArtifactError`) naming the file and the field.
 
-`resolve_gates_dir` turns what a user names into a checkpoint directory: the directory itself,
-a training version folder (`.../version_N`, holding `gates/`), or a run folder
-(`runs/gates/<name>`: the latest `version_N` that holds gates).
+Old folders (written before the formats were merged: `gates.json` {"format":
+"adaptive-sparse-gates", "version": 1, "config", "weights_sha256", "metadata"} +
+`gates.safetensors`) still load, read-only and as strictly (their own sha256 and shape checks).
+Nothing writes them any more: `save_gates` over an old folder replaces it with the new layout,
+and `adaptive-sparse export gate --gates OLD ...` converts one into an artifact with a policy.
+
+`resolve_gates_dir` turns what a user names into a gate folder: the folder itself, a training
+version folder (`.../version_N`, holding `gates/`), or a run folder (`runs/gates/<name>`: the
+latest `version_N` that holds gates).
 """
 
 from __future__ import annotations
@@ -28,44 +34,51 @@ import torch
 
 from adaptive_sparse.errors import fail
 from adaptive_sparse.gates.network import GateConfig, GateSet, check_model_shapes, gate_state_shapes
-from adaptive_sparse.io import atomic_write_dir, open_in, read_dir_consistent
+from adaptive_sparse.io import open_in, read_dir_consistent
 
-GATES_FORMAT = "adaptive-sparse-gates"
-GATES_VERSION = 1
+MANIFEST = "manifest.json"
 WEIGHTS_FILE = "gates.safetensors"
-CONFIG_FILE = "gates.json"
+LEGACY_FORMAT = "adaptive-sparse-gates"
+LEGACY_VERSION = 1
+LEGACY_FILE = "gates.json"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 1 << 32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEYS = ("format", "version", "config", "weights_sha256", "metadata")
 
 
-def save_gates(gate_set: GateSet, directory, *, metadata: dict | None = None) -> Path:
-    """Write `gates.safetensors` + `gates.json` as directory `directory` (atomically, replacing
-    an earlier checkpoint or an empty directory there); returns it."""
-    from safetensors.torch import save
+def save_gates(gate_set: GateSet, directory, *, metadata: dict | None = None, model=None,
+               policy=None) -> Path:
+    """Write `gate_set` as a gate artifact at `directory` (atomically, replacing an earlier gate
+    folder, new or old layout, or an empty directory there); returns it.
 
-    if not isinstance(gate_set, GateSet):
-        raise fail("gate_set", "a GateSet", type(gate_set).__name__, cls=TypeError)
+    metadata: stored as the artifact's `method.params` (training: global_step, source);
+    model: the base model or its fingerprint dict, when known; policy: usually None."""
+    from adaptive_sparse.export.gates import save_gate_artifact
+
     if metadata is not None and not isinstance(metadata, dict):
         raise fail("metadata", "a dict or None", type(metadata).__name__, cls=TypeError)
-    state = {k: v.detach().contiguous().cpu() for k, v in gate_set.state_dict().items()}
-    data = save(state)
-    info = {"format": GATES_FORMAT, "version": GATES_VERSION, "config": gate_set.config.to_dict(),
-            "weights_sha256": hashlib.sha256(data).hexdigest(), "metadata": metadata or {}}
-    text = json.dumps(info, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     directory = Path(directory)
     if directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()):
         directory.rmdir()
-    return atomic_write_dir(directory, {WEIGHTS_FILE: data, CONFIG_FILE: text.encode()},
-                            overwrite=True, marker=CONFIG_FILE)
+    old = (directory / LEGACY_FILE).is_file() and not (directory / MANIFEST).exists()
+    return save_gate_artifact(directory, gate_set, policy, model=model, method="gates",
+                              params=metadata, overwrite=True,
+                              replaces=LEGACY_FILE if old else MANIFEST)
+
+
+def is_legacy(directory) -> bool:
+    """Whether `directory` holds an old two-file gate folder (gates.json, no manifest.json)."""
+    directory = Path(directory)
+    return (directory / LEGACY_FILE).is_file() and not (directory / MANIFEST).exists()
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 
-def _parse_info(data: bytes, where: str) -> dict:
+def _parse_legacy(data: bytes, where: str) -> dict:
+    """The checked gates.json of an old folder, with "config" as a GateConfig."""
     try:
         info = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -73,10 +86,10 @@ def _parse_info(data: bytes, where: str) -> dict:
                          f"{str(e)[:120]}") from None
     if not isinstance(info, dict):
         raise fail(where, "a JSON object", type(info).__name__)
-    if info.get("format") != GATES_FORMAT:
-        raise fail(f"{where}: format", repr(GATES_FORMAT), info.get("format"))
-    if info.get("version") != GATES_VERSION:
-        raise fail(f"{where}: version", str(GATES_VERSION), info.get("version"))
+    if info.get("format") != LEGACY_FORMAT:
+        raise fail(f"{where}: format", repr(LEGACY_FORMAT), info.get("format"))
+    if info.get("version") != LEGACY_VERSION:
+        raise fail(f"{where}: version", str(LEGACY_VERSION), info.get("version"))
     missing = [k for k in _KEYS if k not in info]
     if missing:
         raise fail(f"{where}: {missing[0]}", "a value (key missing)", None)
@@ -96,10 +109,31 @@ def _parse_info(data: bytes, where: str) -> dict:
 
 
 def read_gates_info(directory) -> dict:
-    """The checked gates.json of a checkpoint directory, with "config" as a GateConfig."""
-    directory = _checkpoint_dir(directory)
-    data = read_dir_consistent(directory, lambda fd: _read(fd, CONFIG_FILE, MAX_CONFIG_BYTES))
-    return _parse_info(data, str(directory / CONFIG_FILE))
+    """What a gate folder declares, without reading its weights: {"config": GateConfig,
+    "metadata": dict, "policy": dict | None, "model": fingerprint | None, "layout":
+    "artifact" | "legacy"}. `directory` goes through `resolve_gates_dir`."""
+    from adaptive_sparse.export.format import parse_manifest
+
+    directory = resolve_gates_dir(directory)
+    if is_legacy(directory):
+        data = read_dir_consistent(directory,
+                                   lambda fd: _read(fd, LEGACY_FILE, MAX_CONFIG_BYTES))
+        info = _parse_legacy(data, str(directory / LEGACY_FILE))
+        return {"config": info["config"], "metadata": info["metadata"], "policy": None,
+                "model": None, "layout": "legacy"}
+    from adaptive_sparse.export.format import MAX_MANIFEST_BYTES
+
+    m = parse_manifest(read_dir_consistent(
+        directory, lambda fd: _read(fd, MANIFEST, MAX_MANIFEST_BYTES)))
+    if m["kind"] != "gate":
+        raise fail("gates", "a gate folder (an artifact of kind 'gate')",
+                   f"kind {m['kind']!r} at {directory}")
+    try:
+        config = GateConfig.from_dict(m["content"].get("gate_config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"manifest.content.gate_config: {e}") from None
+    return {"config": config, "metadata": m["method"]["params"],
+            "policy": m["content"].get("policy"), "model": m["model"], "layout": "artifact"}
 
 
 def _read(dir_fd: int, name: str, cap: int) -> bytes:
@@ -140,32 +174,33 @@ def gate_set_from_state(config: GateConfig, state: dict, where: str) -> GateSet:
 
 
 def load_gates(directory, model=None, *, map_location="cpu") -> GateSet:
-    """Load a gate set saved by `save_gates` (or the gates of a gate artifact). With `model`,
-    refuse gates built for other shapes (the message names the differing field). `directory`
-    goes through `resolve_gates_dir`."""
+    """Load the gate set of a gate folder (`save_gates`, `export gate`, or an old two-file
+    folder), verified. With `model`, refuse gates built for other shapes (the message names the
+    differing field). `directory` goes through `resolve_gates_dir`."""
     directory = resolve_gates_dir(directory)
-    if (directory / "manifest.json").is_file() and not (directory / CONFIG_FILE).exists():
+    if is_legacy(directory):
+        gate_set = read_dir_consistent(directory, lambda fd: _load_legacy(fd, directory))
+    else:
         from adaptive_sparse.export.gates import load_gate_artifact
 
         gate_set = load_gate_artifact(directory).gate_set
-    else:
-        gate_set = read_dir_consistent(directory, lambda fd: _load(fd, directory))
     if model is not None:
         check_model_shapes(gate_set.config, model)
     return gate_set.to(map_location)
 
 
-def _load(dir_fd: int, directory: Path) -> GateSet:
+def _load_legacy(dir_fd: int, directory: Path) -> GateSet:
     from safetensors.torch import load
 
-    info = _parse_info(_read(dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES), str(directory / CONFIG_FILE))
+    info = _parse_legacy(_read(dir_fd, LEGACY_FILE, MAX_CONFIG_BYTES),
+                         str(directory / LEGACY_FILE))
     config = info["config"]
     where = str(directory / WEIGHTS_FILE)
     want = sum(math.prod(s) for s in gate_state_shapes(config).values()) * 4
     data = _read(dir_fd, WEIGHTS_FILE, min(MAX_WEIGHTS_BYTES, want + (1 << 20)))
     digest = hashlib.sha256(data).hexdigest()
     if digest != info["weights_sha256"]:
-        raise fail(where, f"sha256 {info['weights_sha256']} (from {CONFIG_FILE})", digest)
+        raise fail(where, f"sha256 {info['weights_sha256']} (from {LEGACY_FILE})", digest)
     try:
         state = load(data)
     except Exception as e:  # safetensors raises its own error types on malformed input
@@ -189,23 +224,27 @@ def _versions(run: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _holds_gates(p: Path) -> bool:
+    return (p / MANIFEST).is_file() or (p / LEGACY_FILE).is_file()
+
+
 def resolve_gates_dir(path) -> Path:
-    """The gate checkpoint directory a user means by `path`:
-    - a checkpoint (holds gates.json) or a gate artifact (manifest.json): itself;
+    """The gate folder a user means by `path`:
+    - a gate folder (holds manifest.json, or an old folder's gates.json): itself;
     - a training version folder holding `gates/`: that;
-    - a run folder (`runs/gates/<name>`): the highest `version_N` holding `gates/gates.json`.
+    - a run folder (`runs/gates/<name>`): the highest `version_N` holding `gates/`.
     ValueError naming `gates` and what was looked for when none is found."""
     p = _checkpoint_dir(path)
-    if (p / CONFIG_FILE).is_file() or (p / "manifest.json").is_file():
+    if _holds_gates(p):
         return p
-    if (p / "gates" / CONFIG_FILE).is_file():
+    if _holds_gates(p / "gates"):
         return p / "gates"
     for version in reversed(_versions(p)):
-        if (version / "gates" / CONFIG_FILE).is_file():
+        if _holds_gates(version / "gates"):
             return version / "gates"
     what = "does not exist" if not p.exists() else (
         "is not a directory" if not p.is_dir() else
-        f"holds no {CONFIG_FILE}, gates/{CONFIG_FILE} or version_N/gates/{CONFIG_FILE}")
-    raise ValueError(f"gates: expected a gate checkpoint (a folder with {CONFIG_FILE}), a "
+        f"holds no {MANIFEST}, gates/{MANIFEST} or version_N/gates/{MANIFEST}")
+    raise ValueError(f"gates: expected a gate checkpoint (a folder with {MANIFEST}), a "
                      f"training version folder or a run folder such as runs/gates/<name>; "
                      f"{str(path)!r} {what} (train gates with `adaptive-sparse train`)")
