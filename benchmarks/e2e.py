@@ -328,6 +328,9 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
     sdpa_ms = best["ms"]
     rows.append(measure("ours-dense", "adaptive_sparse", lambda: sparse_attention(
         model, None, block_size=a.block_size, backend=a.backend)))
+    if a.fp8:
+        rows.append(measure("ours-dense fp8", "adaptive_sparse", lambda: sparse_attention(
+            model, None, block_size=a.block_size, backend=a.backend, precision="fp8")))
     for name, target, policy in policies:
         with GateProvider(gates, policy, model, fast=fast) as gate:
             masks = recorded_masks(model, gate, ids, a)
@@ -336,6 +339,11 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
             rows.append(measure(name, "adaptive_sparse", lambda: sparse_attention(
                 model, timed, block_size=a.block_size, backend=a.backend), achieved, timed))
             rows[-1].update(target_density=target, policy=policy.to_dict())
+            if a.fp8:
+                rows.append(measure(f"{name} fp8", "adaptive_sparse", lambda: sparse_attention(
+                    model, timed, block_size=a.block_size, backend=a.backend,
+                    precision="fp8"), achieved, timed))
+                rows[-1].update(target_density=target, policy=policy.to_dict())
         replay = ReplayProvider(masks)
         # replayed masks belong to the timed sequence only: no perplexity for them
         rows.append(measure(f"{name} replayed", "adaptive_sparse", lambda: sparse_attention(
@@ -413,6 +421,15 @@ def markdown(env, rows, a) -> str:
                      f"{fmt(pc, '+.2f')}{'' if pc is None else '%'} | {r['attn_fn_ms']:.2f} | "
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
                      f"{100 * r['gate_share']:.1f} |")
+    lines.append("")
+    for r in rows:  # Amdahl: what attention's share of the best dense prefill allows
+        if r["kind"] == "prefill" and r["config"] == f"sdpa-{r['best_dense']}" and r["ms"] > 0:
+            share = min(r["attn_fn_ms"] / r["ms"], 0.999)
+            lines.append(
+                f"N={r['N']}: attention is {100 * share:.1f}% of the {r['config']} prefill "
+                f"({r['attn_fn_ms']:.2f} of {r['ms']:.2f} ms); the prefill speedup is bounded by "
+                f"{1 / (1 - share):.2f}x (attention free), {1 / (1 - share + share / 6):.2f}x "
+                f"with attention 6x faster, {1 / (1 - share + share / 10):.2f}x with 10x.")
     return "\n".join(lines) + "\n"
 
 
@@ -455,6 +472,9 @@ def main(argv=None) -> int:
                     help="GateProvider fast path: auto (on CUDA) or off (reference path)")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--fp8", action="store_true",
+                    help="also time ours-dense and every gate config with precision='fp8' (e4m3 "
+                    "Q.K^T and P.V), with their perplexity")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check-max-len", type=int, default=8192,

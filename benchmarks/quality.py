@@ -36,6 +36,7 @@ import torch
 from adaptive_sparse.policies import nearest_to_densities
 
 DENSITIES = (0.05, 0.1, 0.25, 0.5)
+TOP_PS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 def _ints(lo: int, hi: int, n: int = 14) -> list[int]:
@@ -54,6 +55,7 @@ def families(seq_len: int, bs: int) -> dict[str, tuple[str, list[dict]]]:
     taus = [round(0.2 * 0.6 ** i, 6) for i in range(16)]  # 0.2 ... 9.4e-5, decreasing
     return {
         "gate/threshold": ("gate", [{"policy": {"kind": "threshold", "tau": t}} for t in taus]),
+        "gate/top_p": ("gate", [{"policy": {"kind": "top_p", "p": p}} for p in TOP_PS]),
         "oracle/threshold": ("oracle", [{"policy": {"kind": "threshold", "tau": t},
                                          "target": "sum"} for t in taus]),
         "sliding_window": ("sliding_window", [{"window": w * bs, "sink_blocks": 1}
@@ -101,23 +103,126 @@ class Results:
         self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
         self.save()
 
+    def needle(self, key: str):
+        return next((r for r in self.data.setdefault("needle", []) if r["key"] == key), None)
+
+    def add_needle(self, row: dict) -> None:
+        self.data["needle"] = [r for r in self.data.setdefault("needle", [])
+                               if r["key"] != row["key"]] + [row]
+        self.save()
+
     def save(self) -> None:
         from adaptive_sparse.io import atomic_write_json
         atomic_write_json(self.path, self.data)
 
 
+def make_evaluator(model, sequences, seq_len: int, gates: Path, args):
+    """A sweeps ModelEvaluator on a model loaded once (in --eval-dtype) and packed held-out
+    sequences, whose perplexity applies the LM head in chunks
+    (`adaptive_sparse.evaluate.sequence_nll`): the [N, vocab] fp32 logits of one 32k-token
+    Qwen2.5 sequence alone would take 20 GB."""
+    from adaptive_sparse.evaluate import sequence_nll
+    from adaptive_sparse.models import sparse_attention
+    from sweeps.evaluators import ModelEvaluator
+
+    class Evaluator(ModelEvaluator):
+        def _nll(self, provider) -> float:
+            model, seqs = self._load()
+            total, count = 0.0, 0
+            with torch.no_grad(), sparse_attention(model, provider, block_size=self.block_size,
+                                                   backend=self.backend):
+                for seq in seqs:
+                    nll, n = sequence_nll(model, seq[None].to(self.device))
+                    total, count = total + nll, count + n
+            return total / count
+
+    return Evaluator(args.model, seq_len=seq_len, block_size=args.block_size, gates=str(gates),
+                     device=args.device, backend=args.backend, model_obj=model,
+                     sequences=sequences, gate_fast=None if args.device.startswith("cuda")
+                     else False)
+
+
+def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log=print) -> None:
+    """Needle retrieval (adaptive_sparse.data.needle) at `seq_len` tokens for dense attention
+    (the model's own SDPA), and at --needle-density for the best gate, the best oracle and the
+    best pattern of the quality table at that length (lowest perplexity change among the rows
+    of that target density whose achieved density is at most 1.2x the target). Sparse runs use
+    the method's masks in the prefill and in every decoding step."""
+    from adaptive_sparse.data import make_needle_samples
+    from adaptive_sparse.evaluate import evaluate_needle
+
+    model = evaluator._load()[0]
+    d = args.needle_density
+    samples = make_needle_samples(tokenizer, length=seq_len, depths=args.needle_depths,
+                                  samples_per_depth=args.needle_samples)
+    rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len
+            and r["target_density"] == d and r["density"] <= 1.2 * d]
+    picks = [("dense", None)]
+    for label, keep in (("best gate", lambda m: m in GATES), ("best oracle", lambda m: m in ORACLES),
+                        ("best pattern", _is_pattern)):
+        cands = [r for r in rows if keep(r["method"])]
+        if cands:
+            picks.append((label, min(cands, key=lambda r: r["ppl_change"])))
+    for label, row in picks:
+        key = f"{seq_len}|needle|{label}|{d}"
+        if results.needle(key) is not None:
+            continue
+        t0 = time.perf_counter()
+        if row is None:
+            r = evaluate_needle(model, tokenizer, samples, sparse=False, progress=False)
+        else:
+            family = "gate" if row["method"].startswith("gate") else \
+                "oracle" if row["method"].startswith("oracle") else row["method"]
+            family = row.get("family", family)
+            with evaluator._detached(evaluator.provider(family, row["params"])) as provider:
+                r = evaluate_needle(model, tokenizer, samples, provider, sparse=True,
+                                    block_size=args.block_size, backend=args.backend,
+                                    progress=False)
+        results.add_needle({"key": key, "seq_len": seq_len, "label": label,
+                            "method": "dense" if row is None else row["method"],
+                            "target_density": None if row is None else d,
+                            "density": 1.0 if row is None else row["density"],
+                            "ppl_change": 0.0 if row is None else row["ppl_change"],
+                            "needle_accuracy": r["needle_accuracy"], "answers": r["answers"],
+                            "samples": len(samples), "seconds": time.perf_counter() - t0})
+        log(f"  [{seq_len}] needle {label:<13} "
+            f"{'dense' if row is None else row['method']:<18} accuracy "
+            f"{r['needle_accuracy']:.2f} ({time.perf_counter() - t0:.1f} s)")
+
+
+def needle_markdown(results: Results) -> str:
+    rows = results.data.get("needle", [])
+    if not rows:
+        return ""
+    lines = ["### Needle retrieval", "",
+             "| tokens | which | method | density | ppl change (table) | accuracy | prompts |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["key"])):
+        lines.append(f"| {r['seq_len']} | {r['label']} | {r['method']} | {r['density']:.3f} | "
+                     f"{100 * r['ppl_change']:+.2f}% | {r['needle_accuracy']:.2f} | "
+                     f"{r['samples']} |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSITIES,
                    block_size: int = 64, patterns: list[str] | None = None,
-                   log=print) -> None:
-    """Gate, oracle and the calibrated patterns at each density, appended to `results`."""
+                   extra_gates: dict[str, str] | None = None, log=print) -> None:
+    """Gate, oracle and the calibrated patterns at each density, appended to `results`.
+    extra_gates: NAME -> gate folder, evaluated as "gate[NAME]" (density policy) and
+    "gate[NAME]/threshold" (calibrated), the ablation rows."""
     fams = families(seq_len, block_size)
     if patterns is not None:
         fams = {k: v for k, v in fams.items() if k in patterns}
+    taus = families(seq_len, block_size)["gate/threshold"][1]
+    for name, folder in (extra_gates or {}).items():
+        fams[f"gate[{name}]/threshold"] = ("gate", [{**m, "gates": folder} for m in taus])
     plan = []
     for d in densities:
         policy = {"kind": "density", "density": d}
         plan.append(("gate", "gate", d, {"policy": policy}, None))
         plan.append(("oracle", "oracle", d, {"policy": policy, "target": "sum"}, None))
+        for name, folder in (extra_gates or {}).items():
+            plan.append((f"gate[{name}]", "gate", d, {"policy": policy, "gates": folder}, None))
     for label, (fam, members) in fams.items():
         todo = [d for d in densities if results.get(results.key(seq_len, label, d)) is None]
         if not todo:
@@ -133,7 +238,8 @@ def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSI
             continue
         t0 = time.perf_counter()
         r = evaluator.evaluate(fam, params)
-        row = {"key": key, "seq_len": seq_len, "method": method, "target_density": d,
+        row = {"key": key, "seq_len": seq_len, "method": method, "family": fam,
+               "target_density": d,
                "params": params, "density": r["density"], "ppl_change":
                r["perplexity"] / r["perplexity_dense"] - 1.0, "perplexity": r["perplexity"],
                "perplexity_dense": r["perplexity_dense"], "recall": r["recall"],
@@ -159,23 +265,31 @@ def _interp_density(points: list[tuple[float, float]], ppl: float) -> float | No
     return None
 
 
-GATES = ("gate", "gate/threshold")
+GATES = ("gate", "gate/threshold", "gate/top_p")
 ORACLES = ("oracle", "oracle/threshold")
 NAMES = {"gate": "gate (density)", "gate/threshold": "gate (threshold)",
-         "oracle": "oracle (density)", "oracle/threshold": "oracle (threshold)"}
+         "gate/top_p": "gate (top-p)", "oracle": "oracle (density)",
+         "oracle/threshold": "oracle (threshold)"}
 
 
 def _is_pattern(method: str) -> bool:
-    return method not in GATES + ORACLES
+    """Patterns of the zoo; not the gates (also ablation gate sets, "gate[NAME]...") or the
+    oracles."""
+    return not method.startswith(("gate", "oracle"))
 
 
-def summary(results: Results, seq_len: int, densities=DENSITIES) -> dict:
+def _densities(results: Results, seq_len: int) -> list[float]:
+    return sorted({r["target_density"] for r in results.data["rows"] if r["seq_len"] == seq_len})
+
+
+def summary(results: Results, seq_len: int, densities=None) -> dict:
     """Per target density: each gate and oracle policy, the best gate (lowest ppl change among
     the gate policies within 1.2x the target density, else the sparsest), the
     best pattern (lowest ppl change among patterns whose achieved density is at most 1.1x the
     best gate's), the oracle density reaching the best gate's perplexity (interpolated on each
     oracle policy's curve, the lowest), and whether the best gate beats every pattern."""
     rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
+    densities = _densities(results, seq_len) if densities is None else densities
     by = {(r["method"], r["target_density"]): r for r in rows}
     curves = [[(r["density"], r["ppl_change"]) for r in rows if r["method"] == m]
               for m in ORACLES]
@@ -223,7 +337,7 @@ def markdown(results: Results, seq_lens) -> str:
                   "| target | " + " | ".join(NAMES[m] for m in GATES + ORACLES)
                   + " | best pattern | its cell | oracle density at the best gate's ppl | "
                   "best gate / oracle density | best gate beats every pattern |",
-                  "|---" * 10 + "|"]
+                  "|---" * 11 + "|"]
         for row in s["rows"]:
             best = row["best_pattern"]
             ratio = row["gate_over_oracle_density"]
@@ -234,16 +348,18 @@ def markdown(results: Results, seq_lens) -> str:
                 + f" | {best['method'] if best else '-'} | {_cell(best)} | "
                 f"{'-' if od is None else f'{od:.3f}'} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}x'} | {beats} |")
-        lines += ["", "Every method (parameters in quality.json):", "",
-                  "| method | " + " | ".join(str(d) for d in DENSITIES) + " |",
-                  "|---" * (len(DENSITIES) + 1) + "|"]
+        dens = _densities(results, n)
+        lines += ["", "Every method (parameters in quality.json; `gate[NAME]`: an ablation gate "
+                  "set, see quality.json's meta):", "",
+                  "| method | " + " | ".join(str(d) for d in dens) + " |",
+                  "|---" * (len(dens) + 1) + "|"]
         rows = [r for r in results.data["rows"] if r["seq_len"] == n]
         order = [*GATES, *ORACLES, *families(n, 64)]
         for m in sorted(dict.fromkeys(r["method"] for r in rows),
                         key=lambda m: order.index(m) if m in order else len(order)):
             by = {r["target_density"]: r for r in rows if r["method"] == m}
             lines.append(f"| {NAMES.get(m, m)} | "
-                         + " | ".join(_cell(by.get(d)) for d in DENSITIES) + " |")
+                         + " | ".join(_cell(by.get(d)) for d in dens) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -364,6 +480,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-docs", type=int, default=8)
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--corpus", default="default",
+                   help="held-out text: the validation split of this corpus (default: code and "
+                   "essays interleaved)")
+    p.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and activations of the evaluation passes")
+    p.add_argument("--train-extra", nargs="*", default=[],
+                   help="more LightningCLI overrides for training, e.g. --model.target sum")
+    p.add_argument("--extra-gates", nargs="*", default=[], metavar="NAME=DIR",
+                   help="ablation gate sets evaluated next to --gates as gate[NAME]")
+    p.add_argument("--needle-lens", type=int, nargs="*", default=[],
+                   help="lengths of the needle runs (dense, best gate/oracle/pattern)")
+    p.add_argument("--needle-density", type=float, default=0.1)
+    p.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--needle-samples", type=int, default=2, help="prompts per depth")
     p.add_argument("--patterns", nargs="*", default=None, help="default: every pattern")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="gather",
@@ -402,7 +533,9 @@ def merge(out: Path, files: list[str], seq_lens) -> Results:
 
 
 def train(out: Path, args) -> tuple[Path, dict]:
-    """Gates trained through the LightningCLI entry (reused when present) and their cost."""
+    """Gates trained through the LightningCLI entry (reused when present) and their cost:
+    featurization (the frozen model's pooled features and block targets, cached in
+    OUT/gate_cache) and distillation, in seconds of `--device`, and tokens."""
     from sweeps.demo import train_gates
 
     info_path = out / "training.json"
@@ -412,13 +545,17 @@ def train(out: Path, args) -> tuple[Path, dict]:
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
     t0 = time.perf_counter()
     gates = train_gates(out, model=args.model, seq_len=args.train_seq_len,
-                        train_docs=args.train_docs, val_docs=args.val_docs, steps=args.steps,
+                        block_size=args.block_size, train_seqs=args.train_docs,
+                        val_seqs=args.val_docs, steps=args.steps,
                         extra=["--trainer.accelerator", accel,
-                               "--data.num_threads", "null" if accel == "gpu" else "1"])
+                               "--data.num_threads", "null" if accel == "gpu" else "1",
+                               *args.train_extra])
     info = {"seconds": time.perf_counter() - t0, "steps": args.steps,
-            "train_sequences": args.train_docs, "seq_len": args.train_seq_len,
+            "train_sequences": args.train_docs, "val_sequences": args.val_docs,
+            "seq_len": args.train_seq_len, "block_size": args.block_size,
             "train_tokens": args.train_docs * args.train_seq_len,
-            "tokens_seen": args.steps * args.train_seq_len, "device": args.device}
+            "tokens_seen": args.steps * args.train_seq_len, "device": args.device,
+            "extra": list(args.train_extra)}
     from adaptive_sparse.io import atomic_write_json
     atomic_write_json(info_path, info)
     return gates, info
@@ -461,26 +598,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== training gates at {args.train_seq_len} tokens on {args.device}", flush=True)
         gates, training = train(out, args)
         print(f"   {training}", flush=True)
-    from sweeps.evaluators import ModelEvaluator
-
+    extra = dict(item.split("=", 1) for item in args.extra_gates)
     results = Results(out / "quality.json", {"model": args.model,
                                              "environment": environment(args.device),
                                              "gates": str(gates), "training": training,
+                                             "extra_gates": extra or None,
                                              "eval_docs": args.eval_docs, "split": "validation",
-                                             "block_size": 64, "backend": args.backend})
-    for n in args.seq_lens:
+                                             "corpus": args.corpus, "eval_dtype": args.eval_dtype,
+                                             "block_size": args.block_size,
+                                             "backend": args.backend})
+    lens = list(dict.fromkeys([*args.seq_lens, *args.needle_lens]))
+    if lens:
+        from adaptive_sparse.data import load_corpus, pack, split_documents
+        from adaptive_sparse.models import load_model
+
+        model, tok = load_model(args.model, dtype=getattr(torch, args.eval_dtype))
+        model.to(args.device).eval()
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("sdpa")  # dense needle runs: never eager at 32k
+        docs = split_documents(load_corpus(args.corpus), seed=0,
+                               fractions=(0.8, 0.1, 0.1))["validation"]
+    for n in lens:
         print(f"== quality table at {n} tokens, {args.eval_docs} held-out sequences "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-        ev = ModelEvaluator(args.model, seq_len=n, num_sequences=args.eval_docs,
-                            gates=str(gates), device=args.device, backend=args.backend,
-                            gate_fast=False)
-        evaluate_table(ev, results, n, densities=args.densities, patterns=args.patterns)
-        (out / "quality.md").write_text(markdown(results, args.seq_lens))
-        plot(results, args.seq_lens, out / "quality.png")
+        ev = make_evaluator(model, pack(tok, docs, n, args.eval_docs), n, gates, args)
+        if n in args.seq_lens:
+            evaluate_table(ev, results, n, densities=args.densities, patterns=args.patterns,
+                           block_size=args.block_size, extra_gates=extra)
+            (out / "quality.md").write_text(markdown(results, args.seq_lens)
+                                            + needle_markdown(results))
+            plot(results, args.seq_lens, out / "quality.png")
+        if n in args.needle_lens:
+            print(f"== needle at {n} tokens [{time.perf_counter() - t0:.0f} s]", flush=True)
+            needle_stage(ev, tok, results, n, args)
+            (out / "quality.md").write_text(markdown(results, args.seq_lens)
+                                            + needle_markdown(results))
         del ev
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(markdown(results, args.seq_lens), flush=True)
+    print(markdown(results, args.seq_lens) + needle_markdown(results), flush=True)
     if args.sweep_seq_len:
         print(f"== sweep at {args.sweep_seq_len} tokens [{time.perf_counter() - t0:.0f} s]",
               flush=True)

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Issue 13 on one lent GPU: Qwen2.5-Coder-0.5B gates at 16k and 32k, their quality tables
+# (benchmarks/quality.py: gate policies, oracle, every pattern, ablation gate sets, needle) and the
+# real-weights prefill table (benchmarks/e2e.py: cuDNN/flash SDPA, ours dense, the gate at each
+# density, FP8), in one background pipeline that a few consecutive device calls feed and poll.
+#
+# The machine has no package index and a call carries at most 64 MiB, so the 491 MB GGUF travels
+# as nine pieces (`split -n 9` of the assembled file, one ignored folder .gq/pN per call; made by
+# `bash benchmarks/gpu_long.sh split`). Pieces land in /tmp/gq outside the checkout, so a call
+# that re-sends the tree loses none; `start` refuses to run until all nine are there and the
+# assembled file has the preset's sha256, and a lost machine just means the calls again.
+#
+#   here:    bash benchmarks/gpu_long.sh split      (.gq/p0 ... .gq/p8, .snap = git archive HEAD)
+#   call 1:  bash benchmarks/gpu_long.sh piece 0    (carry .whl .gq/p0; installs the wheels)
+#   call 2-9: bash benchmarks/gpu_long.sh piece N   (carry .gq/pN)
+#   call 10: bash benchmarks/gpu_long.sh start [secs]   (carry .snap; assembles, checks, starts
+#            the pipeline with setsid from the snapshot, then polls)
+#   later:   bash benchmarks/gpu_long.sh poll [secs]    (waits up to secs, prints the logs' tails,
+#            copies results to $OUT)
+# Every stage resumes: trained gates and table rows that exist are kept (quality.py, e2e.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+Q=/tmp/q
+SITE=/tmp/site
+MODEL=${MODEL:-qwen2.5-coder-0.5b}
+# the two lengths and where it runs (a CPU dry run of the whole pipeline: MODEL=smollm2-135m
+# L1=256 L2=512 DEV=cpu BACKEND=auto EVAL_DTYPE=float32 STEPS=3 EVAL_DOCS=1 ... pipeline)
+L1=${L1:-16384} L2=${L2:-32768} DEV=${DEV:-cuda} BACKEND=${BACKEND:-triton}
+EVAL_DTYPE=${EVAL_DTYPE:-bfloat16} DOCS1=${DOCS1:-24} DOCS2=${DOCS2:-12}
+GGUF=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+export ADAPTIVE_SPARSE_CACHE=/tmp/ascache PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 \
+    TOKENIZERS_PARALLELISM=false
+DENS="0.05 0.1 0.2 0.3"
+STEPS=${STEPS:-400} EVAL_DOCS=${EVAL_DOCS:-4}
+mkdir -p "$OUT" "$Q" /tmp/gq
+
+quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
+    local dir=$1; shift
+    python3 benchmarks/quality.py --out "$dir" --model $MODEL --device $DEV --backend $BACKEND \
+        --eval-dtype $EVAL_DTYPE --block-size 64 --eval-docs "$EVAL_DOCS" --densities $DENS "$@"
+}
+
+gates_of() { echo "$Q/$1/gates/demo/version_0/gates"; }
+
+# wait_for NAME: until run NAME has its gates (0) or its training failed (1)
+wait_for() {
+    while [ ! -e "$(gates_of "$1")/gates.json" ]; do
+        [ -e "$Q/failed_$1" ] && return 1
+        sleep 5
+    done
+}
+
+# train NAME LEN DOCS [ARGS...]: gates of run NAME, trained on DOCS x LEN tokens
+train() {
+    local name=$1 len=$2 docs=$3; shift 3
+    (quality $Q/$name --train-seq-len "$len" --train-docs "$docs" --val-docs 2 --steps $STEPS \
+        "$@" --seq-lens > $Q/train_$name.log 2>&1 || touch "$Q/failed_$name") &
+}
+
+# table NAME LEN ABLATIONS...: the quality table and the needle runs of run NAME at LEN tokens,
+# with the gate sets of the runs named in ABLATIONS as ablation rows (those that trained)
+table() {
+    local name=$1 len=$2 extra=(); shift 2
+    wait_for "$name" || return 1
+    for other in "$@"; do wait_for "$other" && extra+=("$other=$(gates_of "$other")"); done
+    quality $Q/$name --gates "$(gates_of "$name")" --seq-lens "$len" --needle-lens "$len" \
+        --extra-gates "${extra[@]}" > $Q/table_$name.log 2>&1
+}
+
+case "${1:-}" in
+split)  # here: the nine pieces and the code snapshot (ignored folders)
+    g=$(PYTHONPATH=. python3 -c "from adaptive_sparse.models.loading import resolve_model_path as r
+f, n = r('$MODEL'); print(f / n)") || exit 1
+    for i in $(seq 0 8); do mkdir -p .gq/p$i; done
+    split -n 9 -d -a 1 "$g" /tmp/gqp && for i in $(seq 0 8); do mv /tmp/gqp$i .gq/p$i/piece; done
+    rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && du -sh .gq .snap
+    ;;
+piece)
+    i=${2:?usage: $0 piece N}
+    if [ "$i" = 0 ]; then
+        nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target $SITE .whl/*.whl || exit 1
+        python3 -c "import optuna, gguf, transformers, torch, triton; \
+print(optuna.__version__, transformers.__version__, torch.__version__, triton.__version__)"
+    fi
+    cp .gq/p$i/piece /tmp/gq/$i && ls -la /tmp/gq
+    ;;
+start)
+    mkdir -p $ADAPTIVE_SPARSE_CACHE
+    if [ ! -e $ADAPTIVE_SPARSE_CACHE/$GGUF.sha256 ]; then
+        for i in $(seq 0 8); do [ -e /tmp/gq/$i ] || { echo "piece $i missing"; exit 1; }; done
+        cat $(for i in $(seq 0 8); do echo /tmp/gq/$i; done) > $ADAPTIVE_SPARSE_CACHE/$GGUF
+        echo "$SHA  $ADAPTIVE_SPARSE_CACHE/$GGUF" | sha256sum -c || exit 1
+        echo $SHA > $ADAPTIVE_SPARSE_CACHE/$GGUF.sha256
+    fi
+    rm -rf /tmp/snap && if [ -d .snap ]; then cp -r .snap /tmp/snap; else
+        mkdir /tmp/snap && cp -r adaptive_sparse gating sweeps benchmarks pyproject.toml /tmp/snap/; fi
+    [ -d .whl ] || true
+    rm -f $Q/done $Q/abort
+    setsid nohup bash /tmp/snap/benchmarks/gpu_long.sh pipeline > $Q/log 2>&1 < /dev/null &
+    sleep 5
+    exec bash "$0" poll "${2:-500}"
+    ;;
+pipeline)
+    t0=$SECONDS
+    # de-quantize once (the weights cache), so the parallel processes below only read it
+    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
+        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
+    echo "model cached after $((SECONDS - t0)) s"
+    # issue 15's decode quality (its own decode gates), beside everything else: quality only
+    if [ -e benchmarks/decode_quality.py ] && [ -n "${DECODE:-}" ]; then
+        python3 benchmarks/decode_quality.py $DECODE > $Q/decode.log 2>&1 &
+    fi
+    # training: 16k (24 x 16k tokens), 32k (12 x 32k), and the block-sum target at 16k
+    train q16 $L1 $DOCS1
+    train q32 $L2 $DOCS2
+    train sum16 $L1 $DOCS1 --train-extra --model.target sum
+    wait_for q32; wait_for q16
+    echo "gates trained after $((SECONDS - t0)) s"
+    # the 32k gates at 32k and the 16k gates at 16k, each with the other length's gates and the
+    # block-sum gates as ablation rows, in parallel
+    table q32 $L2 q16 sum16 &
+    table q16 $L1 q32 sum16 &
+    wait  # the tables and the decode-quality run: the timing below has the GPU alone
+    echo "tables done after $((SECONDS - t0)) s"
+    # speed and quality in one table, alone on the GPU: real weights, prefill at 16k and 32k,
+    # the 32k gates, FP8 rows
+    mkdir -p $Q/e2e
+    python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
+        --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
+        --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
+        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
+    echo "e2e done after $((SECONDS - t0)) s"
+    echo "pipeline done after $((SECONDS - t0)) s"
+    touch $Q/done
+    ;;
+poll)
+    end=$((SECONDS + ${2:-500}))
+    while [ ! -e $Q/done ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    for f in $(cd $Q && ls *.log 2>/dev/null); do
+        echo "== $f"; tr '\r' '\n' < $Q/$f | grep -v -i "warn\|it/s\]$\|s/it\]$" | tail -15
+    done
+    tar czf "$OUT/results.tar.gz" -C $Q --exclude='gate_cache' --exclude='*.ckpt' \
+        --exclude='tensorboard' $(cd $Q && ls -d *.log q* sum* e2e decode* 2>/dev/null)
+    ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
+    ;;
+*) echo "usage: $0 split|piece N|start [secs]|poll [secs]|pipeline"; exit 2 ;;
+esac
