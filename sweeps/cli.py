@@ -34,7 +34,8 @@ from typing import Any
 import optuna
 
 from adaptive_sparse.io import atomic_write_json
-from sweeps.evaluators import ModelEvaluator, build_evaluator, check_callable, import_callable
+from sweeps.evaluators import (
+    ModelEvaluator, build_evaluator, check_callable, import_callable, renamed_args)
 from sweeps.objectives import (ALLOCATIONS, Screening, SearchSpace, SweepObjective,
                                check_objectives)
 from sweeps.study import (SAMPLERS, ensure_slots, make_sampler, open_storage, open_study,
@@ -156,6 +157,10 @@ class SweepConfig:
                 raise ValueError(f"evaluator: unknown keys {extra}, expected factory and args")
             if not isinstance(ev.get("args") or {}, dict):
                 raise ValueError(f"evaluator.args: expected a mapping, got {ev['args']!r}")
+            if ev.get("factory", DEFAULT_FACTORY) == DEFAULT_FACTORY and ev.get("args"):
+                # old spellings (num_sequences) -> the CLI's (num_seqs), warned once, stored new
+                cfg.evaluator = {**ev, "args": renamed_args(ev["args"], source,
+                                                            "evaluator.args.")}
             check_callable(ev.get("factory", DEFAULT_FACTORY), "evaluator.factory",
                            allow_modules)
             if cfg.latency is not None:

@@ -42,6 +42,28 @@ def check_callable(spec: Any, name: str, allow_modules: tuple[str, ...] = ()) ->
     return module
 
 
+RENAMED_ARGS = {"num_sequences": "num_seqs"}  # old spelling -> the CLI's (--num-seqs)
+
+
+def renamed_args(args: Mapping[str, Any], who: str, prefix: str = "") -> dict[str, Any]:
+    """``args`` with old spellings (``RENAMED_ARGS``) replaced by the new ones, each with a
+    deprecation warning on stderr as the CLI gives for its old flags ("<who>: warning:
+    <prefix>num_sequences is deprecated; use <prefix>num_seqs"); both spellings at once are
+    refused (ValueError naming the old one)."""
+    import sys
+
+    out = dict(args)
+    for old, new in RENAMED_ARGS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ValueError(f"{prefix}{old}: expected only {prefix}{new} (its new name), got "
+                             "both")
+        print(f"{who}: warning: {prefix}{old} is deprecated; use {prefix}{new}", file=sys.stderr)
+        out[new] = out.pop(old)
+    return out
+
+
 def import_callable(spec: Any, name: str, allow_modules: tuple[str, ...] = ()):
     """The callable named by ``spec`` (checked by ``check_callable``)."""
     module = check_callable(spec, name, allow_modules)
@@ -156,8 +178,9 @@ class ModelEvaluator:
     """A pretrained model on validation sequences (LongTensor [S, seq_len]).
 
     model: preset or path for ``adaptive_sparse.models.load_model`` (or pass ``model_obj``,
-    ``sequences``); validation data: ``num_sequences`` packed from ``load_corpus(corpus)``'s
-    validation split. gates: the trained gates for gate/* methods, as
+    ``sequences``); validation data: ``num_seqs`` sequences (default 4; the CLI's
+    ``--num-seqs``, ``num_sequences`` its deprecated spelling) packed from
+    ``load_corpus(corpus)``'s validation split. gates: the trained gates for gate/* methods, as
     ``adaptive_sparse.gates.resolve_gates_dir`` reads them (a gates folder, a training version
     folder, or a run folder such as ``runs/gates/<name>``: its newest version); resolved, and a
     missing one refused, when the evaluator is built. A policy file may name its own.
@@ -168,16 +191,25 @@ class ModelEvaluator:
     and true block sums are recorded once per layer; a pattern or the oracle is then screened by
     building its masks from them and measuring density and attention recall, with no model
     forward. The gate scores pre-rotary features captured by hooks during a forward, so it is
-    screened by one forward over those sequences (still ``num_sequences / screen_sequences``
+    screened by one forward over those sequences (still ``num_seqs / screen_sequences``
     times cheaper than its perplexity). ``gate_fast`` is GateProvider's ``fast`` (None: the
     fast path on CUDA; False: the reference path everywhere)."""
 
     def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
-                 num_sequences: int = 4, block_size: int = 64, corpus: str = "default",
+                 num_seqs: int | None = None, block_size: int = 64, corpus: str = "default",
                  split_seed: int = 0, gates: str | None = None, device: str = "cpu",
                  backend: str = "auto", screen_sequences: int = 1, model_obj=None,
-                 sequences=None, gate_fast: bool | None = None):
-        self.model_name, self.seq_len, self.num_sequences = model, seq_len, num_sequences
+                 sequences=None, gate_fast: bool | None = None, **old):
+        if old:
+            unknown = sorted(set(old) - set(RENAMED_ARGS))
+            if unknown:
+                raise TypeError(f"ModelEvaluator() got an unexpected keyword argument "
+                                f"{unknown[0]!r}")
+            if num_seqs is not None:
+                old["num_seqs"] = num_seqs
+            num_seqs = renamed_args(old, "ModelEvaluator")["num_seqs"]
+        num_seqs = 4 if num_seqs is None else num_seqs
+        self.model_name, self.seq_len, self.num_seqs = model, seq_len, num_seqs
         self.block_size, self.corpus, self.split_seed = block_size, corpus, split_seed
         if gates is not None:
             from adaptive_sparse.gates import resolve_gates_dir
@@ -200,7 +232,7 @@ class ModelEvaluator:
                 from adaptive_sparse.data import load_corpus, pack, split_documents
                 docs = split_documents(load_corpus(self.corpus), seed=self.split_seed,
                                        fractions=(0.8, 0.1, 0.1))["validation"]
-                self._sequences = pack(tokenizer, docs, self.seq_len, self.num_sequences)
+                self._sequences = pack(tokenizer, docs, self.seq_len, self.num_seqs)
         if self._sequences is None:
             raise ValueError("sequences: expected validation token ids [S, N] with model_obj")
         return self._model, self._sequences

@@ -49,7 +49,7 @@ def export_masks(model, sequences: torch.Tensor, provider, out, *, block_size: i
     heads = _num_heads(model)
     masks = {layer: _batched(ms, heads) for layer, ms in sorted(rec.masks.items())}
     return save_masks(out, masks, model=model, method=method, params=params,
-                      inputs={"num_sequences": int(sequences.shape[0]),
+                      inputs={"num_seqs": int(sequences.shape[0]),
                               "seq_len": int(sequences.shape[1]), **dict(inputs or {})},
                       overwrite=overwrite)
 
