@@ -42,11 +42,11 @@ quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation
         --eval-dtype $EVAL_DTYPE --block-size 64 --eval-docs "$EVAL_DOCS" --densities $DENS "$@"
 }
 
-gates_of() { echo "$Q/$1/gates/demo/version_0/gates"; }
+gates_of() { echo "$Q/$1/gates/run/version_0/gates"; }
 
 # wait_for NAME: until run NAME has its gates (0) or its training failed (1)
 wait_for() {
-    while [ ! -e "$(gates_of "$1")/gates.json" ]; do
+    while [ ! -e "$(gates_of "$1")/manifest.json" ]; do
         [ -e "$Q/failed_$1" ] && return 1
         sleep 5
     done
@@ -117,7 +117,7 @@ pipeline)
     # training: 16k (24 x 16k tokens), 32k (12 x 32k), and the block-sum target at 16k
     train q16 $L1 $DOCS1
     train q32 $L2 $DOCS2
-    train sum16 $L1 $DOCS1 --train-extra --model.target sum
+    train sum16 $L1 $DOCS1 --train-extra "--model.target sum"
     wait_for q32; wait_for q16
     echo "gates trained after $((SECONDS - t0)) s"
     # the 32k gates at 32k and the 16k gates at 16k, each with the other length's gates and the

@@ -486,8 +486,9 @@ def _parser() -> argparse.ArgumentParser:
                    "essays interleaved)")
     p.add_argument("--eval-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weights and activations of the evaluation passes")
-    p.add_argument("--train-extra", nargs="*", default=[],
-                   help="more LightningCLI overrides for training, e.g. --model.target sum")
+    p.add_argument("--train-extra", default="",
+                   help="more LightningCLI overrides for training, one string, e.g. "
+                   "\"--model.target sum\"")
     p.add_argument("--extra-gates", nargs="*", default=[], metavar="NAME=DIR",
                    help="ablation gate sets evaluated next to --gates as gate[NAME]")
     p.add_argument("--needle-lens", type=int, nargs="*", default=[],
@@ -533,29 +534,39 @@ def merge(out: Path, files: list[str], seq_lens) -> Results:
 
 
 def train(out: Path, args) -> tuple[Path, dict]:
-    """Gates trained through the LightningCLI entry (reused when present) and their cost:
-    featurization (the frozen model's pooled features and block targets, cached in
-    OUT/gate_cache) and distillation, in seconds of `--device`, and tokens."""
-    from sweeps.demo import train_gates
+    """Gates trained through the LightningCLI entry, `adaptive-sparse train`'s (reused when
+    present), and their cost: featurization (the frozen model's pooled features and block
+    targets, cached in OUT/gate_cache) and distillation, in seconds of `--device`, and tokens."""
+    import shlex
+
+    from gating.cli import DEFAULT_CONFIG, train_main
 
     info_path = out / "training.json"
-    gates = out / "gates" / "demo" / "version_0" / "gates"
-    if (gates / "gates.json").exists() and info_path.exists():
+    gates = out / "gates" / "run" / "version_0" / "gates"
+    if (gates / "manifest.json").exists() and info_path.exists():
         return gates, json.loads(info_path.read_text())
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+               "init_args": {"save_dir": str(out / "gates"), "name": "run", "version": 0}}]
     t0 = time.perf_counter()
-    gates = train_gates(out, model=args.model, seq_len=args.train_seq_len,
-                        block_size=args.block_size, train_seqs=args.train_docs,
-                        val_seqs=args.val_docs, steps=args.steps,
-                        extra=["--trainer.accelerator", accel,
-                               "--data.num_threads", "null" if accel == "gpu" else "1",
-                               *args.train_extra])
+    train_main(["fit", "--config", str(DEFAULT_CONFIG), "--data.model", args.model,
+                "--data.cache_dir", str(out / "gate_cache"),
+                "--data.seq_len", str(args.train_seq_len), "--data.block_size", str(args.block_size),
+                "--data.num_train", str(args.train_docs), "--data.num_val", str(args.val_docs),
+                "--trainer.max_steps", str(args.steps), "--trainer.check_val_every_n_epoch", "5",
+                "--trainer.default_root_dir", str(out / "gates"),
+                "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false",
+                "--trainer.accelerator", accel,
+                "--data.num_threads", "null" if accel == "gpu" else "1",
+                *shlex.split(args.train_extra)])
+    if not (gates / "manifest.json").exists():
+        raise RuntimeError(f"gate training finished but wrote no gates at {gates}")
     info = {"seconds": time.perf_counter() - t0, "steps": args.steps,
             "train_sequences": args.train_docs, "val_sequences": args.val_docs,
             "seq_len": args.train_seq_len, "block_size": args.block_size,
             "train_tokens": args.train_docs * args.train_seq_len,
             "tokens_seen": args.steps * args.train_seq_len, "device": args.device,
-            "extra": list(args.train_extra)}
+            "extra": args.train_extra}
     from adaptive_sparse.io import atomic_write_json
     atomic_write_json(info_path, info)
     return gates, info
