@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adaptive_sparse.export import ArtifactError, load_sparsifier, read_artifact
-from adaptive_sparse.gates import GateConfig, GateProvider, GateSet, load_gates, save_gates
+from adaptive_sparse.gates import (
+    GateConfig, GateProvider, GateSet, load_gates, read_gates_info, save_gates)
 from adaptive_sparse.models import model_fingerprint, sparse_attention
 from adaptive_sparse.policies import Policy
 from test_gates import save_legacy_gates
@@ -47,6 +48,9 @@ def test_trained_gates_are_an_artifact_that_load_sparsifier_attaches(trained):
     assert raw.manifest["content"]["policy"] is None
     assert raw.manifest["method"]["params"]["global_step"] == 4
     assert raw.fingerprint == model_fingerprint(model)  # from the target cache
+    info = read_gates_info(trained.parent)
+    assert info["layout"] == "artifact" and info["policy"] is None
+    assert info["metadata"]["global_step"] == 4 and info["config"].block_size == BS
     gates = load_gates(trained, model)
     ids = torch.randint(0, 128, (1, N), generator=torch.Generator().manual_seed(0))
     with GateProvider(gates, POLICY, model) as live:
@@ -111,6 +115,8 @@ def test_old_two_file_folders_still_load_and_save_gates_converts_them(tmp_path):
     gs = GateSet(GateConfig.from_model(model, block_size=BS, init="random"))
     old = save_legacy_gates(gs, tmp_path / "runs/gates/m/version_0/gates", {"global_step": 7})
     back = load_gates(tmp_path / "runs/gates/m", model)
+    info = read_gates_info(tmp_path / "runs/gates/m")
+    assert info["layout"] == "legacy" and info["metadata"] == {"global_step": 7}
     assert torch.equal(back[0].wq, gs[0].wq)
     with pytest.raises(ArtifactError, match="old two-file gate folder.*export gate --gates"):
         load_sparsifier(model, old, policy=POLICY)
