@@ -166,7 +166,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         return local_window_attention(q, k, v, window=M if window is None else window,
                                       scale=scale)
     groups = q.shape[1] // k.shape[1]
-    gqa = groups > 1 and k.shape[-1] == v.shape[-1] <= 256  # else SDPA's math kernel: repeat
+    # CUDA: repeated heads, never enable_gqa: with it, fp32 inputs (featurization) fall to SDPA's
+    # math kernel, which materializes the N x M scores (56 GB for Qwen2.5 at 32k); without it they
+    # take the memory-efficient kernel, 16-bit ones flash or cuDNN
+    gqa = groups > 1 and k.shape[-1] == v.shape[-1] <= 256 and not q.is_cuda
     if groups > 1 and not gqa:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=N > 1,
