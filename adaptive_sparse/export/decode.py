@@ -203,6 +203,7 @@ def decode_stats(model, ids, provider, *, steps: int) -> dict:
     which are fed one at a time through `provider`."""
     import torch
 
+    from adaptive_sparse.gates.decode import model_step
     from adaptive_sparse.models import sparse_attention
 
     per_layer: dict[int, list[torch.Tensor]] = {}
@@ -217,10 +218,10 @@ def decode_stats(model, ids, provider, *, steps: int) -> dict:
 
     n = ids.shape[1] - steps
     with torch.no_grad():
-        cache = model(ids[:, :n], use_cache=True, logits_to_keep=1).past_key_values
+        _, cache = model_step(model, ids[:, :n])
         with sparse_attention(model, record, block_size=provider.block_size):
             for t in range(n, ids.shape[1]):
-                model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                model_step(model, ids[:, t:t + 1], cache)
     layers = [{"layer": layer, "density": float(torch.stack(rows).mean()),
                "per_head": torch.stack(rows).mean(0).tolist()}
               for layer, rows in sorted(per_layer.items())]

@@ -269,6 +269,19 @@ def record_qk(model, ids: torch.Tensor, *, block_size: int = 64) -> dict:
     return {layer: kept[0] for layer, kept in rec.qk.items()}
 
 
+def model_step(model, ids: torch.Tensor, cache=None, *, logits_to_keep: int = 1):
+    """One forward of ids [B, N] after the KV cache `cache` (None: a new one) ->
+    (logits [B, logits_to_keep, V], the cache). The cache argument is `cache` in transformers
+    5.x and `past_key_values` before; the one the model's forward takes is used."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep,
+                **({} if cache is None else {name: cache}))
+    return out.logits, out.get("cache", out.get("past_key_values"))
+
+
 def train_decode_gates(model, sequences: torch.Tensor, gates: DecodeGateSet | None = None, *,
                        steps: int = 50, lr: float = 1e-3, queries: int = 16,
                        block_size: int = 64, batch_size: int = 1, seed: int = 0,
@@ -415,3 +428,53 @@ class DecodeProvider:
         if not self.total_blocks:
             return None
         return float(self.selected_blocks) / self.total_blocks
+
+
+class SplitBatchProvider:
+    """Several decode providers over one batch: rows p * B .. p * B + B - 1 are served by
+    `providers[p]` (a batch of B sequences repeated once per provider, e.g. by
+    `cache.reorder_cache(torch.arange(B).repeat(P))`), so one decode step measures P budgets.
+
+    Each provider sees only its rows (its own key cache and counters); the masks are stacked,
+    kv_indices padded to the widest (entries past kv_num_blocks are never read), a provider's
+    None (dense) becoming every block. Prefill calls (more than one query) must be dense
+    (every provider returns None)."""
+
+    def __init__(self, providers, *, block_size: int = 64):
+        providers = list(providers)
+        if not providers or not all(callable(p) for p in providers):
+            raise fail("providers", "a non-empty list of provider callables", providers,
+                       cls=TypeError)
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
+        self.providers, self.block_size = providers, block_size
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        P = len(self.providers)
+        B, Hkv, M = q.shape[0] // P, k.shape[1], k.shape[2]
+        if B * P != q.shape[0]:
+            raise fail("q", f"a batch divisible by the {P} providers", q.shape[0])
+        masks = [p(layer_idx, q[i * B:(i + 1) * B], k[i * B:(i + 1) * B])
+                 for i, p in enumerate(self.providers)]
+        if all(m is None for m in masks):
+            return None
+        if q.shape[2] != 1:
+            raise fail("q", "one query per sequence (a decode step) for sparse providers",
+                       f"{q.shape[2]} queries")
+        kb = num_blocks(M, self.block_size)
+        width = max(kb if m is None else m.kv_indices.shape[-1] for m in masks)
+        nums, idxs = [], []
+        for m in masks:
+            if m is None:
+                num = torch.full((B, Hkv, 1), kb, dtype=torch.int32, device=q.device)
+                idx = torch.arange(kb, dtype=torch.int32, device=q.device).expand(B, Hkv, 1, kb)
+            else:
+                if m.block_size != self.block_size:
+                    raise fail("providers", f"masks of block_size {self.block_size}",
+                               m.block_size)
+                num = m.kv_num_blocks.expand(B, Hkv, 1)
+                idx = m.kv_indices.expand(B, Hkv, 1, m.kv_indices.shape[-1])
+            nums.append(num)
+            idxs.append(nn.functional.pad(idx, (0, width - idx.shape[-1])))
+        return BlockSparseMask._trusted(torch.cat(nums).contiguous(), torch.cat(idxs).contiguous(),
+                                        self.block_size, 1, M, True, None)
