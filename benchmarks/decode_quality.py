@@ -20,11 +20,15 @@ the sink and the newest block forced), measures against dense decoding on the sa
   dense: share of the dense answer's positions (up to its EOS) where the sparse token is equal,
   and the mean common prefix; generated length: tokens up to and including EOS, capped at G.
 
-Prefill is always dense (the model's own SDPA attention); the cache after prefill is shared by
-every budget of a row group (cropped back after each run), so only decode steps differ. The
-"dense" row runs the same decode path with every block selected (the project's decode kernel:
-Triton split-KV on CUDA, its PyTorch reference on CPU), so the comparison isolates the
-selection. Sequences of one (corpus, length) are decoded as one batch.
+Prefill is always dense (the model's own SDPA attention), once per (task, corpus, length) or
+needle sample; only decode steps differ. The "dense" row runs the same decode path with every
+block selected (the project's decode kernel: Triton split-KV on CUDA, its PyTorch reference on
+CPU), so the comparison isolates the selection. Batching: the sequences of one (corpus, length)
+are one batch, and the budgets are decoded together: the prefill cache is repeated once per
+budget and `gates.decode.SplitBatchProvider` serves each copy with its own provider, so one
+model step advances every budget (--budgets-per-run caps how many share a step, for memory).
+The plan line gives the budget-steps to run; after each run the measured time per budget-step
+and the decode time left are printed.
 
     PYTHONPATH=. python benchmarks/decode_quality.py --model qwen2.5-coder-0.5b \\
         --contexts 16384 32768 --device cuda --out runs/decode_quality

@@ -54,3 +54,45 @@ def test_main_measures_every_task_and_resumes(smollm2, tmp_path, capsys):
     assert torch.isclose(torch.tensor(again["tf|essays|320|oracle|0.25"]["ppl_change"]),
                          torch.tensor(again["tf|essays|320|oracle|0.25"]["perplexity"]
                                       / dense["perplexity"] - 1))
+
+
+def test_split_batch_provider_stacks_each_providers_selection():
+    from adaptive_sparse.gates.decode import (
+        DecodeGateConfig, DecodeGateSet, DecodeProvider, SplitBatchProvider, token_budget_policy)
+
+    torch.manual_seed(0)
+    cfg = DecodeGateConfig(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                           init="random")
+    gates = DecodeGateSet(cfg)
+    q, k = torch.randn(6, 4, 1, 16), torch.randn(6, 2, 100, 16)  # 3 budgets x batch 2
+
+    def providers():
+        return [DecodeProvider(decode="dense", block_size=16),
+                DecodeProvider(token_budget_policy(32, 16), gates=gates),
+                DecodeProvider({"kind": "top_k", "k": 4}, decode="oracle", block_size=16)]
+
+    mask = SplitBatchProvider(providers(), block_size=16)(0, q, k)
+    alone = providers()
+    assert mask.kv_indices.shape == (6, 2, 1, 7) and mask.kv_len == 100
+    assert (mask.kv_num_blocks[:2] == 7).all()
+    assert torch.equal(mask.kv_indices[:2, :, 0], torch.arange(7).expand(2, 2, 7).int())
+    for i, p in ((1, alone[1]), (2, alone[2])):
+        ref = p(0, q[2 * i:2 * i + 2], k[2 * i:2 * i + 2])
+        got_num = mask.kv_num_blocks[2 * i:2 * i + 2]
+        assert torch.equal(got_num, ref.kv_num_blocks)
+        w = ref.kv_indices.shape[-1]
+        assert torch.equal(mask.kv_indices[2 * i:2 * i + 2, ..., :w], ref.kv_indices)
+    assert SplitBatchProvider(providers()[:1])(0, q[:2], k[:2]) is None
+    with pytest.raises(ValueError, match="q: expected a batch divisible"):
+        SplitBatchProvider(providers())(0, q[:5], k[:5])
+
+
+def test_agreement_counts_the_dense_answer_only():
+    eos = {9}
+    dense = torch.tensor([[1, 2, 9, 5], [1, 2, 3, 4]])
+    sparse = torch.tensor([[1, 3, 9, 7], [1, 2, 3, 0]])
+    lengths = decode_quality.answer_length(dense, eos)
+    assert lengths == [3, 4] and decode_quality.answer_length(sparse, eos) == [3, 4]
+    got = decode_quality.agreement(dense, sparse, lengths)
+    assert got == {"agreement": 5 / 7, "matching_prefix": (1 + 3) / 2}
+    assert decode_quality.agreement(dense, sparse[:, :2], lengths)["agreement"] == 3 / 7
