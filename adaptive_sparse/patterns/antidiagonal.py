@@ -29,8 +29,8 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int, st
     n, m = Qb * bs // S, Kb * bs // S
     qpad = torch.nn.functional.pad(q.float(), (0, 0, 0, Qb * bs - N))
     kpad = torch.nn.functional.pad(k.float(), (0, 0, 0, Kb * bs - M))
-    qs = qpad.view(B, Hq, n, S, D).flip(3).reshape(B, Hkv, G, n, S * D)
-    ks = kpad.view(B, Hkv, m, S * D)
+    qs = qpad.reshape(B, Hq, n, S, D).flip(3).reshape(B, Hkv, G, n, S * D)
+    ks = kpad.reshape(B, Hkv, m, S * D)  # k may be a transposed view (use_cache=False)
     offset = M - N
     key_first = torch.arange(m, device=q.device) * S  # [m]
     out = torch.zeros(B, Hq, Qb, Kb, dtype=torch.float32, device=q.device)
