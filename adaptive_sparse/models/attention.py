@@ -63,7 +63,7 @@ class AttentionCall:
 
     @property
     def kind(self) -> str:
-        """ "sliding" on a layer the model marks as sliding-window, else "global"."""
+        """The layer's kind: "sliding" (the model marks it sliding-window) or "global"."""
         return "global" if self.window is None else "sliding"
 
     @property
