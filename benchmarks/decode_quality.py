@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adaptive_sparse.errors import fail
 from adaptive_sparse.gates.decode import model_step
 from adaptive_sparse.gates.network import model_shapes
 from benchmarks.quality import Results
@@ -261,8 +262,8 @@ def obtain_gates(args, model, tok, out: Path, log):
                                                       args.block_size),
                                   model=model, params=info, overwrite=True)
     if gates.config.block_size != args.block_size:
-        raise ValueError(f"--block-size: expected {gates.config.block_size} (that of the "
-                         f"gates), got {args.block_size}")
+        raise fail("--block-size", f"{gates.config.block_size} (that of the gates)",
+                   args.block_size)
     return gates.to(args.device).eval(), info
 
 
@@ -434,20 +435,18 @@ def defaults(args) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     if args.budgets_per_run < 0:
-        raise ValueError(f"--budgets-per-run: expected an int >= 0, got {args.budgets_per_run}")
+        raise fail("--budgets-per-run", "an int >= 0", args.budgets_per_run)
     for name in ("eval_seqs", "tf_tokens", "gen_tokens", "needle_per_depth", "train_steps",
                  "train_seq_len", "train_seqs"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got "
-                             f"{getattr(args, name)}")
+            raise fail(f"--{name.replace('_', '-')}", "a positive int", getattr(args, name))
     if any(d <= 0 or d > 1 for d in args.densities):
-        raise ValueError(f"--densities: expected values in (0, 1], got {args.densities}")
+        raise fail("--densities", "values in (0, 1]", args.densities)
     small = min(args.contexts)
     if small <= max(args.tf_tokens, args.gen_tokens, NEEDLE_TOKENS + 4) + 256:
-        raise ValueError(f"--contexts: expected lengths above the decoded tokens + 256, got "
-                         f"{small}")
+        raise fail("--contexts", "lengths above the decoded tokens + 256", small)
     if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device: {args.device} asked for but CUDA is not available")
+        raise fail("--device", "cpu, or cuda on a machine with CUDA", args.device)
     return args
 
 

@@ -237,9 +237,10 @@ def run_decode_export(args: argparse.Namespace) -> Path:
     from adaptive_sparse.models import load_model
     from adaptive_sparse.models.generate import make_decode_provider
 
+    from adaptive_sparse.errors import fail
+
     if args.train_steps < 0 or (args.train_steps and args.decode_gates):
-        raise ValueError(f"--train-steps: expected a count >= 0 and no --decode-gates, got "
-                         f"{args.train_steps}")
+        raise fail("--train-steps", "a count >= 0 (0 with --decode-gates)", args.train_steps)
     model, tok = load_model(args.model)
     # the policy (and, with --train-steps, gates trained from the identity init)
     ns = argparse.Namespace(**{**vars(args), "decode_gates": None}, decode="gate",
@@ -250,13 +251,13 @@ def run_decode_export(args: argparse.Namespace) -> Path:
     if args.decode_gates:  # an artifact's gates pass the fingerprint check against the model
         gates = load_decode_gates_any(args.decode_gates, model)
         if gates.config.block_size != args.block_size:
-            raise ValueError(f"--block-size: expected {gates.config.block_size} (that of the "
-                             f"gates), got {args.block_size}")
+            raise fail("--block-size", f"{gates.config.block_size} (that of the gates)",
+                       args.block_size)
     stats = None
     if args.stats_corpus:
         if args.stats_steps >= args.stats_seq_len:
-            raise ValueError(f"--stats-steps: expected fewer than --stats-seq-len "
-                             f"({args.stats_seq_len}), got {args.stats_steps}")
+            raise fail("--stats-steps", f"fewer than --stats-seq-len ({args.stats_seq_len})",
+                       args.stats_steps)
         docs, _ = select_documents(args.stats_corpus)
         ids = pack(tok, docs, args.stats_seq_len, 1)
         live = DecodeProvider(policy, gates=gates, decode="gate", block_size=args.block_size,
