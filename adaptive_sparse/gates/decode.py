@@ -279,7 +279,7 @@ def model_step(model, ids: torch.Tensor, cache=None, *, logits_to_keep: int = 1)
         else "past_key_values"
     out = model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep,
                 **({} if cache is None else {name: cache}))
-    return out.logits, out.get("cache", out.get("past_key_values"))
+    return out.logits, out["cache"] if "cache" in out else out.past_key_values
 
 
 def train_decode_gates(model, sequences: torch.Tensor, gates: DecodeGateSet | None = None, *,
