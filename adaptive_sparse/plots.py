@@ -26,6 +26,8 @@ METHOD_COLORS = {
     "vertical_slash": "#8c564b",
     "antidiagonal": "#e377c2",
 }
+# ablation gate sets ("gate[NAME]"): reds and browns no family of the palette uses
+_ABLATION_COLORS = ("#ff9896", "#8b0000", "#f7b6d2", "#c49c94", "#ad494a", "#e7969c")
 _MARKERS = {"gate": "o", "oracle": "s", "dense": "D", "sliding_window": "v", "longformer": "^",
             "bigbird": "<", "strided": ">", "lsh": "*", "hierarchical": "P",
             "vertical_slash": "X", "antidiagonal": "d"}
@@ -48,6 +50,10 @@ def method_style(name: str) -> dict:
     the same colour with its own line style."""
     family = method_family(name)
     color = METHOD_COLORS.get(family)
+    if family.startswith("gate["):  # an ablation gate set, "gate[NAME]...": shades of the gate
+        import zlib
+
+        color = _ABLATION_COLORS[zlib.crc32(family.encode()) % len(_ABLATION_COLORS)]
     if color is None:  # a method outside the palette: a stable colour from its name
         import zlib
 
@@ -59,6 +65,8 @@ def method_style(name: str) -> dict:
         style["linestyle"] = "--"
     if "threshold" in str(name) or "top_p" in str(name):
         style["linestyle"] = "-." if family == "oracle" else ":" if family != "gate" else "-"
+        if family == "gate" and "top_p" in str(name):
+            style["linestyle"] = "-."
         style["markerfacecolor"] = "white"
     elif family == "gate" and "density" in str(name):
         style["linestyle"] = "--"

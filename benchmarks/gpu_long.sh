@@ -140,6 +140,37 @@ pipeline)
     echo "pipeline done after $((SECONDS - t0)) s"
     touch $Q/done
     ;;
+finish)  # stop the trainings where their last checkpoint is, export those gates, then `rest`
+    pkill -f "[g]pu_long.sh pipeline"; pkill -f "[t]rain-seq-len"; sleep 3
+    for name in q16 q32 sum16; do
+        run=$Q/$name/gates/run/version_0
+        [ -e $run/checkpoints/last.ckpt ] || continue
+        step=$(python3 -c "import torch; print(torch.load('$run/checkpoints/last.ckpt', \
+map_location='cpu', weights_only=False)['global_step'])")
+        echo "$name: export at step $step"
+        (cd /tmp/snap && python3 -m gating.cli fit --config $run/config.yaml \
+            --ckpt_path $run/checkpoints/last.ckpt --trainer.max_steps $step \
+            > $Q/export_$name.log 2>&1; ls $run/gates) &
+    done
+    wait
+    setsid nohup bash /tmp/snap/benchmarks/gpu_long.sh rest > $Q/log2 2>&1 < /dev/null &
+    sleep 2
+    exec bash "$0" poll "${2:-200}"
+    ;;
+rest)  # after training: the tables, then the prefill table alone
+    t0=$SECONDS
+    table q32 $L2 q16 sum16 &
+    table q16 $L1 q32 sum16 &
+    wait
+    echo "tables done after $((SECONDS - t0)) s"
+    mkdir -p $Q/e2e
+    python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
+        --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
+        --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
+        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
+    echo "e2e done after $((SECONDS - t0)) s"
+    touch $Q/done
+    ;;
 poll)
     end=$((SECONDS + ${2:-500}))
     while [ ! -e $Q/done ] && [ $SECONDS -lt $end ]; do sleep 5; done
@@ -148,7 +179,7 @@ poll)
         echo "== $f"; tr '\r' '\n' < $Q/$f | grep -v -i "warn\|it/s\]$\|s/it\]$" | tail -15
     done
     tar czf "$OUT/results.tar.gz" -C $Q --exclude='gate_cache' --exclude='*.ckpt' \
-        --exclude='tensorboard' $(cd $Q && ls -d *.log q* sum* e2e decode* 2>/dev/null)
+        --exclude='tensorboard' --exclude='*.safetensors' --exclude='*.ckpt' $(cd $Q && ls -d *.log q* sum* e2e decode* 2>/dev/null)
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
 *) echo "usage: $0 split|setup|piece N|start [secs]|poll [secs]|pipeline"; exit 2 ;;
