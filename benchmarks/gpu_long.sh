@@ -26,7 +26,7 @@ Q=/tmp/q
 SITE=/tmp/site
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 # the two lengths and where it runs (a CPU dry run of the whole pipeline: MODEL=smollm2-135m
-# L1=256 L2=512 DEV=cpu BACKEND=auto EVAL_DTYPE=float32 STEPS=3 EVAL_DOCS=1 ... pipeline)
+# L1=256 L2=512 DEV=cpu BACKEND=auto EVAL_DTYPE=float32 STEPS1=3 STEPS2=3 EVAL_DOCS=1 ... pipeline)
 L1=${L1:-16384} L2=${L2:-32768} DEV=${DEV:-cuda} BACKEND=${BACKEND:-triton}
 EVAL_DTYPE=${EVAL_DTYPE:-bfloat16} DOCS1=${DOCS1:-24} DOCS2=${DOCS2:-12}
 GGUF=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -34,7 +34,9 @@ SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export ADAPTIVE_SPARSE_CACHE=/tmp/ascache PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 \
     TOKENIZERS_PARALLELISM=false
 DENS="0.05 0.1 0.2 0.3"
-STEPS=${STEPS:-400} EVAL_DOCS=${EVAL_DOCS:-4}
+# distillation steps at L1 and L2: what fit in the session-5 lease (3 trainings sharing one H200
+# at ~2 s/step at 16k and ~4.5 s/step at 32k); `finish` stops early runs at their last checkpoint
+STEPS1=${STEPS1:-125} STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
 mkdir -p "$OUT" "$Q" /tmp/gq
 
 quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
@@ -53,10 +55,10 @@ wait_for() {
     done
 }
 
-# train NAME LEN DOCS [ARGS...]: gates of run NAME, trained on DOCS x LEN tokens
+# train NAME LEN DOCS STEPS [ARGS...]: gates of run NAME, trained on DOCS x LEN tokens
 train() {
-    local name=$1 len=$2 docs=$3; shift 3
-    (quality $Q/$name --train-seq-len "$len" --train-docs "$docs" --val-docs 2 --steps $STEPS \
+    local name=$1 len=$2 docs=$3 steps=$4; shift 4
+    (quality $Q/$name --train-seq-len "$len" --train-docs "$docs" --val-docs 2 --steps $steps \
         "$@" --seq-lens > $Q/train_$name.log 2>&1 || touch "$Q/failed_$name") &
 }
 
@@ -118,9 +120,9 @@ pipeline)
         python3 benchmarks/decode_quality.py $DECODE > $Q/decode.log 2>&1 &
     fi
     # training: 16k (24 x 16k tokens), 32k (12 x 32k), and the block-sum target at 16k
-    train q16 $L1 $DOCS1
-    train q32 $L2 $DOCS2
-    train sum16 $L1 $DOCS1 --train-extra "--model.target sum"
+    train q16 $L1 $DOCS1 $STEPS1
+    train q32 $L2 $DOCS2 $STEPS2
+    train sum16 $L1 $DOCS1 $STEPS1 --train-extra "--model.target sum"
     wait_for q32; wait_for q16
     echo "gates trained after $((SECONDS - t0)) s"
     # the 32k gates at 32k and the 16k gates at 16k, each with the other length's gates and the
