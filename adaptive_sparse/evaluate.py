@@ -99,7 +99,7 @@ def evaluate(model, sequences: torch.Tensor, provider, *, dense_cache=None,
     recall: also measure attention recall (one extra block-map pass per layer).
     Returns perplexity_dense, perplexity, ppl_change (perplexity / perplexity_dense - 1),
     density, recall (None when off), per_layer [{layer, density, recall, recall_per_head}],
-    num_sequences, seq_len, tokens, seconds_dense (0 when cached), seconds, provider."""
+    num_seqs, seq_len, tokens, seconds_dense (0 when cached), seconds, provider."""
     from tqdm.auto import tqdm
 
     from adaptive_sparse.models.attention import sparse_attention
@@ -144,7 +144,7 @@ def evaluate(model, sequences: torch.Tensor, provider, *, dense_cache=None,
         "density": summary["density"],
         "recall": summary["recall"],
         "per_layer": capture.per_layer(),
-        "num_sequences": int(sequences.shape[0]),
+        "num_seqs": int(sequences.shape[0]),
         "seq_len": int(sequences.shape[1]),
         "tokens": int(sequences.shape[0] * (sequences.shape[1] - 1)),
         "seconds_dense": seconds_dense,

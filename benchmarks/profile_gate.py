@@ -167,7 +167,8 @@ def run_length(model, gates, policy, n, a, cuda, dev) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", required=True,
-                    help="gate directory (gates.json + safetensors), or 'random'")
+                    help="gate directory (a gate artifact: manifest.json + gates.safetensors), "
+                    "or 'random'")
     ap.add_argument("--shape", default="smollm2-135m", choices=("smollm2-135m", "llama3-8b"))
     ap.add_argument("--layers", type=int, default=2, help="layers of the llama3-8b shape")
     ap.add_argument("--block-size", type=int, default=64, help="block of --gates random")

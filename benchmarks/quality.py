@@ -582,7 +582,7 @@ def run_sweep_stage(out: Path, args, gates: Path) -> dict:
                                  "name": f"{cfg.name}-{args.sweep_seq_len}",
                                  "method_allocation": args.sweep_allocation})
     evaluator = ModelEvaluator(args.model, seq_len=args.sweep_seq_len,
-                               num_sequences=args.sweep_docs, gates=str(gates),
+                               num_seqs=args.sweep_docs, gates=str(gates),
                                device=args.device, backend=args.backend, gate_fast=False)
     run_sweep(cfg, out / "sweep", evaluator=evaluator, progress=True)
     report = write_report(out / "sweep")

@@ -128,3 +128,45 @@ def test_union_fronts_refuses_other_sequences(tmp_path):
     b = _report(tmp_path / "b.json", [_trial(0, "strided", 0.3, 0.01, dense=7.0)])
     with pytest.raises(ValueError, match="different dense perplexities"):
         quality.union_fronts([a, b], tmp_path / "u")
+
+
+class _Table:
+    """A stand-in evaluator for evaluate_table: screening density from the policy's tau or a
+    pattern's window, every evaluation recorded."""
+
+    def __init__(self):
+        self.evaluated = []
+
+    def screen(self, family, params):
+        if family == "gate":
+            p = params["policy"]
+            x = p.get("tau", p.get("p", 0.5))
+            return {"density": min(1.0, 0.02 / max(x, 1e-6)) if "tau" in p else x / 3,
+                    "recall": 0.9}
+        return {"density": 0.1, "recall": 0.5}
+
+    def evaluate(self, family, params):
+        self.evaluated.append((family, params))
+        return {"perplexity": 10.5, "perplexity_dense": 10.0, "density": 0.1, "recall": 0.9,
+                "per_layer_density": [0.1]}
+
+
+def test_ablation_gate_sets_are_planned_with_their_folder(tmp_path):
+    ev = _Table()
+    res = quality.Results(tmp_path / "quality.json", {})
+    quality.evaluate_table(ev, res, 4096, densities=[0.1], patterns=["gate/threshold"],
+                           extra_gates={"sum": "/gates/sum"}, log=lambda *_: None)
+    methods = {r["method"]: r for r in res.data["rows"]}
+    assert set(methods) == {"gate", "oracle", "gate/threshold", "gate[sum]",
+                            "gate[sum]/threshold"}
+    assert methods["gate[sum]"]["params"]["gates"] == "/gates/sum"
+    assert methods["gate[sum]/threshold"]["params"]["gates"] == "/gates/sum"
+    assert methods["gate[sum]"]["family"] == "gate"
+    # ablation gate sets are gates, not patterns, in the summary
+    assert not quality._is_pattern("gate[sum]/threshold") and quality._is_pattern("lsh")
+    res.add_needle({"key": "4096|needle|dense|0.1", "seq_len": 4096, "label": "dense",
+                    "method": "dense", "density": 1.0, "ppl_change": 0.0,
+                    "needle_accuracy": 1.0, "samples": 5})
+    assert "| 4096 | dense | dense | 1.000 | +0.00% | 1.00 | 5 |" in quality.needle_markdown(res)
+    again = quality.Results(tmp_path / "quality.json", {})  # resumes: the rows are on disk
+    assert again.needle("4096|needle|dense|0.1")["needle_accuracy"] == 1.0
