@@ -72,6 +72,24 @@ table() {
         --extra-gates "${extra[@]}" > $Q/table_$name.log 2>&1
 }
 
+# the 32k gates at 32k and the 16k gates at 16k (each with the other length's gates and the
+# block-sum gates as ablation rows, in parallel); then, once nothing else uses the GPU (the
+# decode-quality run included: in session 5 it overlapped and slowed every column), the
+# real-weights prefill table at both lengths with the 32k gates and FP8 rows
+tables_then_prefill() {
+    table q32 $L2 q16 sum16 &
+    table q16 $L1 q32 sum16 &
+    wait
+    while pgrep -f "[d]ecode_quality.py" > /dev/null; do sleep 5; done
+    echo "tables done after $((SECONDS - t0)) s"
+    mkdir -p $Q/e2e
+    python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
+        --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
+        --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
+        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
+    echo "e2e done after $((SECONDS - t0)) s"
+}
+
 case "${1:-}" in
 split)  # here: the nine pieces and the code snapshot (ignored folders)
     g=$(PYTHONPATH=. python3 -c "from adaptive_sparse.models.loading import resolve_model_path as r
@@ -103,7 +121,6 @@ start)
     fi
     rm -rf /tmp/snap && if [ -d .snap ]; then cp -r .snap /tmp/snap; else
         mkdir /tmp/snap && cp -r adaptive_sparse gating sweeps benchmarks pyproject.toml /tmp/snap/; fi
-    [ -d .whl ] || true
     rm -f $Q/done $Q/abort
     setsid nohup bash /tmp/snap/benchmarks/gpu_long.sh pipeline > $Q/log 2>&1 < /dev/null &
     sleep 5
@@ -125,20 +142,7 @@ pipeline)
     train sum16 $L1 $DOCS1 $STEPS1 --train-extra "--model.target sum"
     wait_for q32; wait_for q16
     echo "gates trained after $((SECONDS - t0)) s"
-    # the 32k gates at 32k and the 16k gates at 16k, each with the other length's gates and the
-    # block-sum gates as ablation rows, in parallel
-    table q32 $L2 q16 sum16 &
-    table q16 $L1 q32 sum16 &
-    wait  # the tables and the decode-quality run: the timing below has the GPU alone
-    echo "tables done after $((SECONDS - t0)) s"
-    # speed and quality in one table, alone on the GPU: real weights, prefill at 16k and 32k,
-    # the 32k gates, FP8 rows
-    mkdir -p $Q/e2e
-    python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
-        --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
-        --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
-        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
-    echo "e2e done after $((SECONDS - t0)) s"
+    tables_then_prefill
     echo "pipeline done after $((SECONDS - t0)) s"
     touch $Q/done
     ;;
@@ -161,16 +165,7 @@ map_location='cpu', weights_only=False)['global_step'])")
     ;;
 rest)  # after training: the tables, then the prefill table alone
     t0=$SECONDS
-    table q32 $L2 q16 sum16 &
-    table q16 $L1 q32 sum16 &
-    wait
-    echo "tables done after $((SECONDS - t0)) s"
-    mkdir -p $Q/e2e
-    python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
-        --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
-        --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
-        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
-    echo "e2e done after $((SECONDS - t0)) s"
+    tables_then_prefill
     touch $Q/done
     ;;
 poll)
