@@ -72,3 +72,23 @@ def test_demo_exits_0_and_times_every_step(smollm2, tmp_path):
     assert "| calibrate |" in md and "| total |" in md
     assert res["export"]["gate_logits_equal"] and res["export"]["masks_logits_equal"]
     assert (tmp_path / "d/tradeoff.png").is_file() and (tmp_path / "d/sweep").is_dir()
+
+
+def test_readme_demo_numbers_are_the_runs():
+    """Every row of the README's demo table (method, density, perplexity, change) is a row of
+    docs/demo/results.md, the output of the run it quotes."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    run = (REPO / "docs/demo/results.md").read_text()
+    section = readme[readme.index("`make demo` trains"):readme.index("## Install by hand")]
+    quoted = [ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln
+              and not ln.startswith("| method")]
+    assert len(quoted) >= 10
+
+    def cells(line):
+        return [re.sub(r"\*\*", "", c).strip() for c in line.strip("|").split("|")][:4]
+
+    run_rows = {tuple(cells(ln)) for ln in run.splitlines() if ln.startswith("| ")}
+    for line in quoted:
+        assert tuple(cells(line)) in run_rows, line
