@@ -163,20 +163,11 @@ class Screens:
     def screen(self, family: str, params: dict) -> dict:
         """{"density", "recall"}: means over the layers."""
         import torch
-        from adaptive_sparse.attention.block_maps import attention_recall
+        from adaptive_sparse.attention.block_maps import screen_masks
 
-        dens, recs = [], []
         with torch.no_grad():
-            for mask, (q, _, bsum) in zip(self.masks(family, params), self.layers.values()):
-                if mask is None:
-                    dens.append(1.0)
-                    recs.append(1.0)
-                    continue
-                dm = mask.to_dense()
-                dens.append(float(mask.density()))
-                recs.append(float(attention_recall(bsum, dm.expand(q.shape[0], *dm.shape[1:]))
-                                  .mean()))
-        return {"density": sum(dens) / len(dens), "recall": sum(recs) / len(recs)}
+            return screen_masks(zip(self.masks(family, params),
+                                    [bsum for _, _, bsum in self.layers.values()]))
 
 
 def bring_to_density(screens: Screens, target: float, *, seq_len: int, bs: int,

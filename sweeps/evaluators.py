@@ -303,7 +303,7 @@ class ModelEvaluator:
 
     def screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
         import torch
-        from adaptive_sparse.attention.block_maps import attention_recall
+        from adaptive_sparse.attention.block_maps import screen_masks
         from adaptive_sparse.models import CaptureProvider, RecordingProvider, sparse_attention
         model, sequences = self._load()
         if family == "gate":
@@ -323,16 +323,6 @@ class ModelEvaluator:
             self._qk = {layer: (*rec.qk[layer][0], rec.block_sums[layer][0])
                         for layer in rec.qk}
         provider = self.provider(family, params)
-        dens, recs = [], []
         with torch.no_grad():
-            for layer, (q, k, bsum) in sorted(self._qk.items()):
-                mask = provider(layer, q, k)
-                if mask is None:
-                    dens.append(1.0)
-                    recs.append(1.0)
-                    continue
-                dm = mask.to_dense()
-                dens.append(float(mask.density()))
-                recs.append(float(attention_recall(bsum, dm.expand(q.shape[0], *dm.shape[1:]))
-                                  .mean()))
-        return {"density": sum(dens) / len(dens), "recall": sum(recs) / len(recs)}
+            return screen_masks([(provider(layer, q, k), bsum)
+                                 for layer, (q, k, bsum) in sorted(self._qk.items())])

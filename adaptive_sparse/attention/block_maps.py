@@ -122,3 +122,20 @@ def attention_recall(block_sum: torch.Tensor, dense_mask: torch.Tensor) -> torch
     dm = dense_mask.repeat_interleave(Hq // Hm, dim=1) if Hm != Hq else dense_mask
     kept = (block_sum * dm).sum(-1)  # [B, Hq, Qb]
     return kept.mean(dim=(0, 2))
+
+
+def screen_masks(pairs) -> dict[str, float]:
+    """{"density", "recall"}: the means over layers of (mask or None, true block sums
+    [B, H, Qb, Kb]) pairs, a None mask (dense) counting density 1 and recall 1. How a method is
+    screened on recorded q/k without a forward (sweeps' ModelEvaluator.screen, the demo)."""
+    dens, recs = [], []
+    for mask, bsum in pairs:
+        if mask is None:
+            dens.append(1.0)
+            recs.append(1.0)
+            continue
+        dm = mask.to_dense()
+        dens.append(float(mask.density()))
+        recs.append(float(attention_recall(bsum, dm.expand(bsum.shape[0], *dm.shape[1:]))
+                          .mean()))
+    return {"density": sum(dens) / len(dens), "recall": sum(recs) / len(recs)}
