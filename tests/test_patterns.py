@@ -390,3 +390,19 @@ def test_explicit_default_scale_equals_none(name):
 def test_unavailable_device_is_named(name, device):
     with pytest.raises(ValueError, match=r"^device: expected"):
         make_pattern(name, q_len=200, kv_len=200, num_heads=2, device=device, **PARAMS[name])
+
+
+def test_antidiagonal_takes_transposed_views_of_q_and_k():
+    # transformers hands the attention q/k as transposed views ([B, N, H, D] storage, seen as
+    # [B, H, N, D]); a `.view` in the scores crashed on them (found by the demo)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 96, 4, 16, generator=g).transpose(1, 2)  # [1, 4, 96, 16], not contiguous
+    k = torch.randn(1, 96, 2, 16, generator=g).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    got = antidiagonal_scores(q, k, block_size=32, stride=8, scale=0.25)
+    want = antidiagonal_scores(q.contiguous(), k.contiguous(), block_size=32, stride=8,
+                               scale=0.25)
+    assert torch.equal(got, want)
+    mask = antidiagonal(q=q, k=k, q_len=96, kv_len=96, num_heads=4, block_size=32, stride=8,
+                        threshold=0.8)
+    assert mask.density() > 0
