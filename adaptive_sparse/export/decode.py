@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from adaptive_sparse.export.format import (
-    ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact, req_dict,
+    ArtifactError, ManifestFields, RawArtifact, build_manifest, read_artifact,
     write_artifact)
 
 DECODE_KIND = "decode_gate"
@@ -83,8 +83,8 @@ def decode_gate_from_raw(raw: RawArtifact) -> DecodeGateArtifact:
     """Rebuild the DecodeGateSet and Policy of a verified artifact (raises ArtifactError)."""
     import torch
 
+    from adaptive_sparse.export.gates import gate_content
     from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet
-    from adaptive_sparse.policies import Policy
 
     m = raw.manifest
     if m["kind"] != DECODE_KIND:
@@ -93,20 +93,7 @@ def decode_gate_from_raw(raw: RawArtifact) -> DecodeGateArtifact:
     if m["model"] is None:
         raise ArtifactError("manifest.model: a decode-gate artifact needs the base-model "
                             "fingerprint, got null")
-    content = req_dict(m["content"], "content", ("decode_gate_config", "policy"))
-    req_dict(content["decode_gate_config"], "content.decode_gate_config")
-    req_dict(content["policy"], "content.policy")
-    try:
-        cfg = DecodeGateConfig.from_dict(content["decode_gate_config"])
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"manifest.content.decode_gate_config: {e}") from None
-    try:
-        policy = Policy.from_dict(content["policy"])
-    except (ValueError, TypeError) as e:
-        raise ArtifactError(f"manifest.content.policy: {e}") from None
-    if cfg.block_size != m["block_size"]:
-        raise ArtifactError(f"manifest.content.decode_gate_config.block_size: expected "
-                            f"{m['block_size']} (manifest.block_size), got {cfg.block_size}")
+    cfg, policy = gate_content(m, "decode_gate_config", DecodeGateConfig, policy_required=True)
     diffs = _shape_differences(cfg, m["model"])
     if diffs:
         raise ArtifactError("manifest.content.decode_gate_config: differs from manifest.model: "

@@ -79,30 +79,41 @@ def _check_config_against(cfg, fp: dict, err) -> None:
             raise err(field, f"is {getattr(cfg, field)} but the model has {fp[fp_field]}")
 
 
-def gate_from_raw(raw: RawArtifact) -> GateArtifact:
-    """Rebuild the GateSet and Policy of a verified gate artifact (raises ArtifactError)."""
-    from adaptive_sparse.gates.checkpoint import gate_set_from_state
-    from adaptive_sparse.gates.network import GateConfig
+def gate_content(m: Mapping[str, Any], config_key: str, config_cls, *,
+                 policy_required: bool):
+    """(config, policy or None) of a gate-like manifest `m`: content.<config_key> rebuilt with
+    `config_cls.from_dict`, content.policy with `Policy.from_dict` (null allowed unless
+    `policy_required`), the config's block size equal to the manifest's. Raises ArtifactError
+    naming the field."""
     from adaptive_sparse.policies import Policy
 
-    m = raw.manifest
-    if m["kind"] != "gate":
-        raise ArtifactError(f"{raw.path}: expected a gate artifact, got kind {m['kind']!r}")
-    content = req_dict(m["content"], "content", ("gate_config", "policy"))
-    req_dict(content["gate_config"], "content.gate_config")
-    if content["policy"] is not None:
+    content = req_dict(m["content"], "content", (config_key, "policy"))
+    req_dict(content[config_key], f"content.{config_key}")
+    if policy_required or content["policy"] is not None:
         req_dict(content["policy"], "content.policy")
     try:
-        cfg = GateConfig.from_dict(content["gate_config"])
+        cfg = config_cls.from_dict(content[config_key])
     except (ValueError, TypeError) as e:
-        raise ArtifactError(f"manifest.content.gate_config: {e}") from None
+        raise ArtifactError(f"manifest.content.{config_key}: {e}") from None
     try:
         policy = None if content["policy"] is None else Policy.from_dict(content["policy"])
     except (ValueError, TypeError) as e:
         raise ArtifactError(f"manifest.content.policy: {e}") from None
     if cfg.block_size != m["block_size"]:
-        raise ArtifactError(f"manifest.content.gate_config.block_size: expected block_size "
-                            f"{m['block_size']}, got {cfg.block_size}")
+        raise ArtifactError(f"manifest.content.{config_key}.block_size: expected "
+                            f"{m['block_size']} (manifest.block_size), got {cfg.block_size}")
+    return cfg, policy
+
+
+def gate_from_raw(raw: RawArtifact) -> GateArtifact:
+    """Rebuild the GateSet and Policy of a verified gate artifact (raises ArtifactError)."""
+    from adaptive_sparse.gates.checkpoint import gate_set_from_state
+    from adaptive_sparse.gates.network import GateConfig
+
+    m = raw.manifest
+    if m["kind"] != "gate":
+        raise ArtifactError(f"{raw.path}: expected a gate artifact, got kind {m['kind']!r}")
+    cfg, policy = gate_content(m, "gate_config", GateConfig, policy_required=False)
 
     def err(field, msg):
         return ArtifactError(f"manifest.content.gate_config.{field}: {msg}")
