@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show, subparser=p)
 
     p = sub.add_parser("demo", help="train gates, compare with the oracle and every pattern at "
-                       "equal density, sweep, export (SmolLM2-135M; about 11 min of CPU time)")
+                       "equal density, sweep, export (SmolLM2-135M; about 8 min on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="preset, .gguf file or HF folder")
     p.add_argument("--seq-len", type=_int_at_least(64), default=None,
