@@ -225,3 +225,31 @@ def test_cli_ddp_two_processes_on_cpu(cache_dir, tmp_path):
                        weights_only=True)
     assert set(other["state_dict"]) == set(state["state_dict"])
     assert other["hyper_parameters"]["model_shapes"] == state["hyper_parameters"]["model_shapes"]
+
+
+@pytest.mark.parametrize("target", ["max", "sum"])
+def test_distillation_target_is_the_named_block_map(cache_dir, target):
+    """`target` picks the cached map the gate is distilled to: the step's KL equals
+    distill_loss against that map, each row normalized."""
+    from adaptive_sparse.masks import block_causal
+
+    L.seed_everything(0)
+    dm = datamodule(cache_dir)
+    module = GateDistillModule(dm.model_shapes, block_size=BS, target=target)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.log = lambda *a, **k: None  # outside a trainer
+    got = module._step(batch, "train")
+    n = batch["tokens"].shape[-1]
+    allowed = block_causal(n, n, BS, device=batch["tokens"].device)
+    c = module.gate_config
+    want = []
+    for layer, gate in enumerate(module.gates):
+        scores = gate.score_pooled({p: batch[f"L{layer}.q.{p}"] for p in c.q_pooling},
+                                   {p: batch[f"L{layer}.k.{p}"] for p in c.k_pooling},
+                                   q_len=n, kv_len=n)
+        t = batch[f"L{layer}.block_{target}"].float()
+        want.append(distill_loss(scores, t / t.sum(-1, keepdim=True).clamp_min(1e-30), allowed))
+    torch.testing.assert_close(got, torch.stack(want).mean())
+    with pytest.raises(ValueError, match="^target: expected one of"):
+        GateDistillModule(target="mean")
