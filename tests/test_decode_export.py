@@ -106,3 +106,22 @@ def test_export_decode_gate_command_writes_a_verified_artifact(saved, tmp_path):
     (out / "decode_gates.safetensors").write_bytes(b"\0" * 64)
     res = _cli("export", "verify", str(out))
     assert res.returncode == 2 and "decode_gates.safetensors" in res.stderr
+
+
+def test_generate_reads_a_decode_gate_artifact_folder(saved, tmp_path):
+    """`adaptive-sparse generate --decode-gates DIR` takes the exported artifact (verified on
+    load); a tampered one is refused with exit 2."""
+    import shutil
+
+    _, _, _, path = saved
+    res = _cli("generate", "--decode-gates", str(path), "--block-size", "64",
+               "--max-new-tokens", "2", "--tokens", "128")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sparse:" in res.stdout and "greedy agreement with dense" in res.stdout
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "decode_gates.safetensors").write_bytes(b"\0" * 64)
+    res = _cli("generate", "--decode-gates", str(bad), "--block-size", "64",
+               "--max-new-tokens", "2", "--tokens", "128")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "decode_gates.safetensors" in res.stderr

@@ -124,8 +124,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-gates", default=None,
                    help="gate directory for --prefill gate (written by `adaptive-sparse train`)")
     p.add_argument("--decode-gates", default=None,
-                   help="decode gates file (save_decode_gates); default: untrained gates "
-                        "(identity init: the mean attention logit of each block)")
+                   help="decode gates: an artifact folder (`adaptive-sparse export decode-gate`, "
+                        "verified, base model checked) or a save_decode_gates file; default: "
+                        "untrained gates (identity init: the mean attention logit of each block)")
     p.add_argument("--train-steps", type=int, default=0,
                    help="first distill the decode gates this many steps on the training split "
                         "of --corpus (default 0: use --decode-gates or untrained gates)")
@@ -159,7 +160,6 @@ def make_decode_provider(args, model, tokenizer=None):
         DecodeGateConfig,
         DecodeGateSet,
         DecodeProvider,
-        load_decode_gates,
         save_decode_gates,
         token_budget_policy,
     )
@@ -177,7 +177,9 @@ def make_decode_provider(args, model, tokenizer=None):
     gates = None
     if args.decode == "gate":
         if args.decode_gates:
-            gates = load_decode_gates(args.decode_gates)
+            from adaptive_sparse.export.decode import load_decode_gates_any
+
+            gates = load_decode_gates_any(args.decode_gates, model)
             if gates.config.block_size != args.block_size:
                 raise fail("--block-size", f"{gates.config.block_size} (that of the gates)",
                            args.block_size)
