@@ -422,7 +422,7 @@ def markdown(env, rows, a) -> str:
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
                      f"{100 * r['gate_share']:.1f} |")
     lines.append("")
-    for r in rows:  # Amdahl: what attention's share of the best dense prefill allows
+    for r in rows:  # Amdahl: what attention's share of each dense SDPA prefill allows
         if r["kind"] == "prefill" and r["config"].startswith("sdpa-") and r["ms"] > 0:
             if r["attn_fn_ms"] >= r["ms"]:
                 lines.append(f"N={r['N']}: {r['config']}'s instrumented attention time "
@@ -493,7 +493,9 @@ def main(argv=None) -> int:
                     help="only write --md again from a finished run's --json (no measuring)")
     a = ap.parse_args(argv)
     if a.render:
-        data = json.loads(open(a.render).read())
+        from pathlib import Path
+
+        data = json.loads(Path(a.render).read_text())
         md = markdown(data["env"], data["rows"], argparse.Namespace(**data["args"]))
         atomic_write_text(a.md, md)
         print(md, flush=True)
