@@ -8,6 +8,7 @@ the learned gate is red and the oracle black in every panel. Figures are written
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import torch
@@ -51,12 +52,8 @@ def method_style(name: str) -> dict:
     family = method_family(name)
     color = METHOD_COLORS.get(family)
     if family.startswith("gate["):  # an ablation gate set, "gate[NAME]...": shades of the gate
-        import zlib
-
         color = _ABLATION_COLORS[zlib.crc32(family.encode()) % len(_ABLATION_COLORS)]
     if color is None:  # a method outside the palette: a stable colour from its name
-        import zlib
-
         color = f"C{zlib.crc32(family.encode()) % 10}"
     style = {"color": color, "marker": _MARKERS.get(family, "o")}
     if family == "gate":

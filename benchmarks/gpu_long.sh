@@ -45,7 +45,7 @@ quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation
         --eval-dtype $EVAL_DTYPE --block-size 64 --eval-docs "$EVAL_DOCS" --densities $DENS "$@"
 }
 
-gates_of() { echo "$Q/$1/gates/run/version_0/gates"; }
+gates_of() { echo "$Q/$1/gates/demo/version_0/gates"; }
 
 # wait_for NAME: until run NAME has its gates (0) or its training failed (1)
 wait_for() {
@@ -149,7 +149,7 @@ pipeline)
 finish)  # stop the trainings where their last checkpoint is, export those gates, then `rest`
     pkill -f "[g]pu_long.sh pipeline"; pkill -f "[t]rain-seq-len"; sleep 3
     for name in q16 q32 sum16; do
-        run=$Q/$name/gates/run/version_0
+        run=$Q/$name/gates/demo/version_0
         [ -e $run/checkpoints/last.ckpt ] || continue
         step=$(python3 -c "import torch; print(torch.load('$run/checkpoints/last.ckpt', \
 map_location='cpu', weights_only=False)['global_step'])")

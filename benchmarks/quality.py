@@ -96,20 +96,20 @@ class Results:
     def key(self, seq_len: int, method: str, target: float) -> str:
         return f"{seq_len}|{method}|{target}"
 
-    def get(self, key: str):
-        return next((r for r in self.data["rows"] if r["key"] == key), None)
+    def get(self, key: str, table: str = "rows"):
+        """The row of `key` in `table` ("rows": the quality table, "needle": needle runs)."""
+        return next((r for r in self.data.setdefault(table, []) if r["key"] == key), None)
 
-    def add(self, row: dict) -> None:
-        self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
+    def add(self, row: dict, table: str = "rows") -> None:
+        self.data[table] = [r for r in self.data.setdefault(table, [])
+                            if r["key"] != row["key"]] + [row]
         self.save()
 
     def needle(self, key: str):
-        return next((r for r in self.data.setdefault("needle", []) if r["key"] == key), None)
+        return self.get(key, "needle")
 
     def add_needle(self, row: dict) -> None:
-        self.data["needle"] = [r for r in self.data.setdefault("needle", [])
-                               if r["key"] != row["key"]] + [row]
-        self.save()
+        self.add(row, "needle")
 
     def save(self) -> None:
         from adaptive_sparse.io import atomic_write_json
@@ -534,33 +534,25 @@ def merge(out: Path, files: list[str], seq_lens) -> Results:
 
 
 def train(out: Path, args) -> tuple[Path, dict]:
-    """Gates trained through the LightningCLI entry, `adaptive-sparse train`'s (reused when
+    """Gates trained through the LightningCLI entry (`sweeps.demo.train_gates`; reused when
     present), and their cost: featurization (the frozen model's pooled features and block
     targets, cached in OUT/gate_cache) and distillation, in seconds of `--device`, and tokens."""
     import shlex
 
-    from gating.cli import DEFAULT_CONFIG, train_main
+    from sweeps.demo import train_gates
 
     info_path = out / "training.json"
-    gates = out / "gates" / "run" / "version_0" / "gates"
+    gates = out / "gates" / "demo" / "version_0" / "gates"
     if (gates / "manifest.json").exists() and info_path.exists():
         return gates, json.loads(info_path.read_text())
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
-    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-               "init_args": {"save_dir": str(out / "gates"), "name": "run", "version": 0}}]
     t0 = time.perf_counter()
-    train_main(["fit", "--config", str(DEFAULT_CONFIG), "--data.model", args.model,
-                "--data.cache_dir", str(out / "gate_cache"),
-                "--data.seq_len", str(args.train_seq_len), "--data.block_size", str(args.block_size),
-                "--data.num_train", str(args.train_docs), "--data.num_val", str(args.val_docs),
-                "--trainer.max_steps", str(args.steps), "--trainer.check_val_every_n_epoch", "5",
-                "--trainer.default_root_dir", str(out / "gates"),
-                "--trainer.logger", json.dumps(logger), "--trainer.enable_progress_bar", "false",
-                "--trainer.accelerator", accel,
-                "--data.num_threads", "null" if accel == "gpu" else "1",
-                *shlex.split(args.train_extra)])
-    if not (gates / "manifest.json").exists():
-        raise RuntimeError(f"gate training finished but wrote no gates at {gates}")
+    gates = train_gates(out, model=args.model, seq_len=args.train_seq_len,
+                        block_size=args.block_size, train_seqs=args.train_docs,
+                        val_seqs=args.val_docs, steps=args.steps,
+                        extra=["--trainer.accelerator", accel,
+                               "--data.num_threads", "null" if accel == "gpu" else "1",
+                               *shlex.split(args.train_extra)])
     info = {"seconds": time.perf_counter() - t0, "steps": args.steps,
             "train_sequences": args.train_docs, "val_sequences": args.val_docs,
             "seq_len": args.train_seq_len, "block_size": args.block_size,
