@@ -490,3 +490,89 @@ def test_generate_options_build_the_providers(prefill, tmp_path):
         from adaptive_sparse.models.attention import sparse_attention
         with sparse_attention(model, provider, block_size=16):
             model(ids)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,seqlens,options", [
+    (150, None, dict(k=4)),
+    (97, [97, 33, 64], dict(k=3, local_blocks=1)),
+    (130, [130, 1, 17], dict(k=2, keep_sink=False)),
+    (64, None, dict(k=9)),  # more than the blocks: every block
+])
+def test_fused_decode_gate_step_matches_the_eager_gate(dtype, M, seqlens, options):
+    """DecodeGate.fused_select (one launch: the last block's features, scores, top-k) against
+    DecodeKeyCache-style pooling, DecodeGate.scores and select_decode_blocks, per sequence;
+    outputs poisoned first (NaN features, -7 tables)."""
+    from adaptive_sparse.gates.decode import (DecodeGate, DecodeGateConfig,
+                                              select_decode_blocks, uniform_top_k)
+    from adaptive_sparse.policies import Policy
+
+    bs, B, Hq, Hkv, D = 16, 3, 6, 2, 16
+    torch.manual_seed(M)
+    gate = DecodeGate(DecodeGateConfig(num_layers=1, num_heads=Hq, num_kv_heads=Hkv,
+                                       head_dim=D, block_size=bs, init="random",
+                                       k_pooling=("max", "avg", "min")))
+    gen = torch.Generator().manual_seed(M + 1)
+    q = torch.randn(B, Hq, 1, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, M, D, generator=gen).to(dtype)
+    lens = [M] * B if seqlens is None else seqlens
+    policy = Policy(kind="top_k", **options)
+    kg = torch.full((B, Hkv, 32, D), float("nan"))
+    for b, n in enumerate(lens):  # the features of every block before the last one
+        nb = -(-n // bs)
+        kg[b, :, :nb - 1] = gate.project_keys(gate.pooled_keys(k[b:b + 1, :, :(nb - 1) * bs]))[0]
+    top_k = uniform_top_k(policy, kv_len=M, block_size=bs)
+    out = (torch.full((B, Hkv), -7, dtype=torch.int32),
+           torch.full((B, Hkv, -(-M // bs)), -7, dtype=torch.int32))
+    num, idx = gate.fused_select(
+        q, k, kg, top_k=top_k, keep_sink=policy.keep_sink, keep_diagonal=policy.keep_diagonal,
+        local_blocks=policy.local_blocks, out=out,
+        cache_seqlens=None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32))
+    assert num is out[0] and idx is out[1]
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            nb = -(-n // bs)
+            want_kg = gate.project_keys(gate.pooled_keys(k[b:b + 1, :, :n]))  # [1, Hkv, nb, D]
+            torch.testing.assert_close(kg[b, :, nb - 1], want_kg[0, :, -1], atol=1e-4,
+                                       rtol=1e-4)
+            scores = gate.scores(q[b:b + 1], want_kg)[:, :, 0]  # [1, Hkv, nb]
+            want = select_decode_blocks(scores, policy, kv_len=n, block_size=bs)
+            for h in range(Hkv):
+                c = int(num[b, h])
+                assert c == int(want.kv_num_blocks[0, h, 0]) == min(top_k, nb)
+                got = idx[b, h, :c].tolist()
+                assert got == sorted(set(got)) and got == \
+                    want.kv_indices[0, h, 0, :c].sort().values.tolist(), (b, h)
+                rest = idx[b, h, c:].tolist()  # the other blocks, ascending
+                assert rest == sorted(set(range(-(-M // bs))) - set(got))
+
+
+@needs_triton
+@pytest.mark.parametrize("policy", [dict(kind="top_k", k=3), dict(kind="density", density=0.4,
+                                                                   local_blocks=1)])
+def test_fast_decode_provider_selects_as_the_eager_one(policy):
+    """DecodeProvider(fast=True) (one fused launch per step, the key-feature buffer grown
+    without pooling) keeps the blocks the eager provider keeps, over a prompt and 40 steps
+    that fill several blocks."""
+    from adaptive_sparse.gates.decode import (DecodeGateConfig, DecodeGateSet,
+                                              DecodeProvider)
+
+    torch.manual_seed(3)
+    gates = DecodeGateSet(DecodeGateConfig(num_layers=2, num_heads=4, num_kv_heads=2,
+                                           head_dim=16, block_size=16, init="random"))
+    fast = DecodeProvider(policy, gates=gates, fast=True)
+    eager = DecodeProvider(policy, gates=gates, fast=False)
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 2, 90, 16, generator=gen)
+    for p in (fast, eager):
+        for layer in (0, 1):
+            assert p(layer, torch.randn(2, 4, 50, 16), k[:, :, :50]) is None  # dense prefill
+    for M in range(51, 91):
+        q = torch.randn(2, 4, 1, 16, generator=gen)
+        for layer in (0, 1):
+            a, b = fast(layer, q, k[:, :, :M]), eager(layer, q, k[:, :, :M])
+            assert a.kv_len == b.kv_len == M
+            assert torch.equal(a.to_dense(), b.to_dense()), (M, layer)
+    assert fast.caches[0].recomputes == 1
+    assert fast.decode_density() == pytest.approx(eager.decode_density())

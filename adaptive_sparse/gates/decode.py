@@ -112,6 +112,27 @@ class DecodeGate(nn.Module):
         """q [B, Hq, N, D], kg [B, Hkv, Kb, gate_dim] -> logits [B, Hkv, N, Kb]."""
         return torch.matmul(self.project_queries(q), kg.transpose(-1, -2))
 
+    @torch.no_grad()
+    def fused_select(self, q: torch.Tensor, k: torch.Tensor, kg: torch.Tensor, *, top_k: int,
+                     keep_sink: bool = True, keep_diagonal: bool = True, local_blocks: int = 0,
+                     cache_seqlens: torch.Tensor | None = None, out=None):
+        """The whole per-token step in one Triton launch (`attention.triton.decode_gate`):
+        q [B, Hq, (1,) D] the new token's queries, k [B, Hkv, M, D] the cache (new key
+        included), kg fp32 [B, Hkv, cap >= ceil(M / bs), gate_dim] the projected features of
+        the earlier blocks (the last block's row is rewritten). Equal to `scores` on
+        `DecodeKeyCache.update(k)` then `select_decode_blocks` under a "top_k" policy of
+        `top_k` blocks (ties to the lower block). Returns (kv_num_blocks int32 [B, Hkv],
+        kv_indices int32 [B, Hkv, min(top_k, blocks)] ascending). No host sync."""
+        from adaptive_sparse.attention.triton.decode_gate import decode_gate_select
+
+        c = self.config
+        return decode_gate_select(q, k, self.wq, self.wk, kg, top_k=top_k,
+                                  block_size=c.block_size, poolings=c.k_pooling,
+                                  q_scale=1.0 / math.sqrt(c.gate_dim),
+                                  cache_seqlens=cache_seqlens, keep_sink=keep_sink,
+                                  keep_diagonal=keep_diagonal, local_blocks=local_blocks,
+                                  out=out)
+
 
 class DecodeGateSet(nn.ModuleList):
     """One `DecodeGate` per layer."""
@@ -171,6 +192,21 @@ class DecodeKeyCache:
         self.length = M
         return self.buf[:, :, :nb]
 
+    def advance(self, k: torch.Tensor) -> torch.Tensor:
+        """For `DecodeGate.fused_select`, which writes the last block's features itself: the
+        whole buffer [B, Hkv, capacity, gd] with every block before the last one of k
+        [B, Hkv, M, D] current. A call that continues the cache by one token only grows the
+        buffer (no pooling, no launch); anything else recomputes through `update`."""
+        gate, bs = self.gate, self.gate.config.block_size
+        B, H, M, _ = k.shape
+        key = (B, H, k.device, gate.wk._version, gate.wk.data_ptr())
+        if key != self.key or M != self.length + 1:
+            self.update(k)
+        else:
+            self._ensure(B, H, num_blocks(M, bs), gate.wk.shape[-1], gate.wk.dtype, k.device)
+            self.full, self.length = M // bs, M
+        return self.buf
+
 
 def token_budget_policy(tokens: int, block_size: int, **options) -> Policy:
     """A "top_k" Policy keeping ceil(tokens / block_size) blocks per row (forced ones
@@ -196,6 +232,17 @@ def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, b
             return _top_k_mask(scores, int(budgets[0]), policy, kv_len, block_size)
     return policy.to_mask(scores[:, :, None], q_len=1, kv_len=kv_len, block_size=block_size,
                           layer_idx=layer_idx, num_layers=num_layers, validate=False)
+
+
+def uniform_top_k(policy: Policy, *, kv_len: int, block_size: int, layer_idx: int = 0,
+                  num_layers: int = 1) -> int | None:
+    """Blocks per row of a decode step under `policy` when every KV head keeps the same
+    number ("top_k" / "density" without head budgets; forced blocks included), computed on
+    the host; None for the other policies."""
+    if policy.kind not in ("top_k", "density") or policy.head_budgets is not None:
+        return None
+    return int(policy.expected_blocks_per_row(q_len=1, kv_len=kv_len, block_size=block_size,
+                                              layer_idx=layer_idx, num_layers=num_layers))
 
 
 def _top_k_mask(scores, k: int, policy: Policy, kv_len: int, block_size: int):
@@ -369,11 +416,14 @@ class DecodeProvider:
         pass the same to `sparse_attention`.
     num_layers: the model's layer count, for a policy with a "linear" layer schedule (the gates'
         count when given).
+    fast: with decode="gate", run each decode step's key pooling, scoring and a uniform top-k
+        (`uniform_top_k`) as one Triton launch per layer (`DecodeGate.fused_select`); None:
+        on CUDA tensors. Other policies take the eager path.
     `selected_blocks` / `total_blocks` (device tensors, no sync) count the decode selections."""
 
     def __init__(self, policy=None, *, gates: DecodeGateSet | None = None, prefill=None,
                  decode: str = "gate", block_size: int | None = None,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, fast: bool | None = None):
         if decode not in DECODE_MODES:
             raise fail("decode", f"one of {DECODE_MODES}", decode)
         if decode != "dense":
@@ -396,6 +446,7 @@ class DecodeProvider:
         self.block_size = block_size
         self.caches = {} if gates is None else {i: DecodeKeyCache(g) for i, g in enumerate(gates)}
         self.num_layers = len(gates) if gates is not None else num_layers
+        self.fast = fast
         self.selected_blocks = self.total_blocks = 0
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
@@ -408,7 +459,20 @@ class DecodeProvider:
         M, bs = k.shape[2], self.block_size
         num_layers = self.num_layers or layer_idx + 1  # only a "linear" layer schedule needs it
         with torch.no_grad():
-            if self.decode == "gate":
+            top_k = None
+            if self.decode == "gate" and (q.is_cuda if self.fast is None else self.fast) \
+                    and self.gates[layer_idx].wk.dtype == torch.float32:
+                top_k = uniform_top_k(self.policy, kv_len=M, block_size=bs,
+                                      layer_idx=layer_idx, num_layers=num_layers)
+            if top_k is not None:  # one launch: last block's features, scores, selection
+                p = self.policy
+                num, idx = self.gates[layer_idx].fused_select(
+                    q, k, self.caches[layer_idx].advance(k), top_k=top_k,
+                    keep_sink=p.keep_sink, keep_diagonal=p.keep_diagonal,
+                    local_blocks=p.local_blocks)
+                mask = BlockSparseMask._trusted(num[:, :, None], idx[:, :, None], bs, 1, M,
+                                                True, float(top_k))
+            elif self.decode == "gate":
                 kg = self.caches[layer_idx].update(k)
                 scores = self.gates[layer_idx].scores(q, kg)[:, :, 0]  # [B, Hkv, Kb]
                 mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,

@@ -1,0 +1,185 @@
+"""The decode gate's whole per-token step in one Triton launch (one program per sequence and KV
+head, no host sync, CUDA-graph capturable).
+
+For sequence b and KV head h with `n` cached tokens (the new token's key included), a program:
+1. pools the keys of the cache's last block (the partial one, or the block the new token just
+   filled: max / min / avg over its real tokens, `poolings` order) and projects them,
+   `kg = cat(poolings) @ wk[h]` [GD], writing that row of the key-feature buffer KG (every
+   earlier block was written when it was last);
+2. projects the new token's query heads of the group, `qg = cat(q[h*G:(h+1)*G]) @ wq[h] *
+   q_scale` [GD];
+3. scores every block, `qg . kg_j` (block j < last read from KG, the last one from step 1);
+4. keeps the `top_k` best blocks (the sink block 0, the last block and the `local_blocks`
+   blocks before it forced; a tie at the k-th score resolved by the lower block number, so
+   exactly min(top_k, blocks) are kept) and writes them ascending to IDX, their count to NUM,
+   then the other block numbers ascending (FlexAttention's BlockMask layout).
+
+It is `adaptive_sparse.gates.decode`'s `DecodeKeyCache.update` + `DecodeGate.scores` +
+`select_decode_blocks` (a "top_k" policy) fused; that eager path is the tests' reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+POOLINGS = ("avg", "max", "min")
+
+
+@triton.jit
+def decode_gate_fwd_kernel(
+    Q, K, WQ, WK, KG, S, NUM, IDX, SEQLENS,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_km,
+    stride_gb, stride_gh, stride_gk,
+    H_KV, N_KV, TOP_K, KB, LOCAL, Q_SCALE,
+    G: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, GD_P2: tl.constexpr,
+    BS: tl.constexpr, KB_P2: tl.constexpr, CH: tl.constexpr, P: tl.constexpr,
+    AVG: tl.constexpr, MAX: tl.constexpr, MIN: tl.constexpr, UNIFORM: tl.constexpr,
+    KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+):
+    """Grid (B * H_KV,). Q [B, H_KV * G, D] (last dim contiguous); K [B, H_KV, M, D] (last dim
+    contiguous); WQ fp32 [H_KV, G * D, GD], WK fp32 [H_KV, P * D, GD] (contiguous); KG fp32
+    [B, H_KV, cap, GD] (last dim contiguous, cap >= blocks); S fp32 scratch [B * H_KV, KB_P2];
+    NUM int32 [B, H_KV]; IDX int32 [B, H_KV, KB] (contiguous, KB <= KB_P2: the blocks of the
+    longest sequence); SEQLENS int32 [B] (UNIFORM:
+    every sequence holds N_KV tokens, SEQLENS unread)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H_KV
+    h = bh % H_KV
+    if UNIFORM:
+        seqlen = N_KV
+    else:
+        seqlen = tl.load(SEQLENS + b)
+    nb = tl.cdiv(seqlen, BS)
+    last = nb - 1
+    offs_d = tl.arange(0, D)
+    offs_o = tl.arange(0, GD_P2)
+    o_ok = offs_o < GD
+    w_mask = o_ok[None, :]
+
+    # 1. the last block's key features
+    rows = last * BS + tl.arange(0, BS)
+    valid = rows < seqlen
+    x = tl.load(K + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_km
+                + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)  # [BS, D]
+    wk = WK + h * (P * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
+    kg = tl.zeros([GD_P2], dtype=tl.float32)
+    if AVG >= 0:
+        pooled = tl.sum(x, 0) / (seqlen - last * BS).to(tl.float32)
+        kg += tl.sum(pooled[:, None] * tl.load(wk + AVG * D * GD, mask=w_mask, other=0.0), 0)
+    if MAX >= 0:
+        pooled = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
+        kg += tl.sum(pooled[:, None] * tl.load(wk + MAX * D * GD, mask=w_mask, other=0.0), 0)
+    if MIN >= 0:
+        pooled = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
+        kg += tl.sum(pooled[:, None] * tl.load(wk + MIN * D * GD, mask=w_mask, other=0.0), 0)
+    kg_row = KG + b * stride_gb + h * stride_gh
+    tl.store(kg_row + last * stride_gk + offs_o, kg, mask=o_ok)
+
+    # 2. the group's query projection
+    qg = tl.zeros([GD_P2], dtype=tl.float32)
+    wq = WQ + h * (G * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
+    for g in tl.static_range(G):
+        qv = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d).to(tl.float32)
+        qg += tl.sum(qv[:, None] * tl.load(wq + g * D * GD, mask=w_mask, other=0.0), 0)
+    qg = qg * Q_SCALE
+    s_last = tl.sum(kg * qg, 0)
+
+    # 3. scores of every block, through the scratch row
+    s_row = S + bh * KB_P2
+    for c in range(0, nb, CH):
+        j = c + tl.arange(0, CH)
+        kgc = tl.load(kg_row + j.to(tl.int64)[:, None] * stride_gk + offs_o[None, :],
+                      mask=(j < last)[:, None] & w_mask, other=0.0)  # [CH, GD_P2]
+        sc = tl.where(j == last, s_last, tl.sum(kgc * qg[None, :], 1))
+        tl.store(s_row + j, sc, mask=j < nb)
+    tl.debug_barrier()
+
+    # 4. top-k with forced blocks, ties to the lower block number
+    offs = tl.arange(0, KB_P2)
+    in_row = offs < nb
+    s = tl.load(s_row + offs, mask=in_row, other=float("-inf"))
+    s = tl.where(s == s, s, float("-inf"))  # NaN never ranks
+    forced = (offs < last) & (offs >= last - LOCAL)
+    if KEEP_SINK:
+        forced = forced | (offs == 0)
+    if KEEP_DIAG:
+        forced = forced | (offs == last)
+    s = tl.where(in_row & forced, float("inf"), s)
+    k = tl.minimum(TOP_K, nb)
+    ranked = tl.sort(s, descending=True)
+    kth = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
+    above = in_row & (s > kth)
+    tie = in_row & (s == kth) & (s > float("-inf"))
+    need = k - tl.sum(above.to(tl.int32), 0)
+    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+    keep_i = keep.to(tl.int32)
+    n = tl.sum(keep_i, 0)
+    pos = tl.where(keep, tl.cumsum(keep_i, 0) - 1, n + tl.cumsum(1 - keep_i, 0) - 1)
+    tl.store(IDX + bh * KB + pos, offs.to(tl.int32), mask=offs < KB)
+    tl.store(NUM + bh, n)
+
+
+def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
+                       wk: torch.Tensor, kg: torch.Tensor, *, top_k: int, block_size: int,
+                       poolings, q_scale: float, cache_seqlens: torch.Tensor | None = None,
+                       keep_sink: bool = True, keep_diagonal: bool = True,
+                       local_blocks: int = 0, out=None):
+    """One decode-gate step for a layer (see the module docstring).
+
+    q [B, Hq, D] or [B, Hq, 1, D] (post-rotary, any float dtype); k_cache [B, Hkv, M, D] (the
+    new token's key included); wq fp32 [Hkv, G * D, GD], wk fp32 [Hkv, len(poolings) * D, GD];
+    kg fp32 [B, Hkv, cap, GD] with cap >= ceil(M / block_size): the projected key features of
+    the complete blocks before the last one, the last block's row written here;
+    cache_seqlens int32 [B] or None (every sequence holds M tokens); top_k: blocks per row
+    (forced blocks included); out: optional (kv_num_blocks, kv_indices) buffers to write.
+    Returns (kv_num_blocks int32 [B, Hkv], kv_indices int32 [B, Hkv, ceil(M / block_size)]:
+    the kept blocks ascending, then the others ascending). Reads no value on the host."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    B, Hq, D = q.shape
+    Hkv, M = k_cache.shape[1], k_cache.shape[2]
+    G, GD = Hq // Hkv, wq.shape[-1]
+    poolings = tuple(poolings)
+    if Hq % Hkv or tuple(wq.shape) != (Hkv, G * D, GD) \
+            or tuple(wk.shape) != (Hkv, len(poolings) * D, GD):
+        raise ValueError(f"wq, wk: expected [{Hkv}, {G * D}, GD] and [{Hkv}, "
+                         f"{len(poolings) * D}, GD], got {tuple(wq.shape)}, {tuple(wk.shape)}")
+    if D & (D - 1) or block_size & (block_size - 1):
+        raise ValueError(f"head_dim, block_size: expected powers of two, got {D}, {block_size}")
+    kb = -(-M // block_size)
+    if kg.dtype != torch.float32 or kg.dim() != 4 or tuple(kg.shape[:2]) != (B, Hkv) \
+            or kg.shape[2] < kb or kg.shape[3] != GD or kg.stride(-1) != 1:
+        raise ValueError(f"kg: expected float32 [{B}, {Hkv}, >= {kb}, {GD}] (last dim "
+                         f"contiguous), got {kg.dtype} {tuple(kg.shape)}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    wq, wk = wq.float().contiguous(), wk.float().contiguous()
+    kb_p2 = max(16, triton.next_power_of_2(kb))
+    scratch = torch.empty(B * Hkv, kb_p2, dtype=torch.float32, device=q.device)
+    if out is None:
+        num = torch.empty(B, Hkv, dtype=torch.int32, device=q.device)
+        idx = torch.empty(B, Hkv, kb, dtype=torch.int32, device=q.device)
+    else:
+        num, idx = out
+        if num.shape != (B, Hkv) or idx.shape != (B, Hkv, kb) or num.dtype != torch.int32 \
+                or idx.dtype != torch.int32 or not (num.is_contiguous() and idx.is_contiguous()):
+            raise ValueError(f"out: expected contiguous int32 [{B}, {Hkv}] and [{B}, {Hkv}, "
+                             f"{kb}], got {tuple(num.shape)}, {tuple(idx.shape)}")
+    slot = {p: (poolings.index(p) if p in poolings else -1) for p in POOLINGS}
+    uniform = cache_seqlens is None
+    decode_gate_fwd_kernel[(B * Hkv,)](
+        q, k_cache, wq, wk, kg, scratch, num, idx, num if uniform else cache_seqlens,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        kg.stride(0), kg.stride(1), kg.stride(2),
+        Hkv, M, top_k, kb, local_blocks, float(q_scale),
+        G=G, D=D, GD=GD, GD_P2=triton.next_power_of_2(GD), BS=block_size, KB_P2=kb_p2,
+        CH=min(64, kb_p2), P=len(poolings), AVG=slot["avg"], MAX=slot["max"], MIN=slot["min"],
+        UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
+        num_warps=4 if kb_p2 <= 512 else 8)
+    return num, idx
