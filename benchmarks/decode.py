@@ -1,21 +1,32 @@
 """Decode attention per step: the block-sparse split-KV kernel against dense decode.
 
-One new token per sequence attends to a KV cache of `--contexts` tokens (Llama-3-8B shapes: 32
-query / 8 KV heads, head_dim 128, bf16). Dense baselines timed in the same run: SDPA with the
-flash and cuDNN backends (the GQA group folded into the query length, which is exact for one
-query token and needs no K/V copy), the project's kernel in dense mode and, with --flex,
-compiled FlexAttention. Sparse: each (sequence, KV head) reads `density` of its cache blocks
-(sink and last block included, the rest at random). Before timing, every kernel's output is
-compared with an fp64 oracle on two sequences (all heads): the error relative to the oracle's
-largest magnitude must be within 2x that of the PyTorch reference on the same bf16 inputs or
-2^-7 (bf16 rounding of the probabilities); a row whose check fails is reported and not timed. The decode gate's per-token cost (query projection, block scores, top-k
-selection, the partial last block's key features) is timed eagerly and replayed from a CUDA
-graph, against dense decode at the same shape.
+One new token per sequence attends to a KV cache of `--contexts` tokens (`--shape`: Llama-3-8B's
+32 query / 8 KV heads, head_dim 128, or Qwen2.5-Coder-0.5B's 14 / 2, head_dim 64; bf16). Dense
+baselines timed in the same run: SDPA with the flash and cuDNN backends (the GQA group folded
+into the query length, which is exact for one query token and needs no K/V copy), the project's
+kernel in dense mode and, with --flex, compiled FlexAttention (whole cache). Sparse: each
+(sequence, KV head) reads `density` of its cache blocks (sink and last block included, the rest
+at random), through our kernel and, with --flex, through compiled FlexAttention at q_len 1 with a
+BlockMask built from the same kv indices (built once, outside the timing). Before timing, every
+kernel's output is compared with an fp64 oracle on two sequences (all heads): the error
+relative to the oracle's largest magnitude must be within 2x that of the PyTorch reference on
+the same bf16 inputs or 2^-7 (bf16 rounding of the probabilities); a row whose check fails is
+reported and not timed.
+
+The decode gate's per-token cost (`--gate-contexts` x `--gate-batches`, every layer of the
+shape): per layer one launch of `DecodeGate.fused_select` (the last cache block's key features,
+the query projection, scores of every block, top-k with sink and last block forced), timed
+eagerly and replayed from one CUDA graph of all layers (what a deployment that graphs its decode
+step does), against dense decode attention of all layers (each dense method above, eager and
+graphed; each layer its own cache, so no layer reads another's from L2). Also timed: the gate
+plus our sparse kernel on the gate's selection, all layers, graphed.
 
     PYTHONPATH=. python benchmarks/decode.py --json decode.json
-Times: triton.testing.do_bench medians (benchmarks/common.bench). Bytes moved by dense decode:
-2 * B * Hkv * M * D * 2 (K and V, bf16); "TB/s" is that over the time (sparse rows: the bytes
-of the blocks read).
+    PYTHONPATH=. python benchmarks/decode.py --shape qwen2.5-coder-0.5b --flex --json q.json
+Times: triton.testing.do_bench medians (benchmarks/common.bench, CUDA events). Bytes moved by
+dense decode: 2 * B * Hkv * M * D * 2 (K and V, bf16); "TB/s" is that over the time (sparse
+rows: the bytes of the blocks read). On CPU (TRITON_INTERPRET=1, --device cpu) it runs as a dry
+run: one wall-clock call per row, SDPA's math backend as the dense baseline, no graphs.
 """
 
 from __future__ import annotations
@@ -30,7 +41,12 @@ from adaptive_sparse.attention.decode import decode_reference, sparse_decode_att
 from adaptive_sparse.io import atomic_write_json
 from benchmarks.common import bench, environment, graph_bench
 
-HQ, HKV, D = 32, 8, 128
+# Hq, Hkv, head_dim, layers
+SHAPES = {"llama3-8b": (32, 8, 128, 32), "qwen2.5-coder-0.5b": (14, 2, 64, 24)}
+
+
+def dense_names(device) -> tuple[str, ...]:
+    return ("cudnn", "flash") if torch.device(device).type == "cuda" else ("math",)
 
 
 def sdpa_decode(q, k, v, scale, backend):
@@ -39,23 +55,46 @@ def sdpa_decode(q, k, v, scale, backend):
 
     B, Hq, _ = q.shape
     Hkv = k.shape[1]
-    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "math": SDPBackend.MATH}[backend]
     with sdpa_kernel(which):
         o = torch.nn.functional.scaled_dot_product_attention(
             q.view(B, Hkv, Hq // Hkv, -1), k, v, scale=scale)
     return o.reshape(B, Hq, -1)
 
 
-def flex_decode_fn():
-    """Compiled FlexAttention over the whole cache (its decode path for short queries)."""
+def ours_dense(q, k, v, scale):
+    return sparse_decode_attention(q, k, v, scale=scale, backend="triton")
+
+
+def flex_decode_fn(block_size):
+    """FlexAttention at q_len 1 (compiled on CUDA): run(q, k, v, scale, block_mask=None) over the
+    whole cache, or over the blocks of a BlockMask (`BlockSparseMask.to_flex`)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+    from adaptive_sparse.attention.flex import kernel_options
 
-    def run(q, k, v, scale):
-        o = compiled(q[:, :, None], k, v, scale=scale, enable_gqa=True)
+    cuda = torch.cuda.is_available()
+    fn = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+
+    def run(q, k, v, scale, block_mask=None):
+        extra = {"kernel_options": kernel_options(block_size)} if cuda and block_mask else {}
+        o = fn(q[:, :, None], k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+               **extra)
         return o[:, :, 0]
     return run
+
+
+def flex_block_mask(num, idx, kb, M, bs, Hq):
+    """The BlockMask (q_len 1, kv_len M, one row per query head) of a decode selection."""
+    from adaptive_sparse.masks import BlockSparseMask
+
+    B, Hkv = num.shape
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    dense = torch.zeros(B, Hkv, kb, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, idx.long(), listed)
+    mask = BlockSparseMask.from_dense(dense[:, :, None], block_size=bs, q_len=1, kv_len=M)
+    return mask.expand_heads(Hq).to_flex()
 
 
 def random_selection(B, Hkv, kb, density, gen, device):
@@ -85,41 +124,103 @@ def oracle_error(out, q, k, v, num, idx, bs, scale, rows) -> tuple[float, float]
     return err / peak, eager / peak
 
 
-def gate_cost(M, bs, density, q, k, dense_ms) -> dict:
-    """Per-token decode-gate work on cached key features: query projection, scores over all
-    blocks, top-k selection (Policy), key features of the partial last block."""
-    from adaptive_sparse.gates.decode import DecodeGate, DecodeGateConfig, select_decode_blocks
-    from adaptive_sparse.policies import Policy
+def load_gates(path, shape, bs, device):
+    """The decode gates timed by gate_step_cost: an artifact / save_decode_gates file (its
+    shapes must be `shape`'s), else untrained ones (timing does not depend on the weights)."""
+    from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet
 
-    gate = DecodeGate(DecodeGateConfig(num_layers=1, num_heads=HQ, num_kv_heads=HKV,
-                                       head_dim=D, block_size=bs)).to(q.device)
+    Hq, Hkv, D, L = shape
+    if path:
+        from adaptive_sparse.export.decode import load_decode_gates_any
+        gates = load_decode_gates_any(path)
+        c = gates.config
+        if (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.block_size) != \
+                (L, Hq, Hkv, D, bs):
+            raise SystemExit(f"--decode-gates: expected gates of {L} layers, {Hq}/{Hkv} heads, "
+                             f"head_dim {D}, block {bs}; got {c.num_layers}, {c.num_heads}/"
+                             f"{c.num_kv_heads}, {c.head_dim}, {c.block_size}")
+    else:
+        gates = DecodeGateSet(DecodeGateConfig(num_layers=L, num_heads=Hq, num_kv_heads=Hkv,
+                                               head_dim=D, block_size=bs, init="random"))
+    return gates.to(device).eval()
+
+
+def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log) -> dict:
+    """Per-token decode-gate work of every layer (one fused launch each) against dense decode
+    of every layer, eager and from one CUDA graph; plus gate + our sparse kernel, graphed."""
+    from adaptive_sparse.gates.decode import token_budget_policy, uniform_top_k
+
+    Hq, Hkv, D, L = shape
     kb = -(-M // bs)
-    with torch.no_grad():
-        kg = gate.project_keys(gate.pooled_keys(k[:, :, :(kb - 1) * bs]))  # cached features
-    kg = torch.cat([kg, kg[:, :, -1:]], dim=2).contiguous()  # [B, Hkv, Kb, gd]
-    policy = Policy(kind="top_k", k=max(2, round(density * kb)))
-    tail = k[:, :, (kb - 1) * bs:]
+    scale = D ** -0.5
+    dtype = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
+    top_k = uniform_top_k(token_budget_policy(round(density * M), bs), kv_len=M, block_size=bs)
+    gd = gates.config.gate_dim
+    layers = []
+    for _ in range(L):  # every layer its own cache, query, key features and tables
+        layers.append({
+            "q": torch.randn(B, Hq, D, device=dev, dtype=dtype, generator=gen),
+            "k": torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen),
+            "v": torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen),
+            "kg": torch.randn(B, Hkv, kb, gd, device=dev, generator=gen),
+            "num": torch.full((B, Hkv), -1, dtype=torch.int32, device=dev),
+            "idx": torch.full((B, Hkv, kb), -1, dtype=torch.int32, device=dev),
+            "out": torch.empty(B, Hq, D, device=dev, dtype=dtype)})
 
-    def step():
-        with torch.no_grad():
-            kg[:, :, -1:] = gate.project_keys(gate.pooled_keys(tail))
-            scores = gate.scores(q[:, :, None], kg)[:, :, 0]
-            return select_decode_blocks(scores, policy, kv_len=M, block_size=bs)
+    def gate_step():
+        for g, t in zip(gates, layers):
+            g.fused_select(t["q"], t["k"], t["kg"], top_k=top_k, out=(t["num"], t["idx"]))
 
-    mask = step()
-    assert int(mask.kv_num_blocks.min()) == policy.k
-    eager = bench(step)
-    graphed = graph_bench(step)
-    return {"gate_ms": eager, "gate_graph_ms": graphed,
-            "gate_share_of_dense": (graphed or eager) / dense_ms}
+    def gate_and_sparse():
+        for g, t in zip(gates, layers):
+            g.fused_select(t["q"], t["k"], t["kg"], top_k=top_k, out=(t["num"], t["idx"]))
+            sparse_decode_attention(t["q"], t["k"], t["v"], kv_num_blocks=t["num"],
+                                    kv_indices=t["idx"], block_size=bs, scale=scale,
+                                    backend="triton", out=t["out"])
+
+    gate_step()
+    counts = torch.stack([t["num"] for t in layers])
+    if not bool((counts == top_k).all()):
+        raise RuntimeError(f"fused gate step kept {counts.unique().tolist()} blocks, "
+                           f"expected {top_k}")
+    row = {"context": M, "batch": B, "layers": L, "hq": Hq, "hkv": Hkv, "head_dim": D,
+           "block_size": bs, "density": top_k / kb, "top_k": top_k,
+           "gate_ms": bench(gate_step), "gate_graph_ms": graph_bench(gate_step)}
+    dense = {}
+    for name in dense_names(dev) + ("ours-dense",):
+        def step(name=name):
+            for t in layers:
+                if name == "ours-dense":
+                    ours_dense(t["q"], t["k"], t["v"], scale)
+                else:
+                    sdpa_decode(t["q"], t["k"], t["v"], scale, name)
+        try:
+            step()
+        except RuntimeError as e:
+            log(f"dense {name} refused B={B} M={M}: {str(e).splitlines()[0]}")
+            continue
+        dense[name] = {"eager_ms": bench(step), "graph_ms": graph_bench(step)}
+    row["dense"] = dense
+    best = min(((f"{n} {kind[:-3]}", ms) for n, d in dense.items() for kind, ms in d.items()
+                if ms is not None), key=lambda x: x[1])
+    row["best_dense"], row["best_dense_ms"] = best
+    row["gate_sparse_graph_ms"] = graph_bench(gate_and_sparse)
+    gate_ms = row["gate_graph_ms"] if row["gate_graph_ms"] is not None else row["gate_ms"]
+    row["gate_share_of_dense"] = gate_ms / best[1]
+    row["gate_timing"] = "graph" if row["gate_graph_ms"] is not None else "eager"
+    del layers
+    return row
 
 
 def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict]]:
-    dev = "cuda"
-    dtype = torch.bfloat16
+    dev = args.device
+    cuda = torch.device(dev).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    HQ, HKV, D, _ = SHAPES[args.shape]
     gen = torch.Generator(device=dev).manual_seed(0)
     scale = D ** -0.5
     rows, gates = [], []
+    fx = flex_decode_fn(args.block_size) if args.flex else None
     for M in args.contexts:
         for B in args.batches:
             bs = args.block_size
@@ -130,9 +231,9 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
             check = sorted({0, B - 1})
             dense_bytes = 2 * B * HKV * M * D * k.element_size()
             base = {"context": M, "batch": B, "hq": HQ, "hkv": HKV, "head_dim": D,
-                    "block_size": bs, "dtype": "bf16"}
+                    "block_size": bs, "dtype": str(dtype).replace("torch.", "")}
             dense = {}
-            for name in ("cudnn", "flash"):
+            for name in dense_names(dev):
                 try:
                     out = sdpa_decode(q, k, v, scale, name)
                 except RuntimeError as e:
@@ -143,29 +244,35 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
                 rows.append({**base, "method": f"sdpa-{name}", "density": 1.0,
                              "ms": dense[name], "max_err": err, "eager_err": eager,
                              "tb_per_s": dense_bytes / dense[name] / 1e9})
-            if args.flex:
-                try:
-                    fx = flex_decode_fn()
-                    out = fx(q, k, v, scale)
-                    err, eager = oracle_error(out, q, k, v, None, None, bs, scale, check)
-                    dense["flex"] = bench(lambda: fx(q, k, v, scale))
-                    rows.append({**base, "method": "flex", "density": 1.0, "ms": dense["flex"],
-                                 "max_err": err, "eager_err": eager,
-                                 "tb_per_s": dense_bytes / dense["flex"] / 1e9})
-                except Exception as e:  # a comparison only: report and go on
-                    log(f"flex failed B={B} M={M}: {type(e).__name__}: {str(e)[:200]}")
             best_name, best_ms = min(dense.items(), key=lambda kv: kv[1])
             out = torch.full_like(q, float("nan"))
             cases = [("ours-dense", 1.0, None, None)]
+            if fx is not None:
+                cases.append(("flex-dense", 1.0, None, None))
             for dens in args.densities:
                 num, idx = random_selection(B, HKV, kb, dens, gen, dev)
                 cases.append(("ours-sparse", float(num[0, 0]) / kb, num, idx))
+                if fx is not None:
+                    cases.append(("flex-sparse", float(num[0, 0]) / kb, num, idx))
             for method, dens, num, idx in cases:
-                def call(num=num, idx=idx):
-                    return sparse_decode_attention(q, k, v, kv_num_blocks=num, kv_indices=idx,
-                                                   block_size=bs, backend="triton", out=out)
-                out.fill_(float("nan"))
-                call()
+                try:
+                    if method.startswith("flex"):
+                        bm = None if num is None else flex_block_mask(num, idx, kb, M, bs, HQ)
+
+                        def call(bm=bm):
+                            return out.copy_(fx(q, k, v, scale, bm))
+                    else:
+                        def call(num=num, idx=idx):
+                            return sparse_decode_attention(
+                                q, k, v, kv_num_blocks=num, kv_indices=idx, block_size=bs,
+                                backend="triton", out=out)
+                    out.fill_(float("nan"))
+                    call()
+                except Exception as e:  # Flex is a comparison only: report and go on
+                    if not method.startswith("flex"):
+                        raise
+                    log(f"{method} failed B={B} M={M}: {type(e).__name__}: {str(e)[:300]}")
+                    continue
                 err, eager = oracle_error(out, q, k, v, num, idx, bs, scale, check)
                 ok = err <= max(2 * eager, 2 ** -7) and not bool(torch.isnan(out).any())
                 row = {**base, "method": method, "density": dens, "max_err": err,
@@ -181,22 +288,34 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
                 rows.append(row)
                 log(" ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
                              for key, val in row.items() if key not in base or key == "batch"))
-            if M in args.gate_contexts:
-                for dens in (0.1,):
-                    g = {**base, "density": dens, "best_dense": best_name,
-                         "best_dense_ms": best_ms, **gate_cost(M, bs, dens, q, k, best_ms)}
-                    gates.append(g)
-                    log(f"gate B={B} M={M}: eager {g['gate_ms']:.4f} ms, graph "
-                        f"{g['gate_graph_ms']} ms, share of dense {g['gate_share_of_dense']:.3f}")
             del q, k, v, out
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
             save(rows, gates)  # what is measured so far survives a time limit
+    if args.gate_contexts and args.gate_batches:
+        gate_set = load_gates(args.decode_gates, SHAPES[args.shape], args.block_size, dev)
+        for M in args.gate_contexts:
+            for B in args.gate_batches:
+                g = gate_step_cost(M, B, SHAPES[args.shape], args.block_size, args.gate_density,
+                                   gate_set, gen, dev, log)
+                gates.append(g)
+                log(f"gate B={B} M={M}, {g['layers']} layers: eager {g['gate_ms']:.4f} ms, "
+                    f"graph {g['gate_graph_ms']} ms; best dense {g['best_dense']} "
+                    f"{g['best_dense_ms']:.4f} ms; share {g['gate_share_of_dense']:.3f}")
+                if cuda:
+                    torch.cuda.empty_cache()
+                save(rows, gates)
     return rows, gates
 
 
-def table(env, rows, gates) -> str:
-    lines = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"Hq {HQ} / Hkv {HKV}, D {D}, bf16, block {rows[0]['block_size'] if rows else '-'}",
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def table(env, rows, gates, shape) -> str:
+    HQ, HKV, D, L = SHAPES[shape]
+    lines = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {shape}: "
+             f"Hq {HQ} / Hkv {HKV}, D {D}, block {rows[0]['block_size'] if rows else '-'}",
              "| context | batch | method | density | ms | TB/s | speedup vs best dense | "
              "1/density | rel. err (reference) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -209,36 +328,61 @@ def table(env, rows, gates) -> str:
                      f"{ms} | {tb} | {sp} | {bound} | {r['max_err']:.2e} "
                      f"({r['eager_err']:.2e}) |")
     if gates:
-        lines += ["", "| context | batch | gate eager ms | gate graph ms | best dense ms | "
-                      "gate / dense |", "|---|---|---|---|---|---|"]
+        names = sorted({n for g in gates for n in g["dense"]})
+        lines += ["", f"Decode gate per token, all {L} layers (one fused launch per layer) vs "
+                  "dense decode attention of all layers; ms (eager / CUDA graph):", "",
+                  "| context | batch | density | gate eager | gate graph | "
+                  + " | ".join(f"{n} eager / graph" for n in names)
+                  + " | best dense | gate / best dense | gate + sparse, graph |",
+                  "|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
         for g in gates:
-            gg = f"{g['gate_graph_ms']:.4f}" if g["gate_graph_ms"] is not None else "-"
-            lines.append(f"| {g['context']} | {g['batch']} | {g['gate_ms']:.4f} | {gg} | "
-                         f"{g['best_dense_ms']:.4f} | {g['gate_share_of_dense']:.3f} |")
+            cells = [f"{_ms(g['dense'][n]['eager_ms'])} / {_ms(g['dense'][n]['graph_ms'])}"
+                     if n in g["dense"] else "-" for n in names]
+            lines.append(f"| {g['context']} | {g['batch']} | {g['density']:.3f} | "
+                         f"{_ms(g['gate_ms'])} | {_ms(g['gate_graph_ms'])} | "
+                         + " | ".join(cells)
+                         + f" | {g['best_dense']} {g['best_dense_ms']:.4f} | "
+                         f"{100 * g['gate_share_of_dense']:.1f}% ({g['gate_timing']}) | "
+                         f"{_ms(g['gate_sparse_graph_ms'])} |")
     return "\n".join(lines)
 
 
 def _ints(text):
-    return [int(x) for x in text.split(",")]
+    return [int(x) for x in text.split(",") if x]
 
 
 def _floats(text):
-    return [float(x) for x in text.split(",")]
+    return [float(x) for x in text.split(",") if x]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
+                   help="attention shapes (heads, head_dim, layers) (default %(default)s)")
     p.add_argument("--contexts", type=_ints, default=[32768, 131072])
     p.add_argument("--batches", type=_ints, default=[1, 8, 16, 32])
     p.add_argument("--densities", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--block-size", type=int, choices=(64, 128), default=64)
     p.add_argument("--gate-contexts", type=_ints, default=[32768],
-                   help="contexts at which the decode gate's per-token cost is timed")
-    p.add_argument("--flex", action="store_true", help="also time compiled FlexAttention")
+                   help="contexts at which the decode gate's per-token cost is timed ('' none)")
+    p.add_argument("--gate-batches", type=_ints, default=[1, 16],
+                   help="batches of the gate timing (default 1,16)")
+    p.add_argument("--gate-density", type=float, default=0.1,
+                   help="token budget of the timed gate, a share of the context")
+    p.add_argument("--decode-gates", default=None,
+                   help="decode gates to time (artifact or save_decode_gates file; default: "
+                        "untrained gates of the shape)")
+    p.add_argument("--flex", action="store_true",
+                   help="also time FlexAttention (compiled on CUDA): dense and on each sparse "
+                        "selection")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run under "
+                   "TRITON_INTERPRET=1")
     p.add_argument("--json", default=None, help="write the rows and the environment here")
+    p.add_argument("--md", default=None, help="write the markdown tables here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/decode.py: needs CUDA", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/decode.py: needs CUDA (or --device cpu with TRITON_INTERPRET=1)",
+              file=sys.stderr)
         return 2
 
     def log(msg):
@@ -246,13 +390,18 @@ def main(argv=None) -> int:
 
     env = environment()
     log(json.dumps(env))
+
     def save(rows, gates):
+        text = table(env, rows, gates, args.shape)
         if args.json:
             atomic_write_json(args.json, {"environment": env, "args": vars(args), "rows": rows,
-                                          "gates": gates, "table": table(env, rows, gates)})
+                                          "gates": gates, "table": text})
+        if args.md:
+            from adaptive_sparse.io import atomic_write_text
+            atomic_write_text(args.md, text + "\n")
 
     rows, gates = run(args, log, save)
-    print(table(env, rows, gates))
+    print(table(env, rows, gates, args.shape))
     save(rows, gates)
     failed = [r for r in rows if r.get("correct") is False]
     return 1 if failed else 0
