@@ -1,10 +1,13 @@
-"""Opt-in FP8 block-sparse attention forward (e4m3 Q @ K.T and P @ V, fp32 accumulation).
+"""Opt-in FP8 block-sparse attention forward (8-bit Q @ K.T, e4m3 P @ V, fp32 accumulation).
 
-Quantization, as SageAttention / SpargeAttn do with 8 bits:
+Quantization (`quantize.py`: fused Triton kernels, or the same layout with torch ops), as
+SageAttention / SpargeAttn do with 8 bits:
 - K is smoothed first (its mean over the keys is subtracted per head and channel; softmax is
   invariant to it because q . mean(K) is constant along each row);
-- Q gets one scale per (batch, head, query block), K one per (batch, KV head, key block):
-  scale = amax / 448, so each block fills e4m3's range;
+- Q and K are int8 (default: uniform steps, so the large entries that decide a logit keep 0.4%
+  precision, where e4m3's 3 mantissa bits give up to 6%) or e4m3 (`qk_format`); Q gets one scale
+  per token (free: the kernel scales scores per row anyway), K one per (batch, KV head, key
+  block): scale = amax / 127 (int8) or amax / 448 (e4m3);
 - V gets one scale per (batch, KV head, channel) and is stored transposed ([D, M], the operand
   order Hopper's 8-bit tensor-core instructions need);
 - P = exp2(...) lies in [0, 1]; it is computed 448 times larger (log2(448) folded into the row
@@ -26,32 +29,11 @@ from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, ch
                                                       masked_row_max, pow2_bucket, program_rows,
                                                       row_blocks, softmax_state, tile_start)
 
-E4M3_MAX = 448.0
-LOG2_E4M3_MAX = math.log2(E4M3_MAX)
+from adaptive_sparse.attention.triton.quantize import quantize_qkv
 
+DEFAULT_QK_FORMAT = "int8"  # "e4m3": the previous Q @ K.T format (see the module docstring)
+DEFAULT_QUANTIZE = "fused"  # "torch": Q, K, V quantized by torch ops instead of Triton kernels
 
-def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 copy of x [B, H, N, D] with one fp32 scale per (B, H, block of `block` rows):
-    returns (x8 [B, H, N, D], scale [B, H, ceil(N / block)]), x ~= x8 * scale."""
-    B, H, N, D = x.shape
-    nb = -(-N // block)
-    pad = nb * block - N
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
-    amax = xp.view(B, H, nb, block, D).abs().amax(dim=(-1, -2))  # [B, H, nb]
-    scale = (amax / E4M3_MAX).clamp_min(1e-12)
-    x8 = (xp.view(B, H, nb, block, D) / scale[..., None, None]).view(B, H, nb * block, D)
-    return x8[:, :, :N].to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
-
-
-def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 V transposed and padded to 16 keys: (vt8 [B, H, D, M16], scale [B, H, D]),
-    v[..., m, d] ~= vt8[..., d, m] * scale[..., d]; padded keys are 0."""
-    B, H, M, D = v.shape
-    scale = (v.float().abs().amax(dim=2) / E4M3_MAX).clamp_min(1e-12)  # [B, H, D]
-    m16 = -(-M // 16) * 16
-    vt = torch.zeros(B, H, D, m16, dtype=torch.float8_e4m3fn, device=v.device)
-    vt[..., :M] = (v.float() / scale[:, :, None, :]).transpose(-1, -2).to(torch.float8_e4m3fn)
-    return vt, scale.contiguous()
 
 
 @triton.jit
@@ -65,12 +47,13 @@ def bsa_fwd_fp8_kernel(
     stride_ib, stride_ih, stride_iq,
     H_Q, N_Q, N_KV, N_KV16, QB, KB, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
     G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr, DENSE: tl.constexpr,
+    CAUSAL: tl.constexpr, DENSE: tl.constexpr, QK_INT8: tl.constexpr,
     GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid, program order (`program_rows`) and tables as `bsa_fwd_kernel`.
-    Q8 e4m3 [B, H_Q, N_Q, D], K8 e4m3 [B, H_KV, N_KV, D], VT8 e4m3 [B, H_KV, D, N_KV16];
-    SQ fp32 [B, H_Q, QB], SK fp32 [B, H_KV, KB], SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
+    Q8 [B, H_Q, N_Q, D], K8 [B, H_KV, N_KV, D] (int8 when QK_INT8, else e4m3), VT8 e4m3
+    [B, H_KV, D, N_KV16]; SQ fp32 [B, H_Q, N_Q] (per token), SK fp32 [B, H_KV, KB] (per key
+    block), SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
@@ -78,8 +61,9 @@ def bsa_fwd_fp8_kernel(
     row_ok = rows < N_Q
     q = tl.load(Q8 + b * stride_qb + heads[:, None] * stride_qh
                 + rows.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D] e4m3
-    row_scale = tl.load(SQ + (b * H_Q + heads) * QB + qb) * QK_SCALE  # [BLOCK_M]
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D] 8-bit
+    row_scale = tl.load(SQ + (b * H_Q + heads) * N_Q + rows, mask=row_ok, other=0.0) \
+        * QK_SCALE  # [BLOCK_M]
     sk_base = SK + (b * (H_Q // G) + hk) * KB
     k_desc = tl.make_tensor_descriptor(K8 + b * stride_kb + hk * stride_kh,
                                        shape=[N_KV, HEAD_DIM], strides=[stride_km, 1],
@@ -96,11 +80,11 @@ def bsa_fwd_fp8_kernel(
     for t in range(0, n_full * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
-                                  rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL)
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL, QK_INT8)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
-                                  rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL)
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL, QK_INT8)
 
     empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
     l_safe = tl.where(empty, 1.0, l_i)
@@ -114,10 +98,13 @@ def bsa_fwd_fp8_kernel(
 @triton.jit
 def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, rows, N_KV, OFFSET,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr):
+              CAUSAL: tl.constexpr, QK_INT8: tl.constexpr):
     """One key tile: s = (q8 @ k8.T) * sq * sk * scale * log2(e); p = 448 * exp2(s - m)."""
-    k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] e4m3
-    s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
+    k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] 8-bit
+    if QK_INT8:
+        s = tl.dot(q, k).to(tl.float32)  # int32 accumulation, exact
+    else:
+        s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
     c = row_scale * tl.load(sk_base + start_n // BS)  # [BLOCK_M]
     s, m_new, m_safe = masked_row_max(s, m_i, c, start_n, rows, N_KV, OFFSET, BLOCK_N, MASKED,
                                       CAUSAL)
@@ -159,21 +146,25 @@ def _prune(configs, named_args, **kwargs):
 
 bsa_fwd_fp8_autotuned = triton.autotune(
     configs=autotune_configs(),
-    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QB_BUCKET", "WORK_BUCKET"],
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QK_INT8", "QB_BUCKET",
+         "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_fp8_kernel)
 
 
 def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *,
                                config: dict | None = None, out: torch.Tensor | None = None,
-                               blocks_per_row: float | None = None):
+                               blocks_per_row: float | None = None,
+                               qk_format: str | None = None, quantize: str | None = None):
     """FP8 block-sparse (or, with mask=None, dense causal at block 128) attention.
 
     q [B, Hq, N, D], k/v [B, Hkv, M, D] in fp32/fp16/bf16, D in (16, 32, 64, 128, 256); mask a
-    `BlockSparseMask` as for `triton_block_sparse_attention`. Inputs are quantized to e4m3 here
-    (module docstring); the output is in q.dtype (written into `out` when given). `config` pins
-    GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA and uses a small fixed config
-    in the interpreter. Returns out [B, Hq, N, D]."""
+    `BlockSparseMask` as for `triton_block_sparse_attention`. Inputs are quantized here (module
+    docstring): Q and K to `qk_format` ("int8" or "e4m3"; None = DEFAULT_QK_FORMAT), V to e4m3,
+    by `quantize` ("fused": Triton kernels, "torch": torch ops; None = DEFAULT_QUANTIZE). The
+    output is in q.dtype (written into `out` when given). `config` pins GH, RB, BLOCK_N,
+    num_warps, num_stages; None autotunes on CUDA and uses a small fixed config in the
+    interpreter. Returns out [B, Hq, N, D]."""
     B, Hq, N, D = q.shape
     check_dtype(q)
     check_head_dim(D)
@@ -181,6 +172,7 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
     if k.shape != (B, Hkv, M, D) or v.shape != k.shape or Hkv < 1 or Hq % Hkv:
         raise ValueError(f"k, v: expected [B={B}, Hkv dividing {Hq}, M, D={D}], got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
+    qk_format = DEFAULT_QK_FORMAT if qk_format is None else qk_format
     dense = mask is None
     bs = 128 if dense else mask.block_size
     causal = True if dense else mask.causal
@@ -189,10 +181,10 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
         check_out(out, q)
     else:
         out = torch.empty(B, Hq, N, D, dtype=q.dtype, device=q.device)
-    ks = k.float() - k.float().mean(dim=2, keepdim=True)
-    q8, sq = quantize_blocks(q, bs)
-    k8, sk = quantize_blocks(ks, bs)
-    vt8, sv = quantize_v(v)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q8, sq, k8, sk, vt8, sv = quantize_qkv(
+        q, k, v, bs, qk_format=qk_format,
+        method=DEFAULT_QUANTIZE if quantize is None else quantize)
     if dense:
         num = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
         idx = num[..., None]
@@ -213,7 +205,8 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
             0 if idx.shape[0] == 1 else si[0], si[1], si[2],
             Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
             heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
-    meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense)
+    meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense,
+                QK_INT8=qk_format == "int8")
     if config is None and not q.is_cuda:
         block_m = min(64, bs)
         gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
