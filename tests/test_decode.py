@@ -453,7 +453,7 @@ def test_sparse_prefill_gates_and_sparse_decode_together(tmp_path):
     decode = DecodeProvider(policy, gates=DecodeGateSet(DecodeGateConfig.from_model(
         model, block_size=16)), prefill=spy, block_size=16)
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(6))
-    tokens, _ = greedy_generate(model, ids, max_new_tokens=4, provider=decode, sparse=True,
+    tokens, _, _ = greedy_generate(model, ids, max_new_tokens=4, provider=decode, sparse=True,
                                 block_size=16)
     assert tokens.shape == (1, 4)
     assert len(calls) == 2 and max(calls) < 1.0  # one prefill call per layer, sparse
@@ -576,3 +576,27 @@ def test_fast_decode_provider_selects_as_the_eager_one(policy):
             assert torch.equal(a.to_dense(), b.to_dense()), (M, layer)
     assert fast.caches[0].recomputes == 1
     assert fast.decode_density() == pytest.approx(eager.decode_density())
+
+
+@needs_triton
+def test_generation_through_the_fused_gate_step_equals_the_eager_gates():
+    """model.generate under sparse_attention with DecodeProvider(fast=True) (the fused Triton
+    gate step, the decode kernel in the interpreter) gives the eager provider's greedy tokens;
+    one prompt: the prefill time and the decode-only rate are reported."""
+    from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet, DecodeProvider
+    from adaptive_sparse.models.generate import compare_generation, greedy_generate
+
+    model = tiny_llama(seed=1)
+    ids = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    gates = DecodeGateSet(DecodeGateConfig.from_model(model, block_size=16, init="random"))
+    made = {fast: DecodeProvider({"kind": "top_k", "k": 2}, gates=gates, block_size=16,
+                                 num_layers=2, fast=fast) for fast in (True, False)}
+    tokens = {fast: greedy_generate(model, ids, max_new_tokens=12, provider=p, sparse=True,
+                                    block_size=16, backend="triton" if fast else "reference")[0]
+              for fast, p in made.items()}
+    assert torch.equal(tokens[True], tokens[False])
+    assert made[True].decode_density() == pytest.approx(made[False].decode_density())
+    res = compare_generation(model, ids, made[True], max_new_tokens=4, block_size=16,
+                             backend="triton", warmup=0)
+    assert res["sparse_prefill_seconds"] > 0 and res["dense_decode_tokens_per_s"] > 0

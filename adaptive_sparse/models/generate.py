@@ -33,15 +33,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+class _FirstTokenClock:
+    """A `model.generate` streamer that records when the first new token arrives (generate
+    hands it the prompt first, then each new token): the end of the prefill step."""
+
+    def __init__(self, device):
+        self.device, self.calls, self.first = device, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            _sync(self.device)
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def greedy_generate(model, ids: torch.Tensor, *, max_new_tokens: int, provider=None,
                     sparse: bool = False, block_size: int = 64, backend: str = "auto"):
     """Greedy `model.generate` from ids [B, N] (no padding). sparse=False: the model's own
     attention; sparse=True: through `sparse_attention(model, provider)` (provider None = dense
-    through our kernels). Returns (new tokens LongTensor [B, T], seconds)."""
+    through our kernels). Returns (new tokens LongTensor [B, T], seconds, seconds to the first
+    new token: the prefill and one sampling step)."""
     from adaptive_sparse.models.attention import sparse_attention
 
+    clock = _FirstTokenClock(ids.device)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+                  attention_mask=torch.ones_like(ids), pad_token_id=0,
+                  streamer=clock if ids.shape[0] == 1 else None)
     with torch.no_grad():
         _sync(ids.device)
         t0 = time.perf_counter()
@@ -51,8 +71,9 @@ def greedy_generate(model, ids: torch.Tensor, *, max_new_tokens: int, provider=N
         else:
             out = model.generate(ids, **kwargs)
         _sync(ids.device)
-        seconds = time.perf_counter() - t0
-    return out[:, ids.shape[1]:], seconds
+        end = time.perf_counter()
+    first = None if clock.first is None else clock.first - t0
+    return out[:, ids.shape[1]:], end - t0, first
 
 
 def token_agreement(dense: torch.Tensor, sparse: torch.Tensor) -> dict:
@@ -69,24 +90,31 @@ def compare_generation(model, ids: torch.Tensor, provider, *, max_new_tokens: in
                        block_size: int = 64, backend: str = "auto", warmup: int = 2) -> dict:
     """Dense (the model's own attention) vs sparse (`provider` under sparse_attention) greedy
     generation of the same prompt(s) ids [B, N]: tokens per second, agreement, decode density.
-    Each side first runs `warmup` tokens untimed (kernel compilation, caches)."""
+    Each side first runs `warmup` tokens untimed (kernel compilation, caches). With one prompt
+    (B = 1) the time to the first new token (prefill) is measured too, and the decode-only
+    rate: tokens after the first over the time after it."""
     if warmup:
         greedy_generate(model, ids, max_new_tokens=warmup)
         greedy_generate(model, ids, max_new_tokens=warmup, provider=provider, sparse=True,
                         block_size=block_size, backend=backend)
     if hasattr(provider, "selected_blocks"):
         provider.selected_blocks = provider.total_blocks = 0
-    dense, t_dense = greedy_generate(model, ids, max_new_tokens=max_new_tokens)
-    sparse, t_sparse = greedy_generate(model, ids, max_new_tokens=max_new_tokens,
-                                       provider=provider, sparse=True, block_size=block_size,
-                                       backend=backend)
+    dense, t_dense, f_dense = greedy_generate(model, ids, max_new_tokens=max_new_tokens)
+    sparse, t_sparse, f_sparse = greedy_generate(model, ids, max_new_tokens=max_new_tokens,
+                                                 provider=provider, sparse=True,
+                                                 block_size=block_size, backend=backend)
     n = ids.shape[0] * max_new_tokens
     density = provider.decode_density() if hasattr(provider, "decode_density") else None
-    return {"prompt_tokens": ids.shape[1], "batch": ids.shape[0], "new_tokens": max_new_tokens,
-            "dense_tokens_per_s": n / t_dense, "sparse_tokens_per_s": n / t_sparse,
-            "dense_seconds": t_dense, "sparse_seconds": t_sparse, "decode_density": density,
-            **token_agreement(dense, sparse), "dense_ids": dense.tolist(),
-            "sparse_ids": sparse.tolist()}
+    res = {"prompt_tokens": ids.shape[1], "batch": ids.shape[0], "new_tokens": max_new_tokens,
+           "dense_tokens_per_s": n / t_dense, "sparse_tokens_per_s": n / t_sparse,
+           "dense_seconds": t_dense, "sparse_seconds": t_sparse, "decode_density": density,
+           **token_agreement(dense, sparse), "dense_ids": dense.tolist(),
+           "sparse_ids": sparse.tolist()}
+    for side, total, first in (("dense", t_dense, f_dense), ("sparse", t_sparse, f_sparse)):
+        res[f"{side}_prefill_seconds"] = first
+        res[f"{side}_decode_tokens_per_s"] = None if first is None or max_new_tokens < 2 \
+            else ids.shape[0] * (max_new_tokens - 1) / (total - first)
+    return res
 
 
 def _positive(text: str) -> int:
@@ -253,9 +281,14 @@ def cmd_generate(args) -> int:
     print(f"prompt {res['prompt_tokens']} tokens, batch {res['batch']}, "
           f"{res['new_tokens']} new tokens, block {args.block_size}, decode={args.decode}, "
           f"prefill={args.prefill}, policy {policy.to_dict()['kind']}")
-    print(f"dense : {res['dense_tokens_per_s']:8.2f} tokens/s")
-    print(f"sparse: {res['sparse_tokens_per_s']:8.2f} tokens/s"
-          + (f"  (decode reads {dens:.3f} of the cache blocks)" if dens is not None else ""))
+    for side in ("dense", "sparse"):
+        line = f"{side:<6}: {res[f'{side}_tokens_per_s']:8.2f} tokens/s"
+        if res[f"{side}_decode_tokens_per_s"] is not None:
+            line += (f" ({res[f'{side}_decode_tokens_per_s']:.2f} tokens/s after the first; "
+                     f"prefill {res[f'{side}_prefill_seconds']:.3f} s)")
+        if side == "sparse" and dens is not None:
+            line += f"  (decode reads {dens:.3f} of the cache blocks)"
+        print(line)
     print(f"greedy agreement with dense: {res['agreement']:.3f} of positions, "
           f"first {res['matching_prefix']:.1f} tokens identical")
     print("sparse text: " + json.dumps(tokenizer.decode(res["sparse_ids"][0])))
