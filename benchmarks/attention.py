@@ -26,7 +26,9 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
                                               scores_to_kv_indices,
                                               triton_block_sparse_attention,
                                               triton_dense_causal_attention)
-from adaptive_sparse.attention.triton.forward_fp8 import fp8_block_sparse_attention
+from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE,
+                                                          fp8_block_sparse_attention)
+from adaptive_sparse.attention.triton.quantize import quantize_qkv
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import BlockSparseMask, diagonal_blocks
 from benchmarks.common import (SHAPES, bench, best_dense, dense_baselines, environment, fmt,
@@ -68,10 +70,15 @@ def _compiled_flex():
         else flex_attention
 
 
-def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -> list[dict]:
+FP8_DEFAULT = {"qk_format": DEFAULT_QK_FORMAT, "quantize": DEFAULT_QUANTIZE}
+
+
+def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None,
+             fp8: dict | None = FP8_DEFAULT) -> list[dict]:
     """Dense kernels (ours bf16 / fp8 vs SDPA), then one row per mask: random masks at
     `densities`, or the given `masks` [(label, BlockSparseMask)] (e.g. a trained gate's
-    per-layer masks) instead."""
+    per-layer masks) instead. `fp8`: None (no FP8 columns) or the FP8 options
+    {"qk_format", "quantize"}; FP8 times include the quantization, timed alone too."""
     Hq, Hkv, D = SHAPES[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -97,6 +104,8 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -
     err_floor = min(sdpa_err.values())
     rows_out = []
 
+    quant_ms = bench(lambda: quantize_qkv(q, k, v, bs, **_quant_args(fp8))) if fp8 else None
+
     def add_fp8(row, call, flops, ref_rows, reference_ms):
         if not fp8:
             return
@@ -104,6 +113,8 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -
         row["err_fp8"] = rel_err(out[0, heads][:, rows], ref_rows)
         del out
         row["fp8_ms"] = bench(call)
+        row["fp8_quant_ms"] = quant_ms
+        row["fp8_path"] = dict(fp8)
         row["fp8_tflops"] = flops / row["fp8_ms"] / 1e9
         row["fp8_speedup_vs_bf16"] = reference_ms / row["fp8_ms"]
 
@@ -116,8 +127,8 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -
            "tflops": dense_flops / ours_dense_ms / 1e9, "err": err_dense, "ok": ok_dense,
            "speedup_vs_dense": dense_ms / ours_dense_ms if ok_dense else None}
     if bs == 128:
-        add_fp8(row, lambda: fp8_block_sparse_attention(q, k, v, None, scale), dense_flops, ref,
-                ours_dense_ms)
+        add_fp8(row, lambda: fp8_block_sparse_attention(q, k, v, None, scale, **_fp8_kw(fp8)),
+                dense_flops, ref, ours_dense_ms)
     rows_out.append(row)
     log(row)
     cases = masks if masks is not None else \
@@ -137,8 +148,8 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -
         row["ms"] = bench(ours)
         row["tflops"] = flops / row["ms"] / 1e9
         row["graph_ms"] = graph_bench(ours) if graphs else None
-        add_fp8(row, lambda: fp8_block_sparse_attention(q, k, v, mask, scale), flops, ref_m,
-                row["ms"])
+        add_fp8(row, lambda: fp8_block_sparse_attention(q, k, v, mask, scale, **_fp8_kw(fp8)),
+                flops, ref_m, row["ms"])
         if flex_fn is not None:
             bm = flex_block_mask(mask, Hq)
             kopt = kernel_options(bs) if torch.cuda.is_available() else None
@@ -162,6 +173,85 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None, fp8=True) -
     return rows_out
 
 
+def _quant_args(fp8: dict) -> dict:
+    return {"qk_format": fp8["qk_format"], "method": fp8["quantize"]}
+
+
+def _fp8_kw(fp8: dict | None) -> dict:
+    return {} if not fp8 else {"qk_format": fp8["qk_format"], "quantize": fp8["quantize"]}
+
+
+def fp8_inputs(shape, n, gen, dev, outliers: bool):
+    """bf16 q, k, v of `shape` at length n: random normal, or with the outliers of trained
+    models (a channel-wise bias on K, a few channels 4x larger in K and 3x in Q, a V offset)."""
+    Hq, Hkv, D = SHAPES[shape]
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, h, n, D, generator=gen, device=dev) for h in (Hq, Hkv, Hkv))
+    if outliers:
+        ch = torch.randperm(D, generator=gen, device=dev)[:max(1, D // 16)]
+        k = k + 1.5 * torch.randn(D, generator=gen, device=dev)
+        k[..., ch] = 4 * k[..., ch] + 8 * torch.randn(len(ch), generator=gen, device=dev)
+        q[..., ch] *= 3
+        v[..., :2] += 5
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
+FP8_VARIANTS = (("int8", "fused"), ("e4m3", "fused"), ("e4m3", "torch"))  # (qk, quantization)
+
+
+def fp8_accuracy(shape, n, gen, log) -> list[dict]:
+    """Error vs fp64 (sampled rows, dense causal) of the bf16 kernel and of each FP8 variant,
+    on random inputs and on inputs with outliers; variants that fail record the error."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    Hq, Hkv, D = SHAPES[shape]
+    bs, scale = 128, 1 / math.sqrt(D)
+    qb = -(-n // bs)
+    heads = sorted({0, Hq // 2, Hq - 1})
+    out_rows = []
+    for outliers in (False, True):
+        q, k, v = fp8_inputs(shape, n, gen, dev, outliers)
+        full = BlockSparseMask.full(1, 1, block_size=bs, q_len=n, kv_len=n, device=dev)
+        ref, rows = oracle_rows(q, k, v, full, scale, heads, sorted({0, qb // 2, qb - 1}))
+        row = dict(kind="fp8_accuracy", shape=shape, N=n, D=D,
+                   inputs="outliers" if outliers else "random",
+                   err_bf16=rel_err(triton_dense_causal_attention(q, k, v, scale)[0, heads]
+                                    [:, rows], ref))
+        for fmt, method in FP8_VARIANTS:
+            try:
+                out = fp8_block_sparse_attention(q, k, v, None, scale, qk_format=fmt,
+                                                 quantize=method)
+                row[f"err_fp8_{fmt}_{method}"] = rel_err(out[0, heads][:, rows], ref)
+            except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported)
+                row[f"err_fp8_{fmt}_{method}"] = None
+                row[f"failed_{fmt}_{method}"] = repr(e)[:300]
+        log(row)
+        out_rows.append(row)
+    return out_rows
+
+
+def fp8_preflight(fp8: dict) -> dict:
+    """Run the chosen FP8 path once on a small CUDA input; if it raises (a kernel that does not
+    compile on this device), fall back to e4m3 Q.K^T with the same quantization, then to the
+    previous path (e4m3, torch quantization), for this run, and say so."""
+    if not torch.cuda.is_available():
+        return fp8
+    Hq, Hkv, D = SHAPES["llama3-8b"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, h, 512, D, generator=g, device="cuda", dtype=torch.bfloat16)
+               for h in (Hq, Hkv, Hkv))
+    errors = []
+    for cand in (fp8, {"qk_format": "e4m3", "quantize": fp8["quantize"]},
+                 {"qk_format": "e4m3", "quantize": "torch"}):
+        try:
+            fp8_block_sparse_attention(q, k, v, None, **_fp8_kw(cand))
+            torch.cuda.synchronize()
+            return {**cand, "failed": errors} if errors else cand
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{cand}: {e!r:.300}")
+            print(f"FP8 path {cand} failed: {e!r:.300}", file=sys.stderr, flush=True)
+    raise RuntimeError(f"every FP8 path failed: {errors}")
+
+
 def artifact_masks(path) -> list[tuple[str, BlockSparseMask]]:
     """[(label "<artifact> L<layer>", mask)] of a masks artifact (verified on load), one per
     layer; all must share one length and block size."""
@@ -176,11 +266,12 @@ def artifact_masks(path) -> list[tuple[str, BlockSparseMask]]:
     return out
 
 
-def artifact_case(path, shape, gen, flex_fn, log) -> list[dict]:
+def artifact_case(path, shape, gen, flex_fn, log, fp8: dict | None = FP8_DEFAULT) -> list[dict]:
     """run_case on a masks artifact's per-layer masks, plus a row summing every layer."""
     masks = artifact_masks(path)
     m0 = masks[0][1]
-    rows = run_case(shape, m0.q_len, m0.block_size, [], gen, flex_fn, log, masks=masks)
+    rows = run_case(shape, m0.q_len, m0.block_size, [], gen, flex_fn, log, masks=masks,
+                    fp8=fp8)
     layers = [r for r in rows if r["provider"] == "ours"]
     total = {k: sum(r[k] for r in layers) if all(r.get(k) is not None for r in layers) else None
              for k in ("ms", "flex_ms", "graph_ms", "flex_graph_ms")}
@@ -251,16 +342,17 @@ def shape_table(env, rows) -> list[str]:
     names = sorted(r0["sdpa_ms"])
     lines = [f"### {r0['shape']} (Hq {r0['Hq']}, Hkv {r0['Hkv']}, head_dim {r0['D']}, block "
              f"{r0['block_size']})", ""] + env_lines(env) + ["",
-             "| N | density | ours ms | ours TFLOP/s | FP8 ms | FP8 / bf16 | Flex ms | "
+             "| N | density | ours ms | ours TFLOP/s | FP8 ms | FP8 quant ms | FP8 / bf16 | "
+             "Flex ms | "
              + " | ".join(f"SDPA-{n} ms" for n in names) + " | best dense | x dense | x Flex | "
              "err ours / FP8 / Flex | ok | graph ms ours / Flex |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|"]
     for r in rows:
         dense = r["provider"] == "ours-dense-kernel"
         lines.append(
             f"| {r['N']} | {'1.0 (dense kernel)' if dense else format(r['density'], '.3f')} | "
             f"{r['ms']:.3f} | {r['tflops']:.0f} | {fmt(r.get('fp8_ms'), '.3f')} | "
-            f"{fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | {fmt(r.get('flex_ms'), '.3f')} | "
+            f"{fmt(r.get('fp8_quant_ms'), '.3f')} | {fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | {fmt(r.get('flex_ms'), '.3f')} | "
             + " | ".join(fmt(r["sdpa_ms"].get(n), ".3f") for n in names) +
             f" | {r['best_dense']} {r['best_dense_tflops']:.0f} TFLOP/s | "
             f"{fmt(r.get('speedup_vs_dense'), '.2f')} | {fmt(r.get('speedup_vs_flex'), '.2f')} "
@@ -270,17 +362,36 @@ def shape_table(env, rows) -> list[str]:
     return lines
 
 
-def markdown(env, rows, targets, gates) -> str:
+def fp8_accuracy_table(acc) -> list[str]:
+    cols = [f"err_fp8_{f}_{m}" for f, m in FP8_VARIANTS]
+    lines = ["FP8 error vs fp64 (dense causal, sampled rows; relative Frobenius) next to the bf16 "
+             "kernel's. 'outliers': K with a channel-wise bias and a few channels 4x larger (Q "
+             "3x), V offset; FP8 columns: Q.K^T format / quantization (e4m3 / torch = the "
+             "previous path):", "",
+             "| shape | D | N | inputs | bf16 | " + " | ".join(f"FP8 {f} / {m}" for f, m in
+                                                          FP8_VARIANTS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cols)]
+    for r in acc:
+        lines.append(f"| {r['shape']} | {r['D']} | {r['N']} | {r['inputs']} | "
+                     f"{r['err_bf16']:.2e} | " + " | ".join(fmt(r.get(c), '.2e') for c in cols)
+                     + " |")
+    return lines
+
+
+def markdown(env, rows, targets, gates, acc=()) -> str:
     lines = ["B=1, bf16, causal, random block masks (diagonal + sink kept, one mask per KV "
              "group; Flex gets the same blocks expanded to Hq heads, full blocks off the "
              "diagonal). Useful TFLOP/s = 4 * D * Hq * (visible query/key pairs in kept tiles) "
              "/ time; dense SDPA is credited with the dense causal pairs. Median ms. x dense = "
              "time of the fastest dense SDPA backend of the same run (column 'best dense') / "
-             "ours; x Flex = Flex / ours; FP8 / bf16 = ours bf16 / ours FP8 (its error "
-             "includes the e4m3 quantization). Speedups are left out (-) where the fp64 check "
+             "ours; x Flex = Flex / ours; FP8 / bf16 = ours bf16 / ours FP8 (its time and "
+             "error include the 8-bit quantization of Q, K, V; 'FP8 quant ms' times that "
+             "quantization alone). Speedups are left out (-) where the fp64 check "
              "failed. Graph columns (N <= 16k): the call replayed from a CUDA graph.", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += shape_table(env, [r for r in rows if r["shape"] == shape]) + [""]
+    if acc:
+        lines += fp8_accuracy_table(acc) + [""]
     if targets:
         lines += ["Target kernel (block-max + block-sum maps, llama3-8b shape) vs one dense "
                   "SDPA forward (fastest backend); peak = memory allocated beyond the inputs:",
@@ -311,6 +422,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-seqlens", default="")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--fp8-qk", default=DEFAULT_QK_FORMAT, choices=("int8", "e4m3"),
+                    help="Q.K^T format of the timed FP8 path")
+    ap.add_argument("--fp8-quantize", default=DEFAULT_QUANTIZE, choices=("fused", "torch"),
+                    help="quantization of the timed FP8 path (Triton kernels or torch ops)")
+    ap.add_argument("--fp8-accuracy", default="",
+                    help="lengths (comma list) of an FP8 error table per shape: bf16 and every "
+                    "FP8 variant vs fp64, random inputs and inputs with outliers")
     ap.add_argument("--mask-artifact", default=None,
                     help="also time every layer's mask of this masks artifact (`adaptive-sparse "
                     "export masks`, e.g. a trained gate's) at --mask-shape")
@@ -323,7 +441,9 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
     flex_fn = None if a.no_flex else _compiled_flex()
-    rows, targets, gates, logged = [], [], [], []
+    rows, targets, gates, logged, acc = [], [], [], [], []
+    fp8 = None if a.no_fp8 else fp8_preflight({"qk_format": a.fp8_qk,
+                                                "quantize": a.fp8_quantize})
 
     def log(r):
         logged.append(r)
@@ -332,18 +452,20 @@ def main(argv=None) -> int:
         atomic_write_text(a.json, json.dumps({"env": env, "partial": logged}, indent=1))
 
     for shape in a.shapes.split(","):
+        for n in ints(a.fp8_accuracy):
+            acc += fp8_accuracy(shape, n, gen, log)
         for bs in ints(a.block_sizes):
             for n in ints(a.seqlens):
                 t0 = time.time()
                 try:
                     rows += run_case(shape, n, bs, [float(x) for x in a.densities.split(",")],
-                                     gen, flex_fn, log, fp8=not a.no_fp8)
+                                     gen, flex_fn, log, fp8=fp8)
                 except torch.OutOfMemoryError as e:
                     print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 print(f"# {shape} N={n} bs={bs}: {time.time() - t0:.1f} s", flush=True)
     if a.mask_artifact:
-        rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log)
+        rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log, fp8=fp8)
     if torch.cuda.is_available():
         for n in ints(a.target_seqlens):
             for bs in (64, 128):
@@ -354,10 +476,11 @@ def main(argv=None) -> int:
     from adaptive_sparse.attention.triton.forward_fp8 import bsa_fwd_fp8_autotuned
     tuned = {str(k): str(v) for k, v in bsa_fwd_autotuned.cache.items()}  # key -> chosen config
     tuned_fp8 = {str(k): str(v) for k, v in bsa_fwd_fp8_autotuned.cache.items()}
-    atomic_write_text(a.json, json.dumps({"env": env, "rows": rows, "targets": targets,
-                                          "gates": gates, "autotuned": tuned,
+    atomic_write_text(a.json, json.dumps({"env": env, "fp8": fp8, "rows": rows,
+                                          "targets": targets, "gates": gates,
+                                          "fp8_accuracy": acc, "autotuned": tuned,
                                           "autotuned_fp8": tuned_fp8}, indent=1))
-    md = markdown(env, rows, targets, gates)
+    md = markdown(env, rows, targets, gates, acc)
     atomic_write_text(a.md, md)
     print(md, flush=True)
     return 0
