@@ -34,20 +34,17 @@ def _sync(device) -> None:
 
 
 class _FirstTokenClock:
-    """A `model.generate` streamer that records when the first new token arrives (generate
-    hands it the prompt first, then each new token): the end of the prefill step."""
+    """A logits processor that changes nothing and records when it is first called: the end
+    of the prefill forward (any batch size)."""
 
     def __init__(self, device):
-        self.device, self.calls, self.first = device, 0, None
+        self.device, self.first = device, None
 
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
+    def __call__(self, input_ids, scores):
+        if self.first is None:
             _sync(self.device)
             self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
+        return scores
 
 
 def greedy_generate(model, ids: torch.Tensor, *, max_new_tokens: int, provider=None,
@@ -55,13 +52,15 @@ def greedy_generate(model, ids: torch.Tensor, *, max_new_tokens: int, provider=N
     """Greedy `model.generate` from ids [B, N] (no padding). sparse=False: the model's own
     attention; sparse=True: through `sparse_attention(model, provider)` (provider None = dense
     through our kernels). Returns (new tokens LongTensor [B, T], seconds, seconds to the first
-    new token: the prefill and one sampling step)."""
+    new token's logits: the prefill)."""
     from adaptive_sparse.models.attention import sparse_attention
+
+    from transformers import LogitsProcessorList
 
     clock = _FirstTokenClock(ids.device)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0,
-                  streamer=clock if ids.shape[0] == 1 else None)
+                  logits_processor=LogitsProcessorList([clock]))
     with torch.no_grad():
         _sync(ids.device)
         t0 = time.perf_counter()
@@ -90,9 +89,9 @@ def compare_generation(model, ids: torch.Tensor, provider, *, max_new_tokens: in
                        block_size: int = 64, backend: str = "auto", warmup: int = 2) -> dict:
     """Dense (the model's own attention) vs sparse (`provider` under sparse_attention) greedy
     generation of the same prompt(s) ids [B, N]: tokens per second, agreement, decode density.
-    Each side first runs `warmup` tokens untimed (kernel compilation, caches). With one prompt
-    (B = 1) the time to the first new token (prefill) is measured too, and the decode-only
-    rate: tokens after the first over the time after it."""
+    Each side first runs `warmup` tokens untimed (kernel compilation, caches). The prefill
+    time (to the first token's logits) is measured too, and the decode-only rate: the tokens
+    after the first over the time after the prefill."""
     if warmup:
         greedy_generate(model, ids, max_new_tokens=warmup)
         greedy_generate(model, ids, max_new_tokens=warmup, provider=provider, sparse=True,
