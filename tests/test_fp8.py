@@ -14,8 +14,6 @@ from adaptive_sparse.attention.reference import reference_attention  # noqa: E40
 from adaptive_sparse.masks import BlockSparseMask  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-                                  reason="triton kernels: needs CUDA or TRITON_INTERPRET=1")
 needs_interpreter = pytest.mark.skipif(
     CUDA or os.environ.get("TRITON_INTERPRET") != "1",
     reason="CPU interpreter tests: run with TRITON_INTERPRET=1, no CUDA")
@@ -101,15 +99,18 @@ def test_torch_quantization_layout_and_rounding(qk_format, D, bs):
     assert bool((vt8[..., :100].float().abs().amax(-1) == 448).all())
 
 
-@pytest.mark.parametrize("method", ["torch", pytest.param("fused", marks=needs_triton)])
+@pytest.mark.parametrize("method,device", [
+    ("torch", "cpu"), pytest.param("fused", "cpu", marks=needs_interpreter),
+    pytest.param("fused", "cuda", marks=[pytest.mark.gpu,
+                                         pytest.mark.skipif(not CUDA, reason="needs CUDA")])])
 @pytest.mark.parametrize("qk_format", ["int8", "e4m3"])
-def test_quantization_nan_and_zero_blocks(qk_format, method):
-    """A NaN input poisons its own scale (NaN out, never a silent finite value); an all-zero
-    block gets the scale floor and zeros (no 0/0)."""
+def test_quantization_nan_and_zero_blocks(qk_format, method, device):
+    """A NaN input poisons its own scale (NaN out, never a silent finite value, even through
+    int8); an all-zero block gets the scale floor and zeros (no 0/0)."""
     from adaptive_sparse.attention.triton.quantize import MIN_SCALE, quantize_qkv
 
     gen = torch.Generator().manual_seed(11)
-    q, k, v, _ = _case(1, 2, 1, 40, 40, 16, 16, 1.0, gen)
+    q, k, v, _ = _case(1, 2, 1, 40, 40, 16, 16, 1.0, gen, device)
     q[0, 1, 3, 5] = float("nan")
     q[0, 0, 7] = 0.0
     k[0, 0, 20, 3] = float("nan")
