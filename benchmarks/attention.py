@@ -352,7 +352,8 @@ def shape_table(env, rows) -> list[str]:
         lines.append(
             f"| {r['N']} | {'1.0 (dense kernel)' if dense else format(r['density'], '.3f')} | "
             f"{r['ms']:.3f} | {r['tflops']:.0f} | {fmt(r.get('fp8_ms'), '.3f')} | "
-            f"{fmt(r.get('fp8_quant_ms'), '.3f')} | {fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | {fmt(r.get('flex_ms'), '.3f')} | "
+            f"{fmt(r.get('fp8_quant_ms'), '.3f')} | {fmt(r.get('fp8_speedup_vs_bf16'), '.2f')} | "
+            f"{fmt(r.get('flex_ms'), '.3f')} | "
             + " | ".join(fmt(r["sdpa_ms"].get(n), ".3f") for n in names) +
             f" | {r['best_dense']} {r['best_dense_tflops']:.0f} TFLOP/s | "
             f"{fmt(r.get('speedup_vs_dense'), '.2f')} | {fmt(r.get('speedup_vs_flex'), '.2f')} "

@@ -1,4 +1,5 @@
-"""The opt-in FP8 forward against fp64: interpreter (small shapes) and GPU (error next to bf16's)."""
+"""The opt-in FP8 forward and its 8-bit quantization against fp64 and a torch reference:
+CPU, interpreter (small shapes) and GPU (error next to bf16's)."""
 
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def _check_fused_matches_torch(q, k, v, bs, qk_format):
             # the interpreter's e4m3 cast drops the carry of a mantissa rounding up to the next
             # power of two (126.9 -> 64, not 128): those values are exactly half of torch's
             b64 = b.double()
-            carry = (a.double() * 2 == b64) & (torch.exp2(torch.log2(b64.abs()).round()) == b64.abs())
+            pow2 = torch.exp2(torch.log2(b64.abs()).round()) == b64.abs()
+            carry = (a.double() * 2 == b64) & pow2
             diff = torch.where(carry, 0.0, diff)
         assert bool((diff <= step).all()), (name, float(diff.max()))
         if a.dtype == torch.int8 or q.is_cuda:
