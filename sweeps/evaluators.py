@@ -18,12 +18,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from adaptive_sparse.errors import fail
+
 POLICY_FIELDS = {"kind": str, "tau": float, "k": int, "p": float, "density": float,
                  "keep_sink": bool, "keep_diagonal": bool, "local_blocks": int,
                  "layer_schedule": str, "layer_scale_end": float, "head_budgets": list}
 
 
 TRUSTED_MODULES = ("adaptive_sparse", "gating", "sweeps")
+DTYPES = ("float32", "bfloat16", "float16")  # ModelEvaluator(dtype=...)
 
 
 def check_callable(spec: Any, name: str, allow_modules: tuple[str, ...] = ()) -> str:
@@ -193,13 +196,23 @@ class ModelEvaluator:
     forward. The gate scores pre-rotary features captured by hooks during a forward, so it is
     screened by one forward over those sequences (still ``num_seqs / screen_sequences``
     times cheaper than its perplexity). ``gate_fast`` is GateProvider's ``fast`` (None: the
-    fast path on CUDA; False: the reference path everywhere)."""
+    fast path on CUDA; False: the reference path everywhere).
+
+    ``dtype``: the weights' dtype when the evaluator loads the model ("float32", "bfloat16" or
+    "float16"). The NLL applies the LM head in chunks (``adaptive_sparse.evaluate.sequence_nll``),
+    so the [N, vocab] logits of a long sequence never exist at once.
+    ``latency_reps`` (0: off): ``evaluate`` also keeps every layer's masks of every sequence (on
+    the model's device) and times the provider rebuilding the last sequence's masks (median of
+    that many repetitions after one warm-up, summed over layers), and returns them as
+    ``result["latency_inputs"]`` (``sweeps.latency.LatencyInputs``) for the latency callable
+    ``sweeps.latency:kernel_latency``."""
 
     def __init__(self, model: str = "smollm2-135m", *, seq_len: int = 4096,
                  num_seqs: int | None = None, block_size: int = 64, corpus: str = "default",
                  split_seed: int = 0, gates: str | None = None, device: str = "cpu",
                  backend: str = "auto", screen_sequences: int = 1, model_obj=None,
-                 sequences=None, gate_fast: bool | None = None, **old):
+                 sequences=None, gate_fast: bool | None = None, dtype: str = "float32",
+                 latency_reps: int = 0, **old):
         if old:
             unknown = sorted(set(old) - set(RENAMED_ARGS))
             if unknown:
@@ -217,6 +230,12 @@ class ModelEvaluator:
         self.gates, self.device, self.backend = gates, device, backend
         self.screen_sequences = screen_sequences
         self.gate_fast = gate_fast
+        if dtype not in DTYPES:
+            raise fail("dtype", f"one of {list(DTYPES)}", dtype)
+        if isinstance(latency_reps, bool) or not isinstance(latency_reps, int) \
+                or latency_reps < 0:
+            raise fail("latency_reps", "an int >= 0 (0: no latency inputs)", latency_reps)
+        self.dtype, self.latency_reps = dtype, latency_reps
         self._model, self._sequences = model_obj, sequences
         self._gate_sets: dict[str, Any] = {}
         self._dense_nll: float | None = None
@@ -226,7 +245,8 @@ class ModelEvaluator:
         if self._model is None:
             import torch
             from adaptive_sparse.models import load_model
-            self._model, tokenizer = load_model(self.model_name, dtype=torch.float32)
+            self._model, tokenizer = load_model(self.model_name,
+                                                dtype=getattr(torch, self.dtype))
             self._model.to(self.device).eval()
             if self._sequences is None:
                 from adaptive_sparse.data import load_corpus, pack, split_documents
@@ -263,16 +283,18 @@ class ModelEvaluator:
                               gate_fast=self.gate_fast, gate_sets=self._gate_sets)
 
     def _nll(self, provider) -> float:
+        """Mean next-token NLL over every predicted token of the sequences."""
         import torch
+        from adaptive_sparse.evaluate import sequence_nll
         from adaptive_sparse.models import sparse_attention
         model, sequences = self._load()
-        losses = []
+        total, count = 0.0, 0
         with torch.no_grad(), sparse_attention(model, provider, block_size=self.block_size,
                                                backend=self.backend):
             for seq in sequences:
-                ids = seq[None].to(self.device)
-                losses.append(float(model(input_ids=ids, labels=ids).loss))
-        return sum(losses) / len(losses)
+                nll, n = sequence_nll(model, seq[None].to(self.device))
+                total, count = total + nll, count + n
+        return total / count
 
     def _detached(self, provider):
         """Run with ``provider``; remove its hooks from the model afterwards (gate capture)."""
@@ -288,18 +310,46 @@ class ModelEvaluator:
         return scope()
 
     def evaluate(self, family: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        from adaptive_sparse.models import CaptureProvider
+        from adaptive_sparse.models import CaptureProvider, RecordingProvider
         if self._dense_nll is None:
             self._dense_nll = self._nll(None)
+        timing = None
         with self._detached(self.provider(family, params)) as provider:
-            capture = CaptureProvider(provider, recall=True, block_size=self.block_size)
+            inner = provider
+            if self.latency_reps:
+                last = RecordingProvider(provider, block_size=self.block_size, qk=True,
+                                         last_only=True, device=None)
+                inner = every = RecordingProvider(last, block_size=self.block_size, device=None)
+            capture = CaptureProvider(inner, recall=True, block_size=self.block_size)
             nll = self._nll(capture)
+            if self.latency_reps:
+                timing = self._latency_inputs(provider, last.qk, every.masks)
         if not math.isfinite(nll):
             raise ValueError(f"perplexity: non-finite for {family} {dict(params)}")
         summary, per_layer = capture.summary(), capture.per_layer()
-        return {"perplexity_dense": math.exp(self._dense_nll), "perplexity": math.exp(nll),
-                "density": summary["density"], "recall": summary["recall"],
-                "per_layer_density": [row["density"] for row in per_layer]}
+        out = {"perplexity_dense": math.exp(self._dense_nll), "perplexity": math.exp(nll),
+               "density": summary["density"], "recall": summary["recall"],
+               "per_layer_density": [row["density"] for row in per_layer]}
+        if timing is not None:
+            out["latency_inputs"] = timing
+        return out
+
+    def _latency_inputs(self, provider, qk: dict, masks: dict):
+        """``sweeps.latency.LatencyInputs`` of one evaluation: the masks per sequence and the
+        provider's time to build the last sequence's masks again from its q/k (every layer)."""
+        import torch
+        from sweeps.latency import LatencyInputs, provider_ms
+
+        with torch.no_grad():
+            mask_ms = 0.0 if provider is None else provider_ms(provider, {
+                layer: kept[0] for layer, kept in qk.items()}, reps=self.latency_reps)
+        q, k = qk[min(qk)][0]
+        calls = len(masks[min(masks)])
+        return LatencyInputs(
+            masks=[{layer: kept[i] for layer, kept in sorted(masks.items())}
+                   for i in range(calls)],
+            q_shape=tuple(q.shape), kv_shape=tuple(k.shape), dtype=q.dtype, device=q.device,
+            backend=self.backend, reps=self.latency_reps, mask_ms=mask_ms)
 
     def screen(self, family: str, params: Mapping[str, Any]) -> dict[str, float]:
         import torch

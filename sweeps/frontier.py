@@ -41,8 +41,8 @@ from adaptive_sparse.io import atomic_write_text
 from sweeps.objectives import OBJECTIVES
 
 DEFAULT_BUDGETS = (0.01, 0.05)
-METRICS = ("density", "ppl_change", "recall", "latency_ms", "needle_accuracy", "perplexity",
-           "perplexity_dense")
+METRICS = ("density", "ppl_change", "recall", "latency_ms", "attention_ms", "mask_ms",
+           "needle_accuracy", "perplexity", "perplexity_dense")
 
 
 def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:

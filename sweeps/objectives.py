@@ -331,7 +331,9 @@ class SweepObjective:
     Records per trial (user attrs): method, family, call params (``policy_params``), every
     measured metric, ``per_layer_density``, ``stage`` ("screened" or "evaluated") and, with a
     density constraint, ``constraint`` = [density - max_density] (feasible when <= 0).
-    ``latency`` (optional) measures latency in ms: ``latency(family, params, result) -> float``.
+    ``latency`` (optional) measures latency in ms: ``latency(family, params, result) -> float``,
+    or a mapping with ``latency_ms`` whose other entries (its parts, the device) are recorded as
+    user attrs too (``sweeps.latency.kernel_latency``).
     """
 
     def __init__(self, space: SearchSpace, evaluator: Evaluator, objectives=("density",
@@ -384,7 +386,13 @@ class SweepObjective:
             if result.get(key) is not None:
                 metrics[key] = float(result[key])
         if "latency_ms" in self.objectives and self.latency is not None:
-            metrics["latency_ms"] = float(self.latency(method.family, call, result))
+            measured = self.latency(method.family, call, result)
+            if isinstance(measured, Mapping):  # latency_ms and its parts, recorded as attrs
+                for key, val in measured.items():
+                    if key != "latency_ms":
+                        trial.set_user_attr(key, val)
+                measured = measured["latency_ms"]
+            metrics["latency_ms"] = float(measured)
         for key, val in metrics.items():
             trial.set_user_attr(key, val)
         if result.get("per_layer_density") is not None:
