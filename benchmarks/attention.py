@@ -26,7 +26,9 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
                                               scores_to_kv_indices,
                                               triton_block_sparse_attention,
                                               triton_dense_causal_attention)
-from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE,
+from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_PV_ACCUMULATE,
+                                                          DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE,
+                                                          PV_ACCUMULATE,
                                                           fp8_block_sparse_attention)
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
 from adaptive_sparse.io import atomic_write_text
@@ -70,15 +72,26 @@ def _compiled_flex():
         else flex_attention
 
 
-FP8_DEFAULT = {"qk_format": DEFAULT_QK_FORMAT, "quantize": DEFAULT_QUANTIZE}
+FP8_DEFAULT = {"qk_format": DEFAULT_QK_FORMAT, "quantize": DEFAULT_QUANTIZE,
+               "pv_accumulate": DEFAULT_PV_ACCUMULATE}
+# FP8 paths compared in the accuracy table and timed at density 1.0 next to the chosen one:
+# Q.K^T format / quantization / P @ V accumulation; "e4m3/torch/chain" is the previous path
+FP8_VARIANTS = tuple(dict(zip(("qk_format", "quantize", "pv_accumulate"), v)) for v in (
+    ("int8", "fused", "tile"), ("int8", "fused", "chain"), ("e4m3", "fused", "tile"),
+    ("e4m3", "torch", "chain")))
+
+
+def fp8_label(fp8: dict) -> str:
+    return f"{fp8['qk_format']}/{fp8['quantize']}/{fp8['pv_accumulate']}"
 
 
 def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None,
-             fp8: dict | None = FP8_DEFAULT) -> list[dict]:
+             fp8: dict | None = FP8_DEFAULT, fp8_variants=()) -> list[dict]:
     """Dense kernels (ours bf16 / fp8 vs SDPA), then one row per mask: random masks at
     `densities`, or the given `masks` [(label, BlockSparseMask)] (e.g. a trained gate's
     per-layer masks) instead. `fp8`: None (no FP8 columns) or the FP8 options
-    {"qk_format", "quantize"}; FP8 times include the quantization, timed alone too."""
+    {"qk_format", "quantize", "pv_accumulate"}; FP8 times include the quantization, timed
+    alone too; with `fp8_variants`, the dense-kernel row also times those other FP8 paths."""
     Hq, Hkv, D = SHAPES[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -129,6 +142,10 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None,
     if bs == 128:
         add_fp8(row, lambda: fp8_block_sparse_attention(q, k, v, None, scale, **_fp8_kw(fp8)),
                 dense_flops, ref, ours_dense_ms)
+        for var in (fp8_variants if fp8 else ()):
+            if _fp8_kw(var) != _fp8_kw(fp8):
+                row.setdefault("fp8_variants_ms", {})[fp8_label(var)] = _try_bench(
+                    lambda: fp8_block_sparse_attention(q, k, v, None, scale, **_fp8_kw(var)))
     rows_out.append(row)
     log(row)
     cases = masks if masks is not None else \
@@ -178,7 +195,15 @@ def _quant_args(fp8: dict) -> dict:
 
 
 def _fp8_kw(fp8: dict | None) -> dict:
-    return {} if not fp8 else {"qk_format": fp8["qk_format"], "quantize": fp8["quantize"]}
+    return {} if not fp8 else {k: fp8[k] for k in ("qk_format", "quantize", "pv_accumulate")}
+
+
+def _try_bench(call) -> float | str:
+    """bench(call), or the error (cut) of a path that fails on this device."""
+    try:
+        return bench(call)
+    except Exception as e:  # noqa: BLE001  (an FP8 variant that does not compile is reported)
+        return f"failed: {e!r:.200}"
 
 
 def fp8_inputs(shape, n, gen, dev, outliers: bool):
@@ -194,9 +219,6 @@ def fp8_inputs(shape, n, gen, dev, outliers: bool):
         q[..., ch] *= 3
         v[..., :2] += 5
     return q.to(dt), k.to(dt), v.to(dt)
-
-
-FP8_VARIANTS = (("int8", "fused"), ("e4m3", "fused"), ("e4m3", "torch"))  # (qk, quantization)
 
 
 def fp8_accuracy(shape, n, gen, log) -> list[dict]:
@@ -215,15 +237,13 @@ def fp8_accuracy(shape, n, gen, log) -> list[dict]:
         row = dict(kind="fp8_accuracy", shape=shape, N=n, D=D,
                    inputs="outliers" if outliers else "random",
                    err_bf16=rel_err(triton_dense_causal_attention(q, k, v, scale)[0, heads]
-                                    [:, rows], ref))
-        for fmt, method in FP8_VARIANTS:
+                                    [:, rows], ref), err_fp8={})
+        for var in FP8_VARIANTS:
             try:
-                out = fp8_block_sparse_attention(q, k, v, None, scale, qk_format=fmt,
-                                                 quantize=method)
-                row[f"err_fp8_{fmt}_{method}"] = rel_err(out[0, heads][:, rows], ref)
+                out = fp8_block_sparse_attention(q, k, v, None, scale, **_fp8_kw(var))
+                row["err_fp8"][fp8_label(var)] = rel_err(out[0, heads][:, rows], ref)
             except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported)
-                row[f"err_fp8_{fmt}_{method}"] = None
-                row[f"failed_{fmt}_{method}"] = repr(e)[:300]
+                row["err_fp8"][fp8_label(var)] = f"failed: {e!r:.200}"
         log(row)
         out_rows.append(row)
     return out_rows
@@ -231,8 +251,8 @@ def fp8_accuracy(shape, n, gen, log) -> list[dict]:
 
 def fp8_preflight(fp8: dict) -> dict:
     """Run the chosen FP8 path once on a small CUDA input; if it raises (a kernel that does not
-    compile on this device), fall back to e4m3 Q.K^T with the same quantization, then to the
-    previous path (e4m3, torch quantization), for this run, and say so."""
+    compile on this device), fall back to chained P @ V accumulation, then to e4m3 Q.K^T, then
+    to the previous path (e4m3, torch quantization, chained), for this run, and say so."""
     if not torch.cuda.is_available():
         return fp8
     Hq, Hkv, D = SHAPES["llama3-8b"]
@@ -240,12 +260,12 @@ def fp8_preflight(fp8: dict) -> dict:
     q, k, v = (torch.randn(1, h, 512, D, generator=g, device="cuda", dtype=torch.bfloat16)
                for h in (Hq, Hkv, Hkv))
     errors = []
-    for cand in (fp8, {"qk_format": "e4m3", "quantize": fp8["quantize"]},
-                 {"qk_format": "e4m3", "quantize": "torch"}):
+    for cand in (fp8, {**fp8, "pv_accumulate": "chain"}, {**fp8, "qk_format": "e4m3"},
+                 FP8_VARIANTS[-1]):
         try:
             fp8_block_sparse_attention(q, k, v, None, **_fp8_kw(cand))
             torch.cuda.synchronize()
-            return {**cand, "failed": errors} if errors else cand
+            return {**cand, "failed": errors} if errors else dict(cand)
         except Exception as e:  # noqa: BLE001
             errors.append(f"{cand}: {e!r:.300}")
             print(f"FP8 path {cand} failed: {e!r:.300}", file=sys.stderr, flush=True)
@@ -364,18 +384,35 @@ def shape_table(env, rows) -> list[str]:
 
 
 def fp8_accuracy_table(acc) -> list[str]:
-    cols = [f"err_fp8_{f}_{m}" for f, m in FP8_VARIANTS]
+    labels = [fp8_label(v) for v in FP8_VARIANTS]
     lines = ["FP8 error vs fp64 (dense causal, sampled rows; relative Frobenius) next to the bf16 "
              "kernel's. 'outliers': K with a channel-wise bias and a few channels 4x larger (Q "
-             "3x), V offset; FP8 columns: Q.K^T format / quantization (e4m3 / torch = the "
-             "previous path):", "",
-             "| shape | D | N | inputs | bf16 | " + " | ".join(f"FP8 {f} / {m}" for f, m in
-                                                          FP8_VARIANTS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(cols)]
+             "3x), V offset on two channels. FP8 columns: Q.K^T format / quantization / P @ V "
+             "accumulation (e4m3/torch/chain = the previous path):", "",
+             "| shape | D | N | inputs | bf16 | " + " | ".join(labels) + " |",
+             "|---|---|---|---|---|" + "---|" * len(labels)]
     for r in acc:
+        errs = [r["err_fp8"].get(lb) for lb in labels]
         lines.append(f"| {r['shape']} | {r['D']} | {r['N']} | {r['inputs']} | "
-                     f"{r['err_bf16']:.2e} | " + " | ".join(fmt(r.get(c), '.2e') for c in cols)
-                     + " |")
+                     f"{r['err_bf16']:.2e} | " + " | ".join(
+                         e if isinstance(e, str) else fmt(e, '.2e') for e in errs) + " |")
+    return lines
+
+
+def fp8_variant_lines(rows) -> list[str]:
+    timed = [r for r in rows if r.get("fp8_variants_ms")]
+    if not timed:
+        return []
+    labels = list(dict.fromkeys(lb for r in timed for lb in r["fp8_variants_ms"]))
+    lines = ["FP8 paths at density 1.0 (dense causal kernel, ms, quantization included; 'FP8 ms' "
+             "of the table above is the path named first):", "",
+             "| shape | N | bf16 ms | " + fp8_label(timed[0]["fp8_path"]) + " | "
+             + " | ".join(labels) + " |", "|---|---|---|---|" + "---|" * len(labels)]
+    for r in timed:
+        vals = [r["fp8_variants_ms"].get(lb) for lb in labels]
+        lines.append(f"| {r['shape']} | {r['N']} | {r['ms']:.3f} | {fmt(r.get('fp8_ms'), '.3f')}"
+                     " | " + " | ".join(v if isinstance(v, str) else fmt(v, '.3f')
+                                        for v in vals) + " |")
     return lines
 
 
@@ -391,6 +428,9 @@ def markdown(env, rows, targets, gates, acc=()) -> str:
              "failed. Graph columns (N <= 16k): the call replayed from a CUDA graph.", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += shape_table(env, [r for r in rows if r["shape"] == shape]) + [""]
+    variants = fp8_variant_lines(rows)
+    if variants:
+        lines += variants + [""]
     if acc:
         lines += fp8_accuracy_table(acc) + [""]
     if targets:
@@ -427,6 +467,10 @@ def main(argv=None) -> int:
                     help="Q.K^T format of the timed FP8 path")
     ap.add_argument("--fp8-quantize", default=DEFAULT_QUANTIZE, choices=("fused", "torch"),
                     help="quantization of the timed FP8 path (Triton kernels or torch ops)")
+    ap.add_argument("--fp8-pv", default=DEFAULT_PV_ACCUMULATE, choices=PV_ACCUMULATE,
+                    help="P @ V accumulation of the timed FP8 path")
+    ap.add_argument("--fp8-variants", action="store_true",
+                    help="also time every FP8 path of the accuracy table at density 1.0")
     ap.add_argument("--fp8-accuracy", default="",
                     help="lengths (comma list) of an FP8 error table per shape: bf16 and every "
                     "FP8 variant vs fp64, random inputs and inputs with outliers")
@@ -444,7 +488,8 @@ def main(argv=None) -> int:
     flex_fn = None if a.no_flex else _compiled_flex()
     rows, targets, gates, logged, acc = [], [], [], [], []
     fp8 = None if a.no_fp8 else fp8_preflight({"qk_format": a.fp8_qk,
-                                                "quantize": a.fp8_quantize})
+                                                "quantize": a.fp8_quantize,
+                                                "pv_accumulate": a.fp8_pv})
 
     def log(r):
         logged.append(r)
@@ -460,7 +505,8 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 try:
                     rows += run_case(shape, n, bs, [float(x) for x in a.densities.split(",")],
-                                     gen, flex_fn, log, fp8=fp8)
+                                     gen, flex_fn, log, fp8=fp8,
+                                     fp8_variants=FP8_VARIANTS if a.fp8_variants else ())
                 except torch.OutOfMemoryError as e:
                     print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -130,6 +130,8 @@ def test_quantize_refuses_unknown_options():
         fp8_block_sparse_attention(q, q, q, qk_format="int4")
     with pytest.raises(ValueError, match="^quantize: expected one of"):
         fp8_block_sparse_attention(q, q, q, quantize="numpy")
+    with pytest.raises(ValueError, match="^pv_accumulate: expected one of"):
+        fp8_block_sparse_attention(q, q, q, pv_accumulate="fp16")
 
 
 def _check_fused_matches_torch(q, k, v, bs, qk_format):
@@ -170,10 +172,11 @@ def test_interpreter_fused_quantization_matches_torch(qk_format, D, bs):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("qk_format,quantize", [("int8", "fused"), ("e4m3", "fused"),
-                                                ("int8", "torch")])
+@pytest.mark.parametrize("qk_format,quantize,pv", [
+    ("int8", "fused", "tile"), ("e4m3", "fused", "tile"), ("int8", "torch", "tile"),
+    ("int8", "fused", "chain"), ("e4m3", "torch", "chain")])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 70, 100, 32, 32, 0.5), (2, 2, 2, 64, 64, 16, 16, 1.0)])
-def test_interpreter_fp8_close_to_fp64(shape, qk_format, quantize):
+def test_interpreter_fp8_close_to_fp64(shape, qk_format, quantize, pv):
     from adaptive_sparse.attention.triton.forward_fp8 import fp8_block_sparse_attention
 
     gen = torch.Generator().manual_seed(5)
@@ -181,7 +184,7 @@ def test_interpreter_fp8_close_to_fp64(shape, qk_format, quantize):
     scale = 1 / math.sqrt(q.shape[-1])
     out = torch.full_like(q, float("nan"))
     fp8_block_sparse_attention(q, k, v, mask, scale, out=out, qk_format=qk_format,
-                               quantize=quantize)
+                               quantize=quantize, pv_accumulate=pv)
     ref, lse = reference_attention(q.double(), k.double(), v.double(), mask, scale, True)
     assert torch.isfinite(out).all()
     empty = torch.isneginf(lse)
@@ -230,11 +233,13 @@ def test_gpu_fused_quantization_matches_torch(D, qk_format):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("qk_format", ["int8", "e4m3"])
+@pytest.mark.parametrize("qk_format,pv", [("int8", "tile"), ("int8", "chain"), ("e4m3", "tile"),
+                                          ("e4m3", "chain")])
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_gpu_fp8_error_next_to_bf16(D, qk_format):
-    """fp8 error vs fp64 stays within a small multiple of the bf16 kernel's, every config, and
-    close to fp64 attention on the dequantized inputs (only P's cast separates them)."""
+def test_gpu_fp8_error_next_to_bf16(D, qk_format, pv):
+    """fp8 error vs fp64 stays within a small multiple of the bf16 kernel's and close to fp64
+    attention on the dequantized inputs (only P's cast separates them): every autotune config
+    for the default path (int8 / tile), the first and last for the others (compile time)."""
     from adaptive_sparse.attention.triton import triton_block_sparse_attention
     from adaptive_sparse.attention.triton.forward_fp8 import (autotune_configs,
                                                               fp8_block_sparse_attention, keep)
@@ -247,11 +252,13 @@ def test_gpu_fp8_error_next_to_bf16(D, qk_format):
     args = {"BS": 128, "HEAD_DIM": D, "G": 4, "SHARED": True}
     kept = [c for c in autotune_configs() if keep(c, args)]
     assert kept
+    if (qk_format, pv) != ("int8", "tile"):
+        kept = [kept[0], kept[-1]]
     for c in kept:
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
         out = torch.full_like(q, float("nan"))
         fp8_block_sparse_attention(q, k, v, mask, 1 / math.sqrt(D), config=cfg, out=out,
-                                   qk_format=qk_format)
+                                   qk_format=qk_format, pv_accumulate=pv)
         err = _rel(out, ref)
         assert err < 1e-1 and err < 40 * err_bf16, (cfg, err, err_bf16)
         assert _rel(out, emulated) < 6e-2, cfg

@@ -12,7 +12,10 @@ SageAttention / SpargeAttn do with 8 bits:
   order Hopper's 8-bit tensor-core instructions need);
 - P = exp2(...) lies in [0, 1]; it is computed 448 times larger (log2(448) folded into the row
   max, no extra multiply) and cast to e4m3; the row sum uses the same scaled values, so the
-  factor cancels in acc / l.
+  factor cancels in acc / l;
+- each key tile's P @ V starts from zero and is added to the fp32 accumulator (default
+  `pv_accumulate="tile"`, SageAttention2's two-level accumulation: Hopper's 8-bit MMA keeps
+  fewer accumulator bits than fp32, which a whole row's sum in the MMA would pile up).
 The program layout, the block walk and the causal handling are those of `forward.bsa_fwd_kernel`.
 """
 
@@ -28,11 +31,13 @@ from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, ch
                                                       check_head_dim, check_out, launch,
                                                       masked_row_max, pow2_bucket, program_rows,
                                                       row_blocks, softmax_state, tile_start)
-
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
+from adaptive_sparse.errors import fail
 
 DEFAULT_QK_FORMAT = "int8"  # "e4m3": the previous Q @ K.T format (see the module docstring)
 DEFAULT_QUANTIZE = "fused"  # "torch": Q, K, V quantized by torch ops instead of Triton kernels
+PV_ACCUMULATE = ("tile", "chain")
+DEFAULT_PV_ACCUMULATE = "tile"  # "chain": the MMA accumulates P @ V across tiles (previous)
 
 
 
@@ -47,13 +52,15 @@ def bsa_fwd_fp8_kernel(
     stride_ib, stride_ih, stride_iq,
     H_Q, N_Q, N_KV, N_KV16, QB, KB, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
     G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
-    CAUSAL: tl.constexpr, DENSE: tl.constexpr, QK_INT8: tl.constexpr,
+    CAUSAL: tl.constexpr, DENSE: tl.constexpr, QK_INT8: tl.constexpr, PV_TILE: tl.constexpr,
     GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid, program order (`program_rows`) and tables as `bsa_fwd_kernel`.
     Q8 [B, H_Q, N_Q, D], K8 [B, H_KV, N_KV, D] (int8 when QK_INT8, else e4m3), VT8 e4m3
     [B, H_KV, D, N_KV16]; SQ fp32 [B, H_Q, N_Q] (per token), SK fp32 [B, H_KV, KB] (per key
-    block), SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]."""
+    block), SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]. PV_TILE: each tile's P @ V starts from
+    zero and is added to the fp32 accumulator (SageAttention2's two-level accumulation: Hopper's
+    8-bit MMA keeps fewer accumulator bits than fp32); else the MMA accumulates across tiles."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
@@ -80,11 +87,13 @@ def bsa_fwd_fp8_kernel(
     for t in range(0, n_full * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
-                                  rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL, QK_INT8)
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL, QK_INT8,
+                                  PV_TILE)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
-                                  rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL, QK_INT8)
+                                  rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL, QK_INT8,
+                                  PV_TILE)
 
     empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
     l_safe = tl.where(empty, 1.0, l_i)
@@ -98,11 +107,14 @@ def bsa_fwd_fp8_kernel(
 @triton.jit
 def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, rows, N_KV, OFFSET,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, QK_INT8: tl.constexpr):
+              CAUSAL: tl.constexpr, QK_INT8: tl.constexpr, PV_TILE: tl.constexpr):
     """One key tile: s = (q8 @ k8.T) * sq * sk * scale * log2(e); p = 448 * exp2(s - m)."""
     k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] 8-bit
     if QK_INT8:
-        s = tl.dot(q, k).to(tl.float32)  # int32 accumulation, exact
+        # int32 scores (exact), |s| <= 127^2 * 256 < 2^22: s + 1.5 * 2^23 read as fp32 is
+        # exactly 12582912 + s, so an integer add and a float add convert it at full rate
+        # (an int-to-float instruction would run at the rate of exp2, the softmax's limit)
+        s = (tl.dot(q, k) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     else:
         s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N] fp32
     c = row_scale * tl.load(sk_base + start_n // BS)  # [BLOCK_M]
@@ -112,8 +124,11 @@ def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, row
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.trans(v_desc.load([0, start_n]))  # [BLOCK_N, D] e4m3
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+    if PV_TILE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+    else:
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
     return acc, l_i, m_new
 
 
@@ -146,7 +161,7 @@ def _prune(configs, named_args, **kwargs):
 
 bsa_fwd_fp8_autotuned = triton.autotune(
     configs=autotune_configs(),
-    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QK_INT8", "QB_BUCKET",
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QK_INT8", "PV_TILE", "QB_BUCKET",
          "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_fp8_kernel)
@@ -155,14 +170,16 @@ bsa_fwd_fp8_autotuned = triton.autotune(
 def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *,
                                config: dict | None = None, out: torch.Tensor | None = None,
                                blocks_per_row: float | None = None,
-                               qk_format: str | None = None, quantize: str | None = None):
+                               qk_format: str | None = None, quantize: str | None = None,
+                               pv_accumulate: str | None = None):
     """FP8 block-sparse (or, with mask=None, dense causal at block 128) attention.
 
     q [B, Hq, N, D], k/v [B, Hkv, M, D] in fp32/fp16/bf16, D in (16, 32, 64, 128, 256); mask a
     `BlockSparseMask` as for `triton_block_sparse_attention`. Inputs are quantized here (module
     docstring): Q and K to `qk_format` ("int8" or "e4m3"; None = DEFAULT_QK_FORMAT), V to e4m3,
-    by `quantize` ("fused": Triton kernels, "torch": torch ops; None = DEFAULT_QUANTIZE). The
-    output is in q.dtype (written into `out` when given). `config` pins GH, RB, BLOCK_N,
+    by `quantize` ("fused": Triton kernels, "torch": torch ops; None = DEFAULT_QUANTIZE).
+    `pv_accumulate`: "tile" (each tile's P @ V added in fp32) or "chain" (accumulated in the MMA
+    across tiles); None = DEFAULT_PV_ACCUMULATE. The output is in q.dtype (written into `out` when given). `config` pins GH, RB, BLOCK_N,
     num_warps, num_stages; None autotunes on CUDA and uses a small fixed config in the
     interpreter. Returns out [B, Hq, N, D]."""
     B, Hq, N, D = q.shape
@@ -173,6 +190,9 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
         raise ValueError(f"k, v: expected [B={B}, Hkv dividing {Hq}, M, D={D}], got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
     qk_format = DEFAULT_QK_FORMAT if qk_format is None else qk_format
+    pv_accumulate = DEFAULT_PV_ACCUMULATE if pv_accumulate is None else pv_accumulate
+    if pv_accumulate not in PV_ACCUMULATE:
+        raise fail("pv_accumulate", f"one of {PV_ACCUMULATE}", pv_accumulate)
     dense = mask is None
     bs = 128 if dense else mask.block_size
     causal = True if dense else mask.causal
@@ -206,7 +226,7 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
             Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
             heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense,
-                QK_INT8=qk_format == "int8")
+                QK_INT8=qk_format == "int8", PV_TILE=pv_accumulate == "tile")
     if config is None and not q.is_cuda:
         block_m = min(64, bs)
         gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
