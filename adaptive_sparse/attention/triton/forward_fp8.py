@@ -179,9 +179,9 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
     docstring): Q and K to `qk_format` ("int8" or "e4m3"; None = DEFAULT_QK_FORMAT), V to e4m3,
     by `quantize` ("fused": Triton kernels, "torch": torch ops; None = DEFAULT_QUANTIZE).
     `pv_accumulate`: "tile" (each tile's P @ V added in fp32) or "chain" (accumulated in the MMA
-    across tiles); None = DEFAULT_PV_ACCUMULATE. The output is in q.dtype (written into `out` when given). `config` pins GH, RB, BLOCK_N,
-    num_warps, num_stages; None autotunes on CUDA and uses a small fixed config in the
-    interpreter. Returns out [B, Hq, N, D]."""
+    across tiles); None = DEFAULT_PV_ACCUMULATE. The output is in q.dtype (written into `out`
+    when given). `config` pins GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA
+    and uses a small fixed config in the interpreter. Returns out [B, Hq, N, D]."""
     B, Hq, N, D = q.shape
     check_dtype(q)
     check_head_dim(D)
