@@ -147,8 +147,8 @@ def dense_rows(model, args, dtype) -> dict[str, float]:
     n, layers = args.seq_len, s["num_layers"]
     q_shape, kv_shape = (1, s["num_heads"], n, s["head_dim"]), (1, s["num_kv_heads"], n,
                                                                 s["head_dim"])
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    q, k, v = (torch.randn(*shape, generator=gen).to(args.device, dtype)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    q, k, v = (torch.randn(*shape, generator=gen, device=args.device, dtype=dtype)
                for shape in (q_shape, kv_shape, kv_shape))
     rows = {f"sdpa_{name}": ms * layers
             for name, ms in dense_baselines(q, k, v, s["head_dim"] ** -0.5).items()}

@@ -104,8 +104,9 @@ def attention_ms(masks: list[Mapping[int, BlockSparseMask]], q_shape, kv_shape, 
     seeded random values in ``dtype`` on ``device``."""
     if not masks or not all(masks):
         raise fail("masks", "a non-empty list of non-empty {layer: mask} mappings", masks)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(*shape, generator=gen, device=device, dtype=dtype)
                for shape in (q_shape, kv_shape, kv_shape))
     out = torch.empty_like(q)
     calls = [mask.to(q.device) for seq in masks for _, mask in sorted(seq.items())]
