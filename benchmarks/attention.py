@@ -29,7 +29,8 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
 from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_PV_ACCUMULATE,
                                                           DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE,
                                                           PV_ACCUMULATE,
-                                                          fp8_block_sparse_attention)
+                                                          fp8_block_sparse_attention,
+                                                          fp8_defaults)
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import BlockSparseMask, diagonal_blocks
@@ -249,6 +250,54 @@ def fp8_accuracy(shape, n, gen, log) -> list[dict]:
     return out_rows
 
 
+def fp8_perplexity(model_name: str, seqlens, docs: int, corpus: str, log) -> list[dict]:
+    """Perplexity of a real model (`load_model` preset) on `docs` validation sequences of each
+    length: SDPA (cuDNN on CUDA), our bf16 kernel (dense), and our kernel under every FP8 path
+    (dense, block 64 as the prefill table); the change is against SDPA."""
+    from adaptive_sparse.models import sparse_attention
+    from benchmarks.e2e import dense_contexts, load_real, perplexity
+
+    cuda = torch.cuda.is_available()
+    model, data = load_real(model_name, "cuda" if cuda else "cpu", corpus, seqlens, docs)
+    out = []
+    for n in seqlens:
+        seqs = data[n][1]
+        base = perplexity(model, seqs, dense_contexts(cuda)[0][1])
+
+        def ours(precision):
+            return lambda: sparse_attention(model, None, block_size=64, backend="triton",
+                                            precision=precision)
+
+        configs = [("ours bf16", ours("input"), {})] + [
+            (f"fp8 {fp8_label(v)}", ours("fp8"), _fp8_kw(v)) for v in FP8_VARIANTS]
+        for name, ctx, kw in configs:
+            try:
+                with fp8_defaults(**kw):
+                    ppl = perplexity(model, seqs, ctx)
+                row = dict(kind="fp8_ppl", model=model_name, N=n, docs=int(seqs.shape[0]),
+                           config=name, ppl=ppl, sdpa_ppl=base, ppl_change=ppl / base - 1)
+            except Exception as e:  # noqa: BLE001  (a path that fails is reported)
+                row = dict(kind="fp8_ppl", model=model_name, N=n, config=name,
+                           failed=f"{e!r:.200}")
+            log(row)
+            out.append(row)
+    return out
+
+
+def fp8_ppl_lines(rows) -> list[str]:
+    lines = ["Perplexity of a real model, dense causal attention, block 64: change vs SDPA "
+             "(first dense backend) on the same validation sequences:", "",
+             "| model | N | docs | config | perplexity | change vs SDPA |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['model']} | {r['N']} | - | {r['config']} | {r['failed']} | - |")
+        else:
+            lines.append(f"| {r['model']} | {r['N']} | {r['docs']} | {r['config']} | "
+                         f"{r['ppl']:.4f} | {100 * r['ppl_change']:+.3f}% |")
+    return lines
+
+
 def fp8_preflight(fp8: dict) -> dict:
     """Run the chosen FP8 path once on a small CUDA input; if it raises (a kernel that does not
     compile on this device), fall back to chained P @ V accumulation, then to e4m3 Q.K^T, then
@@ -416,7 +465,7 @@ def fp8_variant_lines(rows) -> list[str]:
     return lines
 
 
-def markdown(env, rows, targets, gates, acc=()) -> str:
+def markdown(env, rows, targets, gates, acc=(), ppl=()) -> str:
     lines = ["B=1, bf16, causal, random block masks (diagonal + sink kept, one mask per KV "
              "group; Flex gets the same blocks expanded to Hq heads, full blocks off the "
              "diagonal). Useful TFLOP/s = 4 * D * Hq * (visible query/key pairs in kept tiles) "
@@ -433,6 +482,8 @@ def markdown(env, rows, targets, gates, acc=()) -> str:
         lines += variants + [""]
     if acc:
         lines += fp8_accuracy_table(acc) + [""]
+    if ppl:
+        lines += fp8_ppl_lines(ppl) + [""]
     if targets:
         lines += ["Target kernel (block-max + block-sum maps, llama3-8b shape) vs one dense "
                   "SDPA forward (fastest backend); peak = memory allocated beyond the inputs:",
@@ -469,6 +520,11 @@ def main(argv=None) -> int:
                     help="quantization of the timed FP8 path (Triton kernels or torch ops)")
     ap.add_argument("--fp8-pv", default=DEFAULT_PV_ACCUMULATE, choices=PV_ACCUMULATE,
                     help="P @ V accumulation of the timed FP8 path")
+    ap.add_argument("--fp8-ppl", default=None, metavar="MODEL",
+                    help="perplexity of this load_model preset under bf16 and every FP8 path")
+    ap.add_argument("--fp8-ppl-seqlens", default="16384,32768")
+    ap.add_argument("--fp8-ppl-docs", type=int, default=2)
+    ap.add_argument("--fp8-ppl-corpus", default="default")
     ap.add_argument("--fp8-variants", action="store_true",
                     help="also time every FP8 path of the accuracy table at density 1.0")
     ap.add_argument("--fp8-accuracy", default="",
@@ -486,7 +542,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
     flex_fn = None if a.no_flex else _compiled_flex()
-    rows, targets, gates, logged, acc = [], [], [], [], []
+    rows, targets, gates, logged, acc, ppl = [], [], [], [], [], []
     fp8 = None if a.no_fp8 else fp8_preflight({"qk_format": a.fp8_qk,
                                                 "quantize": a.fp8_quantize,
                                                 "pv_accumulate": a.fp8_pv})
@@ -511,6 +567,9 @@ def main(argv=None) -> int:
                     print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 print(f"# {shape} N={n} bs={bs}: {time.time() - t0:.1f} s", flush=True)
+    if a.fp8_ppl:
+        ppl = fp8_perplexity(a.fp8_ppl, ints(a.fp8_ppl_seqlens), a.fp8_ppl_docs,
+                             a.fp8_ppl_corpus, log)
     if a.mask_artifact:
         rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log, fp8=fp8)
     if torch.cuda.is_available():
@@ -525,9 +584,10 @@ def main(argv=None) -> int:
     tuned_fp8 = {str(k): str(v) for k, v in bsa_fwd_fp8_autotuned.cache.items()}
     atomic_write_text(a.json, json.dumps({"env": env, "fp8": fp8, "rows": rows,
                                           "targets": targets, "gates": gates,
-                                          "fp8_accuracy": acc, "autotuned": tuned,
+                                          "fp8_accuracy": acc, "fp8_ppl": ppl,
+                                          "autotuned": tuned,
                                           "autotuned_fp8": tuned_fp8}, indent=1))
-    md = markdown(env, rows, targets, gates, acc)
+    md = markdown(env, rows, targets, gates, acc, ppl)
     atomic_write_text(a.md, md)
     print(md, flush=True)
     return 0

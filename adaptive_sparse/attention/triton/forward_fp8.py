@@ -21,6 +21,7 @@ The program layout, the block walk and the causal handling are those of `forward
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,6 +39,22 @@ DEFAULT_QK_FORMAT = "int8"  # "e4m3": the previous Q @ K.T format (see the modul
 DEFAULT_QUANTIZE = "fused"  # "torch": Q, K, V quantized by torch ops instead of Triton kernels
 PV_ACCUMULATE = ("tile", "chain")
 DEFAULT_PV_ACCUMULATE = "tile"  # "chain": the MMA accumulates P @ V across tiles (previous)
+
+
+@contextlib.contextmanager
+def fp8_defaults(qk_format: str | None = None, quantize: str | None = None,
+                 pv_accumulate: str | None = None):
+    """Context: the FP8 path that calls without explicit options take (e.g. a model run under
+    `sparse_attention(..., precision="fp8")`); None keeps a default. Restored on exit."""
+    global DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE, DEFAULT_PV_ACCUMULATE
+    saved = DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE, DEFAULT_PV_ACCUMULATE
+    DEFAULT_QK_FORMAT = qk_format or DEFAULT_QK_FORMAT
+    DEFAULT_QUANTIZE = quantize or DEFAULT_QUANTIZE
+    DEFAULT_PV_ACCUMULATE = pv_accumulate or DEFAULT_PV_ACCUMULATE
+    try:
+        yield
+    finally:
+        DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE, DEFAULT_PV_ACCUMULATE = saved
 
 
 
