@@ -13,6 +13,18 @@ length, and its frontier report.
 Every stage resumes: trained gates are reused, each evaluation is appended to OUT/quality.json
 as it finishes (a restart skips what is there), the sweep is an Optuna study in OUT/sweep.
 
+Research levers (issue 13), each an ablation row of the same table and of the needle stage:
+- ``--budgets gate/threshold oracle/density ...``: per-layer, per-head budgets calibrated on
+  ``--calib-docs`` sequences of the corpus's ``--calib-split`` (default "test": never trained
+  on, never evaluated) by equal marginal gain (``policies.BudgetCalibrator``), rows
+  ``<family>/<kind>+budgets``;
+- ``--tail-blocks/--tail-scale/--min-blocks``: the gate's threshold policy with a larger
+  budget on the last query rows (every decoding step's row included) and/or a per-row floor,
+  row ``gate/threshold+<lever>``, and in the needle stage the best gate's policy with the lever;
+- ``--needle-diagnose``: the best gate's needle run with dense decoding steps, and with a dense
+  prefill, to tell which step loses the needle. Every sparse needle run reports the density
+  its masks kept in the prefill and in the decoding steps (forced and floor blocks included).
+
 Calibration. A pattern's parameters for a target density come from one ordered family per
 pattern (one knob; the others fixed at common settings, written in ``FAMILIES``): every member
 is screened (masks built on one sequence's recorded q/k, no forward; ``ModelEvaluator.screen``)
@@ -76,12 +88,100 @@ def families(seq_len: int, bs: int) -> dict[str, tuple[str, list[dict]]]:
     }
 
 
+BUDGET_FAMILIES = ("gate/threshold", "gate/density", "oracle/threshold", "oracle/density")
+BUDGET_SPREAD = (0.85, 1.0, 1.15)  # members per target density, for the screening
+
+
+def lever_policy(args) -> dict:
+    """The needle lever's policy fields from the flags ({} when no lever is asked for)."""
+    out = {}
+    if args.tail_blocks:
+        out.update(tail_blocks=args.tail_blocks, tail_scale=args.tail_scale)
+    if args.min_blocks:
+        out["min_blocks"] = args.min_blocks
+    return out
+
+
+def lever_label(lever: dict) -> str:
+    """"tail1x4", "floor2", "tail1x4+floor2": the lever's name in method labels."""
+    parts = []
+    if lever.get("tail_blocks"):
+        parts.append(f"tail{lever['tail_blocks']}x{lever['tail_scale']:g}")
+    if lever.get("min_blocks"):
+        parts.append(f"floor{lever['min_blocks']}")
+    return "+".join(parts)
+
+
+def budget_calibrators(evaluator, sequences, families, *, block_size: int = 64,
+                       log=print) -> dict:
+    """family ("gate/threshold", "oracle/density", ...) -> a `policies.BudgetCalibrator` fed
+    with every layer of one dense forward per calibration sequence (LongTensor [S, N]): the
+    gate's scores (its provider's own path, `keep_scores`) or the true block sums (the oracle's
+    ranking), against the true block sums."""
+    from adaptive_sparse.attention.block_maps import block_attention_maps
+    from adaptive_sparse.evaluate import final_hidden
+    from adaptive_sparse.models import observe_attention
+    from adaptive_sparse.policies import BudgetCalibrator, Policy
+
+    model = evaluator._load()[0]
+    layers = evaluator.num_layers
+    bases = {"threshold": Policy("threshold", tau=0.01), "density": Policy("density", density=0.1)}
+    cals = {f: BudgetCalibrator(bases[f.split("/")[1]], layers) for f in families}
+    gate = None
+    if any(f.startswith("gate") for f in cals):
+        gate = evaluator.provider("gate", {"policy": bases["threshold"].to_dict()})
+        gate.keep_scores = True
+    t0 = time.perf_counter()
+
+    def observer(call):
+        n, m = call.q.shape[2], call.k.shape[2]
+        _, bsum = block_attention_maps(call.q, call.k, block_size=block_size)
+        where = dict(q_len=n, kv_len=m, block_size=block_size)
+        if gate is not None:
+            gate(call.layer_idx, call.q, call.k)
+            scores = gate.last_scores.pop(call.layer_idx).float()
+        for f, cal in cals.items():
+            if f.startswith("gate"):
+                cal.update(call.layer_idx, scores, bsum, **where)
+            else:
+                cal.update(call.layer_idx, bsum, bsum, scores_are_probs=True, **where)
+
+    try:
+        with torch.no_grad(), observe_attention(model, observer):
+            for seq in sequences:
+                final_hidden(model, seq[None].to(evaluator.device))  # no [N, vocab] logits
+    finally:
+        if gate is not None:
+            gate.detach()
+    log(f"  budget curves of {', '.join(cals)} on {len(sequences)} calibration sequences in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return cals
+
+
+def budget_members(cal, family: str, targets) -> list[dict]:
+    """Calibrated settings for targets x BUDGET_SPREAD (calibration-data densities), ordered by
+    density; each {"policy", ["target"], "_calibration": info}."""
+    members = []
+    for t in sorted({min(1.0, t * f) for t in targets for f in BUDGET_SPREAD}):
+        pol, info = cal.policy(t)
+        m = {"policy": pol.to_dict()}
+        if family.startswith("oracle"):
+            m["target"] = "sum"
+        members.append({**m, "_calibration": {k: info[k] for k in (
+            "target", "density", "recall", "per_layer_density")}})
+    return members
+
+
 def calibrate(evaluator, family: str, members: list[dict], targets) -> dict[float, dict]:
     """target density -> {"params", "screen_density", "screen_recall"} of the closest member
     (ties: the sparser). Screens each member once."""
-    near = nearest_to_densities(lambda p: evaluator.screen(family, p), members, targets)
-    return {t: {"params": p, "screen_density": float(s["density"]),
-                "screen_recall": float(s.get("recall", float("nan")))}
+    def params(p):
+        return {k: v for k, v in p.items() if not k.startswith("_")}
+
+    near = nearest_to_densities(lambda p: evaluator.screen(family, params(p)), members, targets)
+    return {t: {"params": params(p), "screen_density": float(s["density"]),
+                "screen_recall": float(s.get("recall", float("nan"))),
+                **({"calibration": p["_calibration"]} if "_calibration" in p else {})}
             for t, (p, s) in near.items()}
 
 
@@ -142,12 +242,47 @@ def make_evaluator(model, sequences, seq_len: int, gates: Path, args):
                      else False)
 
 
+class PhaseDensity:
+    """Wraps a provider: calls it on every layer call (a gate keeps its key history) and counts
+    the share of causal blocks its masks keep, apart for the prefill (more than one query) and
+    for decoding steps; `dense="prefill"|"decode"` returns None (dense attention) in that phase
+    instead of the mask (what a needle run with one phase dense measures). Dense calls count
+    density 1."""
+
+    def __init__(self, inner, dense: str | None = None):
+        if dense not in (None, "prefill", "decode"):
+            raise ValueError(f"dense: expected None, 'prefill' or 'decode', got {dense!r}")
+        self.inner, self.dense = inner, dense
+        self.kept = {"prefill": 0.0, "decode": 0.0}
+        self.total = {"prefill": 0.0, "decode": 0.0}
+
+    def __call__(self, layer_idx, q, k):
+        from adaptive_sparse.masks import block_causal
+
+        mask = self.inner(layer_idx, q, k)
+        phase = "decode" if q.shape[2] == 1 else "prefill"
+        if phase == self.dense:
+            mask = None
+        bs = mask.block_size if mask is not None else getattr(self.inner, "block_size", 64)
+        blocks = float(block_causal(q.shape[2], k.shape[2], bs).sum())
+        self.total[phase] += blocks
+        self.kept[phase] += blocks * (1.0 if mask is None else mask.density())
+        return mask
+
+    def densities(self) -> dict:
+        return {f"{p}_density": self.kept[p] / self.total[p] if self.total[p] else None
+                for p in ("prefill", "decode")}
+
+
 def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log=print) -> None:
     """Needle retrieval (adaptive_sparse.data.needle) at `seq_len` tokens for dense attention
     (the model's own SDPA), and at --needle-density for the best gate, the best oracle and the
     best pattern of the quality table at that length (lowest perplexity change among the rows
     of that target density whose achieved density is at most 1.2x the target). Sparse runs use
-    the method's masks in the prefill and in every decoding step."""
+    the method's masks in the prefill and in every decoding step; each row records the density
+    its masks kept in both. Ablations: with --budgets the best gate with calibrated budgets;
+    with a lever (--tail-blocks / --min-blocks) the best gate's policy plus the lever; with
+    --needle-diagnose the best gate with dense decoding steps and with a dense prefill."""
     from adaptive_sparse.data import make_needle_samples
     from adaptive_sparse.evaluate import evaluate_needle
 
@@ -157,17 +292,30 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
                                   samples_per_depth=args.needle_samples)
     rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len
             and r["target_density"] == d and r["density"] <= 1.2 * d]
-    picks = [("dense", None)]
-    for label, keep in (("best gate", lambda m: m in GATES), ("best oracle", lambda m: m in ORACLES),
-                        ("best pattern", _is_pattern)):
+    picks = [("dense", None, None)]
+    budget_gates = tuple(f"{f}+budgets" for f in getattr(args, "budgets", ()) or ()
+                         if f.startswith("gate"))
+    for label, keep in (("best gate", lambda m: m in ALL_GATES),
+                        ("best oracle", lambda m: m in ALL_ORACLES),
+                        ("best pattern", _is_pattern),
+                        ("best budget gate", lambda m: m in budget_gates)):
         cands = [r for r in rows if keep(r["method"])]
         if cands:
-            picks.append((label, min(cands, key=lambda r: r["ppl_change"])))
-    for label, row in picks:
+            picks.append((label, min(cands, key=lambda r: r["ppl_change"]), None))
+    gate = next((row for label, row, _ in picks if label == "best gate"), None)
+    lever = lever_policy(args)
+    if gate is not None and lever:
+        params = {**gate["params"], "policy": {**gate["params"]["policy"], **lever}}
+        picks.append((f"best gate + {lever_label(lever)}", {**gate, "params": params}, None))
+    if gate is not None and getattr(args, "needle_diagnose", False):
+        picks += [("best gate, dense decode", gate, "decode"),
+                  ("best gate, dense prefill", gate, "prefill")]
+    for label, row, dense_phase in picks:
         key = f"{seq_len}|needle|{label}|{d}"
         if results.needle(key) is not None:
             continue
         t0 = time.perf_counter()
+        phases = {}
         if row is None:
             r = evaluate_needle(model, tokenizer, samples, sparse=False, progress=False)
         else:
@@ -175,17 +323,20 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
                 "oracle" if row["method"].startswith("oracle") else row["method"]
             family = row.get("family", family)
             with evaluator._detached(evaluator.provider(family, row["params"])) as provider:
-                r = evaluate_needle(model, tokenizer, samples, provider, sparse=True,
+                counted = PhaseDensity(provider, dense=dense_phase)
+                r = evaluate_needle(model, tokenizer, samples, counted, sparse=True,
                                     block_size=args.block_size, backend=args.backend,
                                     progress=False)
+            phases = counted.densities()
         results.add_needle({"key": key, "seq_len": seq_len, "label": label,
                             "method": "dense" if row is None else row["method"],
                             "target_density": None if row is None else d,
                             "density": 1.0 if row is None else row["density"],
                             "ppl_change": 0.0 if row is None else row["ppl_change"],
+                            **({} if row is None else {"params": row["params"]}), **phases,
                             "needle_accuracy": r["needle_accuracy"], "answers": r["answers"],
                             "samples": len(samples), "seconds": time.perf_counter() - t0})
-        log(f"  [{seq_len}] needle {label:<13} "
+        log(f"  [{seq_len}] needle {label:<24} "
             f"{'dense' if row is None else row['method']:<18} accuracy "
             f"{r['needle_accuracy']:.2f} ({time.perf_counter() - t0:.1f} s)")
 
@@ -195,27 +346,51 @@ def needle_markdown(results: Results) -> str:
     if not rows:
         return ""
     lines = ["### Needle retrieval", "",
-             "| tokens | which | method | density | ppl change (table) | accuracy | prompts |",
-             "|---|---|---|---|---|---|---|"]
+             "| tokens | which | method | density | ppl change (table) | accuracy | prompts | "
+             "needle prefill density | decode density |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def dens(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in sorted(rows, key=lambda r: (r["seq_len"], r["key"])):
         lines.append(f"| {r['seq_len']} | {r['label']} | {r['method']} | {r['density']:.3f} | "
                      f"{100 * r['ppl_change']:+.2f}% | {r['needle_accuracy']:.2f} | "
-                     f"{r['samples']} |")
+                     f"{r['samples']} | {dens(r.get('prefill_density'))} | "
+                     f"{dens(r.get('decode_density'))} |")
     return "\n".join(lines) + "\n"
 
 
 def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSITIES,
                    block_size: int = 64, patterns: list[str] | None = None,
-                   extra_gates: dict[str, str] | None = None, log=print) -> None:
+                   extra_gates: dict[str, str] | None = None, budgets=(),
+                   calib_sequences=None, lever: dict | None = None, log=print) -> None:
     """Gate, oracle and the calibrated patterns at each density, appended to `results`.
     extra_gates: NAME -> gate folder, evaluated as "gate[NAME]" (density policy) and
-    "gate[NAME]/threshold" (calibrated), the ablation rows."""
+    "gate[NAME]/threshold" (calibrated), the ablation rows. budgets: families of
+    `BUDGET_FAMILIES` evaluated with per-layer, per-head budgets calibrated on
+    `calib_sequences` (LongTensor [S, N], disjoint from the evaluation's), rows
+    "<family>+budgets". lever: policy fields (`lever_policy`) added to the gate's thresholds,
+    row "gate/threshold+<lever_label>"."""
     fams = families(seq_len, block_size)
     if patterns is not None:
         fams = {k: v for k, v in fams.items() if k in patterns}
     taus = families(seq_len, block_size)["gate/threshold"][1]
     for name, folder in (extra_gates or {}).items():
         fams[f"gate[{name}]/threshold"] = ("gate", [{**m, "gates": folder} for m in taus])
+    if lever:
+        fams[f"gate/threshold+{lever_label(lever)}"] = (
+            "gate", [{"policy": {**m["policy"], **lever}} for m in taus])
+    todo_budgets = [f for f in budgets if any(
+        results.get(results.key(seq_len, f"{f}+budgets", d)) is None for d in densities)]
+    if todo_budgets:
+        if calib_sequences is None:
+            raise ValueError("calib_sequences: expected calibration token ids [S, N] for "
+                             f"--budgets {todo_budgets}, got None")
+        cals = budget_calibrators(evaluator, calib_sequences, todo_budgets,
+                                  block_size=block_size, log=log)
+        for f, cal in cals.items():
+            fams[f"{f}+budgets"] = (f.split("/")[0], budget_members(cal, f, densities))
     plan = []
     for d in densities:
         policy = {"kind": "density", "density": d}
@@ -247,6 +422,8 @@ def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSI
                "seconds": time.perf_counter() - t0}
         if cal is not None:
             row["screen_density"] = cal["screen_density"]
+            if "calibration" in cal:
+                row["calibration"] = cal["calibration"]
         results.add(row)
         log(f"  [{seq_len}] {method:<15} target {d:<5} density {row['density']:.3f}  ppl "
             f"{100 * row['ppl_change']:+7.2f}%  recall {row['recall']:.3f}  "
@@ -267,6 +444,9 @@ def _interp_density(points: list[tuple[float, float]], ppl: float) -> float | No
 
 GATES = ("gate", "gate/threshold", "gate/top_p")
 ORACLES = ("oracle", "oracle/threshold")
+# every gate policy that competes for "best gate", every oracle curve of the comparison
+ALL_GATES = GATES + ("gate/threshold+budgets", "gate/density+budgets")
+ALL_ORACLES = ORACLES + ("oracle/threshold+budgets", "oracle/density+budgets")
 NAMES = {"gate": "gate (density)", "gate/threshold": "gate (threshold)",
          "gate/top_p": "gate (top-p)", "oracle": "oracle (density)",
          "oracle/threshold": "oracle (threshold)"}
@@ -284,18 +464,19 @@ def _densities(results: Results, seq_len: int) -> list[float]:
 
 def summary(results: Results, seq_len: int, densities=None) -> dict:
     """Per target density: each gate and oracle policy, the best gate (lowest ppl change among
-    the gate policies within 1.2x the target density, else the sparsest), the
+    the gate policies of `ALL_GATES` within 1.2x the target density, else the sparsest), the
     best pattern (lowest ppl change among patterns whose achieved density is at most 1.1x the
     best gate's), the oracle density reaching the best gate's perplexity (interpolated on each
-    oracle policy's curve, the lowest), and whether the best gate beats every pattern."""
+    oracle policy's curve of `ALL_ORACLES`, the lowest), and whether the best gate beats
+    every pattern."""
     rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
     densities = _densities(results, seq_len) if densities is None else densities
     by = {(r["method"], r["target_density"]): r for r in rows}
     curves = [[(r["density"], r["ppl_change"]) for r in rows if r["method"] == m]
-              for m in ORACLES]
+              for m in ALL_ORACLES]
     out = []
     for d in densities:
-        gates = [by[(m, d)] for m in GATES if (m, d) in by]
+        gates = [by[(m, d)] for m in ALL_GATES if (m, d) in by]
         if not gates:
             continue
         near = [r for r in gates if r["density"] <= 1.2 * d]
@@ -496,6 +677,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-density", type=float, default=0.1)
     p.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--needle-samples", type=int, default=2, help="prompts per depth")
+    p.add_argument("--budgets", nargs="*", default=[], choices=BUDGET_FAMILIES,
+                   help="rows FAMILY+budgets: per-layer, per-head budgets calibrated on "
+                   "--calib-docs held-out sequences by equal marginal gain")
+    p.add_argument("--calib-docs", type=int, default=2,
+                   help="calibration sequences of --budgets (per length)")
+    p.add_argument("--calib-split", default="test", choices=("train", "test"),
+                   help="split of --corpus the calibration sequences come from (never the "
+                   "evaluation's validation split)")
+    p.add_argument("--tail-blocks", type=int, default=0,
+                   help="lever: the last N query blocks of every call (each decoding step's "
+                   "row included) get --tail-scale times the budget")
+    p.add_argument("--tail-scale", type=float, default=1.0)
+    p.add_argument("--min-blocks", type=int, default=0,
+                   help="lever: every row keeps at least its N best blocks")
+    p.add_argument("--needle-diagnose", action="store_true",
+                   help="also run the best gate's needle with dense decoding steps and with a "
+                   "dense prefill (which step loses the needle)")
     p.add_argument("--patterns", nargs="*", default=None, help="default: every pattern")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="gather",
@@ -582,8 +780,32 @@ def run_sweep_stage(out: Path, args, gates: Path) -> dict:
     return report
 
 
+def check_args(args) -> dict:
+    """The lever's policy fields, after refusing bad lever / calibration values (ValueError
+    naming the flag; `main` exits 2 with it)."""
+    from adaptive_sparse.errors import fail
+    from adaptive_sparse.policies import Policy
+
+    if args.calib_docs < 1:
+        raise fail("--calib-docs", "a positive int", args.calib_docs)
+    lever = lever_policy(args)
+    if args.tail_scale != 1.0 and not args.tail_blocks:
+        raise fail("--tail-scale", "a value with --tail-blocks >= 1", args.tail_scale)
+    try:
+        Policy("threshold", tau=0.01, **lever)
+    except ValueError as e:
+        name, _, rest = str(e).partition(":")
+        raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
+    return lever
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        lever = check_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # exit status 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.union:
@@ -609,7 +831,12 @@ def main(argv: list[str] | None = None) -> int:
                                              "eval_docs": args.eval_docs, "split": "validation",
                                              "corpus": args.corpus, "eval_dtype": args.eval_dtype,
                                              "block_size": args.block_size,
-                                             "backend": args.backend})
+                                             "backend": args.backend,
+                                             "budgets": {"families": args.budgets,
+                                                         "calib_docs": args.calib_docs,
+                                                         "calib_split": args.calib_split}
+                                             if args.budgets else None,
+                                             "lever": lever or None})
     lens = list(dict.fromkeys([*args.seq_lens, *args.needle_lens]))
     if lens:
         from adaptive_sparse.data import load_corpus, pack, split_documents
@@ -619,15 +846,19 @@ def main(argv: list[str] | None = None) -> int:
         model.to(args.device).eval()
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("sdpa")  # dense needle runs: never eager at 32k
-        docs = split_documents(load_corpus(args.corpus), seed=0,
-                               fractions=(0.8, 0.1, 0.1))["validation"]
+        split = split_documents(load_corpus(args.corpus), seed=0, fractions=(0.8, 0.1, 0.1))
+        docs, calib_docs = split["validation"], split[args.calib_split]
+        if args.budgets and {d.id for d in docs} & {d.id for d in calib_docs}:
+            raise ValueError("--calib-split: calibration documents overlap the evaluation's")
     for n in lens:
         print(f"== quality table at {n} tokens, {args.eval_docs} held-out sequences "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
         ev = make_evaluator(model, pack(tok, docs, n, args.eval_docs), n, gates, args)
         if n in args.seq_lens:
+            calib = pack(tok, calib_docs, n, args.calib_docs) if args.budgets else None
             evaluate_table(ev, results, n, densities=args.densities, patterns=args.patterns,
-                           block_size=args.block_size, extra_gates=extra)
+                           block_size=args.block_size, extra_gates=extra,
+                           budgets=args.budgets, calib_sequences=calib, lever=lever)
             (out / "quality.md").write_text(markdown(results, args.seq_lens)
                                             + needle_markdown(results))
             plot(results, args.seq_lens, out / "quality.png")

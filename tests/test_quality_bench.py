@@ -170,3 +170,63 @@ def test_ablation_gate_sets_are_planned_with_their_folder(tmp_path):
     assert "| 4096 | dense | dense | 1.000 | +0.00% | 1.00 | 5 |" in quality.needle_markdown(res)
     again = quality.Results(tmp_path / "quality.json", {})  # resumes: the rows are on disk
     assert again.needle("4096|needle|dense|0.1")["needle_accuracy"] == 1.0
+
+
+def _levers_args(out, gates, *more):
+    return ["--out", str(out), "--model", "smollm2-135m", "--device", "cpu", "--backend",
+            "gather", "--gates", str(gates), "--seq-lens", "256", "--needle-lens", "256",
+            "--eval-docs", "1", "--densities", "0.3", "--patterns", "--calib-docs", "1",
+            "--needle-samples", "1", "--needle-depths", "0.5", "--needle-density", "0.3", *more]
+
+
+@pytest.mark.slow  # about 3 CPU-minutes: SmolLM2 at 256 tokens, ~40 forwards, 6 needle runs
+def test_levers_through_main_budgets_tail_and_needle_diagnosis(smollm2, tmp_path, capsys):
+    """quality.main with --budgets (calibrated on the test split, rows in the table), a tail
+    lever (a table row and a needle row) and --needle-diagnose; a second run resumes."""
+    from adaptive_sparse.gates import GateConfig, GateSet, save_gates
+
+    model = smollm2[0]
+    gates = save_gates(GateSet(GateConfig.from_model(model, block_size=64)), tmp_path / "g",
+                       model=model)
+    args = _levers_args(tmp_path / "q", gates, "--budgets", "gate/threshold", "oracle/density",
+                        "--tail-blocks", "1", "--tail-scale", "4", "--needle-diagnose")
+    assert quality.main(args) == 0
+    data = json.loads((tmp_path / "q" / "quality.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"gate", "oracle", "gate/threshold+budgets", "oracle/density+budgets",
+                         "gate/threshold+tail1x4"}
+    for m in ("gate/threshold+budgets", "oracle/density+budgets"):
+        pol = rows[m]["params"]["policy"]
+        assert len(pol["head_budgets"]) == 30 and len(pol["head_budgets"][0]) == 9
+        assert len(rows[m]["calibration"]["per_layer_density"]) == 30
+        assert 0 < rows[m]["density"] <= 1 and math.isfinite(rows[m]["ppl_change"])
+    assert rows["oracle/density+budgets"]["params"]["target"] == "sum"
+    assert rows["gate/threshold+tail1x4"]["params"]["policy"]["tail_scale"] == 4.0
+    assert data["meta"]["budgets"]["calib_split"] == "test"
+    assert data["meta"]["lever"] == {"tail_blocks": 1, "tail_scale": 4.0}
+    needle = {r["label"]: r for r in data["needle"]}
+    assert {"dense", "best gate", "best oracle", "best budget gate", "best gate + tail1x4",
+            "best gate, dense decode", "best gate, dense prefill"} <= set(needle)
+    assert needle["best gate, dense decode"]["decode_density"] == 1.0
+    assert needle["best gate, dense prefill"]["prefill_density"] == 1.0
+    plain, tail = needle["best gate"], needle["best gate + tail1x4"]
+    assert plain["decode_density"] < 1.0 and tail["decode_density"] >= plain["decode_density"]
+    assert tail["params"]["policy"]["tail_blocks"] == 1
+    md = (tmp_path / "q" / "quality.md").read_text()
+    assert "gate/threshold+budgets" in md and "| best gate, dense decode |" in md
+
+    capsys.readouterr()
+    assert quality.main(args) == 0  # resumes: nothing is calibrated or measured again
+    log = capsys.readouterr().out
+    assert "budget curves" not in log and "calibrated" not in log and "[256]" not in log
+
+
+def test_bad_lever_flags_exit_2(tmp_path, capsys):
+    for flags, name in ((["--tail-scale", "2"], "--tail-scale"),
+                        (["--tail-blocks", "-1"], "--tail-blocks"),
+                        (["--min-blocks", "-2"], "--min-blocks"),
+                        (["--calib-docs", "0"], "--calib-docs")):
+        with pytest.raises(SystemExit) as e:
+            quality.main(["--out", str(tmp_path), *flags])
+        assert e.value.code == 2
+        assert f"error: {name}: expected" in capsys.readouterr().err

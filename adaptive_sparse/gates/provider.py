@@ -111,7 +111,6 @@ def _as_policy(policy):
 
 _CACHE_LIMIT = 4096
 GRAPH_MAX_ELEMENTS = 1 << 26  # Hq * N * D of one sequence: Llama-3-8B shapes up to 16k
-_KERNEL_KINDS = ("top_k", "density", "threshold")
 
 
 class GateProvider:
@@ -129,13 +128,15 @@ class GateProvider:
     block-causal region, per-row budgets), scores with `Gate.fast_scores` and, for "top_k",
     "density" and "threshold" policies, selects with `scores_to_kv_indices` in one launch: the
     same kept blocks as `Policy.to_mask`, except in rows whose boundary scores tie (to float32
-    rounding, where a top-k keeps every tied block). "top_p" goes through `Policy.to_mask`.
+    rounding, where a top-k keeps every tied block). "top_p", and a threshold with a row floor
+    or tail rows (`Policy.kernel_form` None), go through `Policy.to_mask`.
     cuda_graphs: replay each (layer, batch, length, dtype) fast-path call of a prefill
     (N == M) from a CUDA graph captured on its second call (a length seen once stays eager;
     falls back to eager when capture fails, when `keep_scores` is set, inside an outer
-    capture, or for "top_p"). None (default) = on whenever the fast path runs on CUDA and the
-    captured queries hold at most `GRAPH_MAX_ELEMENTS` elements per sequence: a replay copies q/k
-    into the graph's static inputs, which outweighs the launches it saves on large inputs
+    capture, or without a `kernel_form`). None (default) = on whenever the fast path runs on
+    CUDA and the captured queries hold at most `GRAPH_MAX_ELEMENTS` elements per sequence: a
+    replay copies q/k into the graph's static inputs, which outweighs the launches it saves
+    on large inputs
     (H100, `benchmarks/profile_gate.py`: Llama-3-8B shapes 0.26 vs 0.61 ms per layer at 8k with
     and without graphs, 0.81 vs 0.57 at 32k; SmolLM2 0.22 vs 0.65 at 32k).
     The policy and the gate weights are read when a length is first seen: assign
@@ -287,11 +288,11 @@ class GateProvider:
         if graphs is None:
             graphs = q_pre[0].numel() <= GRAPH_MAX_ELEMENTS
         if graphs and q_pre.is_cuda and q_len == kv_len and not self.keep_scores \
-                and self.policy.kind in _KERNEL_KINDS \
+                and self.policy.kernel_form is not None \
                 and not torch.cuda.is_current_stream_capturing():
             num, idx = self._graphed(layer_idx, q_pre, k_pre)
             return BlockSparseMask._trusted(num, idx, bs, q_len, kv_len, True)
-        if self.policy.kind not in _KERNEL_KINDS:
+        if self.policy.kernel_form is None:  # top-p, or a threshold with a floor / tail rows
             scores = self._fast_scores(layer_idx, q_pre, k_pre, causal_fill=True)
             c = self.gate_set.config
             return self.policy.to_mask(scores, q_len=q_len, kv_len=kv_len, block_size=bs,
