@@ -34,8 +34,8 @@ from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_PV_ACCUMULATE,
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
 from adaptive_sparse.io import atomic_write_text
 from adaptive_sparse.masks import BlockSparseMask, diagonal_blocks
-from benchmarks.common import (SHAPES, bench, best_dense, dense_baselines, environment, fmt,
-                               graph_bench, oracle_rows, pair_table, random_mask, rel_err,
+from benchmarks.common import (SHAPES, bench, best_dense, dense_baselines, environment, floats,
+                               fmt, graph_bench, oracle_rows, pair_table, random_mask, rel_err,
                                sdpa_dense)
 
 GRAPH_MAX_N = 16384  # CUDA-graph replays only where host cost can matter
@@ -568,36 +568,47 @@ def main(argv=None) -> int:
                           for k, v in r.items()}), flush=True)
         atomic_write_text(a.json, json.dumps({"env": env, "partial": logged}, indent=1))
 
-    for shape in a.shapes.split(","):
-        for n in ints(a.fp8_accuracy):
-            acc += fp8_accuracy(shape, n, gen, log)
-        for bs in ints(a.block_sizes):
-            for n in ints(a.seqlens):
-                t0 = time.time()
-                try:
-                    rows += run_case(shape, n, bs, [float(x) for x in a.densities.split(",")],
-                                     gen, flex_fn, log, fp8=fp8,
-                                     fp8_variants=FP8_VARIANTS if a.fp8_variants else ())
-                except torch.OutOfMemoryError as e:
-                    print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                print(f"# {shape} N={n} bs={bs}: {time.time() - t0:.1f} s", flush=True)
-    if a.fp8_ppl:
-        ppl = fp8_perplexity(a.fp8_ppl, ints(a.fp8_ppl_seqlens), a.fp8_ppl_docs,
-                             a.fp8_ppl_corpus, log)
-    if a.mask_artifact:
-        rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log, fp8=fp8)
-    if torch.cuda.is_available():
-        for n in ints(a.target_seqlens):
-            for bs in (64, 128):
-                targets.append(target_case(n, bs, gen, log))
-        for n in ints(a.gate_seqlens):
-            gates.append(gate_case(n, 64, 0.1, gen, log))
+    interrupted = False
+    try:  # SIGINT (e.g. `timeout -s INT`) ends the measuring; what finished is written
+        if a.fp8_ppl:
+            ppl = fp8_perplexity(a.fp8_ppl, ints(a.fp8_ppl_seqlens), a.fp8_ppl_docs,
+                                 a.fp8_ppl_corpus, log)
+        for shape in a.shapes.split(","):
+            for n in ints(a.fp8_accuracy):
+                acc += fp8_accuracy(shape, n, gen, log)
+            for bs in ints(a.block_sizes):
+                for n in ints(a.seqlens):
+                    t0 = time.time()
+                    try:
+                        rows += run_case(shape, n, bs, floats(a.densities), gen, flex_fn, log,
+                                         fp8=fp8, fp8_variants=FP8_VARIANTS if a.fp8_variants
+                                         else ())
+                    except torch.OutOfMemoryError as e:
+                        print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                    print(f"# {shape} N={n} bs={bs}: {time.time() - t0:.1f} s", flush=True)
+        if a.mask_artifact:
+            rows += artifact_case(a.mask_artifact, a.mask_shape, gen, flex_fn, log, fp8=fp8)
+        if torch.cuda.is_available():
+            for n in ints(a.target_seqlens):
+                for bs in (64, 128):
+                    targets.append(target_case(n, bs, gen, log))
+            for n in ints(a.gate_seqlens):
+                gates.append(gate_case(n, 64, 0.1, gen, log))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: writing the rows finished so far", file=sys.stderr, flush=True)
+        rows = [r for r in logged if "provider" in r]
+        acc = [r for r in logged if r.get("kind") == "fp8_accuracy"]
+        ppl = [r for r in logged if r.get("kind") == "fp8_ppl"]
+        targets = [r for r in logged if r.get("kind") == "target"]
+        gates = [r for r in logged if r.get("kind") == "gate_topk"]
     from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
     from adaptive_sparse.attention.triton.forward_fp8 import bsa_fwd_fp8_autotuned
     tuned = {str(k): str(v) for k, v in bsa_fwd_autotuned.cache.items()}  # key -> chosen config
     tuned_fp8 = {str(k): str(v) for k, v in bsa_fwd_fp8_autotuned.cache.items()}
-    atomic_write_text(a.json, json.dumps({"env": env, "fp8": fp8, "rows": rows,
+    atomic_write_text(a.json, json.dumps({"env": env, "fp8": fp8, "interrupted": interrupted,
+                                          "rows": rows,
                                           "targets": targets, "gates": gates,
                                           "fp8_accuracy": acc, "fp8_ppl": ppl,
                                           "autotuned": tuned,
