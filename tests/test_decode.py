@@ -600,3 +600,27 @@ def test_generation_through_the_fused_gate_step_equals_the_eager_gates():
     res = compare_generation(model, ids, made[True], max_new_tokens=4, block_size=16,
                              backend="triton", warmup=0)
     assert res["sparse_prefill_seconds"] > 0 and res["dense_decode_tokens_per_s"] > 0
+
+
+@no_kernel
+def test_automatic_fast_path_falls_back_to_the_eager_gate_with_a_warning():
+    """fast=None: a fused step that cannot launch (here: CPU tensors without the interpreter)
+    warns once and the eager path selects from then on; fast=True raises instead."""
+    from adaptive_sparse.gates.decode import DecodeGateConfig, DecodeGateSet, DecodeProvider
+
+    gates = DecodeGateSet(DecodeGateConfig(num_layers=1, num_heads=4, num_kv_heads=2,
+                                           head_dim=16, block_size=16))
+    k = torch.randn(1, 2, 40, 16)
+    auto = DecodeProvider({"kind": "top_k", "k": 2}, gates=gates)
+    eager = DecodeProvider({"kind": "top_k", "k": 2}, gates=gates, fast=False)
+    auto(0, torch.randn(1, 4, 39, 16), k[:, :, :39])
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the fast path
+        with pytest.warns(RuntimeWarning, match="fused decode-gate step failed"):
+            got = auto(0, q, k)
+    assert auto.fast is False
+    assert torch.equal(got.to_dense(), eager(0, q, k).to_dense())
+    strict = DecodeProvider({"kind": "top_k", "k": 2}, gates=gates, fast=True)
+    with pytest.raises(RuntimeError):
+        strict(0, q, k)

@@ -464,20 +464,14 @@ class DecodeProvider:
                     and self.gates[layer_idx].wk.dtype == torch.float32:
                 top_k = uniform_top_k(self.policy, kv_len=M, block_size=bs,
                                       layer_idx=layer_idx, num_layers=num_layers)
-            if top_k is not None:  # one launch: last block's features, scores, selection
-                p = self.policy
-                num, idx = self.gates[layer_idx].fused_select(
-                    q, k, self.caches[layer_idx].advance(k), top_k=top_k,
-                    keep_sink=p.keep_sink, keep_diagonal=p.keep_diagonal,
-                    local_blocks=p.local_blocks)
-                mask = BlockSparseMask._trusted(num[:, :, None], idx[:, :, None], bs, 1, M,
-                                                True, float(top_k))
-            elif self.decode == "gate":
+            # one launch: the last block's features, the scores, the selection
+            mask = self._fused(layer_idx, q, k, top_k) if top_k is not None else None
+            if mask is None and self.decode == "gate":
                 kg = self.caches[layer_idx].update(k)
                 scores = self.gates[layer_idx].scores(q, kg)[:, :, 0]  # [B, Hkv, Kb]
                 mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
                                             layer_idx=layer_idx, num_layers=num_layers)
-            else:
+            elif mask is None:
                 pos = torch.full((1,), M - 1, device=q.device)
                 mass = decode_block_mass(q, k, pos, block_size=bs)  # [B, Hkv, 1, Kb]
                 mask = self.policy.to_mask(mass, q_len=1, kv_len=M, block_size=bs,
@@ -486,6 +480,27 @@ class DecodeProvider:
         self.selected_blocks = self.selected_blocks + mask.kv_num_blocks.sum()
         self.total_blocks += mask.kv_num_blocks.numel() * num_blocks(M, bs)
         return mask
+
+    def _fused(self, layer_idx: int, q, k, top_k: int) -> BlockSparseMask | None:
+        """The fused gate step's mask; None when the automatic fast path (fast=None) could not
+        launch (said once in a warning; the eager path serves from then on)."""
+        p, M = self.policy, k.shape[2]
+        try:
+            num, idx = self.gates[layer_idx].fused_select(
+                q, k, self.caches[layer_idx].advance(k), top_k=top_k, keep_sink=p.keep_sink,
+                keep_diagonal=p.keep_diagonal, local_blocks=p.local_blocks)
+        except Exception as e:  # noqa: BLE001 - only the automatic choice falls back
+            if self.fast is not None:
+                raise
+            import warnings
+            warnings.warn(f"DecodeProvider: the fused decode-gate step failed ({type(e).__name__}:"
+                          f" {e}); using the eager gate path", RuntimeWarning, stacklevel=3)
+            self.fast = False
+            for cache in self.caches.values():  # recomputed from the cache by the eager path
+                cache.reset()
+            return None
+        return BlockSparseMask._trusted(num[:, :, None], idx[:, :, None], self.block_size, 1, M,
+                                        True, float(top_k))
 
     def decode_density(self) -> float | None:
         """Mean share of the cache blocks the decode steps read (None before any)."""
