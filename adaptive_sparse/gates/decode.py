@@ -10,6 +10,11 @@ The score of block j is `qg . kg_j / sqrt(gate_dim)`: one selection per KV head,
 query group, which is what the split-KV decode kernel reads. The "identity" init makes the score
 the mean attention logit of the block over the group (q . mean(k) = mean(q . k)).
 
+On CUDA a decode step's gate work for a layer (the last block's key features, the query
+projection, the scores and a top-k) is one Triton launch, `DecodeGate.fused_select`
+(`adaptive_sparse.attention.triton.decode_gate`), with no host sync; the eager path above is its
+reference and serves the other policies.
+
 Budgets are `adaptive_sparse.policies.Policy` on a one-row score map (q_len 1): "top_k" blocks,
 a token budget (`token_budget_policy`), "threshold" and "top_p" on the row's softmax, "density";
 `keep_sink` forces block 0 and `keep_diagonal` the block of the new token (`local_blocks` more

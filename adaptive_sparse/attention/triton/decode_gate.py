@@ -32,7 +32,7 @@ def decode_gate_fwd_kernel(
     Q, K, WQ, WK, KG, S, NUM, IDX, SEQLENS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_km,
     stride_gb, stride_gh, stride_gk,
-    H_KV, N_KV, TOP_K, KB, LOCAL, Q_SCALE,
+    H_KV, N_KV, TOP_K, KB, LOCAL, Q_SCALE, PROGRAMS,
     G: tl.constexpr, D: tl.constexpr, GD: tl.constexpr, GD_P2: tl.constexpr,
     BS: tl.constexpr, KB_P2: tl.constexpr, CH: tl.constexpr, P: tl.constexpr,
     AVG: tl.constexpr, MAX: tl.constexpr, MIN: tl.constexpr, UNIFORM: tl.constexpr,
@@ -43,7 +43,8 @@ def decode_gate_fwd_kernel(
     [B, H_KV, cap, GD] (last dim contiguous, cap >= blocks); S fp32 scratch [B * H_KV, KB_P2];
     NUM int32 [B, H_KV]; IDX int32 [B, H_KV, KB] (contiguous, KB <= KB_P2: the blocks of the
     longest sequence); SEQLENS int32 [B] (UNIFORM:
-    every sequence holds N_KV tokens, SEQLENS unread)."""
+    every sequence holds N_KV tokens, SEQLENS unread). PROGRAMS (a power of two at least the
+    grid size) is an autotune key only; CH blocks are scored per loop step."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H_KV
     h = bh % H_KV
@@ -121,6 +122,17 @@ def decode_gate_fwd_kernel(
     tl.store(NUM + bh, n)
 
 
+def _configs():
+    # latency-bound (a few programs, ~0.3 MB each): the score tile and the warps per program
+    return [triton.Config({"CH": ch}, num_warps=w) for ch, w in
+            ((32, 2), (64, 4), (128, 4), (64, 8), (128, 8))]
+
+
+decode_gate_fwd_autotuned = triton.autotune(
+    configs=_configs(), key=["KB_P2", "G", "D", "GD", "BS", "P", "UNIFORM", "PROGRAMS"],
+)(decode_gate_fwd_kernel)
+
+
 def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                        wk: torch.Tensor, kg: torch.Tensor, *, top_k: int, block_size: int,
                        poolings, q_scale: float, cache_seqlens: torch.Tensor | None = None,
@@ -173,13 +185,15 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                              f"{kb}], got {tuple(num.shape)}, {tuple(idx.shape)}")
     slot = {p: (poolings.index(p) if p in poolings else -1) for p in POOLINGS}
     uniform = cache_seqlens is None
-    decode_gate_fwd_kernel[(B * Hkv,)](
-        q, k_cache, wq, wk, kg, scratch, num, idx, num if uniform else cache_seqlens,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        kg.stride(0), kg.stride(1), kg.stride(2),
-        Hkv, M, top_k, kb, local_blocks, float(q_scale),
-        G=G, D=D, GD=GD, GD_P2=triton.next_power_of_2(GD), BS=block_size, KB_P2=kb_p2,
-        CH=min(64, kb_p2), P=len(poolings), AVG=slot["avg"], MAX=slot["max"], MIN=slot["min"],
-        UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal,
-        num_warps=4 if kb_p2 <= 512 else 8)
+    args = (q, k_cache, wq, wk, kg, scratch, num, idx, num if uniform else cache_seqlens,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            kg.stride(0), kg.stride(1), kg.stride(2),
+            Hkv, M, top_k, kb, local_blocks, float(q_scale), triton.next_power_of_2(B * Hkv))
+    meta = dict(G=G, D=D, GD=GD, GD_P2=triton.next_power_of_2(GD), BS=block_size,
+                KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
+                MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
+    if q.is_cuda:  # the kernel is idempotent: autotuning may rerun it
+        decode_gate_fwd_autotuned[(B * Hkv,)](*args, **meta)
+    else:  # the interpreter: one fixed configuration
+        decode_gate_fwd_kernel[(B * Hkv,)](*args, **meta, CH=min(64, kb_p2), num_warps=4)
     return num, idx
