@@ -155,6 +155,20 @@ def test_quantize_refuses_unknown_options():
         fp8_block_sparse_attention(q, q, q, pv_accumulate="fp16")
 
 
+def test_fp8_defaults_sets_the_path_of_calls_without_options():
+    from adaptive_sparse.attention.triton import forward_fp8
+
+    q = torch.randn(1, 2, 16, 16)
+    before = (forward_fp8.DEFAULT_QK_FORMAT, forward_fp8.DEFAULT_QUANTIZE,
+              forward_fp8.DEFAULT_PV_ACCUMULATE)
+    with forward_fp8.fp8_defaults(qk_format="int4"):
+        assert forward_fp8.DEFAULT_QUANTIZE == before[1]
+        with pytest.raises(ValueError, match="^qk_format: expected one of .* got 'int4'"):
+            forward_fp8.fp8_block_sparse_attention(q, q, q)
+    assert (forward_fp8.DEFAULT_QK_FORMAT, forward_fp8.DEFAULT_QUANTIZE,
+            forward_fp8.DEFAULT_PV_ACCUMULATE) == before
+
+
 def _check_fused_matches_torch(q, k, v, bs, qk_format):
     """The fused kernels against the torch layout: identical scales (up to fp32 rounding of the
     K mean) and 8-bit values at most one step apart, rarely (in the interpreter, whose e4m3 cast
