@@ -117,7 +117,8 @@ def test_latency_sweep_writes_front_and_resumes(tiny_run, capsys):
     second = finished()
     assert len(second) == 4 and all(second[t] == first[t] for t in first)  # none redone
     capsys.readouterr()
-    assert latency_sweep.main([*base, "--out", str(out), "--trials", "9", "--time-budget", "1"]) == 0
+    assert latency_sweep.main([*base, "--out", str(out), "--trials", "9",
+                               "--time-budget", "1"]) == 0
     assert finished() == second  # no time for a trial: stops before one, reports what is done
     assert "time budget" in json.loads((out / "latency_front.json").read_text())["stopped"]
 
@@ -140,8 +141,9 @@ def test_latency_sweep_bad_arguments_exit_2(tiny_run, tmp_path, capsys, extra, n
 
 
 def test_latency_sweep_gate_methods_need_gates(tmp_path, capsys):
-    assert latency_sweep.main(["--model", "smollm2-135m", "--seq-len", "256", "--out", str(tmp_path / "o"),
-                  "--methods", "gate/top_p", "--device", "cpu"]) == 2
+    assert latency_sweep.main(["--model", "smollm2-135m", "--seq-len", "256", "--out",
+                               str(tmp_path / "o"), "--methods", "gate/top_p",
+                               "--device", "cpu"]) == 2
     assert "error: --gates: expected a trained gate folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         latency_sweep.main(["--seq-len", "abc"])
