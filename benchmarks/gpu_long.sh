@@ -22,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-Q=/tmp/q
+Q=${Q:-/tmp/q}
 SITE=/tmp/site
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 # the two lengths and where it runs (a CPU dry run of the whole pipeline: MODEL=smollm2-135m
@@ -37,6 +37,23 @@ DENS="0.05 0.1 0.2 0.3"
 # distillation steps at L1 and L2: what fit in the session-5 lease (3 trainings sharing one H200
 # at ~2 s/step at 16k and ~4.5 s/step at 32k); `finish` stops early runs at their last checkpoint
 STEPS1=${STEPS1:-125} STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
+# session 6's levers trained on q32's featurization (OPTS_NAME: their trainer options), and the
+# quality.py options of the 32k table (session 5's table has every pattern: here the best one)
+VARIANTS=${VARIANTS-pool32 mse32}
+OPTS_pool32=${OPTS_pool32-"--model.q_pooling [avg,max,min]"}
+OPTS_mse32=${OPTS_mse32-"--model.loss mse"}
+LEVERS=${LEVERS-"--patterns hierarchical"}
+# the timed stages' commands (run from the snapshot, outputs under $Q): issue 14's FP8 kernel
+# check and table (beside the de-quantization), issue 13's [latency_ms, ppl_change] sweep on the
+# q32 gates, issue 15's decode kernels and tokens/s (DECODE_CMD, set below)
+KERNEL_CMD=${KERNEL_CMD-"mkdir -p $Q/kernel; timeout 170 python3 -m pytest -q -m gpu \
+tests/test_fp8.py > $Q/kernel/pytest_fp8.log 2>&1; echo pytest exit \$?; tail -n 5 \
+$Q/kernel/pytest_fp8.log; timeout -s INT 300 python3 benchmarks/attention.py --shapes \
+llama3-8b,smollm2-135m --seqlens 32768 --densities 1.0,0.2,0.05 --no-flex --fp8-variants \
+--fp8-accuracy 16384 --json $Q/kernel/fp8_h200.json --md $Q/kernel/fp8_h200.md"}
+LATENCY_CMD=${LATENCY_CMD-"python3 benchmarks/latency_sweep.py --model $MODEL --seq-len $L2 \
+--gates $Q/q32/gates/demo/version_0/gates --out $Q/latency --trials 40 --docs 1 --reps 3 \
+--time-budget 170"}
 mkdir -p "$OUT" "$Q" /tmp/gq
 
 quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
@@ -72,22 +89,60 @@ table() {
         --extra-gates "${extra[@]}" > $Q/table_$name.log 2>&1
 }
 
-# the 32k gates at 32k and the 16k gates at 16k (each with the other length's gates and the
-# block-sum gates as ablation rows, in parallel); then, once nothing else uses the GPU (the
-# decode-quality run included: in session 5 it overlapped and slowed every column), the
-# real-weights prefill table at both lengths with the 32k gates and FP8 rows
-tables_then_prefill() {
-    table q32 $L2 q16 sum16 &
-    table q16 $L1 q32 sum16 &
-    wait
-    while pgrep -f "[d]ecode_quality.py" > /dev/null; do sleep 5; done
-    echo "tables done after $((SECONDS - t0)) s"
+# cache_ready NAME: the featurization of run NAME (train and validation splits) is complete
+cache_ready() {
+    python3 - "$Q/$1/gate_cache" <<'PY'
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+ok = all((d / s / "manifest.json").exists() and json.loads((d / s / "manifest.json").read_text())
+         .get("complete") for s in ("train", "validation"))
+sys.exit(0 if ok else 1)
+PY
+}
+
+# variant NAME BASE "TRAINER OPTIONS": a lever trained at L2 on run BASE's featurization (one
+# cache serves every pooling set and both targets), started once that cache is complete
+variant() {
+    local name=$1 base=$2 opts=$3
+    (until cache_ready "$base"; do [ -e "$Q/failed_$base" ] && exit 1; sleep 10; done
+     quality $Q/$name --train-seq-len $L2 --train-docs $DOCS2 --val-docs 2 --steps $STEPS2 \
+         --train-extra "--data.cache_dir $Q/$base/gate_cache $opts" --seq-lens \
+         > $Q/train_$name.log 2>&1 || touch "$Q/failed_$name") &
+}
+
+# exclusive NAME CMD...: a timed stage, once no other process uses the GPU (session 5's prefill
+# table overlapped the decode-quality run, which slowed every column)
+exclusive() {
+    local name=$1; shift
+    while pgrep -f "[q]uality.py" > /dev/null; do sleep 5; done
+    echo "$name: start after $((SECONDS - t0)) s"
+    "$@" > $Q/$name.log 2>&1
+    echo "$name: exit $? after $((SECONDS - t0)) s"
+}
+
+# the prefill table with real weights at both lengths: cuDNN/flash SDPA, ours dense, the q32
+# gates at each density and threshold, FP8 rows
+prefill_table() {
     mkdir -p $Q/e2e
     python3 benchmarks/e2e.py --model $MODEL --gates "$(gates_of q32)" --seqlens $L1,$L2 \
         --densities 0.05,0.1,0.2,0.3 --thresholds 0.1,0.2 --ppl-docs 2 --block-size 64 \
         --backend $BACKEND $([ $DEV = cuda ] && echo --fp8) --reps ${REPS:-7} \
-        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md > $Q/e2e.log 2>&1
-    echo "e2e done after $((SECONDS - t0)) s"
+        --json $Q/e2e/e2e_qwen.json --md $Q/e2e/e2e_qwen.md
+}
+
+# session 6: the 32k gates (the session-5 recipe, then levers trained on the same
+# featurization), the 32k quality table with every lever as an ablation row, then the timed
+# stages, each alone on the GPU
+tables_then_timing() {
+    wait_for q32 || return 1
+    local extra=()
+    for other in $VARIANTS; do wait_for "$other" && extra+=("$other=$(gates_of "$other")"); done
+    quality $Q/q32 --gates "$(gates_of q32)" --seq-lens $L2 --needle-lens $L2 \
+        --extra-gates "${extra[@]}" ${LEVERS:-} > $Q/table_q32.log 2>&1
+    echo "table done after $((SECONDS - t0)) s"
+    exclusive e2e prefill_table
+    [ -n "${DECODE_CMD:-}" ] && exclusive decode_e2e bash -c "$DECODE_CMD"
+    [ -n "${LATENCY_CMD:-}" ] && exclusive latency bash -c "$LATENCY_CMD"
 }
 
 case "${1:-}" in
@@ -128,27 +183,23 @@ start)
     ;;
 pipeline)
     t0=$SECONDS
-    # de-quantize once (the weights cache), so the parallel processes below only read it
+    # the kernel stage needs no model: it runs alone on the GPU beside the CPU-bound
+    # de-quantization, before any training starts
+    [ -n "${KERNEL_CMD:-}" ] && (bash -c "$KERNEL_CMD" > $Q/kernel.log 2>&1
+                                 echo "kernel: exit $? after $((SECONDS - t0)) s") &
     python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
         > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
     echo "model cached after $((SECONDS - t0)) s"
-    # issue 15's decode quality (its own decode gates), beside everything else: quality only
-    if [ -e benchmarks/decode_quality.py ] && [ -n "${DECODE:-}" ]; then
-        python3 benchmarks/decode_quality.py $DECODE > $Q/decode.log 2>&1 &
-    fi
-    # training: 16k (24 x 16k tokens), 32k (12 x 32k), and the block-sum target at 16k
-    train q16 $L1 $DOCS1 $STEPS1
+    wait
     train q32 $L2 $DOCS2 $STEPS2
-    train sum16 $L1 $DOCS1 $STEPS1 --train-extra "--model.target sum"
-    wait_for q32; wait_for q16
-    echo "gates trained after $((SECONDS - t0)) s"
-    tables_then_prefill
+    for v in $VARIANTS; do variant $v q32 "$(eval echo "\${OPTS_$v:-}")"; done
+    tables_then_timing
     echo "pipeline done after $((SECONDS - t0)) s"
     touch $Q/done
     ;;
 finish)  # stop the trainings where their last checkpoint is, export those gates, then `rest`
     pkill -f "[g]pu_long.sh pipeline"; pkill -f "[t]rain-seq-len"; sleep 3
-    for name in q16 q32 sum16; do
+    for name in q32 $VARIANTS; do
         run=$Q/$name/gates/demo/version_0
         [ -e $run/checkpoints/last.ckpt ] || continue
         step=$(python3 -c "import torch; print(torch.load('$run/checkpoints/last.ckpt', \
@@ -165,8 +216,11 @@ map_location='cpu', weights_only=False)['global_step'])")
     ;;
 rest)  # after training: the tables, then the prefill table alone
     t0=$SECONDS
-    tables_then_prefill
+    tables_then_timing
     touch $Q/done
+    ;;
+stage)  # one function of this script, e.g. `stage exclusive e2e prefill_table` (a re-run)
+    shift; t0=$SECONDS; "$@"
     ;;
 poll)
     end=$((SECONDS + ${2:-500}))
@@ -176,7 +230,14 @@ poll)
         echo "== $f"; tr '\r' '\n' < $Q/$f | grep -v -i "warn\|it/s\]$\|s/it\]$" | tail -15
     done
     tar czf "$OUT/results.tar.gz" -C $Q --exclude='gate_cache' --exclude='*.ckpt' \
-        --exclude='tensorboard' --exclude='*.safetensors' --exclude='*.ckpt' $(cd $Q && ls -d *.log q* sum* e2e decode* 2>/dev/null)
+        --exclude='tensorboard' --exclude='*.safetensors' --exclude='*.journal*' \
+        $(cd $Q && ls -A | grep -v "^gate_cache$")
+    # trained gate sets come back in pieces of at most 15 MiB (a returned file may hold 16 MiB;
+    # `cat NAME.gates.*` here restores gates.safetensors; its manifest is in results.tar.gz)
+    for name in ${GATES_BACK:-}; do
+        f=$(gates_of "$name")/gates.safetensors
+        [ -e "$f" ] && split -b 15M -d -a 1 "$f" "$OUT/$name.gates."
+    done
     ls -la "$OUT"; [ -e $Q/done ] && echo PIPELINE DONE
     ;;
 *) echo "usage: $0 split|setup|piece N|start [secs]|poll [secs]|pipeline"; exit 2 ;;
