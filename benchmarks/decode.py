@@ -320,11 +320,12 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
                 torch.cuda.empty_cache()
             save(rows, gates)  # what is measured so far survives a time limit
     if args.gate_contexts and args.gate_batches:
-        gate_set = load_gates(args.decode_gates, SHAPES[args.shape], args.block_size, dev)
+        shape = SHAPES[args.shape][:3] + (args.layers or SHAPES[args.shape][3],)
+        gate_set = load_gates(args.decode_gates, shape, args.block_size, dev)
         for M in args.gate_contexts:
             for B in args.gate_batches:
-                g = gate_step_cost(M, B, SHAPES[args.shape], args.block_size, args.gate_density,
-                                   gate_set, gen, dev, log)
+                g = gate_step_cost(M, B, shape, args.block_size, args.gate_density, gate_set,
+                                   gen, dev, log)
                 gates.append(g)
                 log(f"gate B={B} M={M}, {g['layers']} layers: eager {g['gate_ms']:.4f} ms, "
                     f"graph {g['gate_graph_ms']} ms; best dense {g['best_dense']} "
@@ -340,7 +341,7 @@ def _ms(x) -> str:
 
 
 def table(env, rows, gates, shape) -> str:
-    HQ, HKV, D, L = SHAPES[shape]
+    HQ, HKV, D, _ = SHAPES[shape]
     lines = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {shape}: "
              f"Hq {HQ} / Hkv {HKV}, D {D}, block {rows[0]['block_size'] if rows else '-'}",
              "| context | batch | method | density | ms | TB/s | speedup vs best dense | "
@@ -356,7 +357,8 @@ def table(env, rows, gates, shape) -> str:
                      f"({r['eager_err']:.2e}) |")
     if gates:
         names = sorted({n for g in gates for n in g["dense"]})
-        lines += ["", f"Decode gate per token, all {L} layers (one fused launch per layer) vs "
+        lines += ["", f"Decode gate per token, all {gates[0]['layers']} layers (one fused "
+                  "launch per layer) vs "
                   "dense decode attention of all layers; ms (eager / CUDA graph):", "",
                   "| context | batch | density | gate eager | gate graph | "
                   + " | ".join(f"{n} eager / graph" for n in names)
@@ -396,6 +398,8 @@ def main(argv=None) -> int:
                    help="batches of the gate timing (default 1,16)")
     p.add_argument("--gate-density", type=float, default=0.1,
                    help="token budget of the timed gate, a share of the context")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers of the gate timing (default: the shape's)")
     p.add_argument("--decode-gates", default=None,
                    help="decode gates to time (artifact or save_decode_gates file; default: "
                         "untrained gates of the shape)")

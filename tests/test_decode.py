@@ -624,3 +624,27 @@ def test_automatic_fast_path_falls_back_to_the_eager_gate_with_a_warning():
     strict = DecodeProvider({"kind": "top_k", "k": 2}, gates=gates, fast=True)
     with pytest.raises(RuntimeError):
         strict(0, q, k)
+
+
+@needs_triton
+def test_decode_benchmark_dry_run(tmp_path):
+    """benchmarks/decode.py end to end at tiny shapes (the interpreter on CPU, or the GPU):
+    every row correct against the fp64 oracle (ours and Flex on the same selection), the gate
+    timing of every layer with its fused selection checked, JSON and markdown written."""
+    import json
+
+    from benchmarks import decode
+
+    out = tmp_path / "d.json"
+    dev = "cuda" if CUDA else "cpu"
+    rc = decode.main(["--device", dev, "--shape", "qwen2.5-coder-0.5b", "--layers", "2",
+                      "--contexts", "320", "--batches", "2", "--densities", "0.3", "--flex",
+                      "--gate-contexts", "320", "--gate-batches", "2", "--json", str(out),
+                      "--md", str(tmp_path / "d.md")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    methods = {r["method"] for r in res["rows"] if r.get("correct", True)}
+    assert {"ours-dense", "ours-sparse", "flex-dense", "flex-sparse"} <= methods
+    (g,) = res["gates"]
+    assert g["layers"] == 2 and g["top_k"] == 2 and g["gate_share_of_dense"] > 0
+    assert "gate / best dense" in (tmp_path / "d.md").read_text()
