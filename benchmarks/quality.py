@@ -92,11 +92,13 @@ BUDGET_FAMILIES = ("gate/threshold", "gate/density", "oracle/threshold", "oracle
 BUDGET_SPREAD = (0.85, 1.0, 1.15)  # members per target density, for the screening
 
 
-def lever_policy(args) -> dict:
-    """The needle lever's policy fields from the flags ({} when no lever is asked for)."""
+def lever_policy(args, scale: float | None = None) -> dict:
+    """The needle lever's policy fields from the flags ({} when no lever is asked for), with
+    the first --tail-scale or `scale`."""
     out = {}
     if args.tail_blocks:
-        out.update(tail_blocks=args.tail_blocks, tail_scale=args.tail_scale)
+        out.update(tail_blocks=args.tail_blocks,
+                   tail_scale=float(args.tail_scale[0] if scale is None else scale))
     if args.min_blocks:
         out["min_blocks"] = args.min_blocks
     return out
@@ -303,10 +305,14 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
         if cands:
             picks.append((label, min(cands, key=lambda r: r["ppl_change"]), None))
     gate = next((row for label, row, _ in picks if label == "best gate"), None)
-    lever = lever_policy(args)
-    if gate is not None and lever:
-        params = {**gate["params"], "policy": {**gate["params"]["policy"], **lever}}
-        picks.append((f"best gate + {lever_label(lever)}", {**gate, "params": params}, None))
+    picks = [(label, row, ph) for label, row, ph in picks  # no second run of the best gate
+             if label != "best budget gate" or gate is None or row["key"] != gate["key"]]
+    for scale in (args.tail_scale if args.tail_blocks else [None]):
+        lever = lever_policy(args, scale)
+        if gate is not None and lever:
+            params = {**gate["params"], "policy": {**gate["params"]["policy"], **lever}}
+            picks.append((f"best gate + {lever_label(lever)}", {**gate, "params": params},
+                          None))
     if gate is not None and getattr(args, "needle_diagnose", False):
         picks += [("best gate, dense decode", gate, "decode"),
                   ("best gate, dense prefill", gate, "prefill")]
@@ -688,7 +694,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-blocks", type=int, default=0,
                    help="lever: the last N query blocks of every call (each decoding step's "
                    "row included) get --tail-scale times the budget")
-    p.add_argument("--tail-scale", type=float, default=1.0)
+    p.add_argument("--tail-scale", type=float, nargs="+", default=[1.0],
+                   help="the tail rows' budget factor; the table row uses the first value, "
+                   "the needle stage runs the best gate with each")
     p.add_argument("--min-blocks", type=int, default=0,
                    help="lever: every row keeps at least its N best blocks")
     p.add_argument("--needle-diagnose", action="store_true",
@@ -788,15 +796,15 @@ def check_args(args) -> dict:
 
     if args.calib_docs < 1:
         raise fail("--calib-docs", "a positive int", args.calib_docs)
-    lever = lever_policy(args)
-    if args.tail_scale != 1.0 and not args.tail_blocks:
-        raise fail("--tail-scale", "a value with --tail-blocks >= 1", args.tail_scale)
+    if args.tail_scale != [1.0] and not args.tail_blocks:
+        raise fail("--tail-scale", "values with --tail-blocks >= 1", args.tail_scale)
     try:
-        Policy("threshold", tau=0.01, **lever)
+        for scale in args.tail_scale:
+            Policy("threshold", tau=0.01, **lever_policy(args, scale))
     except ValueError as e:
         name, _, rest = str(e).partition(":")
         raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
-    return lever
+    return lever_policy(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,10 +173,11 @@ def test_ablation_gate_sets_are_planned_with_their_folder(tmp_path):
 
 
 def _levers_args(out, gates, *more):
+    # 256 tokens are 4 blocks of 64: sink and diagonal alone keep 0.7 of the causal blocks
     return ["--out", str(out), "--model", "smollm2-135m", "--device", "cpu", "--backend",
             "gather", "--gates", str(gates), "--seq-lens", "256", "--needle-lens", "256",
-            "--eval-docs", "1", "--densities", "0.3", "--patterns", "--calib-docs", "1",
-            "--needle-samples", "1", "--needle-depths", "0.5", "--needle-density", "0.3", *more]
+            "--eval-docs", "1", "--densities", "0.7", "--patterns", "--calib-docs", "1",
+            "--needle-samples", "1", "--needle-depths", "0.5", "--needle-density", "0.7", *more]
 
 
 @pytest.mark.slow  # about 3 CPU-minutes: SmolLM2 at 256 tokens, ~40 forwards, 6 needle runs
@@ -189,7 +190,7 @@ def test_levers_through_main_budgets_tail_and_needle_diagnosis(smollm2, tmp_path
     gates = save_gates(GateSet(GateConfig.from_model(model, block_size=64)), tmp_path / "g",
                        model=model)
     args = _levers_args(tmp_path / "q", gates, "--budgets", "gate/threshold", "oracle/density",
-                        "--tail-blocks", "1", "--tail-scale", "4", "--needle-diagnose")
+                        "--tail-blocks", "1", "--tail-scale", "4", "16", "--needle-diagnose")
     assert quality.main(args) == 0
     data = json.loads((tmp_path / "q" / "quality.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
@@ -205,12 +206,17 @@ def test_levers_through_main_budgets_tail_and_needle_diagnosis(smollm2, tmp_path
     assert data["meta"]["budgets"]["calib_split"] == "test"
     assert data["meta"]["lever"] == {"tail_blocks": 1, "tail_scale": 4.0}
     needle = {r["label"]: r for r in data["needle"]}
-    assert {"dense", "best gate", "best oracle", "best budget gate", "best gate + tail1x4",
-            "best gate, dense decode", "best gate, dense prefill"} <= set(needle)
+    assert {"dense", "best gate", "best oracle", "best gate + tail1x4",
+            "best gate + tail1x16", "best gate, dense decode",
+            "best gate, dense prefill"} <= set(needle)
+    # the best budget gate runs unless it is the best gate already
+    assert ("best budget gate" in needle) != (needle["best gate"]["method"]
+                                              == "gate/threshold+budgets")
     assert needle["best gate, dense decode"]["decode_density"] == 1.0
     assert needle["best gate, dense prefill"]["prefill_density"] == 1.0
     plain, tail = needle["best gate"], needle["best gate + tail1x4"]
     assert plain["decode_density"] < 1.0 and tail["decode_density"] >= plain["decode_density"]
+    assert needle["best gate + tail1x16"]["decode_density"] >= tail["decode_density"]
     assert tail["params"]["policy"]["tail_blocks"] == 1
     md = (tmp_path / "q" / "quality.md").read_text()
     assert "gate/threshold+budgets" in md and "| best gate, dense decode |" in md
@@ -230,3 +236,25 @@ def test_bad_lever_flags_exit_2(tmp_path, capsys):
             quality.main(["--out", str(tmp_path), *flags])
         assert e.value.code == 2
         assert f"error: {name}: expected" in capsys.readouterr().err
+
+
+def test_phase_density_counts_prefill_and_decode_apart():
+    import torch
+
+    from adaptive_sparse.models import PatternProvider
+
+    inner = PatternProvider("sliding_window", block_size=16, window=16, sink_blocks=1)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 128, 8, generator=g), torch.randn(1, 1, 128, 8, generator=g)
+    want = inner(0, q, k).density()
+    for dense in (None, "decode", "prefill"):
+        ph = quality.PhaseDensity(inner, dense=dense)
+        prefill = ph(0, q, k)
+        step = ph(0, q[:, :, -1:], torch.randn(1, 1, 129, 8, generator=g))  # 9 cache blocks
+        assert (prefill is None) == (dense == "prefill") and (step is None) == (dense == "decode")
+        got = ph.densities()
+        assert got["prefill_density"] == pytest.approx(1.0 if dense == "prefill" else want)
+        # one decoding row: the sink, the window's block and the diagonal of 9 blocks
+        assert got["decode_density"] == pytest.approx(1.0 if dense == "decode" else 3 / 9)
+    with pytest.raises(ValueError, match="^dense: expected"):
+        quality.PhaseDensity(inner, dense="both")
