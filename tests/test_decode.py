@@ -648,3 +648,26 @@ def test_decode_benchmark_dry_run(tmp_path):
     (g,) = res["gates"]
     assert g["layers"] == 2 and g["top_k"] == 2 and g["gate_share_of_dense"] > 0
     assert "gate / best dense" in (tmp_path / "d.md").read_text()
+
+
+@no_kernel
+@pytest.mark.parametrize("options", [dict(kind="top_k", k=3), dict(kind="density", density=0.3),
+                                     dict(kind="top_k", k=2, min_blocks=5),
+                                     dict(kind="top_k", k=2, tail_blocks=1, tail_scale=2.0),
+                                     dict(kind="top_k", k=1, local_blocks=3),
+                                     dict(kind="top_k", k=2, layer_schedule="linear",
+                                          layer_scale_end=3.0)])
+def test_uniform_top_k_is_the_count_the_policy_keeps(options):
+    """uniform_top_k (the fused step's budget) equals the blocks Policy.to_mask keeps per row."""
+    from adaptive_sparse.gates.decode import uniform_top_k
+    from adaptive_sparse.policies import Policy
+
+    policy = Policy(**options)
+    scores = torch.randn(2, 2, 1, 12, generator=torch.Generator().manual_seed(6))
+    for layer in (0, 3):
+        want = policy.to_mask(scores, q_len=1, kv_len=180, block_size=16, layer_idx=layer,
+                              num_layers=4).kv_num_blocks
+        got = uniform_top_k(policy, kv_len=180, block_size=16, layer_idx=layer, num_layers=4)
+        assert (want == got).all(), (options, layer, want.flatten().tolist(), got)
+    assert uniform_top_k(Policy(kind="top_k", k=2, head_budgets=[1.0, 2.0]), kv_len=180,
+                         block_size=16) is None

@@ -242,21 +242,29 @@ def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, b
 def uniform_top_k(policy: Policy, *, kv_len: int, block_size: int, layer_idx: int = 0,
                   num_layers: int = 1) -> int | None:
     """Blocks per row of a decode step under `policy` when every KV head keeps the same
-    number ("top_k" / "density" without head budgets; forced blocks included), computed on
-    the host; None for the other policies."""
+    number ("top_k" / "density" without head budgets: `Policy.row_budgets`, forced blocks
+    included, at most the cache's blocks), computed on the host; None for the other
+    policies."""
     if policy.kind not in ("top_k", "density") or policy.head_budgets is not None:
         return None
-    return int(policy.expected_blocks_per_row(q_len=1, kv_len=kv_len, block_size=block_size,
-                                              layer_idx=layer_idx, num_layers=num_layers))
+    k = int(policy.row_budgets(q_len=1, kv_len=kv_len, block_size=block_size, heads=1,
+                               layer_idx=layer_idx, num_layers=num_layers)[0, 0])
+    return _budget(k, policy, num_blocks(kv_len, block_size))
+
+
+def _budget(k: int, policy: Policy, kb: int) -> int:
+    """A row's kept-block count: budget k, never fewer than the forced blocks, at most kb."""
+    lo = max(0, kb - 1 - policy.local_blocks)
+    n_forced = len(set(range(lo, kb - 1)) | ({0} if policy.keep_sink else set())
+                   | ({kb - 1} if policy.keep_diagonal else set()))
+    return min(kb, max(k, n_forced, 1))
 
 
 def _top_k_mask(scores, k: int, policy: Policy, kv_len: int, block_size: int):
     """The k best blocks of each row, sink / recent blocks forced (kept even beyond k)."""
     B, H, kb = scores.shape
     lo = max(0, kb - 1 - policy.local_blocks)
-    n_forced = len(set(range(lo, kb - 1)) | ({0} if policy.keep_sink else set())
-                   | ({kb - 1} if policy.keep_diagonal else set()))
-    k = min(kb, max(k, n_forced, 1))
+    k = _budget(k, policy, kb)
     cols = torch.arange(kb, device=scores.device)
     forced = (cols >= lo) & (cols < kb - 1)  # built on the device: no host copy
     if policy.keep_sink:
