@@ -43,17 +43,28 @@ VARIANTS=${VARIANTS-pool32 mse32}
 OPTS_pool32=${OPTS_pool32-"--model.q_pooling [avg,max,min]"}
 OPTS_mse32=${OPTS_mse32-"--model.loss mse"}
 LEVERS=${LEVERS-"--patterns hierarchical"}
-# the timed stages' commands (run from the snapshot, outputs under $Q): issue 14's FP8 kernel
-# check and table (beside the de-quantization), issue 13's [latency_ms, ppl_change] sweep on the
-# q32 gates, issue 15's decode kernels and tokens/s (DECODE_CMD, set below)
-KERNEL_CMD=${KERNEL_CMD-"mkdir -p $Q/kernel; timeout 170 python3 -m pytest -q -m gpu \
-tests/test_fp8.py > $Q/kernel/pytest_fp8.log 2>&1; echo pytest exit \$?; tail -n 5 \
-$Q/kernel/pytest_fp8.log; timeout -s INT 300 python3 benchmarks/attention.py --shapes \
-llama3-8b,smollm2-135m --seqlens 32768 --densities 1.0,0.2,0.05 --no-flex --fp8-variants \
+# the other issues' stages (run from the snapshot, outputs under $Q). Timed alone on the GPU:
+# KERNEL_CMD (issue 14: FP8 kernel table) and DECODE_KERNEL_CMD (issue 15: decode gate cost per
+# token, Flex decode) beside the CPU-bound de-quantization; after the 32k table the prefill
+# table, LATENCY_CMD (issue 13: the [latency_ms, ppl_change] sweep on the q32 gates) and
+# DECODE_CMD (issue 15: tokens/s with the decode gates). Untimed, beside the trainings:
+# CHECK_CMD (the FP8 kernels' GPU tests) and DTRAIN_CMD (the decode gates).
+KERNEL_CMD=${KERNEL_CMD-"mkdir -p $Q/kernel; timeout -s INT 200 python3 benchmarks/attention.py \
+--shapes smollm2-135m,llama3-8b --seqlens 32768 --densities 1.0,0.1 --no-flex --fp8-variants \
 --fp8-accuracy 16384 --json $Q/kernel/fp8_h200.json --md $Q/kernel/fp8_h200.md"}
+DECODE_KERNEL_CMD=${DECODE_KERNEL_CMD-"mkdir -p $Q/decode; timeout -s INT 200 python3 \
+benchmarks/decode.py --shape $MODEL --device $DEV --flex --contexts $L2 --batches 1,16 \
+--densities 0.05,0.1,0.2 --block-size 64 --gate-contexts $L2 --gate-batches 1,16 \
+--gate-density 0.1 --json $Q/decode/decode_kernels.json --md $Q/decode/decode_kernels.md"}
+CHECK_CMD=${CHECK_CMD-"mkdir -p $Q/kernel; timeout 300 python3 -m pytest -q -m gpu \
+tests/test_fp8.py > $Q/kernel/pytest_fp8.log 2>&1; echo pytest exit \$?"}
+DTRAIN_CMD=${DTRAIN_CMD-"python3 benchmarks/decode_e2e.py --model $MODEL --out $Q/dtrain \
+--no-kernels --context 4096 --new-tokens 2 --batches 1"}
 LATENCY_CMD=${LATENCY_CMD-"python3 benchmarks/latency_sweep.py --model $MODEL --seq-len $L2 \
 --gates $Q/q32/gates/demo/version_0/gates --out $Q/latency --trials 40 --docs 1 --reps 3 \
---time-budget 170"}
+--time-budget 150"}
+DECODE_CMD=${DECODE_CMD-"python3 benchmarks/decode_e2e.py --model $MODEL --no-kernels \
+--decode-gates $Q/dtrain/decode_gates --out $Q/decode_e2e"}
 mkdir -p "$OUT" "$Q" /tmp/gq
 
 quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
@@ -114,7 +125,7 @@ variant() {
 # table overlapped the decode-quality run, which slowed every column)
 exclusive() {
     local name=$1; shift
-    while pgrep -f "[q]uality.py" > /dev/null; do sleep 5; done
+    while pgrep -f "[q]uality.py|[d]train|[p]ytest" > /dev/null; do sleep 5; done
     echo "$name: start after $((SECONDS - t0)) s"
     "$@" > $Q/$name.log 2>&1
     echo "$name: exit $? after $((SECONDS - t0)) s"
@@ -140,9 +151,9 @@ tables_then_timing() {
     quality $Q/q32 --gates "$(gates_of q32)" --seq-lens $L2 --needle-lens $L2 \
         --extra-gates "${extra[@]}" ${LEVERS:-} > $Q/table_q32.log 2>&1
     echo "table done after $((SECONDS - t0)) s"
-    exclusive e2e prefill_table
-    [ -n "${DECODE_CMD:-}" ] && exclusive decode_e2e bash -c "$DECODE_CMD"
-    [ -n "${LATENCY_CMD:-}" ] && exclusive latency bash -c "$LATENCY_CMD"
+    [ "${PREFILL:-1}" = 1 ] && exclusive e2e prefill_table
+    [ -n "$LATENCY_CMD" ] && exclusive latency bash -c "$LATENCY_CMD"
+    [ -n "$DECODE_CMD" ] && exclusive decode_e2e bash -c "$DECODE_CMD"
 }
 
 case "${1:-}" in
@@ -183,16 +194,21 @@ start)
     ;;
 pipeline)
     t0=$SECONDS
-    # the kernel stage needs no model: it runs alone on the GPU beside the CPU-bound
+    # the kernel stages need no model: they run alone on the GPU beside the CPU-bound
     # de-quantization, before any training starts
-    [ -n "${KERNEL_CMD:-}" ] && (bash -c "$KERNEL_CMD" > $Q/kernel.log 2>&1
-                                 echo "kernel: exit $? after $((SECONDS - t0)) s") &
+    (for stage in KERNEL DECODE_KERNEL; do
+         var=${stage}_CMD; cmd=${!var}
+         [ -n "$cmd" ] && bash -c "$cmd" > $Q/${stage,,}.log 2>&1
+         echo "${stage,,}: exit $? after $((SECONDS - t0)) s"
+     done) &
     python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
         > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
     echo "model cached after $((SECONDS - t0)) s"
     wait
+    [ -n "$CHECK_CMD" ] && (bash -c "$CHECK_CMD" > $Q/check.log 2>&1) &
+    [ -n "$DTRAIN_CMD" ] && (bash -c "$DTRAIN_CMD" > $Q/dtrain.log 2>&1) &
     train q32 $L2 $DOCS2 $STEPS2
-    for v in $VARIANTS; do variant $v q32 "$(eval echo "\${OPTS_$v:-}")"; done
+    for v in $VARIANTS; do opts=OPTS_$v; variant $v q32 "${!opts:-}"; done
     tables_then_timing
     echo "pipeline done after $((SECONDS - t0)) s"
     touch $Q/done
