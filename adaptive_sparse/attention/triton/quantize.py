@@ -106,12 +106,12 @@ def kv_stats_kernel(K, V, KSUM, VMAX, stride_kb, stride_kh, stride_km, stride_vb
 
 
 @triton.jit
-def _cast_8bit(y, INT8: tl.constexpr):
-    """y (already divided by its scale, |y| <= R) to int8 (nearest, half away from 0) or e4m3."""
-    if INT8:
-        y = tl.where(y >= 0, y + 0.5, y - 0.5)
-        return tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
-    return y.to(tl.float8e4nv)
+def _round_int8(y):
+    """y (already divided by its scale, |y| <= 127) to int8, nearest, half away from 0. (The
+    e4m3 cast is inline at the call site: one helper returning int8 or e4m3 by a constexpr flag
+    does not compile on Triton 3.6, which unifies the return types of both branches.)"""
+    y = tl.where(y >= 0, y + 0.5, y - 0.5)
+    return tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
 
 
 @triton.jit
@@ -144,8 +144,11 @@ def quantize_rows_kernel(X, MEAN, X8, SCALE, stride_xb, stride_xh, stride_xm, H,
         scale = tl.where(tl.max(nan.to(tl.int32), 0) > 0, float("nan"), scale)
         y = x / scale
         tl.store(SCALE + bh * NB + i, scale)
-    tl.store(X8 + bh * N * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-             _cast_8bit(y, INT8), mask=ok)
+    dst = X8 + bh * N * HEAD_DIM + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    if INT8:
+        tl.store(dst, _round_int8(y), mask=ok)
+    else:
+        tl.store(dst, y.to(tl.float8e4nv), mask=ok)
 
 
 @triton.jit
