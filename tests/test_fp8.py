@@ -274,7 +274,7 @@ def test_gpu_fused_quantization_matches_torch(D, qk_format):
 def test_gpu_fp8_error_next_to_bf16(D, qk_format, pv):
     """fp8 error vs fp64 stays within a small multiple of the bf16 kernel's and close to fp64
     attention on the dequantized inputs (only P's cast separates them): every autotune config
-    for the default path (int8 / tile), the first for the others (compile time)."""
+    for the default path (int8 / chain), the first for the others (compile time)."""
     from adaptive_sparse.attention.triton import triton_block_sparse_attention
     from adaptive_sparse.attention.triton.forward_fp8 import (autotune_configs,
                                                               fp8_block_sparse_attention, keep)
@@ -287,7 +287,7 @@ def test_gpu_fp8_error_next_to_bf16(D, qk_format, pv):
     args = {"BS": 128, "HEAD_DIM": D, "G": 4, "SHARED": True}
     kept = [c for c in autotune_configs() if keep(c, args)]
     assert kept
-    if (qk_format, pv) != ("int8", "tile"):
+    if (qk_format, pv) != ("int8", "chain"):
         kept = kept[:1]
     for c in kept:
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}

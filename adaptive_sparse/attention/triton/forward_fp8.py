@@ -13,9 +13,11 @@ SageAttention / SpargeAttn do with 8 bits:
 - P = exp2(...) lies in [0, 1]; it is computed 448 times larger (log2(448) folded into the row
   max, no extra multiply) and cast to e4m3; the row sum uses the same scaled values, so the
   factor cancels in acc / l;
-- each key tile's P @ V starts from zero and is added to the fp32 accumulator (default
-  `pv_accumulate="tile"`, SageAttention2's two-level accumulation: Hopper's 8-bit MMA keeps
-  fewer accumulator bits than fp32, which a whole row's sum in the MMA would pile up).
+- P @ V accumulates in the MMA across the key tiles (default `pv_accumulate="chain"`), or each
+  tile's P @ V starts from zero and is added to the fp32 accumulator (`"tile"`, SageAttention2's
+  two-level accumulation, against the fewer accumulator bits of Hopper's 8-bit MMA). On random
+  inputs "tile" has the lower error; on Qwen2.5-Coder-0.5B at 32k "chain" kept perplexity
+  within 0.1% of SDPA and "tile" did not, and "chain" is faster (benchmarks/RESULTS.md).
 The program layout, the block walk and the causal handling are those of `forward.bsa_fwd_kernel`.
 """
 
@@ -38,7 +40,10 @@ from adaptive_sparse.errors import fail
 DEFAULT_QK_FORMAT = "int8"  # "e4m3": the previous Q @ K.T format (see the module docstring)
 DEFAULT_QUANTIZE = "fused"  # "torch": Q, K, V quantized by torch ops instead of Triton kernels
 PV_ACCUMULATE = ("tile", "chain")
-DEFAULT_PV_ACCUMULATE = "tile"  # "chain": the MMA accumulates P @ V across tiles (previous)
+# "chain" (the MMA accumulates P @ V across tiles) is the default: on the H200 it was the
+# fastest int8 path at d=128 (12.49 vs 12.89 ms, 32k dense) and the only one within 0.1% of
+# SDPA's perplexity on Qwen2.5-Coder-0.5B at 32k (-0.02%; "tile" +0.19%), benchmarks/RESULTS.md
+DEFAULT_PV_ACCUMULATE = "chain"
 
 
 @contextlib.contextmanager
