@@ -38,13 +38,15 @@ DENS="0.05 0.1 0.2 0.3"
 # at ~2 s/step at 16k and ~4.5 s/step at 32k); `finish` stops early runs at their last checkpoint
 STEPS1=${STEPS1:-125} STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
 # session 6's levers trained on q32's featurization (OPTS_NAME: their trainer options), and the
-# quality.py options of the 32k table (session 5's table has every pattern: here the best one;
+# quality.py options of the 32k table (session 5's table has every pattern: here the policies and
+# the best pattern; --patterns names every family kept, the policies too (session 6 first left
+# them out and ran them in a second call);
 # per-layer/per-head budgets calibrated on held-out text, more budget for the last query rows)
 VARIANTS=${VARIANTS-pool32 mse32}
 OPTS_pool32=${OPTS_pool32-"--model.q_pooling [avg,max,min]"}
 OPTS_mse32=${OPTS_mse32-"--model.loss mse"}
-LEVERS=${LEVERS-"--patterns hierarchical --budgets gate/threshold --calib-docs 2 --tail-blocks 1 \
---tail-scale 4 16 --needle-diagnose"}
+LEVERS=${LEVERS-"--patterns gate/threshold gate/top_p oracle/threshold hierarchical \
+--budgets gate/threshold --calib-docs 2 --tail-blocks 1 --tail-scale 4 16 --needle-diagnose"}
 # the other issues' stages (run from the snapshot, outputs under $Q). Timed alone on the GPU:
 # KERNEL_CMD (issue 14: FP8 kernel table) and DECODE_KERNEL_CMD (issue 15: decode gate cost per
 # token, Flex decode) beside the CPU-bound de-quantization; after the 32k table the prefill

@@ -702,7 +702,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-diagnose", action="store_true",
                    help="also run the best gate's needle with dense decoding steps and with a "
                    "dense prefill (which step loses the needle)")
-    p.add_argument("--patterns", nargs="*", default=None, help="default: every pattern")
+    p.add_argument("--patterns", nargs="*", default=None,
+                   help="the families of the table: the policies gate/threshold, gate/top_p, "
+                   "oracle/threshold and the patterns by name (default: all of them; the gate "
+                   "and oracle at a uniform density are always in)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="gather",
                    help="attention backend of the sparse passes, fp32 ('reference' is the "
