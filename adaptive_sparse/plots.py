@@ -8,6 +8,7 @@ the learned gate is red and the oracle black in every panel. Figures are written
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from pathlib import Path
 
@@ -168,11 +169,36 @@ def plot_layer_density(per_layer: dict[str, list[float]], out, *, title: str = "
     return _save(plt, fig, out)
 
 
+# line styles of dense baselines in plot_frontier, in the order given
+# (budgets are dotted: no baseline is)
+_BASELINE_STYLES = ("--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (10, 3)), (0, (3, 1, 3, 4)))
+
+
+def _check_baselines(baselines) -> dict[str, float]:
+    from adaptive_sparse.errors import fail
+
+    if baselines is None:
+        return {}
+    try:
+        out = {str(k): float(v) for k, v in dict(baselines).items()}
+    except (TypeError, ValueError):
+        out = None
+    if out is None or any(not (math.isfinite(v) and v > 0) for v in out.values()):
+        raise fail("baselines", "a mapping of name -> cost > 0 (ms of dense attention when "
+                   "cost is latency_ms)", baselines)
+    return out
+
+
 def plot_frontier(rows: list[dict], out, *, cost: str = "density", budgets=(),
-                  title: str = "sparsity / quality frontier") -> Path:
+                  title: str = "sparsity / quality frontier", baselines=None,
+                  note: str = "") -> Path:
     """Sweep trials (dicts with method, `cost`, ppl_change, front_method) as faint points and
-    each method's Pareto front as a line, coloured by method; each quality budget a labelled
-    dotted line."""
+    each method's Pareto front as a line, coloured by method (a method's threshold and top-p
+    policies share its colour, with their own line styles: `method_style`); each quality budget
+    a labelled dotted line. `baselines` ({"SDPA cuDNN": 102.47, ...}, in the units of `cost`,
+    e.g. ms of dense attention when cost is latency_ms) are labelled grey vertical lines, in the
+    legend with their value; `note` is a second, smaller title line (e.g. "Pareto fronts only")."""
+    dense = _check_baselines(baselines)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.6))
     for method in sorted({r["method"] for r in rows}):
@@ -183,6 +209,14 @@ def plot_frontier(rows: list[dict], out, *, cost: str = "density", budgets=(),
         front = sorted((r for r in pts if r.get("front_method")), key=lambda r: r[cost])
         ax.plot([r[cost] for r in front], [100 * r["ppl_change"] for r in front], ms=4,
                 label=method, **style)
+    unit = " ms" if cost == "latency_ms" else ""
+    for i, (name, x) in enumerate(dense.items()):
+        ax.axvline(x, color=METHOD_COLORS["dense"], lw=1.2,
+                   linestyle=_BASELINE_STYLES[i % len(_BASELINE_STYLES)],
+                   label=f"dense: {name} {x:.4g}{unit}")
+        ax.annotate(name, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(-2, -4),
+                    textcoords="offset points", rotation=90, ha="right", va="top",
+                    fontsize=7, color=METHOD_COLORS["dense"])
     for b in budgets:
         ax.axhline(100 * b, color="grey", linestyle=":", linewidth=1)
         ax.annotate(f"budget +{100 * b:g}% ppl", xy=(1.0, 100 * b), xycoords=("axes fraction",
@@ -191,9 +225,12 @@ def plot_frontier(rows: list[dict], out, *, cost: str = "density", budgets=(),
     ax.set_yscale("symlog", linthresh=1.0)
     if rows:
         ax.set_ylim(bottom=min(0.0, 120 * min(r["ppl_change"] for r in rows)))
-    ax.set_xlabel("density (share of causal blocks computed)" if cost == "density" else cost)
+    ax.set_xlabel({"density": "density (share of causal blocks computed)",
+                   "latency_ms": "latency (ms)"}.get(cost, cost))
     ax.set_ylabel("perplexity change vs dense (%)")
-    ax.set_title(title)
+    ax.set_title(title + (f"\n{note}" if note else ""), **({"fontsize": 10} if note else {}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    # long handles, so that line styles (threshold vs top-p policies) read in the legend
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              handlelength=3.2)
     return _save(plt, fig, out)

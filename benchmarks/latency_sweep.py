@@ -22,7 +22,18 @@ finished trials and continues up to ``--trials``. ``--time-budget`` (seconds sin
 before a trial that would not finish in time (estimated from the last one), keeping what is done.
 Writes OUT/latency_front.json and .md (the Pareto front per method and overall, device,
 versions, shapes, dense baselines) and, through ``sweeps.frontier.write_report``,
-OUT/frontier.{json,csv,png} with latency_ms as the cost. Exit status 2 for a bad argument.
+OUT/frontier.{json,csv,png} with latency_ms as the cost, and OUT/latency_front.png: every
+method's Pareto front against latency (faint: every trial), the dense baselines as labelled
+vertical lines. Exit status 2 for a bad argument.
+
+Redraw a committed result without a model (no sweep, no GPU): ``--render JSON`` reads a
+latency_front.json and writes the picture and table beside it (JSON's name with .png / .md)::
+
+    python3 benchmarks/latency_sweep.py \\
+        --render benchmarks/results/latency_front_qwen25_32k_h200.json
+
+A JSON written before the trials were kept in it (``trials``) holds the fronts only: the picture
+then draws the Pareto fronts alone and says so in its title and in the table.
 """
 
 from __future__ import annotations
@@ -39,6 +50,11 @@ import torch
 
 OBJECTIVES = ["latency_ms", "ppl_change"]
 STOP_RESERVE_S = 10.0  # kept for the report at the end of a --time-budget run
+# a front row of latency_front.json, and the keys --render reads
+ROW_KEYS = ("trial", "method", "latency_ms", "attention_ms", "mask_ms", "density", "ppl_change",
+            "recall", "params")
+TOP_KEYS = ("model", "environment", "timed_on", "shapes", "docs", "corpus", "dense_ms", "counts",
+            "fronts")
 
 
 def methods(seq_len: int, bs: int) -> dict[str, dict]:
@@ -93,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention backend of evaluation and timing (auto: triton on CUDA, "
                         "gather on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="redraw JSON's picture (.png) and table (.md) beside it from a "
+                        "latency_front.json, without a model; --budgets when JSON has none")
     return p
 
 
@@ -190,8 +209,7 @@ def front_rows(report: dict, dense: dict[str, float]) -> dict[str, list[dict]]:
     """{"overall" | method: the rows of its Pareto front, by latency}, with the speedup over
     each dense baseline."""
     rows = {r["trial"]: r for r in report["trials"]}
-    keys = ("trial", "method", "latency_ms", "attention_ms", "mask_ms", "density", "ppl_change",
-            "recall", "params")
+    keys = ROW_KEYS
     out = {}
     for name, trials in report["fronts"].items():
         picked = sorted((rows[t] for t in trials), key=lambda r: r["latency_ms"])
@@ -201,11 +219,93 @@ def front_rows(report: dict, dense: dict[str, float]) -> dict[str, list[dict]]:
     return out
 
 
+# display names of dense_rows' keys in the picture
+BASELINE_NAMES = {"sdpa_cudnn": "SDPA cuDNN", "sdpa_flash": "SDPA flash",
+                  "sdpa_efficient": "SDPA efficient", "sdpa_math": "SDPA math",
+                  "ours_dense": "ours, full mask"}
+FRONTS_ONLY = "Pareto fronts only: this JSON does not hold the other trials"
+
+
+def plot_rows(data: dict) -> tuple[list[dict], bool]:
+    """The picture's points: the JSON's ``trials`` (every trial, its front flagged) when it
+    holds them, else the rows of every method's front; and whether they are fronts only."""
+    if data.get("trials"):
+        return data["trials"], False
+    return [{**r, "front_method": True} for name, rows in data["fronts"].items()
+            if name != "overall" for r in rows], True
+
+
+def render(data: dict, json_path: Path, budgets) -> tuple[Path, Path]:
+    """Write the picture (``json_path`` with .png: fronts against latency_ms, dense baselines
+    as vertical lines) and the table (.md) of a latency_front.json dict; returns their paths."""
+    from adaptive_sparse.io import atomic_write_text
+    from adaptive_sparse.plots import plot_frontier
+
+    rows, fronts_only = plot_rows(data)
+    png, md = json_path.with_suffix(".png"), json_path.with_suffix(".md")
+    shapes = data["shapes"]
+    plot_frontier(rows, png, cost="latency_ms", budgets=data.get("budgets") or budgets,
+                  baselines={BASELINE_NAMES.get(k, k): v for k, v in data["dense_ms"].items()},
+                  title=f"{data['model']}, {shapes['seq_len']} tokens, {data['timed_on']}",
+                  note=FRONTS_ONLY if fronts_only else "")
+    atomic_write_text(md, markdown(data, picture=png.name, fronts_only=fronts_only))
+    return png, md
+
+
+def _rows_problem(rows, keys) -> bool:
+    """Whether ``rows`` is not a list of dicts with ``keys``, latency_ms and ppl_change numbers."""
+    return not isinstance(rows, list) or any(
+        not isinstance(r, dict) or not set(keys) <= set(r)
+        or not all(isinstance(r[k], (int, float)) for k in ("latency_ms", "ppl_change"))
+        for r in rows)
+
+
+def _front_problem(data) -> str | None:
+    """What a latency_front.json dict lacks for ``render`` (None: nothing)."""
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}, not an object"
+    missing = [k for k in TOP_KEYS if k not in data]
+    if missing:
+        return f"no {', '.join(missing)}"
+    dense, fronts, shapes = data["dense_ms"], data["fronts"], data["shapes"]
+    if not isinstance(dense, dict) or not all(isinstance(v, (int, float)) for v in dense.values()):
+        return "dense_ms is not {name: ms}"
+    need = ("heads", "kv_heads", "seq_len", "head_dim", "dtype", "block_size", "layers")
+    if not isinstance(shapes, dict) or not set(need) <= set(shapes) or \
+            not isinstance(data["environment"], dict):
+        return f"shapes without {', '.join(need)}, or environment not an object"
+    if not isinstance(fronts, dict) or not fronts:
+        return "fronts is not {method: rows}"
+    keys = (*ROW_KEYS, *(f"speedup_vs_{d}" for d in dense))
+    for name, rows in fronts.items():
+        if _rows_problem(rows, keys):
+            return f"fronts[{name!r}] has rows without {', '.join(keys)}"
+    if data.get("trials") and _rows_problem(data["trials"], ("method", "front_method")):
+        return "trials has rows without method, latency_ms, ppl_change, front_method"
+    return None
+
+
+def load_front(path: str) -> dict:
+    """A latency_front.json as a dict, checked for what ``render`` reads; ValueError naming
+    --render."""
+    from adaptive_sparse.errors import fail
+
+    expected = "a latency_front.json written by latency_sweep.py"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail("--render", expected, f"{path} ({type(e).__name__}: {e})") from None
+    problem = _front_problem(data)
+    if problem:
+        raise fail("--render", expected, f"{path} ({problem})")
+    return data
+
+
 def _cell(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def markdown(data: dict) -> str:
+def markdown(data: dict, picture: str | None = None, fronts_only: bool = False) -> str:
     env, shapes, dense = data["environment"], data["shapes"], data["dense_ms"]
     lines = [f"# Latency / perplexity front: {data['model']} at {shapes['seq_len']} tokens", "",
              f"Timed on {data['timed_on']}; torch {env.get('torch')}, triton "
@@ -222,6 +322,12 @@ def markdown(data: dict) -> str:
              "per length, so theirs is attention_ms alone (mask_ms shown for reference).", ""]
     if data.get("stopped"):
         lines += [f"Stopped early: {data['stopped']}.", ""]
+    if picture:
+        lines += [f"![latency / perplexity front]({picture})", "",
+                  f"`{picture}`: each method's Pareto front, perplexity change against latency"
+                  + (f". {FRONTS_ONLY}." if fronts_only else ", every trial faint.")
+                  + " Dense attention of all layers: grey vertical lines; quality budgets: "
+                  "dotted.", ""]
     base = next((k for k in ("sdpa_cudnn", "sdpa_flash", "sdpa_math") if k in dense), None)
     for name, rows in data["fronts"].items():
         lines += [f"## Pareto front: {name} ({len(rows)} trials)", "",
@@ -261,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.render is not None:
+        try:
+            data = load_front(args.render)
+        except ValueError as e:
+            print(f"latency_sweep.py: error: {e}", file=sys.stderr)
+            return 2
+        png, md = render(data, Path(args.render), args.budgets)
+        print(f"wrote {png}, {md}", flush=True)
+        return 0
     try:
         chosen = check_args(args)
         model = _load(args)
@@ -270,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     from adaptive_sparse.gates import model_shapes
-    from adaptive_sparse.io import atomic_write_json, atomic_write_text
+    from adaptive_sparse.io import atomic_write_json
     from sweeps.cli import SweepConfig
     from sweeps.evaluators import build_evaluator
     from sweeps.frontier import format_table, write_report
@@ -315,16 +430,17 @@ def main(argv: list[str] | None = None) -> int:
                        "layers": s["num_layers"], "dtype": args.dtype,
                        "block_size": args.block_size},
             "docs": args.docs, "corpus": args.corpus, "gates": args.gates,
-            "objectives": OBJECTIVES, "dense_ms": dense,
+            "objectives": OBJECTIVES, "budgets": list(args.budgets), "dense_ms": dense,
             "counts": ", ".join(f"{v} {k}" for k, v in counts.items() if v),
             "stopped": stopped, "seconds": time.monotonic() - t0,
-            "fronts": front_rows(report, dense), "files": report["files"]}
+            "fronts": front_rows(report, dense), "files": report["files"],
+            "trials": [{k: r.get(k) for k in ("trial", "method", "latency_ms", "ppl_change",
+                                              "front_method")} for r in report["trials"]]}
     atomic_write_json(out / "latency_front.json", data)
-    text = markdown(data)
-    atomic_write_text(out / "latency_front.md", text)
-    print(text, flush=True)
-    print(f"wrote {out / 'latency_front.json'}, {out / 'latency_front.md'}, "
-          f"{out / 'frontier.png'} in {time.monotonic() - t0:.0f} s", flush=True)
+    png, md = render(data, out / "latency_front.json", args.budgets)
+    print(md.read_text(), flush=True)
+    print(f"wrote {out / 'latency_front.json'}, {md}, {png}, {out / 'frontier.png'} in "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -105,7 +106,14 @@ def test_latency_sweep_writes_front_and_resumes(tiny_run, capsys):
     assert set(data["fronts"]) == {"overall", "sliding_window", "lsh", "gate/threshold"}
     for row in data["fronts"]["overall"]:
         assert row["latency_ms"] > 0 and row["attention_ms"] > 0 and row["mask_ms"] >= 0
-    assert "## Pareto front: overall" in (out / "latency_front.md").read_text()
+    md = (out / "latency_front.md").read_text()
+    assert "## Pareto front: overall" in md and "![latency / perplexity front]" in md
+    assert (out / "latency_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["budgets"] == [0.01, 0.03, 0.05] and {"method", "latency_ms", "ppl_change",
+                                                       "front_method"} <= set(data["trials"][0])
+    assert "every trial faint" in md  # the run keeps every trial for --render
+    assert latency_sweep.main(["--render", str(out / "latency_front.json")]) == 0
+    assert (out / "latency_front.md").read_text() == md  # redrawn without a model: same table
 
     def finished():
         trials = load_run(out)[1].get_trials(deepcopy=False)
@@ -148,3 +156,54 @@ def test_latency_sweep_gate_methods_need_gates(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         latency_sweep.main(["--seq-len", "abc"])
     assert e.value.code == 2
+
+
+COMMITTED = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+             / "latency_front_qwen25_32k_h200.json")
+
+
+def test_render_redraws_a_committed_front_with_its_dense_baselines(tmp_path, monkeypatch, capsys):
+    from adaptive_sparse import plots
+
+    src = tmp_path / "front.json"
+    src.write_text(COMMITTED.read_text())
+    calls, real = [], plots.plot_frontier
+
+    def recording(rows, out, **kw):  # the real plot, its arguments kept
+        calls.append((rows, kw))
+        return real(rows, out, **kw)
+
+    monkeypatch.setattr(plots, "plot_frontier", recording)
+    assert latency_sweep.main(["--render", str(src)]) == 0
+    assert f"wrote {tmp_path / 'front.png'}" in capsys.readouterr().out
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(src.read_text())
+    (rows, kw), = calls
+    assert kw["cost"] == "latency_ms" and list(kw["budgets"]) == [0.01, 0.03, 0.05]
+    assert kw["baselines"] == {latency_sweep.BASELINE_NAMES[k]: v
+                               for k, v in data["dense_ms"].items()}
+    assert "SDPA cuDNN" in kw["baselines"] and "ours, full mask" in kw["baselines"]
+    # this JSON holds the fronts only: every front row is drawn, and the picture says so
+    assert len(rows) == sum(len(v) for k, v in data["fronts"].items() if k != "overall")
+    assert all(r["front_method"] for r in rows) and kw["note"] == latency_sweep.FRONTS_ONLY
+    md = (tmp_path / "front.md").read_text()
+    assert "![latency / perplexity front](front.png)" in md and latency_sweep.FRONTS_ONLY in md
+    # the committed table is this JSON's, redrawn
+    assert md.replace("front.png", COMMITTED.with_suffix(".png").name) == \
+        COMMITTED.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("text, why", [
+    (None, "FileNotFoundError"),
+    ("{not json", "JSONDecodeError"),
+    ("[1, 2]", "a list, not an object"),
+    ('{"model": "m"}', "no environment"),
+])
+def test_render_of_a_bad_json_exits_2_naming_the_argument(tmp_path, capsys, text, why):
+    path = tmp_path / "front.json"
+    if text is not None:
+        path.write_text(text)
+    assert latency_sweep.main(["--render", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --render: expected a latency_front.json" in err and why in err, err
+    assert not path.with_suffix(".png").exists() and not path.with_suffix(".md").exists()
