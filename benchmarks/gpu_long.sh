@@ -79,6 +79,11 @@ quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation
 
 gates_of() { echo "$Q/$1/gates/demo/version_0/gates"; }
 
+# run NAME has its gates: trained here, or brought by a call (`start` copies a carried
+# .gates/NAME, i.e. manifest.json + gates.safetensors restored here from the pieces GATES_BACK
+# returned: `cat NAME.gates.* > .gates/NAME/gates.safetensors`); such a run is not trained again
+have_gates() { [ -e "$(gates_of "$1")/manifest.json" ]; }
+
 # wait_for NAME: until run NAME has its gates (0) or its training failed (1)
 wait_for() {
     while [ ! -e "$(gates_of "$1")/manifest.json" ]; do
@@ -189,6 +194,10 @@ start)
         echo "$SHA  $ADAPTIVE_SPARSE_CACHE/$GGUF" | sha256sum -c || exit 1
         echo $SHA > $ADAPTIVE_SPARSE_CACHE/$GGUF.sha256
     fi
+    for d in .gates/*/; do  # carried gate sets (see have_gates)
+        [ -e "$d/manifest.json" ] || continue
+        mkdir -p "$(gates_of "$(basename "$d")")" && cp "$d"/* "$(gates_of "$(basename "$d")")/"
+    done
     rm -rf /tmp/snap && if [ -d .snap ]; then cp -r .snap /tmp/snap; else
         mkdir /tmp/snap && cp -r adaptive_sparse gating sweeps benchmarks pyproject.toml /tmp/snap/; fi
     rm -f $Q/done $Q/abort
@@ -211,8 +220,14 @@ pipeline)
     wait
     [ -n "$CHECK_CMD" ] && (bash -c "$CHECK_CMD" > $Q/check.log 2>&1) &
     [ -n "$DTRAIN_CMD" ] && (bash -c "$DTRAIN_CMD" > $Q/dtrain.log 2>&1) &
-    train q32 $L2 $DOCS2 $STEPS2
-    for v in $VARIANTS; do opts=OPTS_$v; variant $v q32 "${!opts:-}"; done
+    have_gates q32 || train q32 $L2 $DOCS2 $STEPS2
+    for v in $VARIANTS; do  # on q32's featurization, or their own when q32's gates were carried
+        opts=OPTS_$v
+        if have_gates $v; then :
+        elif have_gates q32 && [ ! -d $Q/q32/gate_cache ]; then
+            train $v $L2 $DOCS2 $STEPS2 --train-extra "${!opts:-}"
+        else variant $v q32 "${!opts:-}"; fi
+    done
     tables_then_timing
     echo "pipeline done after $((SECONDS - t0)) s"
     touch $Q/done
