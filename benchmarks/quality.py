@@ -23,7 +23,12 @@ Research levers (issue 13), each an ablation row of the same table and of the ne
   row ``gate/threshold+<lever>``, and in the needle stage the best gate's policy with the lever;
 - ``--needle-diagnose``: the best gate's needle run with dense decoding steps, and with a dense
   prefill, to tell which step loses the needle. Every sparse needle run reports the density
-  its masks kept in the prefill and in the decoding steps (forced and floor blocks included).
+  its masks kept in the prefill and in the decoding steps (forced and floor blocks included);
+- ``--decode-gates DIR``: the best gate's masks in the prefill and the decode gates (issue 15,
+  trained on decode-position queries) in every decoding step, at a decode token budget of the
+  best gate's needle prefill density and at each --tail-scale multiple of it, rows
+  ``best gate + decode gates xS``: the prefill gate's decoding rows against the decode gates'
+  at the same decode density.
 
 Calibration. A pattern's parameters for a target density come from one ordered family per
 pattern (one knob; the others fixed at common settings, written in ``FAMILIES``): every member
@@ -284,7 +289,9 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
     the method's masks in the prefill and in every decoding step; each row records the density
     its masks kept in both. Ablations: with --budgets the best gate with calibrated budgets;
     with a lever (--tail-blocks / --min-blocks) the best gate's policy plus the lever; with
-    --needle-diagnose the best gate with dense decoding steps and with a dense prefill."""
+    --needle-diagnose the best gate with dense decoding steps and with a dense prefill; with
+    --decode-gates (loaded by `main` into args.decode_gate_set) the best gate's prefill and the
+    decode gates in the decoding steps (`decode_gate_picks`)."""
     from adaptive_sparse.data import make_needle_samples
     from adaptive_sparse.evaluate import evaluate_needle
 
@@ -316,12 +323,17 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
     if gate is not None and getattr(args, "needle_diagnose", False):
         picks += [("best gate, dense decode", gate, "decode"),
                   ("best gate, dense prefill", gate, "prefill")]
+    decode_gates = getattr(args, "decode_gate_set", None)
+    if gate is not None and decode_gates is not None:
+        picks += decode_gate_picks(gate, args)
+    elif decode_gates is not None:
+        log(f"  [{seq_len}] needle: no best gate at density {d}, no decode-gate rows")
     for label, row, dense_phase in picks:
         key = f"{seq_len}|needle|{label}|{d}"
         if results.needle(key) is not None:
             continue
         t0 = time.perf_counter()
-        phases = {}
+        phases, budget = {}, {}
         if row is None:
             r = evaluate_needle(model, tokenizer, samples, sparse=False, progress=False)
         else:
@@ -329,7 +341,11 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
                 "oracle" if row["method"].startswith("oracle") else row["method"]
             family = row.get("family", family)
             with evaluator._detached(evaluator.provider(family, row["params"])) as provider:
-                counted = PhaseDensity(provider, dense=dense_phase)
+                if isinstance(dense_phase, float):  # a decode-gate row: its budget's multiple
+                    provider, budget = decode_gate_provider(
+                        provider, decode_gates, results.needle(f"{seq_len}|needle|best gate|{d}"),
+                        dense_phase, seq_len, args)
+                counted = PhaseDensity(provider, dense=None if budget else dense_phase)
                 r = evaluate_needle(model, tokenizer, samples, counted, sparse=True,
                                     block_size=args.block_size, backend=args.backend,
                                     progress=False)
@@ -340,11 +356,68 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
                             "density": 1.0 if row is None else row["density"],
                             "ppl_change": 0.0 if row is None else row["ppl_change"],
                             **({} if row is None else {"params": row["params"]}), **phases,
+                            **budget,
                             "needle_accuracy": r["needle_accuracy"], "answers": r["answers"],
                             "samples": len(samples), "seconds": time.perf_counter() - t0})
         log(f"  [{seq_len}] needle {label:<24} "
             f"{'dense' if row is None else row['method']:<18} accuracy "
             f"{r['needle_accuracy']:.2f} ({time.perf_counter() - t0:.1f} s)")
+
+
+def decode_gate_picks(gate: dict, args) -> list[tuple[str, dict, float]]:
+    """The needle picks of --decode-gates: (label, the best gate's row, the decode budget's
+    multiple S of the prefill density), S = 1 and each --tail-scale, labels
+    "best gate + decode gates xS". They follow the plain best gate's run, whose measured
+    prefill density sets the budget."""
+    scales = dict.fromkeys([1.0, *args.tail_scale])
+    return [(f"best gate + decode gates x{s:g}", gate, float(s)) for s in scales]
+
+
+def decode_gate_provider(prefill, decode_gates, best: dict | None, scale: float, seq_len: int,
+                         args):
+    """(provider, row fields) of one decode-gate needle run: `prefill` (the best gate's
+    provider) for the prompt, the decode gates for every decoding step under a token budget of
+    round(scale * p * seq_len) tokens (`token_budget_policy`: ceil(tokens / block) cache blocks
+    per KV head, the sink and the newest block forced), p the prefill density the best gate's
+    plain needle run measured (its table density when that run is missing)."""
+    from adaptive_sparse.gates.decode import DecodeProvider, token_budget_policy
+
+    p = (best or {}).get("prefill_density")
+    source = "best gate needle prefill density"
+    if p is None:
+        p, source = (best or {}).get("density"), "best gate table density"
+    if p is None:
+        raise RuntimeError("decode-gate needle rows need the best gate's needle run first")
+    tokens = max(1, min(seq_len, round(scale * p * seq_len)))
+    policy = token_budget_policy(tokens, args.block_size)
+    provider = DecodeProvider(policy, gates=decode_gates, prefill=prefill, decode="gate",
+                              block_size=args.block_size)
+    return provider, {"decode_gates": str(args.decode_gates), "decode_budget_scale": scale,
+                      "decode_budget_density": p * scale, "decode_budget_source": source,
+                      "decode_budget_tokens": tokens, "decode_policy": policy.to_dict()}
+
+
+def load_needle_decode_gates(path, model, args):
+    """The decode gates of --decode-gates on --device (fp32: the fused CUDA step wants it),
+    refused (ValueError naming the flag) when their block size or shapes are not the model's."""
+    from adaptive_sparse.errors import fail
+    from adaptive_sparse.export.decode import load_decode_gates_any
+    from adaptive_sparse.gates.network import model_shapes
+
+    try:
+        gates = load_decode_gates_any(path, model, check="architecture")
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the flag's error
+        raise fail("--decode-gates", "a decode-gate artifact or save_decode_gates file of "
+                   "this model", f"{path} ({e})") from None
+    c, shapes = gates.config, model_shapes(model)
+    got = {k: getattr(c, k) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
+    want = {k: shapes[k] for k in got}
+    if got != want:
+        raise fail("--decode-gates", f"gates of the model's shapes {want}", f"{got} in {path}")
+    if c.block_size != args.block_size:
+        raise fail("--decode-gates", f"gates of --block-size {args.block_size}",
+                   f"block size {c.block_size} in {path}")
+    return gates.float().to(args.device).eval()
 
 
 def needle_markdown(results: Results) -> str:
@@ -702,6 +775,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--needle-diagnose", action="store_true",
                    help="also run the best gate's needle with dense decoding steps and with a "
                    "dense prefill (which step loses the needle)")
+    p.add_argument("--decode-gates", default=None, metavar="DIR",
+                   help="decode-gate artifact (decode_e2e.py / decode_quality.py OUT/decode_gates) "
+                   "or save_decode_gates file: needle rows with the best gate's prefill and "
+                   "these gates in the decoding steps, at a token budget of the prefill density "
+                   "times 1 and each --tail-scale")
     p.add_argument("--patterns", nargs="*", default=None,
                    help="the families of the table: the policies gate/threshold, gate/top_p, "
                    "oracle/threshold and the patterns by name (default: all of them; the gate "
@@ -801,6 +879,13 @@ def check_args(args) -> dict:
         raise fail("--calib-docs", "a positive int", args.calib_docs)
     if args.tail_scale != [1.0] and not args.tail_blocks:
         raise fail("--tail-scale", "values with --tail-blocks >= 1", args.tail_scale)
+    if args.decode_gates is not None:
+        if not Path(args.decode_gates).exists():
+            raise fail("--decode-gates", "an existing decode-gate artifact directory or "
+                       "save_decode_gates file", args.decode_gates)
+        if not args.needle_lens:
+            raise fail("--decode-gates", "--needle-lens (the decode gates serve the needle "
+                       "runs)", "no needle lengths")
     try:
         for scale in args.tail_scale:
             Policy("threshold", tau=0.01, **lever_policy(args, scale))
@@ -847,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "calib_docs": args.calib_docs,
                                                          "calib_split": args.calib_split}
                                              if args.budgets else None,
-                                             "lever": lever or None})
+                                             "lever": lever or None,
+                                             "decode_gates": args.decode_gates})
     lens = list(dict.fromkeys([*args.seq_lens, *args.needle_lens]))
     if lens:
         from adaptive_sparse.data import load_corpus, pack, split_documents
@@ -861,6 +947,11 @@ def main(argv: list[str] | None = None) -> int:
         docs, calib_docs = split["validation"], split[args.calib_split]
         if args.budgets and {d.id for d in docs} & {d.id for d in calib_docs}:
             raise ValueError("--calib-split: calibration documents overlap the evaluation's")
+        if args.decode_gates:
+            try:
+                args.decode_gate_set = load_needle_decode_gates(args.decode_gates, model, args)
+            except ValueError as e:
+                parser.error(str(e))  # exit status 2
     for n in lens:
         print(f"== quality table at {n} tokens, {args.eval_docs} held-out sequences "
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)

@@ -238,6 +238,71 @@ def test_bad_lever_flags_exit_2(tmp_path, capsys):
         assert f"error: {name}: expected" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 9 min on 2 shared cores: SmolLM2 at 256 tokens, calibration, 6 needles
+def test_decode_gates_serve_the_decoding_steps_of_needle_rows(smollm2, tmp_path, capsys):
+    """quality.main --decode-gates: rows with the best gate's prefill and the decode gates in
+    every decoding step, at a token budget of the best gate's needle prefill density times 1 and
+    each --tail-scale; the decode density stays within the budget; a second run resumes."""
+    import torch
+
+    from adaptive_sparse.data import make_needle_samples
+    from adaptive_sparse.gates import GateConfig, GateSet, save_gates
+    from adaptive_sparse.gates.decode import save_decode_gates, train_decode_gates
+
+    model, tok = smollm2
+    gates = save_gates(GateSet(GateConfig.from_model(model, block_size=64)), tmp_path / "g",
+                       model=model)
+    seqs = torch.randint(0, tok.vocab_size, (2, 160), generator=torch.Generator().manual_seed(0))
+    dgates, hist = train_decode_gates(model, seqs, steps=2, queries=4, block_size=64)
+    assert len(hist) == 2
+    save_decode_gates(dgates, tmp_path / "decode_gates.safetensors")
+    bad = _levers_args(tmp_path / "bad", gates, "--decode-gates", str(gates))  # prefill gates
+    with pytest.raises(SystemExit) as e:
+        quality.main(bad)
+    assert e.value.code == 2 and "error: --decode-gates: expected" in capsys.readouterr().err
+
+    args = _levers_args(tmp_path / "q", gates, "--patterns", "gate/threshold",
+                        "--tail-blocks", "1", "--tail-scale", "2",
+                        "--decode-gates", str(tmp_path / "decode_gates.safetensors"))
+    assert quality.main(args) == 0
+    data = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert data["meta"]["decode_gates"] == str(tmp_path / "decode_gates.safetensors")
+    needle = {r["label"]: r for r in data["needle"]}
+    assert {"dense", "best gate", "best gate + tail1x2", "best gate + decode gates x1",
+            "best gate + decode gates x2"} <= set(needle)
+    plain = needle["best gate"]
+    prompt = min(len(s.input_ids) for s in make_needle_samples(tok, length=256, depths=[0.5],
+                                                               samples_per_depth=1))
+    for scale in (1, 2):
+        row = needle[f"best gate + decode gates x{scale}"]
+        assert row["method"] == plain["method"] and row["params"] == plain["params"]
+        assert row["prefill_density"] == pytest.approx(plain["prefill_density"])  # same masks
+        assert row["decode_budget_density"] == pytest.approx(scale * plain["prefill_density"])
+        assert row["decode_budget_tokens"] == min(256, round(scale * plain["prefill_density"]
+                                                              * 256))
+        assert row["decode_policy"]["kind"] == "top_k"
+        # top-k of ceil(tokens / 64) cache blocks (sink and newest forced) per KV head
+        blocks = max(2, math.ceil(row["decode_budget_tokens"] / 64))
+        assert 0 < row["decode_density"] <= min(1.0, blocks / math.ceil(prompt / 64)) + 1e-9
+        assert 0.0 <= row["needle_accuracy"] <= 1.0
+    assert needle["best gate + decode gates x2"]["decode_density"] >= \
+        needle["best gate + decode gates x1"]["decode_density"]
+    assert "| best gate + decode gates x1 |" in (tmp_path / "q" / "quality.md").read_text()
+
+    capsys.readouterr()
+    assert quality.main(args) == 0  # resumes: no needle run again
+    assert "[256]" not in capsys.readouterr().out
+
+
+def test_bad_decode_gates_flag_exits_2(tmp_path, capsys):
+    for flags in (["--decode-gates", str(tmp_path / "missing"), "--needle-lens", "256"],
+                  ["--decode-gates", str(tmp_path)]):  # exists, but no needle runs to serve
+        with pytest.raises(SystemExit) as e:
+            quality.main(["--out", str(tmp_path / "q"), *flags])
+        assert e.value.code == 2
+        assert "error: --decode-gates: expected" in capsys.readouterr().err
+
+
 def test_phase_density_counts_prefill_and_decode_apart():
     import torch
 
