@@ -157,8 +157,12 @@ tables_then_timing() {
     wait_for q32 || return 1
     local extra=()
     for other in $VARIANTS; do wait_for "$other" && extra+=("$other=$(gates_of "$other")"); done
+    # the decode gates (DTRAIN_CMD) serve the decoding steps of more needle rows, once trained
+    local dg=()
+    while pgrep -f "[d]train" > /dev/null; do sleep 5; done
+    [ -e $Q/dtrain/decode_gates/manifest.json ] && dg=(--decode-gates $Q/dtrain/decode_gates)
     quality $Q/q32 --gates "$(gates_of q32)" --seq-lens $L2 --needle-lens $L2 \
-        --extra-gates "${extra[@]}" ${LEVERS:-} > $Q/table_q32.log 2>&1
+        --extra-gates "${extra[@]}" ${LEVERS:-} "${dg[@]}" > $Q/table_q32.log 2>&1
     echo "table done after $((SECONDS - t0)) s"
     [ "${PREFILL:-1}" = 1 ] && exclusive e2e prefill_table
     [ -n "$LATENCY_CMD" ] && exclusive latency bash -c "$LATENCY_CMD"
