@@ -479,8 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--fp8", action="store_true",
-                    help="also time ours-dense and every gate config with precision='fp8' (e4m3 "
-                    "Q.K^T and P.V), with their perplexity")
+                    help="also time ours-dense and every gate config with precision='fp8' (8-bit "
+                    "Q.K^T and P.V: forward_fp8's defaults), with their perplexity")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--check-max-len", type=int, default=8192,

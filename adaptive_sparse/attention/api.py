@@ -171,9 +171,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: a contiguous [B, Hq, N, D] tensor of q's dtype and device that receives the output
         (every element is written); None allocates one.
     precision: "input" (the dots in the inputs' dtype, fp32 accumulation) or "fp8" (opt-in:
-        e4m3 Q K^T and P V with per-block scales, fp32 accumulation; the triton backend only,
-        which "auto" must pick (CUDA), no lse; relative error ~5e-2 against fp64 where bf16 is
-        ~2e-3; see `attention/triton/forward_fp8.py`).
+        int8 Q K^T (per-token Q and per-block K scales, K smoothed) and e4m3 P V by default,
+        fp32 accumulation; the triton backend only, which "auto" must pick (CUDA), no lse;
+        relative error 2-5e-2 against fp64 where bf16 is ~2e-3; see
+        `attention/triton/forward_fp8.py`).
 
     Returns out [B, Hq, N, D] in q's dtype (fp32 accumulation), or (out, lse).
     """

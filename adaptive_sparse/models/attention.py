@@ -233,7 +233,7 @@ def enable_sparse_attention(model, provider, *, block_size: int = 64, backend: s
     block_size: block size of the dense mask used when the provider returns None.
     backend: passed to `block_sparse_attention`, whose "auto" is the one meaning everywhere
         (triton on CUDA, gather elsewhere). Calls nest (the previous state is restored).
-    precision: `block_sparse_attention`'s ("fp8": e4m3 Q.K^T and P.V in the prefill, Triton on
+    precision: `block_sparse_attention`'s ("fp8": 8-bit Q.K^T and P.V in the prefill, Triton on
         CUDA only; decode steps stay in the input precision).
     observer: callable (AttentionCall) -> None, called on every attention layer (sliding-window
         ones included) before its attention runs."""
