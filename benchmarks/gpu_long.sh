@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 13 on one lent GPU: Qwen2.5-Coder-0.5B gates at 16k and 32k, their quality tables
-# (benchmarks/quality.py: gate policies, oracle, every pattern, ablation gate sets, needle) and the
-# real-weights prefill table (benchmarks/e2e.py: cuDNN/flash SDPA, ours dense, the gate at each
-# density, FP8), in one background pipeline that a few consecutive device calls feed and poll.
+# Issues 13-15 on one lent GPU: Qwen2.5-Coder-0.5B gates at 32k and lever variants, the 32k
+# quality table (benchmarks/quality.py: gate policies, oracle, the best pattern, levers, needle),
+# the real-weights prefill table at 16k and 32k (benchmarks/e2e.py: cuDNN/flash SDPA, ours dense,
+# the gate at each density, FP8), the latency sweep, FP8 kernels and decoding, in one background
+# pipeline that a few consecutive device calls feed and poll.
 #
 # The machine has no package index and a call carries at most 64 MiB, so the 491 MB GGUF travels
 # as nine pieces (`split -n 9` of the assembled file, one ignored folder .gq/pN per call; made by
@@ -26,17 +27,17 @@ Q=${Q:-/tmp/q}
 SITE=/tmp/site
 MODEL=${MODEL:-qwen2.5-coder-0.5b}
 # the two lengths and where it runs (a CPU dry run of the whole pipeline: MODEL=smollm2-135m
-# L1=256 L2=512 DEV=cpu BACKEND=auto EVAL_DTYPE=float32 STEPS1=3 STEPS2=3 EVAL_DOCS=1 ... pipeline)
+# L1=256 L2=512 DEV=cpu BACKEND=auto EVAL_DTYPE=float32 STEPS2=3 DOCS2=3 EVAL_DOCS=1 ... pipeline)
 L1=${L1:-16384} L2=${L2:-32768} DEV=${DEV:-cuda} BACKEND=${BACKEND:-triton}
-EVAL_DTYPE=${EVAL_DTYPE:-bfloat16} DOCS1=${DOCS1:-24} DOCS2=${DOCS2:-12}
+EVAL_DTYPE=${EVAL_DTYPE:-bfloat16} DOCS2=${DOCS2:-12}
 GGUF=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export ADAPTIVE_SPARSE_CACHE=/tmp/ascache PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 \
     TOKENIZERS_PARALLELISM=false
 DENS="0.05 0.1 0.2 0.3"
-# distillation steps at L1 and L2: what fit in the session-5 lease (3 trainings sharing one H200
-# at ~2 s/step at 16k and ~4.5 s/step at 32k); `finish` stops early runs at their last checkpoint
-STEPS1=${STEPS1:-125} STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
+# distillation steps at L2: what fit in a lease (three trainings sharing one H200 at ~4.5 s/step
+# at 32k); `finish` stops early runs at their last checkpoint
+STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
 # session 6's levers trained on q32's featurization (OPTS_NAME: their trainer options), and the
 # quality.py options of the 32k table (session 5's table has every pattern: here the policies and
 # the best pattern; --patterns names every family kept, the policies too (session 6 first left
@@ -97,16 +98,6 @@ train() {
     local name=$1 len=$2 docs=$3 steps=$4; shift 4
     (quality $Q/$name --train-seq-len "$len" --train-docs "$docs" --val-docs 2 --steps $steps \
         "$@" --seq-lens > $Q/train_$name.log 2>&1 || touch "$Q/failed_$name") &
-}
-
-# table NAME LEN ABLATIONS...: the quality table and the needle runs of run NAME at LEN tokens,
-# with the gate sets of the runs named in ABLATIONS as ablation rows (those that trained)
-table() {
-    local name=$1 len=$2 extra=(); shift 2
-    wait_for "$name" || return 1
-    for other in "$@"; do wait_for "$other" && extra+=("$other=$(gates_of "$other")"); done
-    quality $Q/$name --gates "$(gates_of "$name")" --seq-lens "$len" --needle-lens "$len" \
-        --extra-gates "${extra[@]}" > $Q/table_$name.log 2>&1
 }
 
 # cache_ready NAME: the featurization of run NAME (train and validation splits) is complete

@@ -225,25 +225,11 @@ class Results:
 
 def make_evaluator(model, sequences, seq_len: int, gates: Path, args):
     """A sweeps ModelEvaluator on a model loaded once (in --eval-dtype) and packed held-out
-    sequences, whose perplexity applies the LM head in chunks
-    (`adaptive_sparse.evaluate.sequence_nll`): the [N, vocab] fp32 logits of one 32k-token
-    Qwen2.5 sequence alone would take 20 GB."""
-    from adaptive_sparse.evaluate import sequence_nll
-    from adaptive_sparse.models import sparse_attention
+    sequences (its perplexity applies the LM head in chunks, `evaluate.sequence_nll`: the
+    [N, vocab] fp32 logits of one 32k-token Qwen2.5 sequence alone would take 20 GB)."""
     from sweeps.evaluators import ModelEvaluator
 
-    class Evaluator(ModelEvaluator):
-        def _nll(self, provider) -> float:
-            model, seqs = self._load()
-            total, count = 0.0, 0
-            with torch.no_grad(), sparse_attention(model, provider, block_size=self.block_size,
-                                                   backend=self.backend):
-                for seq in seqs:
-                    nll, n = sequence_nll(model, seq[None].to(self.device))
-                    total, count = total + nll, count + n
-            return total / count
-
-    return Evaluator(args.model, seq_len=seq_len, block_size=args.block_size, gates=str(gates),
+    return ModelEvaluator(args.model, seq_len=seq_len, block_size=args.block_size, gates=str(gates),
                      device=args.device, backend=args.backend, model_obj=model,
                      sequences=sequences, gate_fast=None if args.device.startswith("cuda")
                      else False)
