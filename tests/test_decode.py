@@ -163,6 +163,32 @@ def test_triton_broadcast_tables(splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("merge", ["fused", "separate"])
+def test_triton_merge_launches_agree_and_repeat(merge):
+    """The fused merge (the last split of a row merges; its arrival count is reset) and the
+    separate merge launch give the oracle's answer, call after call on the shared workspace,
+    also when the tables change between calls (as between layers)."""
+    from adaptive_sparse.attention.triton.decode import triton_sparse_decode
+
+    device = "cuda" if CUDA else "cpu"
+    for seed in (31, 32, 33):
+        q, k, v, seqlens, num, idx = random_decode_case(
+            2, 6, 2, 120, 16, 16, 0.3 + 0.2 * (seed - 31), dtype=torch.float32, device=device,
+            seed=seed)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((2, 6), float("nan"), device=device)
+        res, lse2 = triton_sparse_decode(q, k, v, seqlens, num, idx, block_size=16, scale=0.25,
+                                         out=out, num_splits=3, merge=merge, lse=lse)
+        assert res is out and lse2 is lse
+        ref_out, ref_lse = oracle(q, k, v, seqlens, num, idx, 16, 0.25)
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    if merge == "fused":
+        from adaptive_sparse.attention.triton.decode import _WORKSPACES
+        assert all(int(ws[2].abs().sum()) == 0 for ws in _WORKSPACES.values())
+
+
+@needs_triton
 def test_triton_ignores_blocks_past_the_sequence_end():
     """A block listed past a short sequence's end contributes nothing (ragged batches share one
     table width); the last partial block reads only its valid tokens."""

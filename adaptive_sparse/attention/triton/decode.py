@@ -24,7 +24,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @triton.jit
 def decode_split_fwd_kernel(
-    Q, K, V, O, LSE, O_PART, LSE_PART, SEQLENS, KV_NUM, KV_IDX,
+    Q, K, V, O, LSE, O_PART, LSE_PART, CNT, SEQLENS, KV_NUM, KV_IDX,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_km,
     stride_vb, stride_vh, stride_vm,
@@ -34,7 +34,7 @@ def decode_split_fwd_kernel(
     H_KV, N_KV, QK_SCALE, WORK_BUCKET,
     G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (splits, B * H_KV). Q/O [B, H_KV * G, (1,) D]; K/V [B, H_KV, M, D]; SEQLENS int32 [B]
     (UNIFORM: every sequence holds N_KV tokens, SEQLENS unread);
@@ -42,7 +42,11 @@ def decode_split_fwd_kernel(
     LSE fp32 [B, H_KV * G]. Not DIRECT: O_PART fp32 [B, H_KV, splits, GP, D] and LSE_PART fp32
     [B, H_KV, splits, GP] (contiguous) receive each split's normalized output and log-sum-exp
     (base 2). Split s walks entries [s * c, (s + 1) * c) of the row's list, c = ceil(count /
-    splits). WORK_BUCKET (blocks per split at the table's width) is an autotune key only."""
+    splits). FUSED (not DIRECT): CNT int32 [B * H_KV] (zero between launches): each split
+    counts itself in with an atomic add after its partial is stored; the last of a row to
+    arrive merges the row's partials into O and LSE and sets the count back to 0, so one
+    launch does split and merge. WORK_BUCKET (blocks per split at the table's width) is an
+    autotune key only."""
     SUB: tl.constexpr = BS // BLOCK_N
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -108,35 +112,38 @@ def decode_split_fwd_kernel(
         part = (bh * n_splits + split).to(tl.int64)
         tl.store(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :], o)
         tl.store(LSE_PART + part * GP + offs_g, lse2)
+        if FUSED:
+            tl.debug_barrier()  # every thread's partial stored before the release below
+            arrived = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:  # the row's last split: merge, then reset the count
+                _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV,
+                           n_splits, G, GP, HEAD_DIM)
+                tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def decode_merge_fwd_kernel(
-    O, LSE, O_PART, LSE_PART, stride_ob, stride_oh, H_KV, N_SPLITS,
-    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """Grid (B * H_KV,). Combines the N_SPLITS partial outputs of each query row by their
-    log-sum-exps; rows with no selected token get zeros and lse -inf."""
-    bh = tl.program_id(0)
-    b = (bh // H_KV).to(tl.int64)
-    hk = (bh % H_KV).to(tl.int64)
+def _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV, N_SPLITS,
+               G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Combines the N_SPLITS partial outputs of row (b, hk) by their log-sum-exps (the maximum
+    first, so the loop's loads do not wait on each other); rows with no selected token get
+    zeros and lse -inf. Partials are read past L1 (.cg): other programs wrote them."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, HEAD_DIM)
     g_ok = offs_g < G
+    base = bh.to(tl.int64) * N_SPLITS
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for s in range(0, N_SPLITS):
+        m_i = tl.maximum(m_i, tl.load(LSE_PART + (base + s) * GP + offs_g, cache_modifier=".cg"))
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
     for s in range(0, N_SPLITS):
-        part = bh.to(tl.int64) * N_SPLITS + s
-        lse2 = tl.load(LSE_PART + part * GP + offs_g)
-        o = tl.load(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :])
-        m_new = tl.maximum(m_i, lse2)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        w = tl.math.exp2(lse2 - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m_i = m_new
+        part = base + s
+        w = tl.math.exp2(tl.load(LSE_PART + part * GP + offs_g, cache_modifier=".cg") - m_safe)
+        o = tl.load(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+                    cache_modifier=".cg")
+        l_i += w
+        acc += w[:, None] * o
     nonempty = l_i != 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     heads = hk * G + offs_g
@@ -144,6 +151,19 @@ def decode_merge_fwd_kernel(
              (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None])
     lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + b * (H_KV * G) + heads, lse, mask=g_ok)
+
+
+@triton.jit
+def decode_merge_fwd_kernel(
+    O, LSE, O_PART, LSE_PART, stride_ob, stride_oh, H_KV, N_SPLITS,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Grid (B * H_KV,): the merge as a launch of its own (the split kernel not FUSED)."""
+    bh = tl.program_id(0)
+    b = (bh // H_KV).to(tl.int64)
+    hk = (bh % H_KV).to(tl.int64)
+    _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV, N_SPLITS,
+               G, GP, HEAD_DIM)
 
 
 def _configs():
@@ -171,7 +191,8 @@ def _prune(configs, named_args, **kwargs):
 
 decode_split_fwd_autotuned = triton.autotune(
     configs=_configs(),
-    key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "UNIFORM", "DOT_PREC", "WORK_BUCKET"],
+    key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "UNIFORM", "DOT_PREC", "FUSED",
+         "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(decode_split_fwd_kernel)
 
@@ -193,16 +214,55 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device,
-                  min_blocks_per_split: int = 2) -> int:
-    """Splits per (sequence, KV head): about two waves of programs over the GPU's SMs, each
-    split at least `min_blocks_per_split` blocks (host arithmetic only, no device sync)."""
-    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
+                  min_blocks_per_split: int = 4) -> int:
+    """Splits per (sequence, KV head): about one wave of programs over the GPU's SMs, each split
+    at least `min_blocks_per_split` blocks (a decode step is latency-bound at small shapes: more,
+    shorter splits add partials to merge, not bandwidth). Host arithmetic only, no device sync."""
+    want = -(-_sm_count(device) // max(1, batch * kv_heads))
     return max(1, min(want, -(-max_blocks // min_blocks_per_split)))
+
+
+_WORKSPACES: dict[tuple, tuple] = {}
+
+
+def _workspace(device, rows: int, splits: int, gp: int, d: int):
+    """(o_part fp32 [rows, splits, gp, d], lse_part fp32 [rows, splits, gp], count int32 [rows]
+    of zeros), kept per device and shape: a decode step allocates nothing after its first call
+    at a shape (so it can be captured in a CUDA graph), and layers share the buffers (launches
+    on one stream run in order; a caller running decode steps concurrently on several streams
+    must pass its own via `workspace=`). The fused merge leaves the counts at zero."""
+    key = (device, rows, splits, gp, d)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if len(_WORKSPACES) > 64:
+            _WORKSPACES.clear()
+        ws = (torch.empty(rows, splits, gp, d, dtype=torch.float32, device=device),
+              torch.empty(rows, splits, gp, dtype=torch.float32, device=device),
+              torch.zeros(rows, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+_BEST: dict[tuple, dict] = {}
+
+
+def _launch(grid, args, meta, key) -> None:
+    """The split kernel with the autotuned configuration of `key`, tuned on its first call
+    (later calls skip the autotuner's per-call argument handling)."""
+    cfg = _BEST.get(key)
+    if cfg is None:
+        decode_split_fwd_autotuned[grid](*args, **meta)
+        best = decode_split_fwd_autotuned.best_config
+        _BEST[key] = cfg = {**best.kwargs, "num_warps": best.num_warps,
+                            "num_stages": best.num_stages}
+        return
+    decode_split_fwd_kernel[grid](*args, **meta, **cfg)
 
 
 def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, *,
                          block_size: int, scale: float, out=None, num_splits: int | None = None,
-                         config: dict | None = None):
+                         config: dict | None = None, merge: str = "fused", lse=None,
+                         workspace=None):
     """Split-KV decode over the selected cache blocks.
 
     q [B, Hq, D] or [B, Hq, 1, D] (last dim contiguous), k/v [B, Hkv, M, D]; cache_seqlens int32
@@ -210,8 +270,11 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     int32 [B|1, Hkv|1, Kmax] (any strides; size-1 leading dims broadcast), or both None for
     dense decode. out: optional buffer shaped like q in q's dtype. config pins {"BLOCK_N",
     "num_warps", "num_stages"}; None autotunes on CUDA (a fixed small config in the
-    interpreter). Returns (out shaped like q, lse fp32 [B, Hq], natural log). No host-device
-    sync and no host tensor (meant for CUDA-graph capture once tuned; not yet tried)."""
+    interpreter). merge: "fused" (the last split of a row merges, one launch) or "separate"
+    (a merge launch of its own). lse: optional fp32 [B, Hq] buffer; workspace: optional
+    (o_part, lse_part, count) as `_workspace` makes them (default: shared per shape). Returns
+    (out shaped like q, lse fp32 [B, Hq], natural log). No host-device sync; after the first
+    call at a shape no allocation unless out / lse are None (CUDA-graph capturable)."""
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, M = k_cache.shape[1], k_cache.shape[2]
     if D not in HEAD_DIMS:
@@ -241,7 +304,10 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.stride(-1) != 1:
         raise ValueError(f"out: expected a last-dim stride of 1, got strides {out.stride()}")
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    if merge not in ("fused", "separate"):
+        raise ValueError(f"merge: expected 'fused' or 'separate', got {merge!r}")
+    if lse is None:
+        lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     splits = num_splits if num_splits is not None else choose_splits(B, Hkv, max_blocks, q.device)
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
@@ -249,12 +315,13 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     splits = max(1, -(-max_blocks // per_split))  # no split that is empty at full width
     direct = splits == 1
     if direct:
-        o_part = lse_part = lse
+        o_part = lse_part = count = lse
     else:
-        o_part = torch.empty(B, Hkv, splits, GP, D, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(B, Hkv, splits, GP, dtype=torch.float32, device=q.device)
+        o_part, lse_part, count = workspace if workspace is not None else \
+            _workspace(q.device, B * Hkv, splits, GP, D)
+    fused = merge == "fused" and not direct
     uniform = cache_seqlens is None
-    args = (q, k_cache, v_cache, out, lse, o_part, lse_part,
+    args = (q, k_cache, v_cache, out, lse, o_part, lse_part, count,
             lse if uniform else cache_seqlens, kv_num_blocks, kv_indices,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -262,15 +329,16 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
             out.stride(0), out.stride(1), sn[0], sn[1], si[0], si[1],
             Hkv, M, float(scale) * LOG2E, _pow2_at_least(per_split))
     meta = dict(G=G, GP=GP, BS=block_size, HEAD_DIM=D, DENSE=dense, DIRECT=direct,
-                UNIFORM=uniform, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                UNIFORM=uniform, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                FUSED=fused)
     grid = (splits, B * Hkv)
     if config is None and not q.is_cuda:
         config = {"BLOCK_N": min(64, block_size), "num_warps": 4, "num_stages": 2}
     if config is None:
-        decode_split_fwd_autotuned[grid](*args, **meta)
+        _launch(grid, args, meta, (q.dtype, *meta.values(), args[-1]))
     else:
         decode_split_fwd_kernel[grid](*args, **meta, **config)
-    if not direct:
+    if not direct and not fused:
         decode_merge_fwd_kernel[(B * Hkv,)](out, lse, o_part, lse_part, out.stride(0),
                                             out.stride(1), Hkv, splits, G=G, GP=GP,
                                             HEAD_DIM=D, num_warps=4)
