@@ -525,6 +525,7 @@ def test_generate_options_build_the_providers(prefill, tmp_path):
     (97, [97, 33, 64], dict(k=3, local_blocks=1)),
     (130, [130, 1, 17], dict(k=2, keep_sink=False)),
     (64, None, dict(k=9)),  # more than the blocks: every block
+    (500, [500, 190, 481], dict(k=7, local_blocks=2)),  # rows spread over 8 programs
 ])
 def test_fused_decode_gate_step_matches_the_eager_gate(dtype, M, seqlens, options):
     """DecodeGate.fused_select (one launch: the last block's features, scores, top-k) against

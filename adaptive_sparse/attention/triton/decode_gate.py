@@ -1,18 +1,21 @@
-"""The decode gate's whole per-token step in one Triton launch (one program per sequence and KV
-head, no host sync, CUDA-graph capturable).
+"""The decode gate's whole per-token step in one Triton launch (no host sync, no allocation
+after the first call at a shape, CUDA-graph capturable).
 
-For sequence b and KV head h with `n` cached tokens (the new token's key included), a program:
-1. pools the keys of the cache's last block (the partial one, or the block the new token just
-   filled: max / min / avg over its real tokens, `poolings` order) and projects them,
-   `kg = cat(poolings) @ wk[h]` [GD], writing that row of the key-feature buffer KG (every
-   earlier block was written when it was last);
-2. projects the new token's query heads of the group, `qg = cat(q[h*G:(h+1)*G]) @ wq[h] *
-   q_scale` [GD];
-3. scores every block, `qg . kg_j` (block j < last read from KG, the last one from step 1);
-4. keeps the `top_k` best blocks (the sink block 0, the last block and the `local_blocks`
-   blocks before it forced; a tie at the k-th score resolved by the lower block number, so
-   exactly min(top_k, blocks) are kept) and writes them ascending to IDX, their count to NUM,
-   then the other block numbers ascending (FlexAttention's BlockMask layout).
+For sequence b and KV head h with `n` cached tokens (the new token's key included), the
+programs of the row (one per CH blocks, so a row's scoring is spread over several SMs):
+1. the program holding the last block pools the keys of the cache's last block (the partial
+   one, or the block the new token just filled: max / min / avg over its real tokens,
+   `poolings` order) and projects them, `kg = cat(poolings) @ wk[h]` [GD], writing that row of
+   the key-feature buffer KG (every earlier block was written when it was last);
+2. each program projects the new token's query heads of the group, `qg = cat(q[h*G:(h+1)*G]) @
+   wq[h] * q_scale` [GD] (wq from L2 after the first);
+3. each scores its blocks, `qg . kg_j` (block j < last read from KG, the last one from step 1),
+   into a scratch row;
+4. the row's last program to finish (an atomic arrival count) keeps the `top_k` best blocks
+   (the sink block 0, the last block and the `local_blocks` blocks before it forced; a tie at
+   the k-th score resolved by the lower block number, so exactly min(top_k, blocks) are kept)
+   and writes them ascending to IDX, their count to NUM, then the other block numbers
+   ascending (FlexAttention's BlockMask layout).
 
 It is `adaptive_sparse.gates.decode`'s `DecodeKeyCache.update` + `DecodeGate.scores` +
 `select_decode_blocks` (a "top_k" policy) fused; that eager path is the tests' reference.
@@ -29,7 +32,7 @@ POOLINGS = ("avg", "max", "min")
 
 @triton.jit
 def decode_gate_fwd_kernel(
-    Q, K, WQ, WK, KG, S, NUM, IDX, SEQLENS,
+    Q, K, WQ, WK, KG, S, CNT, NUM, IDX, SEQLENS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_km,
     stride_gb, stride_gh, stride_gk,
     H_KV, N_KV, TOP_K, KB, LOCAL, Q_SCALE, PROGRAMS,
@@ -38,14 +41,17 @@ def decode_gate_fwd_kernel(
     AVG: tl.constexpr, MAX: tl.constexpr, MIN: tl.constexpr, UNIFORM: tl.constexpr,
     KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
 ):
-    """Grid (B * H_KV,). Q [B, H_KV * G, D] (last dim contiguous); K [B, H_KV, M, D] (last dim
-    contiguous); WQ fp32 [H_KV, G * D, GD], WK fp32 [H_KV, P * D, GD] (contiguous); KG fp32
-    [B, H_KV, cap, GD] (last dim contiguous, cap >= blocks); S fp32 scratch [B * H_KV, KB_P2];
-    NUM int32 [B, H_KV]; IDX int32 [B, H_KV, KB] (contiguous, KB <= KB_P2: the blocks of the
-    longest sequence); SEQLENS int32 [B] (UNIFORM:
-    every sequence holds N_KV tokens, SEQLENS unread). PROGRAMS (a power of two at least the
-    grid size) is an autotune key only; CH blocks are scored per loop step."""
+    """Grid (B * H_KV, ceil(KB / CH)): program (bh, c) scores blocks [c * CH, (c + 1) * CH) of
+    row bh (the one holding the last block also pools and projects it); the last program of the
+    row to finish (an atomic arrival count in CNT, reset to 0 after) selects. Q [B, H_KV * G, D]
+    (last dim contiguous); K [B, H_KV, M, D] (last dim contiguous); WQ fp32 [H_KV, G * D, GD],
+    WK fp32 [H_KV, P * D, GD] (contiguous); KG fp32 [B, H_KV, cap, GD] (last dim contiguous,
+    cap >= blocks); S fp32 scratch [B * H_KV, KB_P2]; CNT int32 [B * H_KV] of zeros; NUM int32
+    [B, H_KV]; IDX int32 [B, H_KV, KB] (contiguous, KB <= KB_P2: the blocks of the longest
+    sequence); SEQLENS int32 [B] (UNIFORM: every sequence holds N_KV tokens, SEQLENS unread).
+    PROGRAMS (a power of two at least B * H_KV) is an autotune key only."""
     bh = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     b = bh // H_KV
     h = bh % H_KV
     if UNIFORM:
@@ -54,83 +60,109 @@ def decode_gate_fwd_kernel(
         seqlen = tl.load(SEQLENS + b)
     nb = tl.cdiv(seqlen, BS)
     last = nb - 1
+    first = chunk * CH
     offs_d = tl.arange(0, D)
     offs_o = tl.arange(0, GD_P2)
     o_ok = offs_o < GD
     w_mask = o_ok[None, :]
-
-    # 1. the last block's key features
-    rows = last * BS + tl.arange(0, BS)
-    valid = rows < seqlen
-    x = tl.load(K + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_km
-                + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)  # [BS, D]
-    wk = WK + h * (P * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
-    kg = tl.zeros([GD_P2], dtype=tl.float32)
-    if AVG >= 0:
-        pooled = tl.sum(x, 0) / (seqlen - last * BS).to(tl.float32)
-        kg += tl.sum(pooled[:, None] * tl.load(wk + AVG * D * GD, mask=w_mask, other=0.0), 0)
-    if MAX >= 0:
-        pooled = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
-        kg += tl.sum(pooled[:, None] * tl.load(wk + MAX * D * GD, mask=w_mask, other=0.0), 0)
-    if MIN >= 0:
-        pooled = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
-        kg += tl.sum(pooled[:, None] * tl.load(wk + MIN * D * GD, mask=w_mask, other=0.0), 0)
     kg_row = KG + b * stride_gb + h * stride_gh
-    tl.store(kg_row + last * stride_gk + offs_o, kg, mask=o_ok)
-
-    # 2. the group's query projection
-    qg = tl.zeros([GD_P2], dtype=tl.float32)
-    wq = WQ + h * (G * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
-    for g in tl.static_range(G):
-        qv = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d).to(tl.float32)
-        qg += tl.sum(qv[:, None] * tl.load(wq + g * D * GD, mask=w_mask, other=0.0), 0)
-    qg = qg * Q_SCALE
-    s_last = tl.sum(kg * qg, 0)
-
-    # 3. scores of every block, through the scratch row
     s_row = S + bh * KB_P2
-    for c in range(0, nb, CH):
-        j = c + tl.arange(0, CH)
+
+    if first < nb:
+        # the group's query projection
+        qg = tl.zeros([GD_P2], dtype=tl.float32)
+        wq = WQ + h * (G * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
+        for g in tl.static_range(G):
+            qv = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d).to(tl.float32)
+            qg += tl.sum(qv[:, None] * tl.load(wq + g * D * GD, mask=w_mask, other=0.0), 0)
+        qg = qg * Q_SCALE
+        s_last = 0.0
+        if last < first + CH:  # this chunk holds the last block: its key features
+            rows = last * BS + tl.arange(0, BS)
+            valid = rows < seqlen
+            x = tl.load(K + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_km
+                        + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            wk = WK + h * (P * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
+            kg = tl.zeros([GD_P2], dtype=tl.float32)
+            if AVG >= 0:
+                pooled = tl.sum(x, 0) / (seqlen - last * BS).to(tl.float32)
+                kg += tl.sum(pooled[:, None] * tl.load(wk + AVG * D * GD, mask=w_mask, other=0.0),
+                             0)
+            if MAX >= 0:
+                pooled = tl.max(tl.where(valid[:, None], x, float("-inf")), 0)
+                kg += tl.sum(pooled[:, None] * tl.load(wk + MAX * D * GD, mask=w_mask, other=0.0),
+                             0)
+            if MIN >= 0:
+                pooled = tl.min(tl.where(valid[:, None], x, float("inf")), 0)
+                kg += tl.sum(pooled[:, None] * tl.load(wk + MIN * D * GD, mask=w_mask, other=0.0),
+                             0)
+            tl.store(kg_row + last * stride_gk + offs_o, kg, mask=o_ok)
+            s_last = tl.sum(kg * qg, 0)
+        j = first + tl.arange(0, CH)
         kgc = tl.load(kg_row + j.to(tl.int64)[:, None] * stride_gk + offs_o[None, :],
                       mask=(j < last)[:, None] & w_mask, other=0.0)  # [CH, GD_P2]
         sc = tl.where(j == last, s_last, tl.sum(kgc * qg[None, :], 1))
         tl.store(s_row + j, sc, mask=j < nb)
-    tl.debug_barrier()
 
-    # 4. top-k with forced blocks, ties to the lower block number
-    offs = tl.arange(0, KB_P2)
-    in_row = offs < nb
-    s = tl.load(s_row + offs, mask=in_row, other=float("-inf"))
-    s = tl.where(s == s, s, float("-inf"))  # NaN never ranks
-    forced = (offs < last) & (offs >= last - LOCAL)
-    if KEEP_SINK:
-        forced = forced | (offs == 0)
-    if KEEP_DIAG:
-        forced = forced | (offs == last)
-    s = tl.where(in_row & forced, float("inf"), s)
-    k = tl.minimum(TOP_K, nb)
-    ranked = tl.sort(s, descending=True)
-    kth = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
-    above = in_row & (s > kth)
-    tie = in_row & (s == kth) & (s > float("-inf"))
-    need = k - tl.sum(above.to(tl.int32), 0)
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
-    keep_i = keep.to(tl.int32)
-    n = tl.sum(keep_i, 0)
-    pos = tl.where(keep, tl.cumsum(keep_i, 0) - 1, n + tl.cumsum(1 - keep_i, 0) - 1)
-    tl.store(IDX + bh * KB + pos, offs.to(tl.int32), mask=offs < KB)
-    tl.store(NUM + bh, n)
+    tl.debug_barrier()  # every thread's scores stored before the release below
+    arrived = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(1) - 1:
+        # the row's last program: top-k with forced blocks, ties to the lower block number
+        offs = tl.arange(0, KB_P2)
+        in_row = offs < nb
+        s = tl.load(s_row + offs, mask=in_row, other=float("-inf"), cache_modifier=".cg")
+        s = tl.where(s == s, s, float("-inf"))  # NaN never ranks
+        forced = (offs < last) & (offs >= last - LOCAL)
+        if KEEP_SINK:
+            forced = forced | (offs == 0)
+        if KEEP_DIAG:
+            forced = forced | (offs == last)
+        s = tl.where(in_row & forced, float("inf"), s)
+        k = tl.minimum(TOP_K, nb)
+        ranked = tl.sort(s, descending=True)
+        kth = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
+        above = in_row & (s > kth)
+        tie = in_row & (s == kth) & (s > float("-inf"))
+        need = k - tl.sum(above.to(tl.int32), 0)
+        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        keep_i = keep.to(tl.int32)
+        n = tl.sum(keep_i, 0)
+        pos = tl.where(keep, tl.cumsum(keep_i, 0) - 1, n + tl.cumsum(1 - keep_i, 0) - 1)
+        tl.store(IDX + bh * KB + pos, offs.to(tl.int32), mask=offs < KB)
+        tl.store(NUM + bh, n)
+        tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
 
 
 def _configs():
-    # latency-bound (a few programs, ~0.3 MB each): the score tile and the warps per program
+    # latency-bound: blocks scored per program (more programs per row, each re-projecting the
+    # query from L2) and the warps per program (the last one also sorts the row's scores)
     return [triton.Config({"CH": ch}, num_warps=w) for ch, w in
-            ((32, 2), (64, 4), (128, 4), (64, 8), (128, 8))]
+            ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (128, 8))]
 
 
 decode_gate_fwd_autotuned = triton.autotune(
     configs=_configs(), key=["KB_P2", "G", "D", "GD", "BS", "P", "UNIFORM", "PROGRAMS"],
 )(decode_gate_fwd_kernel)
+
+_WORKSPACES: dict[tuple, tuple] = {}
+
+
+def _workspace(device, rows: int, kb_p2: int):
+    """(scores fp32 [rows, kb_p2], arrival counts int32 [rows] of zeros), kept per device and
+    shape (no allocation per step after the first; layers share them: launches on one stream
+    run in order). The kernel leaves the counts at zero."""
+    key = (device, rows, kb_p2)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        if len(_WORKSPACES) > 64:
+            _WORKSPACES.clear()
+        ws = (torch.empty(rows, kb_p2, dtype=torch.float32, device=device),
+              torch.zeros(rows, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+_BEST: dict[tuple, dict] = {}
 
 
 def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
@@ -171,9 +203,12 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
         q = q.contiguous()
     if k_cache.stride(-1) != 1:
         k_cache = k_cache.contiguous()
-    wq, wk = wq.float().contiguous(), wk.float().contiguous()
+    if wq.dtype != torch.float32 or not wq.is_contiguous():
+        wq = wq.float().contiguous()
+    if wk.dtype != torch.float32 or not wk.is_contiguous():
+        wk = wk.float().contiguous()
     kb_p2 = max(16, triton.next_power_of_2(kb))
-    scratch = torch.empty(B * Hkv, kb_p2, dtype=torch.float32, device=q.device)
+    scratch, count = _workspace(q.device, B * Hkv, kb_p2)
     if out is None:
         num = torch.empty(B, Hkv, dtype=torch.int32, device=q.device)
         idx = torch.empty(B, Hkv, kb, dtype=torch.int32, device=q.device)
@@ -185,15 +220,24 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                              f"{kb}], got {tuple(num.shape)}, {tuple(idx.shape)}")
     slot = {p: (poolings.index(p) if p in poolings else -1) for p in POOLINGS}
     uniform = cache_seqlens is None
-    args = (q, k_cache, wq, wk, kg, scratch, num, idx, num if uniform else cache_seqlens,
+    args = (q, k_cache, wq, wk, kg, scratch, count, num, idx,
+            num if uniform else cache_seqlens,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             kg.stride(0), kg.stride(1), kg.stride(2),
             Hkv, M, top_k, kb, local_blocks, float(q_scale), triton.next_power_of_2(B * Hkv))
     meta = dict(G=G, D=D, GD=GD, GD_P2=triton.next_power_of_2(GD), BS=block_size,
                 KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
                 MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
+    rows = B * Hkv
     if q.is_cuda:  # the kernel is idempotent: autotuning may rerun it
-        decode_gate_fwd_autotuned[(B * Hkv,)](*args, **meta)
-    else:  # the interpreter: one fixed configuration
-        decode_gate_fwd_kernel[(B * Hkv,)](*args, **meta, CH=min(64, kb_p2), num_warps=4)
+        key = (q.dtype, k_cache.dtype, *meta.values(), args[-1])
+        cfg = _BEST.get(key)
+        if cfg is None:
+            decode_gate_fwd_autotuned[lambda m: (rows, triton.cdiv(kb, m["CH"]))](*args, **meta)
+            best = decode_gate_fwd_autotuned.best_config
+            _BEST[key] = {**best.kwargs, "num_warps": best.num_warps}
+        else:
+            decode_gate_fwd_kernel[(rows, triton.cdiv(kb, cfg["CH"]))](*args, **meta, **cfg)
+    else:  # the interpreter: one fixed configuration, small chunks (several per row)
+        decode_gate_fwd_kernel[(rows, triton.cdiv(kb, 4))](*args, **meta, CH=4, num_warps=4)
     return num, idx
