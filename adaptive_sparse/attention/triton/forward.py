@@ -10,15 +10,114 @@ Causal masks are end-aligned: query row i sits at position i + kv_len - q_len.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from adaptive_sparse.errors import fail
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128, 256)
+# Fractions of each score tile's exponentials computed by `poly_exp2` on the FMA/ALU pipes
+# instead of MUFU (FlashAttention-4's split): kernel constexpr EXP2_POLY = 1 / fraction, 0 = none
+EXP2_POLY_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 1.0)
+DEFAULT_EXP2_POLY = 0.0  # off until measured faster (benchmarks/attention.py --exp2-poly)
+
+
+def exp2_poly_code(fraction: float | None) -> int:
+    """The kernels' EXP2_POLY constexpr for `fraction` (None: DEFAULT_EXP2_POLY): 0 (every
+    exponential on MUFU) or 1 / fraction."""
+    fraction = DEFAULT_EXP2_POLY if fraction is None else float(fraction)
+    if fraction not in EXP2_POLY_FRACTIONS:
+        raise fail("exp2_poly", f"one of {EXP2_POLY_FRACTIONS}", fraction)
+    return 0 if fraction == 0 else round(1 / fraction)
+
+
+@contextlib.contextmanager
+def exp2_poly(fraction: float):
+    """Context: calls without an explicit `exp2_poly` (the bf16 and FP8 forwards) compute this
+    fraction of their exponentials with `poly_exp2`. Restored on exit."""
+    global DEFAULT_EXP2_POLY
+    exp2_poly_code(fraction)
+    saved, DEFAULT_EXP2_POLY = DEFAULT_EXP2_POLY, float(fraction)
+    try:
+        yield
+    finally:
+        DEFAULT_EXP2_POLY = saved
+
+
+@triton.jit
+def poly_exp2(x, DEGREE: tl.constexpr):
+    """2^x for fp32 x <= 127 without MUFU (Cody-Waite, as FlashAttention-4): x = j + f with j
+    the nearest integer (no floor or convert instruction: adding 1.5 * 2^23 rounds x and leaves
+    j in the low mantissa bits), 2^f by a minimax polynomial on [-1/2, 1/2] (relative error
+    7.5e-5 at DEGREE 3, 1.7e-3 at 2), times 2^j built from its exponent bits. x <= -126.5
+    (-inf included) gives exactly 0; NaN gives NaN. Every instruction runs on the FMA/ALU pipes."""
+    y = tl.maximum(x, -127.0, propagate_nan=tl.PropagateNan.ALL)
+    t = y + 12582912.0  # bits: 0x4B400000 + j
+    f = y - (t - 12582912.0)  # [-1/2, 1/2]
+    if DEGREE == 2:
+        p = (0.23842687878783758 * f + 0.7034440115285789) * f + 1.000442977902744
+    else:
+        p = ((0.05517145254343397 * f + 0.2426106146360834) * f + 0.6932609740136066) * f \
+            + 0.9999281043742452
+    # 2^j = bits (j + 127) << 23; j = -127 gives +0.0
+    two_j = ((t.to(tl.int32, bitcast=True) - (0x4B400000 - 127)) << 23).to(tl.float32,
+                                                                           bitcast=True)
+    return p * two_j
+
+
+@triton.jit
+def _exp2_chunks(x, BLOCK_M: tl.constexpr, W: tl.constexpr, POLY: tl.constexpr,
+                 DEGREE: tl.constexpr):
+    """exp2 of x [BLOCK_M, W] (column w = 4 * chunk + lane) with 1/POLY of it polynomial: chunks
+    of even index on MUFU, odd chunks recursively split again (POLY 2: all polynomial)."""
+    xr = tl.permute(tl.reshape(x, [BLOCK_M, W // 8, 2, 4]), (0, 1, 3, 2))  # [BM, W/8, 4, 2]
+    lo, hi = tl.split(xr)  # [BM, W/8, 4] each
+    lo = tl.math.exp2(lo)
+    if POLY == 2:
+        hi = poly_exp2(hi, DEGREE)
+    else:
+        hi = tl.reshape(_exp2_chunks_last(tl.reshape(hi, [BLOCK_M, W // 2]), BLOCK_M, W // 2,
+                                          DEGREE), [BLOCK_M, W // 8, 4])
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), [BLOCK_M, W])
+
+
+@triton.jit
+def _exp2_chunks_last(x, BLOCK_M: tl.constexpr, W: tl.constexpr, DEGREE: tl.constexpr):
+    """`_exp2_chunks` one level down (POLY 2): Triton jit functions do not recurse."""
+    xr = tl.permute(tl.reshape(x, [BLOCK_M, W // 8, 2, 4]), (0, 1, 3, 2))
+    lo, hi = tl.split(xr)
+    return tl.reshape(tl.permute(tl.join(tl.math.exp2(lo), poly_exp2(hi, DEGREE)), (0, 1, 3, 2)),
+                      [BLOCK_M, W])
+
+
+@triton.jit
+def exp2_mixed(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POLY: tl.constexpr,
+               DEGREE: tl.constexpr):
+    """exp2 of a score tile x [BLOCK_M, BLOCK_N] (fp32, the MMA accumulator's layout) with 1/POLY
+    of its columns by `poly_exp2` on the FMA pipes and the rest by tl.math.exp2 on MUFU; POLY 0:
+    all MUFU, 1: all polynomial, 2/4/8: half / quarter / eighth. The polynomial columns are
+    chosen along register bits of Hopper's wgmma accumulator (thread t of a warp holds columns
+    8 * chunk + 2 * (t % 4) + {0, 1}): the odd column of each pair for 1/2, then odd chunks of
+    those, so splitting and joining move no data between threads."""
+    if POLY == 0:
+        p = tl.math.exp2(x)
+    elif POLY == 1:
+        p = poly_exp2(x, DEGREE)
+    else:
+        even, odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))  # [BM, BN/2] each
+        even = tl.math.exp2(even)
+        if POLY == 2:
+            odd = poly_exp2(odd, DEGREE)
+        else:
+            odd = _exp2_chunks(odd, BLOCK_M, BLOCK_N // 2, POLY // 2, DEGREE)
+        p = tl.reshape(tl.join(even, odd), [BLOCK_M, BLOCK_N])
+    return p
 
 
 @triton.jit
@@ -71,14 +170,15 @@ def masked_row_max(s, m_i, scale, start_n, rows, N_KV, OFFSET, BLOCK_N: tl.const
 def _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET, QK_SCALE,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, EXP2_POLY: tl.constexpr):
     """Online-softmax update with the scores `s` [BLOCK_M, BLOCK_N] of the tile at `start_n`
-    (exp2 with the scale folded in: QK_SCALE = scale * log2(e)), then acc += P @ V."""
+    (exp2 with the scale folded in: QK_SCALE = scale * log2(e); 1/EXP2_POLY of it by the
+    degree-3 polynomial), then acc += P @ V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     s, m_new, m_safe = masked_row_max(s, m_i, QK_SCALE, start_n, rows, N_KV, OFFSET, BLOCK_N,
                                       MASKED, CAUSAL)
-    p = tl.math.exp2(s * QK_SCALE - m_safe[:, None])
+    p = exp2_mixed(s * QK_SCALE - m_safe[:, None], BLOCK_M, BLOCK_N, EXP2_POLY, 3)
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if WRITE_O:
@@ -100,11 +200,12 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows, stride_km, strid
                  N_KV, OFFSET, QK_SCALE,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, WRITE_O: tl.constexpr, USE_DESC: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, EXP2_POLY: tl.constexpr):
     s = _qk_tile(q, k_src, start_n, stride_km, N_KV, HEAD_DIM, BLOCK_N, MASKED, USE_DESC,
                  DOT_PREC)
     return _softmax_pv(acc, l_i, m_i, s, v_src, start_n, rows, stride_vm, N_KV, OFFSET,
-                       QK_SCALE, HEAD_DIM, BLOCK_N, MASKED, CAUSAL, WRITE_O, USE_DESC, DOT_PREC)
+                       QK_SCALE, HEAD_DIM, BLOCK_N, MASKED, CAUSAL, WRITE_O, USE_DESC, DOT_PREC,
+                       BLOCK_M, EXP2_POLY)
 
 
 @triton.jit
@@ -187,7 +288,7 @@ def bsa_fwd_kernel(
     H_Q, N_Q, N_KV, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
     G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, WRITE_O: tl.constexpr, WRITE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXP2_POLY: tl.constexpr,
     GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESC: tl.constexpr,
 ):
     """Grid (Qb * BS // RB * G // GH, B * H_Q // G): axis 1 is the KV head; axis 0 walks the
@@ -197,7 +298,8 @@ def bsa_fwd_kernel(
     KV_NUM int32 [Bm, Hm, Qb], KV_IDX int32 [Bm, Hm, Qb, Kb] (batch stride 0 broadcasts);
     LSE fp32 [B, H_Q, N_Q] (natural log). DENSE ignores the index tables (full causal rows).
     QB_BUCKET / WORK_BUCKET are unused in the body: autotune keys (query blocks, kept blocks per
-    row, both rounded up to powers of two)."""
+    row, both rounded up to powers of two). EXP2_POLY: 1/EXP2_POLY of each score tile's
+    exponentials on the FMA pipes (`exp2_mixed`), 0 = none."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
@@ -229,7 +331,7 @@ def bsa_fwd_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, False, CAUSAL, WRITE_O, USE_DESC,
-                                     DOT_PREC)
+                                     DOT_PREC, BLOCK_M, EXP2_POLY)
         if not DENSE:
             kb = kb_next
     for t in range(n_full * SPLIT, n_blk * SPLIT):
@@ -237,7 +339,7 @@ def bsa_fwd_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, rows,
                                      stride_km, stride_vm, N_KV, OFFSET, QK_SCALE,
                                      HEAD_DIM, BLOCK_N, True, CAUSAL, WRITE_O, USE_DESC,
-                                     DOT_PREC)
+                                     DOT_PREC, BLOCK_M, EXP2_POLY)
 
     empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
     l_safe = tl.where(empty, 1.0, l_i)
@@ -319,7 +421,7 @@ def _prune(configs, named_args, **kwargs):
 bsa_fwd_autotuned = triton.autotune(
     configs=autotune_configs(),
     key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "WRITE_O", "DOT_PREC",
-         "QB_BUCKET", "WORK_BUCKET"],
+         "EXP2_POLY", "QB_BUCKET", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_kernel)
 
@@ -352,12 +454,15 @@ def pow2_bucket(x: float) -> int:
 def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causal: bool,
                    scale: float, heads_per_mask: int, shared: bool, dense: bool = False,
                    write_o: bool = True, return_lse: bool = False, config: dict | None = None,
-                   blocks_per_row: float | None = None, out: torch.Tensor | None = None):
+                   blocks_per_row: float | None = None, out: torch.Tensor | None = None,
+                   exp2_poly: float | None = None):
     """Launch `bsa_fwd_kernel`. q [B, Hq, N, D], k/v [B, Hkv, M, D] (last dim contiguous);
     kv_num_blocks int32 [Bm, Hm, Qb], kv_indices int32 [Bm, Hm, Qb, Kb] (ignored when dense).
     `blocks_per_row` (mean kept key blocks per query block; None = the causal maximum) picks the
     autotune bucket, so sparse launches are not run with a config tuned for dense rows.
     `out` (contiguous [B, Hq, N, D], q's dtype and device) receives the output when given.
+    `exp2_poly`: fraction of the exponentials on the FMA pipes (EXP2_POLY_FRACTIONS; None =
+    DEFAULT_EXP2_POLY, see `exp2_poly`).
     Returns (out [B, Hq, N, D] or None, lse fp32 [B, Hq, N] or None)."""
     B, Hq, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -391,7 +496,8 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
             pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=block_size, HEAD_DIM=D, SHARED=shared, CAUSAL=causal,
                 DENSE=dense, WRITE_O=write_o, WRITE_LSE=return_lse,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                EXP2_POLY=exp2_poly_code(exp2_poly))
     launch(bsa_fwd_autotuned, bsa_fwd_kernel, args, meta, config, qb, B * Hkv)
     return (out if write_o else None), (lse if return_lse else None)
 
@@ -399,7 +505,8 @@ def launch_forward(q, k, v, *, kv_num_blocks, kv_indices, block_size: int, causa
 def launch(autotuned, kernel, args, meta: dict, config: dict | None, qb: int,
            kv_programs: int) -> None:
     """Launch a forward kernel on the grid of `bsa_fwd_kernel` (qb query blocks, kv_programs =
-    B * Hkv): autotuned when `config` is None, else with `config` pinned."""
+    B * Hkv): autotuned when `config` is None, else with `config` pinned (a constexpr it names,
+    e.g. EXP2_POLY, overrides `meta`'s)."""
     ensure_allocator()
 
     def grid(m):
@@ -408,7 +515,7 @@ def launch(autotuned, kernel, args, meta: dict, config: dict | None, qb: int,
     if config is None:
         autotuned[grid](*args, **meta)
     else:
-        kernel[grid(config)](*args, **meta, **config)
+        kernel[grid(config)](*args, **{**meta, **config})
 
 
 def check_out(out, q) -> None:

@@ -12,7 +12,8 @@ SageAttention / SpargeAttn do with 8 bits:
   order Hopper's 8-bit tensor-core instructions need);
 - P = exp2(...) lies in [0, 1]; it is computed 448 times larger (log2(448) folded into the row
   max, no extra multiply) and cast to e4m3; the row sum uses the same scaled values, so the
-  factor cancels in acc / l;
+  factor cancels in acc / l; optionally a fraction of those exponentials is a degree-2
+  polynomial on the FMA pipes (`exp2_poly`, relative error 1.7e-3, far below e4m3's 2^-4);
 - P @ V accumulates in the MMA across the key tiles (default `pv_accumulate="chain"`), or each
   tile's P @ V starts from zero and is added to the fp32 accumulator (`"tile"`, SageAttention2's
   two-level accumulation, against the fewer accumulator bits of Hopper's 8-bit MMA). On random
@@ -31,9 +32,10 @@ import triton
 import triton.language as tl
 
 from adaptive_sparse.attention.triton.forward import (LOG2E, canonical_heads, check_dtype,
-                                                      check_head_dim, check_out, launch,
-                                                      masked_row_max, pow2_bucket, program_rows,
-                                                      row_blocks, softmax_state, tile_start)
+                                                      check_head_dim, check_out, exp2_mixed,
+                                                      exp2_poly_code, launch, masked_row_max,
+                                                      pow2_bucket, program_rows, row_blocks,
+                                                      softmax_state, tile_start)
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
 from adaptive_sparse.errors import fail
 
@@ -75,14 +77,15 @@ def bsa_fwd_fp8_kernel(
     H_Q, N_Q, N_KV, N_KV16, QB, KB, OFFSET, QK_SCALE, HEADS_PER_MASK, QB_BUCKET, WORK_BUCKET,
     G: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, SHARED: tl.constexpr,
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, QK_INT8: tl.constexpr, PV_TILE: tl.constexpr,
-    GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXP2_POLY: tl.constexpr, GH: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid, program order (`program_rows`) and tables as `bsa_fwd_kernel`.
     Q8 [B, H_Q, N_Q, D], K8 [B, H_KV, N_KV, D] (int8 when QK_INT8, else e4m3), VT8 e4m3
     [B, H_KV, D, N_KV16]; SQ fp32 [B, H_Q, N_Q] (per token), SK fp32 [B, H_KV, KB] (per key
     block), SV fp32 [B, H_KV, D]; O [B, H_Q, N_Q, D]. PV_TILE: each tile's P @ V starts from
     zero and is added to the fp32 accumulator (SageAttention2's two-level accumulation: Hopper's
-    8-bit MMA keeps fewer accumulator bits than fp32); else the MMA accumulates across tiles."""
+    8-bit MMA keeps fewer accumulator bits than fp32); else the MMA accumulates across tiles.
+    EXP2_POLY: 1/EXP2_POLY of each tile's exponentials on the FMA pipes (`exp2_mixed`), 0 = none."""
     BLOCK_M: tl.constexpr = GH * RB
     SPLIT: tl.constexpr = BS // BLOCK_N
     b, hk, hm, qb, r0, rows, heads = program_rows(H_Q, HEADS_PER_MASK, G, BS, GH, RB)
@@ -110,12 +113,12 @@ def bsa_fwd_fp8_kernel(
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
                                   rows, N_KV, OFFSET, BS, BLOCK_N, False, CAUSAL, QK_INT8,
-                                  PV_TILE)
+                                  PV_TILE, BLOCK_M, EXP2_POLY)
     for t in range(n_full * SPLIT, n_blk * SPLIT):
         start_n = tile_start(idx_base, t, DENSE, BS, BLOCK_N)
         acc, l_i, m_i = _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n,
                                   rows, N_KV, OFFSET, BS, BLOCK_N, True, CAUSAL, QK_INT8,
-                                  PV_TILE)
+                                  PV_TILE, BLOCK_M, EXP2_POLY)
 
     empty = l_i == 0.0  # no visible key; a NaN row (NaN or inf input) is not empty: NaN out
     l_safe = tl.where(empty, 1.0, l_i)
@@ -129,7 +132,8 @@ def bsa_fwd_fp8_kernel(
 @triton.jit
 def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, rows, N_KV, OFFSET,
               BS: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              CAUSAL: tl.constexpr, QK_INT8: tl.constexpr, PV_TILE: tl.constexpr):
+              CAUSAL: tl.constexpr, QK_INT8: tl.constexpr, PV_TILE: tl.constexpr,
+              BLOCK_M: tl.constexpr, EXP2_POLY: tl.constexpr):
     """One key tile: s = (q8 @ k8.T) * sq * sk * scale * log2(e); p = 448 * exp2(s - m)."""
     k = tl.trans(k_desc.load([start_n, 0]))  # [D, BLOCK_N] 8-bit
     if QK_INT8:
@@ -142,7 +146,8 @@ def _fp8_tile(acc, l_i, m_i, q, k_desc, v_desc, sk_base, row_scale, start_n, row
     c = row_scale * tl.load(sk_base + start_n // BS)  # [BLOCK_M]
     s, m_new, m_safe = masked_row_max(s, m_i, c, start_n, rows, N_KV, OFFSET, BLOCK_N, MASKED,
                                       CAUSAL)
-    p = tl.math.exp2(s * c[:, None] - (m_safe - 8.807354922057604)[:, None])  # 448 * p
+    p = exp2_mixed(s * c[:, None] - (m_safe - 8.807354922057604)[:, None], BLOCK_M, BLOCK_N,
+                   EXP2_POLY, 2)  # 448 * p
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.trans(v_desc.load([0, start_n]))  # [BLOCK_N, D] e4m3
@@ -183,8 +188,8 @@ def _prune(configs, named_args, **kwargs):
 
 bsa_fwd_fp8_autotuned = triton.autotune(
     configs=autotune_configs(),
-    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QK_INT8", "PV_TILE", "QB_BUCKET",
-         "WORK_BUCKET"],
+    key=["G", "BS", "HEAD_DIM", "SHARED", "CAUSAL", "DENSE", "QK_INT8", "PV_TILE", "EXP2_POLY",
+         "QB_BUCKET", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(bsa_fwd_fp8_kernel)
 
@@ -193,7 +198,7 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
                                config: dict | None = None, out: torch.Tensor | None = None,
                                blocks_per_row: float | None = None,
                                qk_format: str | None = None, quantize: str | None = None,
-                               pv_accumulate: str | None = None):
+                               pv_accumulate: str | None = None, exp2_poly: float | None = None):
     """FP8 block-sparse (or, with mask=None, dense causal at block 128) attention.
 
     q [B, Hq, N, D], k/v [B, Hkv, M, D] in fp32/fp16/bf16, D in (16, 32, 64, 128, 256); mask a
@@ -201,8 +206,9 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
     docstring): Q and K to `qk_format` ("int8" or "e4m3"; None = DEFAULT_QK_FORMAT), V to e4m3,
     by `quantize` ("fused": Triton kernels, "torch": torch ops; None = DEFAULT_QUANTIZE).
     `pv_accumulate`: "tile" (each tile's P @ V added in fp32) or "chain" (accumulated in the MMA
-    across tiles); None = DEFAULT_PV_ACCUMULATE. The output is in q.dtype (written into `out`
-    when given). `config` pins GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA
+    across tiles); None = DEFAULT_PV_ACCUMULATE. `exp2_poly`: fraction of the exponentials by
+    the polynomial (forward.EXP2_POLY_FRACTIONS; None = forward.DEFAULT_EXP2_POLY). The output
+    is in q.dtype (written into `out` when given). `config` pins GH, RB, BLOCK_N, num_warps, num_stages; None autotunes on CUDA
     and uses a small fixed config in the interpreter. Returns out [B, Hq, N, D]."""
     B, Hq, N, D = q.shape
     check_dtype(q)
@@ -248,7 +254,8 @@ def fp8_block_sparse_attention(q, k, v, mask=None, scale: float | None = None, *
             Hq, N, M, vt8.shape[-1], qb, kb, M - N if causal else 0, scale * LOG2E,
             heads_per_mask, pow2_bucket(qb), pow2_bucket(blocks_per_row))
     meta = dict(G=Hq // Hkv, BS=bs, HEAD_DIM=D, SHARED=shared, CAUSAL=causal, DENSE=dense,
-                QK_INT8=qk_format == "int8", PV_TILE=pv_accumulate == "tile")
+                QK_INT8=qk_format == "int8", PV_TILE=pv_accumulate == "tile",
+                EXP2_POLY=exp2_poly_code(exp2_poly))
     if config is None and not q.is_cuda:
         block_m = min(64, bs)
         gh = canonical_heads(block_m, bs, Hq // Hkv, shared) or 1
