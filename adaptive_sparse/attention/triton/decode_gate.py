@@ -2,7 +2,8 @@
 after the first call at a shape, CUDA-graph capturable).
 
 For sequence b and KV head h with `n` cached tokens (the new token's key included), the
-programs of the row (one per CH blocks, so a row's scoring is spread over several SMs):
+programs of the row (up to one per CH blocks, about two waves over the SMs in all, so a
+row's scoring is spread over several SMs):
 1. the program holding the last block pools the keys of the cache's last block (the partial
    one, or the block the new token just filled: max / min / avg over its real tokens,
    `poolings` order) and projects them, `kg = cat(poolings) @ wk[h]` [GD], writing that row of
@@ -27,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptive_sparse.attention.triton.decode import _sm_count
+
 POOLINGS = ("avg", "max", "min")
 
 
@@ -41,9 +44,9 @@ def decode_gate_fwd_kernel(
     AVG: tl.constexpr, MAX: tl.constexpr, MIN: tl.constexpr, UNIFORM: tl.constexpr,
     KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
 ):
-    """Grid (B * H_KV, ceil(KB / CH)): program (bh, c) scores blocks [c * CH, (c + 1) * CH) of
-    row bh (the one holding the last block also pools and projects it); the last program of the
-    row to finish (an atomic arrival count in CNT, reset to 0 after) selects. Q [B, H_KV * G, D]
+    """Grid (B * H_KV, C), C <= ceil(KB / CH): program (bh, c) scores blocks [c * span, (c + 1) *
+    span) of row bh, span = ceil(ceil(KB / CH) / C) * CH, CH at a time (the one holding the last
+    block also pools and projects it); the last program of the row to finish (an atomic arrival count in CNT, reset to 0 after) selects. Q [B, H_KV * G, D]
     (last dim contiguous); K [B, H_KV, M, D] (last dim contiguous); WQ fp32 [H_KV, G * D, GD],
     WK fp32 [H_KV, P * D, GD] (contiguous); KG fp32 [B, H_KV, cap, GD] (last dim contiguous,
     cap >= blocks); S fp32 scratch [B * H_KV, KB_P2]; CNT int32 [B * H_KV] of zeros; NUM int32
@@ -60,7 +63,9 @@ def decode_gate_fwd_kernel(
         seqlen = tl.load(SEQLENS + b)
     nb = tl.cdiv(seqlen, BS)
     last = nb - 1
-    first = chunk * CH
+    span = tl.cdiv(tl.cdiv(KB, CH), tl.num_programs(1)) * CH
+    first = chunk * span
+    end = tl.minimum(first + span, nb)
     offs_d = tl.arange(0, D)
     offs_o = tl.arange(0, GD_P2)
     o_ok = offs_o < GD
@@ -77,7 +82,7 @@ def decode_gate_fwd_kernel(
             qg += tl.sum(qv[:, None] * tl.load(wq + g * D * GD, mask=w_mask, other=0.0), 0)
         qg = qg * Q_SCALE
         s_last = 0.0
-        if last < first + CH:  # this chunk holds the last block: its key features
+        if last < end:  # this program holds the last block: its key features
             rows = last * BS + tl.arange(0, BS)
             valid = rows < seqlen
             x = tl.load(K + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_km
@@ -98,11 +103,12 @@ def decode_gate_fwd_kernel(
                              0)
             tl.store(kg_row + last * stride_gk + offs_o, kg, mask=o_ok)
             s_last = tl.sum(kg * qg, 0)
-        j = first + tl.arange(0, CH)
-        kgc = tl.load(kg_row + j.to(tl.int64)[:, None] * stride_gk + offs_o[None, :],
-                      mask=(j < last)[:, None] & w_mask, other=0.0)  # [CH, GD_P2]
-        sc = tl.where(j == last, s_last, tl.sum(kgc * qg[None, :], 1))
-        tl.store(s_row + j, sc, mask=j < nb)
+        for c in range(first, end, CH):
+            j = c + tl.arange(0, CH)
+            kgc = tl.load(kg_row + j.to(tl.int64)[:, None] * stride_gk + offs_o[None, :],
+                          mask=(j < last)[:, None] & w_mask, other=0.0)  # [CH, GD_P2]
+            sc = tl.where(j == last, s_last, tl.sum(kgc * qg[None, :], 1))
+            tl.store(s_row + j, sc, mask=j < end)
 
     tl.debug_barrier()  # every thread's scores stored before the release below
     arrived = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
@@ -229,15 +235,20 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                 KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
                 MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
     rows = B * Hkv
+    waves = -(-2 * _sm_count(q.device) // rows)  # programs per row: about two waves in all
+
+    def grid(m):
+        return (rows, max(1, min(waves, triton.cdiv(kb, m["CH"]))))
+
     if q.is_cuda:  # the kernel is idempotent: autotuning may rerun it
         key = (q.dtype, k_cache.dtype, *meta.values(), args[-1])
         cfg = _BEST.get(key)
         if cfg is None:
-            decode_gate_fwd_autotuned[lambda m: (rows, triton.cdiv(kb, m["CH"]))](*args, **meta)
+            decode_gate_fwd_autotuned[grid](*args, **meta)
             best = decode_gate_fwd_autotuned.best_config
             _BEST[key] = {**best.kwargs, "num_warps": best.num_warps}
         else:
-            decode_gate_fwd_kernel[(rows, triton.cdiv(kb, cfg["CH"]))](*args, **meta, **cfg)
+            decode_gate_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
     else:  # the interpreter: one fixed configuration, small chunks (several per row)
-        decode_gate_fwd_kernel[(rows, triton.cdiv(kb, 4))](*args, **meta, CH=4, num_warps=4)
+        decode_gate_fwd_kernel[grid({"CH": 4})](*args, **meta, CH=4, num_warps=4)
     return num, idx
