@@ -23,6 +23,11 @@ plus our sparse kernel on the gate's selection, all layers, graphed.
 
     PYTHONPATH=. python benchmarks/decode.py --json decode.json
     PYTHONPATH=. python benchmarks/decode.py --shape qwen2.5-coder-0.5b --flex --json q.json
+Kernel rows are timed eagerly (one call from Python: includes the host's launch work where it
+outlasts the GPU's) and replayed from a CUDA graph of one call ("ms, CUDA graph": the GPU's
+time; not for compiled Flex). "ours-sparse-2launch" is our kernel with the merge of the splits
+as a launch of its own (the default merges in the split launch). The gate table's K/V caches
+are one per layer while all fit in 48 GiB, else shared in turn (each far larger than L2).
 Times: triton.testing.do_bench medians (benchmarks/common.bench, CUDA events). Bytes moved by
 dense decode: 2 * B * Hkv * M * D * 2 (K and V, bf16); "TB/s" is that over the time (sparse
 rows: the bytes of the blocks read). On CPU (TRITON_INTERPRET=1, --device cpu) it runs as a dry
@@ -38,6 +43,7 @@ import sys
 import torch
 
 from adaptive_sparse.attention.decode import decode_reference, sparse_decode_attention
+from adaptive_sparse.attention.triton.decode import triton_sparse_decode
 from adaptive_sparse.io import atomic_write_json
 from benchmarks.common import bench, environment, graph_bench
 
@@ -175,7 +181,8 @@ def check_fused_selection(gate, t, top_k, bs) -> None:
         raise RuntimeError("fused gate step: a dropped block scores above a kept one")
 
 
-def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log) -> dict:
+def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
+                   cache_budget: int = 48 << 30) -> dict:
     """Per-token decode-gate work of every layer (one fused launch each) against dense decode
     of every layer, eager and from one CUDA graph; plus gate + our sparse kernel, graphed."""
     from adaptive_sparse.gates.decode import token_budget_policy, uniform_top_k
@@ -186,12 +193,19 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log) -> dict:
     dtype = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
     top_k = uniform_top_k(token_budget_policy(round(density * M), bs), kv_len=M, block_size=bs)
     gd = gates.config.gate_dim
+    # every layer its own query, key features and tables; its own K/V cache while all layers'
+    # fit in `cache_budget` bytes, else layers take turns over as many caches as fit (each
+    # then many times L2's size, so no layer finds another's cache in L2)
+    kv_bytes = 2 * B * Hkv * M * D * torch.empty((), dtype=dtype).element_size()
+    distinct = max(1, min(L, cache_budget // kv_bytes))
+    caches = [(torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen),
+               torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen))
+              for _ in range(distinct)]
     layers = []
-    for _ in range(L):  # every layer its own cache, query, key features and tables
+    for i in range(L):
         layers.append({
             "q": torch.randn(B, Hq, D, device=dev, dtype=dtype, generator=gen),
-            "k": torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen),
-            "v": torch.randn(B, Hkv, M, D, device=dev, dtype=dtype, generator=gen),
+            "k": caches[i % distinct][0], "v": caches[i % distinct][1],
             "kg": torch.randn(B, Hkv, kb, gd, device=dev, generator=gen),
             "num": torch.full((B, Hkv), -1, dtype=torch.int32, device=dev),
             "idx": torch.full((B, Hkv, kb), -1, dtype=torch.int32, device=dev),
@@ -211,7 +225,7 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log) -> dict:
     gate_step()
     check_fused_selection(gates[0], layers[0], top_k, bs)
     row = {"context": M, "batch": B, "layers": L, "hq": Hq, "hkv": Hkv, "head_dim": D,
-           "block_size": bs, "density": top_k / kb, "top_k": top_k,
+           "block_size": bs, "density": top_k / kb, "top_k": top_k, "kv_caches": distinct,
            "gate_ms": bench(gate_step), "gate_graph_ms": graph_bench(gate_step)}
     dense = {}
     for name in dense_names(dev) + ("ours-dense",):
@@ -235,7 +249,7 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log) -> dict:
     gate_ms = row["gate_graph_ms"] if row["gate_graph_ms"] is not None else row["gate_ms"]
     row["gate_share_of_dense"] = gate_ms / best[1]
     row["gate_timing"] = "graph" if row["gate_graph_ms"] is not None else "eager"
-    del layers
+    del layers, caches
     return row
 
 
@@ -259,7 +273,7 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
             dense_bytes = 2 * B * HKV * M * D * k.element_size()
             base = {"context": M, "batch": B, "hq": HQ, "hkv": HKV, "head_dim": D,
                     "block_size": bs, "dtype": str(dtype).replace("torch.", "")}
-            dense = {}
+            dense, dense_graph = {}, {}
             for name in dense_names(dev):
                 try:
                     out = sdpa_decode(q, k, v, scale, name)
@@ -268,10 +282,15 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
                     continue
                 err, eager = oracle_error(out, q, k, v, None, None, bs, scale, check)
                 dense[name] = bench(lambda name=name: sdpa_decode(q, k, v, scale, name))
+                graph = graph_bench(lambda name=name: sdpa_decode(q, k, v, scale, name))
+                if graph is not None:
+                    dense_graph[name] = graph
                 rows.append({**base, "method": f"sdpa-{name}", "density": 1.0,
-                             "ms": dense[name], "max_err": err, "eager_err": eager,
-                             "tb_per_s": dense_bytes / dense[name] / 1e9})
+                             "ms": dense[name], "graph_ms": graph, "max_err": err,
+                             "eager_err": eager, "tb_per_s": dense_bytes / dense[name] / 1e9})
             best_name, best_ms = min(dense.items(), key=lambda kv: kv[1])
+            best_graph = min(dense_graph.items(), key=lambda kv: kv[1]) if dense_graph \
+                else (None, None)
             out = torch.full_like(q, float("nan"))
             cases = [("ours-dense", 1.0, None, None)]
             if fx is not None:
@@ -279,6 +298,7 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
             for dens in args.densities:
                 num, idx = random_selection(B, HKV, kb, dens, gen, dev)
                 cases.append(("ours-sparse", float(num[0, 0]) / kb, num, idx))
+                cases.append(("ours-sparse-2launch", float(num[0, 0]) / kb, num, idx))
                 if fx is not None:
                     cases.append(("flex-sparse", float(num[0, 0]) / kb, num, idx))
             for method, dens, num, idx in cases:
@@ -288,6 +308,10 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
 
                         def call(bm=bm):
                             return out.copy_(fx(q, k, v, scale, bm))
+                    elif method.endswith("2launch"):  # the merge as a launch of its own
+                        def call(num=num, idx=idx):
+                            return triton_sparse_decode(q, k, v, None, num, idx, block_size=bs,
+                                                        scale=scale, out=out, merge="separate")
                     else:
                         def call(num=num, idx=idx):
                             return sparse_decode_attention(
@@ -304,11 +328,18 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
                 ok = err <= max(2 * eager, 2 ** -7) and not bool(torch.isnan(out).any())
                 row = {**base, "method": method, "density": dens, "max_err": err,
                        "eager_err": eager, "correct": ok, "best_dense": best_name,
-                       "best_dense_ms": best_ms}
+                       "best_dense_ms": best_ms, "best_dense_graph": best_graph[0],
+                       "best_dense_graph_ms": best_graph[1]}
                 if ok:
+                    # compiled Flex is timed eagerly only (a failed capture of an inductor
+                    # graph could poison the rest of the run)
                     ms = bench(call)
+                    graph = None if method.startswith("flex") else graph_bench(call)
                     row.update(ms=ms, speedup_vs_best_dense=best_ms / ms,
-                               bound=1.0 / dens, tb_per_s=dense_bytes * dens / ms / 1e9)
+                               bound=1.0 / dens, tb_per_s=dense_bytes * dens / ms / 1e9,
+                               graph_ms=graph)
+                    if graph is not None and best_graph[1] is not None:
+                        row["graph_speedup_vs_best_dense_graph"] = best_graph[1] / graph
                 else:
                     log(f"CORRECTNESS FAILED {method} B={B} M={M} density={dens:.3f}: "
                         f"err {err:.3g} vs eager {eager:.3g}; not timed")
@@ -344,17 +375,19 @@ def table(env, rows, gates, shape) -> str:
     HQ, HKV, D, _ = SHAPES[shape]
     lines = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {shape}: "
              f"Hq {HQ} / Hkv {HKV}, D {D}, block {rows[0]['block_size'] if rows else '-'}",
-             "| context | batch | method | density | ms | TB/s | speedup vs best dense | "
-             "1/density | rel. err (reference) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| context | batch | method | density | ms | ms, CUDA graph | TB/s | speedup vs "
+             "best dense | speedup, graphs | 1/density | rel. err (reference) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.4f}" if "ms" in r else "FAILED"
         sp = f"{r['speedup_vs_best_dense']:.2f}x" if "speedup_vs_best_dense" in r else "-"
+        gsp = r.get("graph_speedup_vs_best_dense_graph")
+        gsp = "-" if gsp is None else f"{gsp:.2f}x"
         bound = f"{r['bound']:.1f}" if "bound" in r else "-"
         tb = f"{r['tb_per_s']:.2f}" if "tb_per_s" in r else "-"
         lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['density']:.3f} | "
-                     f"{ms} | {tb} | {sp} | {bound} | {r['max_err']:.2e} "
-                     f"({r['eager_err']:.2e}) |")
+                     f"{ms} | {_ms(r.get('graph_ms'))} | {tb} | {sp} | {gsp} | {bound} | "
+                     f"{r['max_err']:.2e} ({r['eager_err']:.2e}) |")
     if gates:
         names = sorted({n for g in gates for n in g["dense"]})
         lines += ["", f"Decode gate per token, all {gates[0]['layers']} layers (one fused "

@@ -671,7 +671,8 @@ def test_decode_benchmark_dry_run(tmp_path):
     assert rc == 0
     res = json.loads(out.read_text())
     methods = {r["method"] for r in res["rows"] if r.get("correct", True)}
-    assert {"ours-dense", "ours-sparse", "flex-dense", "flex-sparse"} <= methods
+    assert {"ours-dense", "ours-sparse", "ours-sparse-2launch", "flex-dense",
+            "flex-sparse"} <= methods
     (g,) = res["gates"]
     assert g["layers"] == 2 and g["top_k"] == 2 and g["gate_share_of_dense"] > 0
     assert "gate / best dense" in (tmp_path / "d.md").read_text()
