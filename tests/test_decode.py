@@ -178,7 +178,8 @@ def test_triton_merge_launches_agree_and_repeat(merge):
         out = torch.full_like(q, float("nan"))
         lse = torch.full((2, 6), float("nan"), device=device)
         res, lse2 = triton_sparse_decode(q, k, v, seqlens, num, idx, block_size=16, scale=0.25,
-                                         out=out, num_splits=3, merge=merge, lse=lse)
+                                         out=out, num_splits=3, merge=merge, lse=lse,
+                                         blocks_per_row=2.5 if seed == 32 else None)
         assert res is out and lse2 is lse
         ref_out, ref_lse = oracle(q, k, v, seqlens, num, idx, 16, 0.25)
         torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
@@ -223,6 +224,9 @@ def test_bad_decode_inputs_name_the_argument():
         sparse_decode_attention(q, k, v, out=torch.empty(1, 4, 8))
     with pytest.raises(ValueError, match="^backend: expected"):
         sparse_decode_attention(q, k, v, backend="fast")
+    for bad in (0, -1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="^blocks_per_row: expected"):
+            sparse_decode_attention(q, k, v, blocks_per_row=bad)
 
 
 @gpu

@@ -156,7 +156,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             kv_indices: torch.Tensor | None = None, block_size: int = 64,
                             scale: float | None = None, backend: str = "auto",
                             return_lse: bool = False, out: torch.Tensor | None = None,
-                            num_splits: int | None = None, check_indices: bool = False):
+                            num_splits: int | None = None, check_indices: bool = False,
+                            blocks_per_row: float | None = None):
     """Attention of one new token per sequence over the selected blocks of its KV cache.
 
     q:       [B, Hq, D] or [B, Hq, 1, D], float32 | float16 | bfloat16
@@ -170,11 +171,17 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out: optional output buffer shaped like q (written in place and returned)
     num_splits: split-KV parallelism of the triton kernel (None = chosen from the shapes)
     check_indices: validate the tables' values (one device sync)
+    blocks_per_row: selected blocks per row as known on the host (sizes the triton kernel's
+        splits; None: the width of kv_indices); never changes the result
 
     Returns out (q's shape and dtype), and lse float32 [B, Hq] (or [B, Hq, 1] for a 4-D q)
     when `return_lse`."""
     if backend not in DECODE_BACKENDS:
         raise fail("backend", f"one of {DECODE_BACKENDS}", backend)
+    if blocks_per_row is not None and (isinstance(blocks_per_row, bool) or not isinstance(
+            blocks_per_row, (int, float)) or not blocks_per_row > 0
+            or not math.isfinite(blocks_per_row)):
+        raise fail("blocks_per_row", "None or a positive finite number", blocks_per_row)
     scale = _validate(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, block_size,
                       scale, out, check_indices)
     if backend == "auto":
@@ -184,7 +191,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         from adaptive_sparse.attention.triton.decode import triton_sparse_decode
         result, lse = triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks,
                                            kv_indices, block_size=block_size, scale=scale,
-                                           out=out, num_splits=num_splits)
+                                           out=out, num_splits=num_splits,
+                                           blocks_per_row=blocks_per_row)
     else:
         B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
         Hkv, M = k_cache.shape[1], k_cache.shape[2]
@@ -230,4 +238,5 @@ def decode_attention_from_mask(q, k, v, mask: BlockSparseMask, *, scale: float,
     num, idx = tables
     return sparse_decode_attention(q, k, v, kv_num_blocks=num.contiguous(),
                                    kv_indices=idx.contiguous(), block_size=mask.block_size,
-                                   scale=scale, backend=decode_backend)
+                                   scale=scale, backend=decode_backend,
+                                   blocks_per_row=mask.blocks_per_row)

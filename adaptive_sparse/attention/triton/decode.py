@@ -13,6 +13,8 @@ Stand-alone: nothing here imports the reference implementation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -262,7 +264,7 @@ def _launch(grid, args, meta, key) -> None:
 def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_indices, *,
                          block_size: int, scale: float, out=None, num_splits: int | None = None,
                          config: dict | None = None, merge: str = "fused", lse=None,
-                         workspace=None):
+                         workspace=None, blocks_per_row: float | None = None):
     """Split-KV decode over the selected cache blocks.
 
     q [B, Hq, D] or [B, Hq, 1, D] (last dim contiguous), k/v [B, Hkv, M, D]; cache_seqlens int32
@@ -273,7 +275,10 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     interpreter). merge: "fused" (the last split of a row merges, one launch) or "separate"
     (a merge launch of its own). lse: optional fp32 [B, Hq] buffer; workspace: optional
     (o_part, lse_part, count) as `_workspace` makes them (default: shared per shape). Returns
-    (out shaped like q, lse fp32 [B, Hq], natural log). No host-device sync; after the first
+    (out shaped like q, lse fp32 [B, Hq], natural log). blocks_per_row: the blocks a row
+    selects, as known on the host (e.g. a uniform top-k; a mask's `blocks_per_row`): sizes the
+    splits (None: the table's width, which a gate's [B, Hkv, Kb] table makes the whole cache);
+    any value is exact, the splits share each row's actual count. No host-device sync; after the first
     call at a shape no allocation unless out / lse are None (CUDA-graph capturable)."""
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, M = k_cache.shape[1], k_cache.shape[2]
@@ -296,6 +301,8 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
         if kv_indices.stride(2) != 1:
             kv_indices = kv_indices.contiguous()
         max_blocks = kv_indices.shape[2]
+        if blocks_per_row is not None:
+            max_blocks = max(1, min(max_blocks, math.ceil(blocks_per_row)))
         sn = tuple(0 if n == 1 else st for n, st in zip(kv_num_blocks.shape,
                                                          kv_num_blocks.stride()))
         si = tuple(0 if n == 1 else st for n, st in zip(kv_indices.shape[:2],
