@@ -6,6 +6,8 @@ a bf16 config whose check fails gets no speedup. Useful FLOPs = 4 * D * Hq * B *
 pairs that the mask keeps and causality allows); dense SDPA is credited with the dense causal
 pairs. Every "x dense" divides the time of the fastest dense backend timed in the same run
 (named in the table) by ours. One table per shape (head_dim 128, 64, 256).
+`--exp2-poly 0,0.125,0.25,0.5` times, instead of that table, each fraction of the exponentials
+computed on the FMA pipes (issue 14) side by side, bf16 and FP8, dense kernel and mask path.
 
     python3 benchmarks/attention.py --json out.json --md out.md [--seqlens 8192,32768 ...]
 """
@@ -26,9 +28,11 @@ from adaptive_sparse.attention.triton import (block_attention_maps_triton,
                                               scores_to_kv_indices,
                                               triton_block_sparse_attention,
                                               triton_dense_causal_attention)
+from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned, exp2_poly, exp2_poly_code
 from adaptive_sparse.attention.triton.forward_fp8 import (DEFAULT_PV_ACCUMULATE,
                                                           DEFAULT_QK_FORMAT, DEFAULT_QUANTIZE,
                                                           PV_ACCUMULATE,
+                                                          bsa_fwd_fp8_autotuned,
                                                           fp8_block_sparse_attention,
                                                           fp8_defaults)
 from adaptive_sparse.attention.triton.quantize import quantize_qkv
@@ -192,6 +196,128 @@ def run_case(shape, n, bs, densities, gen, flex_fn, log, masks=None,
         rows_out.append(row)
         log(row)
     return rows_out
+
+
+def picked_config(autotuned) -> dict | None:
+    """The config `autotuned` ran last (pinned form: kwargs + num_warps, num_stages); None off
+    CUDA, where the forwards use their fixed interpreter config."""
+    c = getattr(autotuned, "best_config", None) if torch.cuda.is_available() else None
+    return None if c is None else {**c.kwargs, "num_warps": c.num_warps,
+                                   "num_stages": c.num_stages}
+
+
+def exp2_case(shape, n, bs, densities, fractions, gen, log, fp8: dict | None = FP8_DEFAULT
+              ) -> list[dict]:
+    """Each fraction of exp2 on the FMA pipes (`exp2_poly`) side by side, bf16 and FP8
+    (quantization included): the dense kernel, then random masks (one per KV group) at
+    `densities`, next to SDPA cuDNN and flash on the same inputs. Every variant runs the config
+    the autotuner picked for the dense kernel with every exponential on MUFU (pinned: an A/B
+    of the exponential alone, one compile per variant) and is checked against fp64 on sampled
+    rows. One row per (kernel, density, fraction)."""
+    Hq, Hkv, D = SHAPES[shape]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, h, n, D, generator=gen, device=dev).to(dt) for h in (Hq, Hkv, Hkv))
+    scale = 1 / math.sqrt(D)
+    qb = -(-n // bs)
+    qblocks = sorted({qb - 1, qb // 2, int(torch.randint(qb, (1,), generator=gen, device=dev))})
+    heads = sorted({0, Hq - 1, int(torch.randint(Hq, (1,), generator=gen, device=dev))})
+    table = pair_table(n, n, bs, dev)
+    full = BlockSparseMask.full(1, 1, block_size=bs, q_len=n, kv_len=n, device=dev)
+    ref, rows = oracle_rows(q, k, v, full, scale, heads, qblocks)
+    sdpa_ms = dense_baselines(q, k, v, scale)
+    sdpa_err = {name: rel_err(sdpa_dense(q, k, v, scale, name)[0, heads][:, rows], ref)
+                for name in sdpa_ms}
+    dense_flops = 4 * D * Hq * int(table.sum())
+    dense_name, dense_ms = best_dense(sdpa_ms)
+    base = dict(kind="exp2_poly", shape=shape, Hq=Hq, Hkv=Hkv, D=D, N=n, block_size=bs,
+                sdpa_ms=sdpa_ms, sdpa_err=sdpa_err, best_dense=dense_name,
+                best_dense_ms=dense_ms, best_dense_tflops=dense_flops / dense_ms / 1e9)
+    err_floor = min(sdpa_err.values())
+    fp8_kw = _fp8_kw(fp8)
+    triton_dense_causal_attention(q, k, v, scale, block_size=bs)  # autotunes (all MUFU)
+    cfg = picked_config(bsa_fwd_autotuned)
+    cfg8 = None
+    if fp8 and bs == 128:
+        fp8_block_sparse_attention(q, k, v, None, scale, **fp8_kw)
+        cfg8 = picked_config(bsa_fwd_fp8_autotuned)
+    kernels = [("bf16", "dense kernel", ref, dense_flops,
+                lambda: triton_dense_causal_attention(q, k, v, scale, block_size=bs,
+                                                      config=cfg), cfg)]
+    if fp8 and bs == 128:
+        kernels.append(("fp8", "dense kernel", ref, dense_flops,
+                        lambda: fp8_block_sparse_attention(q, k, v, None, scale, config=cfg8,
+                                                           **fp8_kw), cfg8))
+    for dens in densities:
+        mask = random_mask(Hkv, n, bs, dens, gen, dev)
+        flops = 4 * D * int((mask.to_dense()[0].long() * table).sum()) * (Hq // mask.heads)
+        ref_m, _ = oracle_rows(q, k, v, mask, scale, heads, qblocks)
+        kernels.append(("bf16", mask.density(), ref_m, flops,
+                        lambda m=mask: triton_block_sparse_attention(q, k, v, m, scale,
+                                                                     config=cfg), cfg))
+        if fp8:
+            kernels.append(("fp8", mask.density(), ref_m, flops,
+                            lambda m=mask: fp8_block_sparse_attention(q, k, v, m, scale,
+                                                                      config=cfg8, **fp8_kw),
+                            cfg8))
+    out_rows = []
+    for precision, density, ref_k, flops, call, config in kernels:
+        for frac in fractions:
+            row = {**base, "precision": precision, "density": density, "fraction": frac,
+                   "config": config, "fp8_path": dict(fp8) if precision == "fp8" else None}
+            try:
+                with exp2_poly(frac):
+                    out = call()
+                    row["err"] = rel_err(out[0, heads][:, rows], ref_k)
+                    del out
+                    row["ms"] = bench(call)
+                row["tflops"] = flops / row["ms"] / 1e9
+                row["x_dense"] = dense_ms / row["ms"]
+                row["ok"] = (row["err"] < 1e-2 and row["err"] <= 2 * err_floor + 1e-3) \
+                    if precision == "bf16" else row["err"] < 1e-1
+            except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported)
+                row["failed"] = f"{e!r:.200}"
+            out_rows.append(row)
+            log(row)
+        timed = [r for r in out_rows[-len(fractions):] if "ms" in r]
+        mufu = next((r["ms"] for r in timed if r["fraction"] == 0), None)
+        for r in timed:
+            r["x_mufu"] = mufu / r["ms"] if mufu else None
+    return out_rows
+
+
+def exp2_table(env, rows) -> list[str]:
+    """The `exp2_case` rows: one table, per shape the SDPA baselines of the same run."""
+    lines = ["Exponentials on the FMA pipes (issue 14): `fraction` of each score tile's exp2 by "
+             "a polynomial (Cody-Waite + minimax, degree 3 for bf16 P, 2 for e4m3 P), the rest "
+             "on MUFU. Every variant runs the config the autotuner picked for the all-MUFU "
+             "dense kernel (pinned). x MUFU = ms at fraction 0 / ms; x dense = fastest dense "
+             "SDPA of the same run / ms; FP8 times include quantizing Q, K, V; error vs fp64 on "
+             "sampled rows.", ""] + env_lines(env) + [""]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        r0 = rs[0]
+        flops = r0["best_dense_tflops"] * r0["best_dense_ms"]  # dense causal FLOP / 1e9
+        fp8_cfg = next((r["config"] for r in rs if r["precision"] == "fp8"), None)
+        lines += [f"{shape} (Hq {r0['Hq']}, Hkv {r0['Hkv']}, head_dim {r0['D']}, N {r0['N']}): "
+                  + ", ".join(f"SDPA-{k} {ms:.3f} ms ({flops / ms:.0f} TFLOP/s, err "
+                              f"{r0['sdpa_err'][k]:.1e})"
+                              for k, ms in sorted(r0["sdpa_ms"].items()))
+                  + f"; pinned configs bf16 {r0['config']}, FP8 {fp8_cfg}", "",
+                  "| precision | density | fraction | ms | TFLOP/s | x MUFU | x dense | err | ok |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            dens = "1.0 (dense kernel)" if r["density"] == "dense kernel" \
+                else format(r["density"], ".3f")
+            if "failed" in r:
+                lines.append(f"| {r['precision']} | {dens} | {r['fraction']} | failed: "
+                             f"{r['failed']} | | | | | |")
+                continue
+            lines.append(f"| {r['precision']} | {dens} | {r['fraction']} | {r['ms']:.3f} | "
+                         f"{r['tflops']:.0f} | {fmt(r.get('x_mufu'), '.3f')} | "
+                         f"{r['x_dense']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+        lines.append("")
+    return lines
 
 
 def _quant_args(fp8: dict) -> dict:
@@ -480,7 +606,7 @@ def fp8_variant_lines(rows) -> list[str]:
     return lines
 
 
-def markdown(env, rows, targets, gates, acc=(), ppl=()) -> str:
+def markdown(env, rows, targets, gates, acc=(), ppl=(), exp2=()) -> str:
     lines = ["B=1, bf16, causal, random block masks (diagonal + sink kept, one mask per KV "
              "group; Flex gets the same blocks expanded to Hq heads, full blocks off the "
              "diagonal). Useful TFLOP/s = 4 * D * Hq * (visible query/key pairs in kept tiles) "
@@ -492,6 +618,8 @@ def markdown(env, rows, targets, gates, acc=(), ppl=()) -> str:
              "failed. Graph columns (N <= 16k): the call replayed from a CUDA graph.", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         lines += shape_table(env, [r for r in rows if r["shape"] == shape]) + [""]
+    if exp2:
+        lines += exp2_table(env, exp2)
     variants = fp8_variant_lines(rows)
     if variants:
         lines += variants + [""]
@@ -545,6 +673,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-accuracy", default="",
                     help="lengths (comma list) of an FP8 error table per shape: bf16 and every "
                     "FP8 variant vs fp64, random inputs and inputs with outliers")
+    ap.add_argument("--exp2-poly", default="",
+                    help="fractions (comma list, each 0, 0.125, 0.25, 0.5 or 1) of the "
+                    "exponentials computed on the FMA pipes: times them side by side (bf16 and "
+                    "FP8, dense kernel and --densities masks, pinned configs) instead of the "
+                    "main table")
     ap.add_argument("--mask-artifact", default=None,
                     help="also time every layer's mask of this masks artifact (`adaptive-sparse "
                     "export masks`, e.g. a trained gate's) at --mask-shape")
@@ -553,11 +686,17 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default="attention.md")
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    try:
+        fractions = floats(a.exp2_poly)
+        for f in fractions:
+            exp2_poly_code(f)
+    except ValueError as e:
+        ap.error(f"--exp2-poly: {e}")
     env = environment()
     print(json.dumps(env), flush=True)
     gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
     flex_fn = None if a.no_flex else _compiled_flex()
-    rows, targets, gates, logged, acc, ppl = [], [], [], [], [], []
+    rows, targets, gates, logged, acc, ppl, exp2 = [], [], [], [], [], [], []
     fp8 = None if a.no_fp8 else fp8_preflight({"qk_format": a.fp8_qk,
                                                 "quantize": a.fp8_quantize,
                                                 "pv_accumulate": a.fp8_pv})
@@ -580,9 +719,13 @@ def main(argv=None) -> int:
                 for n in ints(a.seqlens):
                     t0 = time.time()
                     try:
-                        rows += run_case(shape, n, bs, floats(a.densities), gen, flex_fn, log,
-                                         fp8=fp8, fp8_variants=FP8_VARIANTS if a.fp8_variants
-                                         else ())
+                        if fractions:
+                            exp2 += exp2_case(shape, n, bs, floats(a.densities), fractions, gen,
+                                              log, fp8=fp8)
+                        else:
+                            rows += run_case(shape, n, bs, floats(a.densities), gen, flex_fn,
+                                             log, fp8=fp8, fp8_variants=FP8_VARIANTS
+                                             if a.fp8_variants else ())
                     except torch.OutOfMemoryError as e:
                         print(f"OOM {shape} N={n} bs={bs}: {e}", file=sys.stderr, flush=True)
                     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -599,21 +742,21 @@ def main(argv=None) -> int:
         interrupted = True
         print("interrupted: writing the rows finished so far", file=sys.stderr, flush=True)
         rows = [r for r in logged if "provider" in r]
+        exp2 = [r for r in logged if r.get("kind") == "exp2_poly"]
         acc = [r for r in logged if r.get("kind") == "fp8_accuracy"]
         ppl = [r for r in logged if r.get("kind") == "fp8_ppl"]
         targets = [r for r in logged if r.get("kind") == "target"]
         gates = [r for r in logged if r.get("kind") == "gate_topk"]
-    from adaptive_sparse.attention.triton.forward import bsa_fwd_autotuned
-    from adaptive_sparse.attention.triton.forward_fp8 import bsa_fwd_fp8_autotuned
     tuned = {str(k): str(v) for k, v in bsa_fwd_autotuned.cache.items()}  # key -> chosen config
     tuned_fp8 = {str(k): str(v) for k, v in bsa_fwd_fp8_autotuned.cache.items()}
     atomic_write_text(a.json, json.dumps({"env": env, "fp8": fp8, "interrupted": interrupted,
                                           "rows": rows,
                                           "targets": targets, "gates": gates,
                                           "fp8_accuracy": acc, "fp8_ppl": ppl,
+                                          "exp2_poly": exp2,
                                           "autotuned": tuned,
                                           "autotuned_fp8": tuned_fp8}, indent=1))
-    md = markdown(env, rows, targets, gates, acc, ppl)
+    md = markdown(env, rows, targets, gates, acc, ppl, exp2)
     atomic_write_text(a.md, md)
     print(md, flush=True)
     return 0

@@ -67,3 +67,35 @@ def test_best_dense_names_the_fastest_backend_in_every_table():
     assert md.count("| N | density |") == 2  # one table per shape / head_dim
     assert "SDPA-cudnn ms | SDPA-flash ms | best dense" in md
     assert "| cudnn 600 TFLOP/s | 1.50 |" in md and "| flash 600 TFLOP/s | 2.50 |" in md
+
+
+@needs_interpreter
+def test_exp2_poly_variants_side_by_side(tmp_path):
+    """`--exp2-poly`: every fraction of the dense kernel and the mask path, bf16 and FP8, checked
+    against fp64, x MUFU relative to fraction 0; the tables and JSON written by main."""
+    import json
+
+    from benchmarks import attention
+
+    md, js = tmp_path / "a.md", tmp_path / "a.json"
+    assert attention.main(["--shapes", "smollm2-135m", "--seqlens", "128", "--densities", "0.5",
+                           "--block-sizes", "128", "--no-flex", "--exp2-poly", "0,0.5",
+                           "--json", str(js), "--md", str(md)]) == 0
+    rows = json.loads(js.read_text())["exp2_poly"]
+    assert [(r["precision"], r["fraction"]) for r in rows] == [
+        ("bf16", 0.0), ("bf16", 0.5), ("fp8", 0.0), ("fp8", 0.5)] * 2
+    assert [r["density"] for r in rows[:4]] == ["dense kernel"] * 4
+    assert all(r["ok"] and r["x_mufu"] > 0 for r in rows)
+    assert all(r["err"] < 1e-3 for r in rows if r["precision"] == "bf16")
+    assert rows[1]["err"] > rows[0]["err"]  # the polynomial ran (fp32 here: its 7.5e-5 shows)
+    text = md.read_text()
+    assert "Exponentials on the FMA pipes" in text and "| bf16 | 1.0 (dense kernel) | 0.5 |" in text
+
+
+def test_exp2_poly_flag_refuses_other_fractions(capsys):
+    from benchmarks import attention
+
+    with pytest.raises(SystemExit) as e:
+        attention.main(["--exp2-poly", "0,0.3", "--no-flex"])
+    assert e.value.code == 2
+    assert "--exp2-poly: exp2_poly: expected one of" in capsys.readouterr().err
