@@ -220,7 +220,7 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
             g.fused_select(t["q"], t["k"], t["kg"], top_k=top_k, out=(t["num"], t["idx"]))
             sparse_decode_attention(t["q"], t["k"], t["v"], kv_num_blocks=t["num"],
                                     kv_indices=t["idx"], block_size=bs, scale=scale,
-                                    backend="triton", out=t["out"])
+                                    backend="triton", out=t["out"], blocks_per_row=top_k)
 
     gate_step()
     check_fused_selection(gates[0], layers[0], top_k, bs)

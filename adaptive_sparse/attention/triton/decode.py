@@ -24,7 +24,10 @@ LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-@triton.jit
+# the cache length and the tables' strides (a gate's table is as wide as the cache) change as
+# the cache grows: not specialized, or a new token whose count crosses a multiple of 16 would
+# compile a new variant in the middle of a generation
+@triton.jit(do_not_specialize=["N_KV", "stride_nb", "stride_nh", "stride_ib", "stride_ih"])
 def decode_split_fwd_kernel(
     Q, K, V, O, LSE, O_PART, LSE_PART, CNT, SEQLENS, KV_NUM, KV_IDX,
     stride_qb, stride_qh,

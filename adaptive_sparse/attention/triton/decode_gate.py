@@ -33,7 +33,8 @@ from adaptive_sparse.attention.triton.decode import _sm_count
 POOLINGS = ("avg", "max", "min")
 
 
-@triton.jit
+# the cache length and its block count change every step: not specialized (see decode.py)
+@triton.jit(do_not_specialize=["N_KV", "KB"])
 def decode_gate_fwd_kernel(
     Q, K, WQ, WK, KG, S, CNT, NUM, IDX, SEQLENS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_km,
@@ -171,6 +172,11 @@ def _workspace(device, rows: int, kb_p2: int):
 _BEST: dict[tuple, dict] = {}
 
 
+def _p2(x: int) -> int:
+    """The least power of two >= x (plain int arithmetic: called per decode step)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
 def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                        wk: torch.Tensor, kg: torch.Tensor, *, top_k: int, block_size: int,
                        poolings, q_scale: float, cache_seqlens: torch.Tensor | None = None,
@@ -213,7 +219,7 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
         wq = wq.float().contiguous()
     if wk.dtype != torch.float32 or not wk.is_contiguous():
         wk = wk.float().contiguous()
-    kb_p2 = max(16, triton.next_power_of_2(kb))
+    kb_p2 = max(16, _p2(kb))
     scratch, count = _workspace(q.device, B * Hkv, kb_p2)
     if out is None:
         num = torch.empty(B, Hkv, dtype=torch.int32, device=q.device)
@@ -230,15 +236,15 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
             num if uniform else cache_seqlens,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             kg.stride(0), kg.stride(1), kg.stride(2),
-            Hkv, M, top_k, kb, local_blocks, float(q_scale), triton.next_power_of_2(B * Hkv))
-    meta = dict(G=G, D=D, GD=GD, GD_P2=triton.next_power_of_2(GD), BS=block_size,
+            Hkv, M, top_k, kb, local_blocks, float(q_scale), _p2(B * Hkv))
+    meta = dict(G=G, D=D, GD=GD, GD_P2=_p2(GD), BS=block_size,
                 KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
                 MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
     rows = B * Hkv
     waves = -(-2 * _sm_count(q.device) // rows)  # programs per row: about two waves in all
 
     def grid(m):
-        return (rows, max(1, min(waves, triton.cdiv(kb, m["CH"]))))
+        return (rows, max(1, min(waves, -(-kb // m["CH"]))))
 
     if q.is_cuda:  # the kernel is idempotent: autotuning may rerun it
         key = (q.dtype, k_cache.dtype, *meta.values(), args[-1])
