@@ -7,6 +7,10 @@ the end) and the CUDA-graph replay. Prints one table per point, writes JSON.
 
     python3 benchmarks/sweep_configs.py --json sweep.json \\
         --points llama3-8b:32768:1.0,smollm2-135m:8192:0.1
+
+A config listed in --configs may also set a kernel constexpr, e.g. "EXP2_POLY": 4 (a quarter of
+the exponentials on the FMA pipes); it becomes a column of the table. `--exp2-poly 0,0.25`
+times every config at each of those fractions.
 """
 
 from __future__ import annotations
@@ -22,22 +26,26 @@ import triton.testing
 
 from adaptive_sparse.attention.triton import (mean_blocks_per_row, triton_block_sparse_attention,
                                               triton_dense_causal_attention)
-from adaptive_sparse.attention.triton.forward import autotune_configs, keep
+from adaptive_sparse.attention.triton.forward import autotune_configs, exp2_poly_code, keep
 from adaptive_sparse.masks import BlockSparseMask
 from benchmarks.common import (SHAPES, graph_bench, host_us, oracle_rows, pair_table,
                                random_mask, rel_err)
 
 
-def candidates(path=None) -> list[dict]:
-    """The autotuner's configs, or the config dicts listed in the JSON file `path`."""
+def candidates(path=None, fractions=()) -> list[dict]:
+    """The autotuner's configs, or the config dicts listed in the JSON file `path`; with
+    `fractions`, each of them once per fraction of exp2 on the FMA pipes (EXP2_POLY)."""
     if path:
         with open(path) as f:
-            return json.load(f)
-    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-            for c in autotune_configs()]
+            out = json.load(f)
+    else:
+        out = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+               for c in autotune_configs()]
+    return [{**c, "EXP2_POLY": exp2_poly_code(f)} for c in out for f in fractions] \
+        if fractions else out
 
 
-def sweep_point(shape, n, density, bs, gen, configs=None) -> dict:
+def sweep_point(shape, n, density, bs, gen, configs=None, fractions=()) -> dict:
     Hq, Hkv, D = SHAPES[shape]
     q = torch.randn(1, Hq, n, D, generator=gen, device="cuda").to(torch.bfloat16)
     k = torch.randn(1, Hkv, n, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -63,7 +71,7 @@ def sweep_point(shape, n, density, bs, gen, configs=None) -> dict:
 
     results = []
     args = {"BS": bs, "HEAD_DIM": D, "G": Hq // Hkv, "SHARED": True}
-    for cfg in candidates(configs):
+    for cfg in candidates(configs, fractions):
         tc = triton.Config({k_: v_ for k_, v_ in cfg.items()
                             if k_ not in ("num_warps", "num_stages")},
                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -128,13 +136,22 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--configs", default=None,
                     help="JSON list of config dicts to time instead of the autotuner's")
+    ap.add_argument("--exp2-poly", default="",
+                    help="fractions (comma list) of exp2 on the FMA pipes to time each config at")
     ap.add_argument("--json", default="sweep.json")
     a = ap.parse_args(argv)
+    try:
+        fractions = [float(x) for x in a.exp2_poly.split(",") if x]
+        for f in fractions:
+            exp2_poly_code(f)
+    except ValueError as e:
+        ap.error(f"--exp2-poly: {e}")
     gen = torch.Generator(device="cuda").manual_seed(1)
     points = []
     for spec in a.points.split(","):
         shape, n, dens = spec.split(":")
-        points.append(sweep_point(shape, int(n), float(dens), a.block_size, gen, a.configs))
+        points.append(sweep_point(shape, int(n), float(dens), a.block_size, gen, a.configs,
+                                  fractions))
         with open(a.json, "w") as f:
             json.dump(points, f, indent=1)
         torch.cuda.empty_cache()
