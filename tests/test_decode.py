@@ -103,7 +103,7 @@ def test_triton_matches_fp64(dtype, B, Hq, Hkv, M, D, bs, splits):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("splits", [1, 4, 5])  # 5: the merge's unrolled loop runs twice
 def test_triton_dense_and_4d_query(splits):
     device = "cuda" if CUDA else "cpu"
     case = random_decode_case(2, 4, 2, 130, 32, 32, 1.0, dtype=torch.float32, device=device,

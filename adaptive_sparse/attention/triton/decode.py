@@ -39,7 +39,7 @@ def decode_split_fwd_kernel(
     H_KV, N_KV, QK_SCALE, WORK_BUCKET,
     G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, UNIFORM: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSED: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (splits, B * H_KV). Q/O [B, H_KV * G, (1,) D]; K/V [B, H_KV, M, D]; SEQLENS int32 [B]
     (UNIFORM: every sequence holds N_KV tokens, SEQLENS unread);
@@ -122,33 +122,39 @@ def decode_split_fwd_kernel(
             arrived = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
             if arrived == n_splits - 1:  # the row's last split: merge, then reset the count
                 _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV,
-                           n_splits, G, GP, HEAD_DIM)
+                           n_splits, G, GP, HEAD_DIM, SPLITS_P2)
                 tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV, N_SPLITS,
-               G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Combines the N_SPLITS partial outputs of row (b, hk) by their log-sum-exps (the maximum
-    first, so the loop's loads do not wait on each other); rows with no selected token get
-    zeros and lse -inf. Partials are read past L1 (.cg): other programs wrote them."""
+               G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               SPLITS_P2: tl.constexpr):
+    """Combines the N_SPLITS (<= SPLITS_P2) partial outputs of row (b, hk) by their
+    log-sum-exps: the maximum from one load of every split's, then the partials four at a time
+    (unrolled, so their loads are in flight together); rows with no selected token get zeros
+    and lse -inf. Partials are read past L1 (.cg): other programs wrote them."""
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, SPLITS_P2)
     g_ok = offs_g < G
     base = bh.to(tl.int64) * N_SPLITS
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for s in range(0, N_SPLITS):
-        m_i = tl.maximum(m_i, tl.load(LSE_PART + (base + s) * GP + offs_g, cache_modifier=".cg"))
+    lses = tl.load(LSE_PART + (base + offs_s[:, None]) * GP + offs_g[None, :],
+                   mask=(offs_s < N_SPLITS)[:, None], other=float("-inf"), cache_modifier=".cg")
+    m_i = tl.max(lses, 0)  # [GP]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
-    for s in range(0, N_SPLITS):
-        part = base + s
-        w = tl.math.exp2(tl.load(LSE_PART + part * GP + offs_g, cache_modifier=".cg") - m_safe)
-        o = tl.load(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-                    cache_modifier=".cg")
-        l_i += w
-        acc += w[:, None] * o
+    for s0 in range(0, N_SPLITS, 4):
+        for u in tl.static_range(4):
+            ok = ((offs_g * 0 + s0 + u) < N_SPLITS) & g_ok  # [GP]
+            part = base + s0 + u
+            w = tl.math.exp2(tl.load(LSE_PART + part * GP + offs_g, mask=ok,
+                                     other=float("-inf"), cache_modifier=".cg") - m_safe)
+            o = tl.load(O_PART + (part * GP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+                        mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            l_i += w
+            acc += w[:, None] * o
     nonempty = l_i != 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     heads = hk * G + offs_g
@@ -161,14 +167,14 @@ def _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV, 
 @triton.jit
 def decode_merge_fwd_kernel(
     O, LSE, O_PART, LSE_PART, stride_ob, stride_oh, H_KV, N_SPLITS,
-    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     """Grid (B * H_KV,): the merge as a launch of its own (the split kernel not FUSED)."""
     bh = tl.program_id(0)
     b = (bh // H_KV).to(tl.int64)
     hk = (bh % H_KV).to(tl.int64)
     _merge_row(O, LSE, O_PART, LSE_PART, b, hk, bh, stride_ob, stride_oh, H_KV, N_SPLITS,
-               G, GP, HEAD_DIM)
+               G, GP, HEAD_DIM, SPLITS_P2)
 
 
 def _configs():
@@ -197,7 +203,7 @@ def _prune(configs, named_args, **kwargs):
 decode_split_fwd_autotuned = triton.autotune(
     configs=_configs(),
     key=["G", "GP", "BS", "HEAD_DIM", "DENSE", "DIRECT", "UNIFORM", "DOT_PREC", "FUSED",
-         "WORK_BUCKET"],
+         "SPLITS_P2", "WORK_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(decode_split_fwd_kernel)
 
@@ -340,7 +346,7 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
             Hkv, M, float(scale) * LOG2E, _pow2_at_least(per_split))
     meta = dict(G=G, GP=GP, BS=block_size, HEAD_DIM=D, DENSE=dense, DIRECT=direct,
                 UNIFORM=uniform, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                FUSED=fused)
+                FUSED=fused, SPLITS_P2=_pow2_at_least(splits))
     grid = (splits, B * Hkv)
     if config is None and not q.is_cuda:
         config = {"BLOCK_N": min(64, block_size), "num_warps": 4, "num_stages": 2}
@@ -351,5 +357,6 @@ def triton_sparse_decode(q, k_cache, v_cache, cache_seqlens, kv_num_blocks, kv_i
     if not direct and not fused:
         decode_merge_fwd_kernel[(B * Hkv,)](out, lse, o_part, lse_part, out.stride(0),
                                             out.stride(1), Hkv, splits, G=G, GP=GP,
-                                            HEAD_DIM=D, num_warps=4)
+                                            HEAD_DIM=D, SPLITS_P2=meta["SPLITS_P2"],
+                                            num_warps=4)
     return out, lse
