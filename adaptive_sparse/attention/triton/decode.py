@@ -3,10 +3,15 @@
 One program per (split, sequence, KV head): it loads the query rows of all G query heads of the
 KV head's group (padded to GP >= 16 rows for `tl.dot`), walks its share of the group's selected
 cache blocks (a contiguous slice of `kv_indices`, never the whole cache) with an online softmax
-in fp32, and writes a partial output and log-sum-exp. `decode_merge_fwd_kernel` then combines
-the splits of each row with their log-sum-exps. With one split the first kernel writes the final
-output directly. Tokens at or past a sequence's length are masked, so ragged batches and the last
-partial block need no padding.
+in fp32, and writes a partial output and log-sum-exp. The last split of a row to finish (an
+atomic arrival count) combines the row's partials by their log-sum-exps in the same launch
+(`merge="separate"`: `decode_merge_fwd_kernel`, a launch of its own). With one split the kernel
+writes the final output directly. Splits: about one wave of programs over the SMs, at least 4
+blocks each, sized from the selected blocks per row when the caller knows them
+(`blocks_per_row`). After the first call at a shape nothing is allocated and the autotuner is
+not consulted (its choice is kept), so a decode step can be captured in a CUDA graph. Tokens
+at or past a sequence's length are masked, so ragged batches and the last partial block need
+no padding.
 
 Stand-alone: nothing here imports the reference implementation.
 """
