@@ -17,6 +17,9 @@ Per sequence length, in one process on identical token ids:
 - policies: the gate's `density` policy at each of `--densities`, and (`--thresholds`) its
   `threshold` policy with tau calibrated by bisection to each target mean density on one more
   validation sequence (not one the perplexity is measured on; random ids in the default mode);
+  `--budgets`: the threshold policy with per-(layer, head) budgets calibrated on that same
+  sequence for each target density (`policies.BudgetCalibrator`, fed as
+  `benchmarks/quality.py --budgets gate/threshold` feeds it: `quality.budget_calibrators`);
 - full-model prefill (use_cache=False, logits of the last token only), median ms over `--reps`
   CUDA-event-timed calls after warmup, for SDPA dense, ours with the dense mask, the trained gate
   at each density (gate network and mask building included), and the same masks replayed
@@ -132,24 +135,44 @@ class ReplayProvider:
 
 
 @contextlib.contextmanager
-def timed_attention(name: str, clock: Clock):
-    """Time every call of the attention function registered as `name` (local override of
-    transformers' ALL_ATTENTION_FUNCTIONS, removed on exit)."""
+def wrapped_attention(name: str, around):
+    """Run every call of the attention function registered as `name` inside `around()` (a
+    context manager factory), through a local override of transformers'
+    ALL_ATTENTION_FUNCTIONS, removed on exit."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     inner = ALL_ATTENTION_FUNCTIONS[name]
 
     def wrapper(*args, **kwargs):
-        t = clock.start()
-        out = inner(*args, **kwargs)
-        clock.stop(t)
-        return out
+        with around():
+            return inner(*args, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS[name] = wrapper
     try:
         yield
     finally:
         del ALL_ATTENTION_FUNCTIONS[name]
+
+
+def timed_attention(name: str, clock: Clock):
+    """Time every call of the attention function registered as `name` on `clock`."""
+    @contextlib.contextmanager
+    def timed():
+        t = clock.start()
+        yield
+        clock.stop(t)
+    return wrapped_attention(name, timed)
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    """torch.cuda.set_sync_debug_mode("error") inside (a host-device sync raises)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def forward(model, ids, keep_logits: int = 1):
@@ -227,6 +250,22 @@ def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 1
     return {"tau": policy.tau, "density": d}
 
 
+def threshold_budgets(model, cal_ids, n: int, a, fast=None):
+    """A `policies.BudgetCalibrator` of the gate's threshold policy fed with every layer of
+    one dense forward over `cal_ids` [1, n] (`benchmarks.quality.budget_calibrators`, the
+    calibration `quality.py --budgets gate/threshold` runs); `.policy(target)` gives the
+    policy with per-(layer, head) budgets."""
+    from benchmarks.quality import budget_calibrators
+    from sweeps.evaluators import ModelEvaluator
+
+    dev = next(model.parameters()).device
+    evaluator = ModelEvaluator(a.model or "e2e", seq_len=n, block_size=a.block_size,
+                               gates=a.gates, device=str(dev), backend=a.backend,
+                               model_obj=model, sequences=cal_ids, gate_fast=fast)
+    return budget_calibrators(evaluator, cal_ids, ["gate/threshold"],
+                              block_size=a.block_size, log=lambda *_: None)["gate/threshold"]
+
+
 def mask_agreement(model, gates, policy, ids, a) -> dict:
     """Tiles where the fast gate path's masks differ from the reference path's, all layers."""
     fast = gate_masks(model, gates, policy, ids, a, fast=True)
@@ -296,6 +335,15 @@ def run_length(model, gates, n, a, cuda, log, data=None) -> list[dict]:
         note({**base, "kind": "calibration", "target_density": t, **cal,
               "seconds": time.time() - t0})
         policies.append((f"gate-tau{cal['tau']:.3g}", t, Policy(kind="threshold", tau=cal["tau"])))
+    if a.budget_list:
+        t0 = time.time()
+        cal = threshold_budgets(model, cal_ids, n, a, fast)
+        for t in a.budget_list:
+            policy, info = cal.policy(t)
+            note({**base, "kind": "budget_calibration", "target_density": t, "tau": policy.tau,
+                  "density": info["density"], "recall": info["recall"],
+                  "seconds": time.time() - t0})
+            policies.append((f"gate-tau{policy.tau:.3g}+budgets", t, policy))
     if cuda and fast is None and policies:
         agree = mask_agreement(model, gates, policies[0][2], ids, a)
         note({**base, "kind": "fast_vs_reference_masks", "config": policies[0][0], **agree})
@@ -379,7 +427,9 @@ def markdown(env, rows, a) -> str:
         f"Batch 1, prefill with use_cache=False, last-token logits. Backend `{a.backend}`, block "
         f"{a.block_size}. Gate: trained gate set (`{a.gates}`); `gate-D`: policy `density` D "
         f"(share of each row's causal blocks; sink and diagonal kept); `gate-tauT`: policy "
-        f"`threshold` with tau T calibrated to the target density on another sequence. Density = "
+        f"`threshold` with tau T calibrated to the target density on another sequence; "
+        f"`gate-tauT+budgets`: the threshold policy with per-(layer, head) budgets calibrated on "
+        f"that sequence (`policies.BudgetCalibrator`). Density = "
         f"mean over the layers the gate serves. 'replayed' = the same masks returned without "
         f"running the gate (timing only). Prefill: median of {a.reps} CUDA-event-timed calls "
         f"after {a.warmup} warmup. Attention fn / gate: one instrumented call, CUDA events "
@@ -404,11 +454,17 @@ def markdown(env, rows, a) -> str:
             lines.append(f"Calibration, N={r['N']}: target density {r['target_density']} -> tau "
                          f"{r['tau']:.4g} (density {r['density']:.3f} on the calibration "
                          f"sequence).")
+        if r["kind"] == "budget_calibration":
+            lines.append(f"Budgets, N={r['N']}: target density {r['target_density']} -> tau "
+                         f"{r['tau']:.4g} with per-(layer, head) budgets (density "
+                         f"{r['density']:.3f}, recall {r['recall']:.3f} on the calibration "
+                         f"sequence).")
     lines += ["", "Speedup: the fastest dense SDPA row of the same length ('best dense') / the "
               "row.", "", "| N | config | density | prefill ms | speedup vs best dense | "
               "best dense | perplexity | "
               "ppl change | attention fn ms (sum) | per layer ms | gate ms (sum) | "
-              "gate % of prefill |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "attention fn - gate ms | gate % of prefill |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] != "prefill":
             continue
@@ -420,7 +476,7 @@ def markdown(env, rows, a) -> str:
                      f"{fmt(r['perplexity'], '.3f')} | "
                      f"{fmt(pc, '+.2f')}{'' if pc is None else '%'} | {r['attn_fn_ms']:.2f} | "
                      f"{r['attn_fn_ms'] / L:.3f} | {r['gate_ms']:.2f} | "
-                     f"{100 * r['gate_share']:.1f} |")
+                     f"{r['attn_fn_ms'] - r['gate_ms']:.2f} | {100 * r['gate_share']:.1f} |")
     lines.append("")
     for r in rows:  # Amdahl: what attention's share of each dense SDPA prefill allows
         if r["kind"] == "prefill" and r["config"].startswith("sdpa-") and r["ms"] > 0:
@@ -474,6 +530,9 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", default="0.1,0.25,0.5", help="density-policy targets")
     ap.add_argument("--thresholds", default="",
                     help="target densities for the threshold policy (tau calibrated)")
+    ap.add_argument("--budgets", default="",
+                    help="target densities for the threshold policy with per-(layer, head) "
+                         "budgets calibrated on the calibration sequence")
     ap.add_argument("--gate-fast", default="auto", choices=("auto", "off"),
                     help="GateProvider fast path: auto (on CUDA) or off (reference path)")
     ap.add_argument("--backend", default="triton")
@@ -504,12 +563,14 @@ def main(argv=None) -> int:
         ap.error("--gates: expected a gate directory")
     try:
         a.density_list, a.threshold_list = floats(a.densities), floats(a.thresholds)
+        a.budget_list = floats(a.budgets)
         seqlens = [int(x) for x in a.seqlens.split(",") if x]
     except ValueError as e:
-        ap.error(f"--densities/--thresholds/--seqlens: expected comma-separated numbers ({e})")
-    bad = [d for d in a.density_list + a.threshold_list if not 0 < d <= 1]
+        ap.error(f"--densities/--thresholds/--budgets/--seqlens: expected comma-separated "
+                 f"numbers ({e})")
+    bad = [d for d in a.density_list + a.threshold_list + a.budget_list if not 0 < d <= 1]
     if bad:
-        ap.error(f"--densities/--thresholds: expected densities in (0, 1], got {bad}")
+        ap.error(f"--densities/--thresholds/--budgets: expected densities in (0, 1], got {bad}")
     if a.ppl_docs < 1:
         ap.error(f"--ppl-docs: expected at least 1, got {a.ppl_docs}")
     if a.check_config:
@@ -550,7 +611,8 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.empty_cache()
         print(f"# N={n}: {time.time() - t0:.1f} s", flush=True)
-    args = {k: v for k, v in vars(a).items() if k not in ("density_list", "threshold_list")}
+    args = {k: v for k, v in vars(a).items()
+            if k not in ("density_list", "threshold_list", "budget_list")}
     atomic_write_text(a.json, json.dumps({"env": env, "args": args, "rows": rows}, indent=1))
     md = markdown(env, rows, a)
     atomic_write_text(a.md, md)

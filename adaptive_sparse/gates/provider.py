@@ -22,7 +22,7 @@ import torch
 from adaptive_sparse.errors import fail as _fail
 from adaptive_sparse.gates.checkpoint import load_gates
 from adaptive_sparse.gates.network import GateSet, check_model_shapes, gate_tables, model_shapes
-from adaptive_sparse.masks import BlockSparseMask
+from adaptive_sparse.masks import BlockSparseMask, num_blocks
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,21 @@ def _as_policy(policy):
 
 
 _CACHE_LIMIT = 4096
-GRAPH_MAX_ELEMENTS = 1 << 26  # Hq * N * D of one sequence: Llama-3-8B shapes up to 16k
+
+
+class _Hint:
+    """A (layer, lengths, heads) key's measured mean kept blocks per row: `value` (None until
+    the first measurement landed), the pinned int64 total of kv_num_blocks in flight, its
+    CUDA event and element count."""
+
+    __slots__ = ("value", "total", "event", "count", "pending")
+
+    def __init__(self):
+        self.value = None
+        self.total = torch.empty((), dtype=torch.int64, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.count = 1
+        self.pending = False
 
 
 class GateProvider:
@@ -130,15 +144,20 @@ class GateProvider:
     same kept blocks as `Policy.to_mask`, except in rows whose boundary scores tie (to float32
     rounding, where a top-k keeps every tied block). "top_p", and a threshold with a row floor
     or tail rows (`Policy.kernel_form` None), go through `Policy.to_mask`.
-    cuda_graphs: replay each (layer, batch, length, dtype) fast-path call of a prefill
-    (N == M) from a CUDA graph captured on its second call (a length seen once stays eager;
-    falls back to eager when capture fails, when `keep_scores` is set, inside an outer
-    capture, or without a `kernel_form`). None (default) = on whenever the fast path runs on
-    CUDA and the captured queries hold at most `GRAPH_MAX_ELEMENTS` elements per sequence: a
-    replay copies q/k into the graph's static inputs, which outweighs the launches it saves
-    on large inputs
-    (H100, `benchmarks/profile_gate.py`: Llama-3-8B shapes 0.26 vs 0.61 ms per layer at 8k with
-    and without graphs, 0.81 vs 0.57 at 32k; SmolLM2 0.22 vs 0.65 at 32k).
+    cuda_graphs: per (layer, batch, length) of a prefill (N == M), pool q and k in one launch
+    each straight from the captured tensors into small static float32 buffers, then replay a
+    CUDA graph (captured on the layer's second call) of the projections, rotary and block
+    scores into a static score buffer, and select eagerly in one launch into fresh outputs (a
+    length seen once stays eager; eager when capture fails, when `keep_scores` is set, inside
+    an outer capture, without a `kernel_form`, or for gates not in float32). The graph's
+    inputs are the pooled features, so no q/k copy is paid at any length; static buffers are
+    shared by the layers of one shape (replays run one after another on one stream). None
+    (default) = on whenever the fast path runs on CUDA.
+    Autotune hint without a sync: a threshold (or top-p) mask's mean kept blocks per row is
+    not known on the host; the provider hands the attention kernel the mean of the same
+    (layer, lengths)'s previous call (read from pinned memory once its 8-byte copy has landed;
+    it picks a kernel config, never a result), so only a key's first call waits for the
+    device (`hint_syncs` counts those waits).
     The policy and the gate weights are read when a length is first seen: assign
     `provider.policy` to change the policy (caches are dropped); changing gate weights in place
     is detected."""
@@ -160,6 +179,7 @@ class GateProvider:
         self.last_scores: dict[int, torch.Tensor] = {}
         self.keep_scores = False
         self._graph_pool = None
+        self.hint_syncs = 0
         self.policy = policy
         if model is not None:
             self.attach(model)
@@ -180,7 +200,8 @@ class GateProvider:
         self._select_args: dict[tuple, dict] = {}
         self._graphs: dict[tuple, tuple | None] = {}
         self._seen: set[tuple] = set()
-        self._static_inputs: dict[tuple, tuple] = {}
+        self._static: dict[tuple, tuple] = {}
+        self._hints: dict[tuple, _Hint] = {}
 
     def attach(self, model) -> "GateProvider":
         self.detach()
@@ -257,8 +278,10 @@ class GateProvider:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
         """The layer's mask, built without any host-device sync: the policy's value checks
         are skipped (the scores come from the gate, the mask is valid by construction), and
-        for top-k / density policies on CUDA the mean blocks per row is handed to the triton
-        backend from the host (`BlockSparseMask.with_blocks_per_row`), not read back.
+        the mean blocks per row is handed to the triton backend from the host
+        (`BlockSparseMask.with_blocks_per_row`), not read back: computed from the policy for
+        top-k / density, the previous call's measurement for threshold / top-p (see the
+        class; only a key's first call waits).
         Reference path (`Gate.forward` + `Policy.to_mask`) or fast path: see the class."""
         q_len, kv_len = q.shape[2], k.shape[2]
         c = self.gate_set.config
@@ -275,20 +298,47 @@ class GateProvider:
             mask = self.policy.to_mask(scores, q_len=q_len, kv_len=kv_len,
                                        block_size=c.block_size, layer_idx=layer_idx,
                                        num_layers=c.num_layers, validate=False)
-        if mask.kv_num_blocks.is_cuda:
+        if mask.kv_num_blocks.is_cuda and mask.blocks_per_row is None:
             bpr = self._blocks_per_row(layer_idx, q_len, kv_len, mask.heads)
+            if bpr is None and q_len > 1:  # decode steps (N == 1) take no hint
+                bpr = self._measured_hint((layer_idx, q_len, kv_len, mask.heads),
+                                          mask.kv_num_blocks)
             if bpr is not None:
                 mask = mask.with_blocks_per_row(bpr)
         return mask
 
+    def _measured_hint(self, key: tuple, num: torch.Tensor) -> float | None:
+        """The autotune hint of a mask whose kept count the host does not know: the mean of
+        `num` (int32 [B, H, Qb]) measured on this key's previous call. A new measurement (one
+        sum, an 8-byte copy to pinned memory, an event) is queued whenever the last one has
+        landed; the first call of a key waits for its own (one sync, as the kernel's
+        `mean_blocks_per_row` would). None inside a CUDA-graph capture."""
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        entry = self._hints.get(key)
+        if entry is None:
+            if len(self._hints) > _CACHE_LIMIT:
+                self._hints.clear()
+            entry = self._hints[key] = _Hint()
+        if entry.pending and entry.event.query():
+            entry.value, entry.pending = int(entry.total) / entry.count, False
+        if not entry.pending:
+            entry.total.copy_(num.sum(dtype=torch.int64), non_blocking=True)
+            entry.event.record(torch.cuda.current_stream(num.device))
+            entry.count, entry.pending = max(1, num.numel()), True
+        if entry.value is None:
+            entry.event.synchronize()
+            self.hint_syncs += 1
+            entry.value, entry.pending = int(entry.total) / entry.count, False
+        return entry.value
+
     def _fast_mask(self, layer_idx: int, q_len: int, kv_len: int) -> BlockSparseMask:
         q_pre, k_pre = self._inputs(layer_idx, q_len, kv_len)
         bs = self.gate_set.config.block_size
-        graphs = self.cuda_graphs
-        if graphs is None:
-            graphs = q_pre[0].numel() <= GRAPH_MAX_ELEMENTS
+        graphs = self.cuda_graphs is not False
         if graphs and q_pre.is_cuda and q_len == kv_len and not self.keep_scores \
                 and self.policy.kernel_form is not None \
+                and self.gate_set[layer_idx].wq.dtype == torch.float32 \
                 and not torch.cuda.is_current_stream_capturing():
             num, idx = self._graphed(layer_idx, q_pre, k_pre)
             return BlockSparseMask._trusted(num, idx, bs, q_len, kv_len, True)
@@ -301,16 +351,22 @@ class GateProvider:
         num, idx = self._select(layer_idx, q_pre, k_pre)
         return BlockSparseMask._trusted(num, idx, bs, q_len, kv_len, True)
 
-    def _fast_scores(self, layer_idx: int, q_pre, k_pre, *, causal_fill: bool):
+    def _tables(self, layer_idx: int, q_len: int, kv_len: int):
+        """`gate_tables` of these lengths on the layer gate's device and dtype (cached)."""
         gate = self.gate_set[layer_idx]
-        key = (q_pre.shape[2], k_pre.shape[2], gate.wq.device, gate.wq.dtype)
+        key = (q_len, kv_len, gate.wq.device, gate.wq.dtype)
         tables = self._gate_tables.get(key)
         if tables is None:
             if len(self._gate_tables) > _CACHE_LIMIT:
                 self._gate_tables.clear()
             tables = self._gate_tables[key] = gate_tables(
-                self.gate_set.config, key[0], key[1], device=key[2], dtype=key[3])
-        scores = gate.fast_scores(q_pre, k_pre, tables, causal_fill=causal_fill)
+                self.gate_set.config, q_len, kv_len, device=key[2], dtype=key[3])
+        return tables
+
+    def _fast_scores(self, layer_idx: int, q_pre, k_pre, *, causal_fill: bool):
+        tables = self._tables(layer_idx, q_pre.shape[2], k_pre.shape[2])
+        scores = self.gate_set[layer_idx].fast_scores(q_pre, k_pre, tables,
+                                                      causal_fill=causal_fill)
         if self.keep_scores:
             if not causal_fill:
                 scores = scores.masked_fill(~tables.allowed, float("-inf"))
@@ -320,20 +376,24 @@ class GateProvider:
     def _select(self, layer_idx: int, q_pre, k_pre):
         """(kv_num_blocks int32 [B, H, Qb], kv_indices int32 [B, H, Qb, Kb]) of a "top_k",
         "density" or "threshold" policy: fast scores + one `scores_to_kv_indices` launch."""
+        scores = self._fast_scores(layer_idx, q_pre, k_pre, causal_fill=False)
+        return self._select_scores(layer_idx, scores, q_pre.shape[2], k_pre.shape[2])
+
+    def _select_scores(self, layer_idx: int, scores, q_len: int, kv_len: int):
         from adaptive_sparse.attention.triton.gate import scores_to_kv_indices
 
-        scores = self._fast_scores(layer_idx, q_pre, k_pre, causal_fill=False)
-        q_len, kv_len = q_pre.shape[2], k_pre.shape[2]
         key = (layer_idx, q_len, kv_len, scores.shape[1], scores.device)
         args = self._select_args.get(key)
         if args is None:
             if len(self._select_args) > _CACHE_LIMIT:
                 self._select_args.clear()
-            args = self._select_args[key] = self._selection(*key)
+            args = self._select_args[key] = self.selection_args(*key)
         return scores_to_kv_indices(scores, **args)
 
-    def _selection(self, layer_idx: int, q_len: int, kv_len: int, heads: int, device) -> dict:
-        """Keyword arguments of `scores_to_kv_indices` that reproduce `Policy.to_mask`."""
+    def selection_args(self, layer_idx: int, q_len: int, kv_len: int, heads: int,
+                       device) -> dict:
+        """Keyword arguments of `scores_to_kv_indices` that reproduce `Policy.to_mask` for this
+        layer and these lengths (a policy with a `kernel_form`)."""
         p, c = self.policy, self.gate_set.config
         where = dict(heads=heads, layer_idx=layer_idx, num_layers=c.num_layers)
         args = dict(q_len=q_len, kv_len=kv_len, block_size=c.block_size, causal=True,
@@ -348,45 +408,59 @@ class GateProvider:
                 device, non_blocking=True)
         return args
 
+    @staticmethod
+    def _weights_key(gate) -> tuple:
+        return (gate.wq._version, gate.wk._version, gate.wq.data_ptr(), gate.wk.data_ptr())
+
     def _graphed(self, layer_idx: int, q_pre, k_pre):
-        """`_select` replayed from a CUDA graph keyed by (layer, shapes, dtypes, device);
-        the outputs are cloned (the graph's own buffers are rewritten by its next replay)."""
-        key = (layer_idx, tuple(q_pre.shape), tuple(k_pre.shape), q_pre.dtype, k_pre.dtype,
-               q_pre.device)
-        if key not in self._graphs:
+        """`_select` with the scores from a CUDA graph keyed by (layer, shapes, device): q and
+        k pooled eagerly into the static inputs (two launches), the graph replayed (scores
+        into the static score buffer), then the selection launched eagerly (fresh outputs:
+        nothing to clone)."""
+        gate = self.gate_set[layer_idx]
+        key = (layer_idx, tuple(q_pre.shape), tuple(k_pre.shape), q_pre.device)
+        entry = self._graphs.get(key)
+        if entry is not None and entry[0] != self._weights_key(gate):
+            del self._graphs[key]  # gate weights changed in place: capture again
+            entry = None
+        if entry is None:
+            if key in self._graphs:  # capture failed before: eager
+                return self._select(layer_idx, q_pre, k_pre)
             if len(self._graphs) > 512 or len(self._seen) > _CACHE_LIMIT:
                 self._graphs.clear()
                 self._seen.clear()
-                self._static_inputs.clear()
+                self._static.clear()
             if key not in self._seen:  # a length seen once (variable lengths) stays eager
                 self._seen.add(key)
                 return self._select(layer_idx, q_pre, k_pre)
-            self._graphs[key] = self._capture(layer_idx, key, q_pre, k_pre)
-        entry = self._graphs[key]
-        if entry is None:
-            return self._select(layer_idx, q_pre, k_pre)
-        graph, (sq, sk), (num, idx) = entry
-        sq.copy_(q_pre)
-        sk.copy_(k_pre)
+            entry = self._graphs[key] = self._capture(layer_idx, q_pre, k_pre)
+            if entry is None:
+                return self._select(layer_idx, q_pre, k_pre)
+        _, graph, (sq, sk, scores), _ = entry
+        gate.pool(q_pre, k_pre, out=(sq, sk))
         graph.replay()
-        return num.clone(), idx.clone()
+        return self._select_scores(layer_idx, scores, q_pre.shape[2], k_pre.shape[2])
 
-    def _capture(self, layer_idx: int, key: tuple, q_pre, k_pre):
-        """(graph, static inputs, static outputs) or None when capture fails. Static inputs
-        are shared by every layer of the same shapes (replays run one after another)."""
-        skey = key[1:]
-        if skey not in self._static_inputs:
-            self._static_inputs[skey] = (torch.empty(q_pre.shape, dtype=q_pre.dtype,
-                                                     device=q_pre.device),
-                                         torch.empty(k_pre.shape, dtype=k_pre.dtype,
-                                                     device=k_pre.device))
-        sq, sk = self._static_inputs[skey]
-        sq.copy_(q_pre)
-        sk.copy_(k_pre)
+    def _capture(self, layer_idx: int, q_pre, k_pre):
+        """(weights key, graph, static (qcat, kcat, scores), the tables it reads) or None when
+        capture fails. The static buffers are shared by every layer of the same shapes."""
+        c, gate = self.gate_set.config, self.gate_set[layer_idx]
+        B, q_len, kv_len = q_pre.shape[0], q_pre.shape[2], k_pre.shape[2]
+        qb, kb = num_blocks(q_len, c.block_size), num_blocks(kv_len, c.block_size)
+        shapes = ((B, c.num_heads, qb, len(c.q_pooling) * c.head_dim),
+                  (B, c.num_kv_heads, kb, len(c.k_pooling) * c.head_dim),
+                  (B, c.gate_heads, qb, kb))
+        skey = (shapes, q_pre.device)
+        if skey not in self._static:
+            self._static[skey] = tuple(torch.empty(s, dtype=torch.float32, device=q_pre.device)
+                                       for s in shapes)
+        sq, sk, scores = self._static[skey]
+        tables = self._tables(layer_idx, q_len, kv_len)
         current = torch.cuda.current_stream(q_pre.device)
         side = torch.cuda.Stream(device=q_pre.device)
         try:
-            self._select(layer_idx, sq, sk)  # compiles the kernels, fills the caches
+            gate.pool(q_pre, k_pre, out=(sq, sk))
+            gate.scores_from_pooled(sq, sk, tables, causal_fill=False, out=scores)  # warm-up
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -394,7 +468,7 @@ class GateProvider:
             with torch.cuda.stream(side):  # torch.cuda.graph without its gc / empty_cache
                 graph.capture_begin(pool=self._graph_pool)
                 try:
-                    out = self._select(layer_idx, sq, sk)
+                    gate.scores_from_pooled(sq, sk, tables, causal_fill=False, out=scores)
                 finally:
                     graph.capture_end()
             current.wait_stream(side)
@@ -402,4 +476,4 @@ class GateProvider:
             log.warning("GateProvider: CUDA graph capture failed for layer %d (%s); "
                         "running eagerly", layer_idx, exc)
             return None
-        return graph, (sq, sk), out
+        return self._weights_key(gate), graph, (sq, sk, scores), tables
