@@ -48,6 +48,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = out.view(B, Hkv, G, N, v.shape[-1])
     lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
     qg = q.view(B, Hkv, G, N, D)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     rows_per_chunk = max(bs, (chunk_elements // max(1, B * Hq * M)) // bs * bs)
     for r0 in range(0, N, rows_per_chunk):
         r1 = min(N, r0 + rows_per_chunk)
@@ -64,11 +65,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seen = keep.any(-1, keepdim=True)  # [B, Hkv, G, R, 1]: rows that see a key
         m = s.amax(-1, keepdim=True)
         m = torch.where(seen, m, torch.zeros_like(m))  # NaN and +inf stay and propagate
-        p = s.sub_(m).exp_()
+        # under autograd (sparse-aware training, gating/adapt.py) nothing saved is overwritten
+        p = (s - m).exp() if track else s.sub_(m).exp_()
         l = p.sum(-1, keepdim=True)
         o = torch.matmul(p.view(B, Hkv, G * (r1 - r0), kv_end), vf[:, :, :kv_end])
         o = o.view(B, Hkv, G, r1 - r0, -1)
-        out[:, :, :, r0:r1] = torch.where(seen, o / l, torch.zeros_like(o)).to(q.dtype)
+        # clamp: l >= 1 where a row sees a key; rows that see none (l = 0) give no NaN gradient
+        out[:, :, :, r0:r1] = torch.where(seen, o / (l.clamp_min(1.0) if track else l),
+                                          torch.zeros_like(o)).to(q.dtype)
         lse[:, :, :, r0:r1] = torch.where(seen, m + torch.log(l), float("-inf")).squeeze(-1)
     if return_lse:
         return result, lse.view(B, Hq, N)

@@ -36,12 +36,14 @@ def export_main(argv=None) -> int:
     return main(argv)
 
 
-def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full", policy=None):
+def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full", policy=None,
+                    adapter="auto"):
     """Attach a gate, masks or static artifact (or a training gate folder, with `policy`) to
     `model` (see adaptive_sparse/export/attach.py; check="architecture" accepts other weights
-    of the same architecture)."""
+    of the same architecture); a gate's LoRA adapter (its folder's `adapter/`, or `adapter=`
+    a path; None: none) is verified and attached with it."""
     from adaptive_sparse.export.attach import load_sparsifier as load
-    return load(model, path, backend=backend, check=check, policy=policy)
+    return load(model, path, backend=backend, check=check, policy=policy, adapter=adapter)
 
 
 def load_artifact(path):

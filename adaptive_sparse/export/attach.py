@@ -6,6 +6,8 @@ After the call the model runs sparse attention on every forward with no other co
             decoding steps with q_len != kv_len and longer sequences run dense)
   masks  -> the stored mask when the sequence has exactly its length, else dense
 The returned `Sparsifier` detaches it again (`handle.detach()`, or use it as a context manager).
+A gate's LoRA adapter (`adaptive_sparse.adapters`, trained under its masks) in the gate folder's
+`adapter/` subfolder, or given with `adapter=`, is verified and attached with it.
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ class Sparsifier:
     """Handle returned by `load_sparsifier`: `.artifact`, `.provider`, `.detach()` (removes
     the gate's capture hooks too), `.attach()` again, or `with load_sparsifier(...):`."""
 
-    def __init__(self, model, artifact, provider, block_size: int):
+    def __init__(self, model, artifact, provider, block_size: int, adapter=None):
         self.model, self.artifact, self.provider = model, artifact, provider
         self.block_size = block_size
+        self.adapter = adapter  # adaptive_sparse.adapters.LoRA loaded with the gate, or None
         self.attached = False
 
     def attach(self, backend: str = "auto") -> "Sparsifier":
@@ -76,6 +79,8 @@ class Sparsifier:
 
         if self.attached:
             raise RuntimeError("Sparsifier: already attached")
+        if self.adapter is not None:
+            self.adapter.attach(self.model)
         if getattr(self.provider, "capture", False) is None:
             self.provider.attach(self.model)
         enable_sparse_attention(self.model, self.provider, block_size=self.block_size,
@@ -92,6 +97,10 @@ class Sparsifier:
         disable_sparse_attention(self.model)
         if callable(getattr(self.provider, "detach", None)):
             self.provider.detach()
+        if self.adapter is not None:
+            from adaptive_sparse.adapters import detach_lora
+
+            detach_lora(self.model)
         self.attached = False
 
     def __enter__(self) -> "Sparsifier":
@@ -103,7 +112,7 @@ class Sparsifier:
 
 
 def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full",
-                    policy=None) -> Sparsifier:
+                    policy=None, adapter="auto") -> Sparsifier:
     """Verify the artifact at `path` (format, every hash, fingerprint against `model`) and
     attach it. Raises ArtifactError on any mismatch, naming the field.
 
@@ -116,7 +125,11 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full",
     training run, version or gates folder: the same format, see export/gates.py). policy: a
     Policy or its dict, used instead of the stored one; required for a training folder, which
     stores none. A gate folder without a fingerprint is checked against the model's attention
-    shapes only."""
+    shapes only.
+
+    adapter (gates only): "auto" loads the gate folder's `adapter/` when there is one, a path
+    loads that adapter folder, None none; it is verified (hashes, base model, shapes, the gate
+    weights it was trained under; ValueError otherwise) and on while attached."""
     if check not in CHECKS:
         raise ValueError(f"check: expected one of {CHECKS}, got {check!r}")
     raw = read_artifact(_artifact_dir(path))
@@ -142,8 +155,13 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full",
         param = next(model.parameters(), None)
         if param is not None:
             art.gate_set.to(param.device)
+        lora = _load_adapter(adapter, raw, model, check)
         provider = GateProvider(art.gate_set, chosen, model)
+        return Sparsifier(model, art, provider, raw.block_size, lora).attach(backend)
     else:
+        if adapter not in (None, "auto"):
+            raise ValueError(f"adapter: only a gate artifact takes an adapter, {raw.path} is a "
+                             f"{raw.kind} artifact")
         if policy is not None:
             raise ValueError(f"policy: only a gate artifact takes a policy, {raw.path} is a "
                              f"{raw.kind} artifact")
@@ -155,6 +173,20 @@ def load_sparsifier(model, path, *, backend: str = "auto", check: str = "full",
                                 f"{n_layers} layers")
         provider = ArtifactMaskProvider(art)
     return Sparsifier(model, art, provider, raw.block_size).attach(backend)
+
+
+def _load_adapter(adapter, raw, model, check: str):
+    """The LoRA of `adapter` ("auto": the gate folder's own, if any), verified against the
+    model and the gate weights of `raw`; None without one."""
+    from adaptive_sparse.adapters import adapter_beside, detach_lora, load_adapter
+
+    where = adapter_beside(raw.path) if adapter == "auto" else adapter
+    if where is None:
+        return None
+    sha = raw.manifest["files"].get("gates.safetensors", {}).get("sha256")
+    lora = load_adapter(where, model, gates_sha256=sha, check=check)
+    detach_lora(model)  # attached again by Sparsifier.attach
+    return lora
 
 
 def _artifact_dir(path) -> Path:
