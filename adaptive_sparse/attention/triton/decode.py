@@ -6,8 +6,8 @@ cache blocks (a contiguous slice of `kv_indices`, never the whole cache) with an
 in fp32, and writes a partial output and log-sum-exp. The last split of a row to finish (an
 atomic arrival count) combines the row's partials by their log-sum-exps in the same launch
 (`merge="separate"`: `decode_merge_fwd_kernel`, a launch of its own). With one split the kernel
-writes the final output directly. Splits: about one wave of programs over the SMs, at least 4
-blocks each, sized from the selected blocks per row when the caller knows them
+writes the final output directly. Splits: about two programs per SM, at least 4 blocks
+each, sized from the selected blocks per row when the caller knows them
 (`blocks_per_row`). After the first call at a shape nothing is allocated and the autotuner is
 not consulted (its choice is kept), so a decode step can be captured in a CUDA graph. Tokens
 at or past a sequence's length are masked, so ragged batches and the last partial block need
@@ -231,10 +231,11 @@ def _sm_count(device: torch.device) -> int:
 
 def choose_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device,
                   min_blocks_per_split: int = 4) -> int:
-    """Splits per (sequence, KV head): about one wave of programs over the GPU's SMs, each split
-    at least `min_blocks_per_split` blocks (a decode step is latency-bound at small shapes: more,
-    shorter splits add partials to merge, not bandwidth). Host arithmetic only, no device sync."""
-    want = -(-_sm_count(device) // max(1, batch * kv_heads))
+    """Splits per (sequence, KV head): about two programs per SM (two resident at once keep
+    more loads in flight on long rows), each split at least `min_blocks_per_split` blocks (at
+    small shapes a step is latency-bound: more, shorter splits add partials to merge, not
+    bandwidth). Host arithmetic only, no device sync."""
+    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
     return max(1, min(want, -(-max_blocks // min_blocks_per_split)))
 
 
