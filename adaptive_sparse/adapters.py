@@ -142,6 +142,7 @@ def attach_lora(model, rank: int = 16, alpha: float = 32.0, targets=DEFAULT_TARG
         raise fail("model", "a model without an attached adapter (detach_lora first)",
                    type(model).__name__)
     lora = LoRA(model, rank, alpha, targets, seed=seed).attach(model)
+    lora.frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     return lora
@@ -152,9 +153,13 @@ def get_lora(model) -> LoRA | None:
 
 
 def detach_lora(model) -> None:
+    """Remove the attached adapter's hooks (the base model's requires_grad flags as they were
+    before `attach_lora`)."""
     lora = model.__dict__.pop(_KEY, None)
     if lora is not None:
         lora.unhook()
+        for p, flag in getattr(lora, "frozen", ()):
+            p.requires_grad_(flag)
 
 
 def enable(model, on: bool = True) -> None:

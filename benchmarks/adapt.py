@@ -152,19 +152,18 @@ def train_stage(model, tok, args, out: Path, gates: Path, train_seqs) -> dict:
     """The adapter: loaded (verified) from OUT/adapter when it was trained for --steps, else
     trained (resuming OUT/train's checkpoint) and saved there. Returns its training record."""
     from adaptive_sparse.adapters import (
-        detach_lora, gate_weights_sha256, get_lora, load_adapter, read_adapter, save_adapter)
+        detach_lora, gate_weights_sha256, load_adapter, read_adapter, save_adapter)
     from gating.adapt import train_adapter
 
     where = out / "adapter"
     sha = gate_weights_sha256(gates)
+    detach_lora(model)
     if (where / "manifest.json").is_file():
         meta = read_adapter(where)[0]["meta"]
         if meta.get("steps") == args.steps:
             load_adapter(where, model, gates_sha256=sha)
             print(f"== adapter in {where} ({args.steps} steps): training skipped", flush=True)
             return {**meta, "reused": True}
-    if get_lora(model) is not None:
-        detach_lora(model)
     print(f"== training the adapter: {args.steps} steps of {args.seq_len} tokens on "
           f"{args.device}", flush=True)
     info = train_adapter(model, str(gates), train_seqs, out / "train", steps=args.steps,
@@ -311,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))  # exit status 2
     from adaptive_sparse.data import load_corpus, pack, split_documents
     from adaptive_sparse.gates import resolve_gates_dir
-    from adaptive_sparse.io import atomic_write_text
     from adaptive_sparse.models import load_model
 
     t0 = time.perf_counter()
@@ -331,9 +329,18 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError("corpus split: training and evaluation documents overlap")
     train_seqs = pack(tok, split["train"], args.seq_len, args.train_docs)
     eval_seqs = pack(tok, split["validation"], args.eval_seq_len, args.eval_docs)
+    from adaptive_sparse.adapters import detach_lora
+
     try:
-        from adaptive_sparse.adapters import gate_weights_sha256
-        gate_weights_sha256(gates)
+        return _run(model, tok, args, out, gates, train_seqs, eval_seqs, dtype, t0, parser)
+    finally:
+        detach_lora(model)  # the model object may be shared (load_model's cache)
+
+
+def _run(model, tok, args, out, gates, train_seqs, eval_seqs, dtype, t0, parser) -> int:
+    from adaptive_sparse.io import atomic_write_text
+
+    try:
         info = train_stage(model, tok, args, out, gates, train_seqs)
     except ValueError as e:  # a gate folder or an adapter that does not verify
         parser.error(str(e))
