@@ -495,16 +495,61 @@ def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSI
             f"({row['seconds']:.1f} s)")
 
 
-def _interp_density(points: list[tuple[float, float]], ppl: float) -> float | None:
-    """Density at which a method's (density, ppl_change) curve reaches `ppl`, interpolating
-    log(ppl_change) linearly in density between measured points; None outside the range."""
+def reach_density(points: list[tuple[float, float]], ppl: float) -> tuple[float, bool] | None:
+    """(density, bound): the lowest density at which a curve of (density, ppl_change) first
+    reaches a perplexity change <= `ppl`, going up in density. Between the last point above
+    `ppl` and the first at or below it the density is interpolated (log(ppl_change) when both
+    are positive, else linearly); when the sparsest measured point is already at or below,
+    that point's density with bound=True (the method reaches `ppl` at that density or lower).
+    None when no point reaches `ppl`."""
     pts = sorted(points)
-    for (d0, p0), (d1, p1) in zip(pts, pts[1:]):
-        lo, hi = sorted((p0, p1))
-        if lo <= ppl <= hi and p0 > 0 and p1 > 0 and p0 != p1:
+    for i, (d1, p1) in enumerate(pts):
+        if p1 > ppl:
+            continue
+        if i == 0:
+            return d1, True
+        d0, p0 = pts[i - 1]
+        if p0 > 0 and p1 > 0 and ppl > 0:
             t = (math.log(ppl) - math.log(p0)) / (math.log(p1) - math.log(p0))
-            return d0 + t * (d1 - d0)
+        else:
+            t = (ppl - p0) / (p1 - p0)
+        return d0 + t * (d1 - d0), False
     return None
+
+
+def equal_ppl(results: Results, seq_len: int, levels=(0.01, 0.03)) -> list[dict]:
+    """The goals' comparison at equal perplexity: per level (ppl change +1%, +3%), the lowest
+    density at which the gates (every policy of `ALL_GATES`), the oracles (`ALL_ORACLES`) and
+    the patterns first reach it (`reach_density`, the best curve of each group), and the gate's
+    density over the oracle's and over the best pattern's. A ratio whose denominator is a bound
+    (the sparsest measured point already reached the level) is a lower bound: `*_bound`."""
+    rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
+    groups = {"gate": lambda m: m in ALL_GATES, "oracle": lambda m: m in ALL_ORACLES,
+              "pattern": _is_pattern}
+    out = []
+    for level in levels:
+        row = {"level": level}
+        for name, keep in groups.items():
+            found = []
+            for m in dict.fromkeys(r["method"] for r in rows if keep(r["method"])):
+                hit = reach_density([(r["density"], r["ppl_change"]) for r in rows
+                                     if r["method"] == m], level)
+                if hit is not None:
+                    found.append((hit[0], hit[1], m))
+            best = min(found) if found else None
+            row[name] = None if best is None else \
+                {"density": best[0], "bound": best[1], "method": best[2]}
+        g = row["gate"]
+        for other in ("oracle", "pattern"):
+            o = row[other]
+            row[f"gate_over_{other}"] = None if g is None or o is None \
+                else g["density"] / o["density"]
+            # gate's bound makes the ratio an upper bound, the other's a lower bound
+            row[f"gate_over_{other}_bound"] = None if row[f"gate_over_{other}"] is None else \
+                ">=" if o["bound"] and not g["bound"] else \
+                "<=" if g["bound"] and not o["bound"] else "?" if g["bound"] else ""
+        out.append(row)
+    return out
 
 
 GATES = ("gate", "gate/threshold", "gate/top_p")
@@ -531,9 +576,10 @@ def summary(results: Results, seq_len: int, densities=None) -> dict:
     """Per target density: each gate and oracle policy, the best gate (lowest ppl change among
     the gate policies of `ALL_GATES` within 1.2x the target density, else the sparsest), the
     best pattern (lowest ppl change among patterns whose achieved density is at most 1.1x the
-    best gate's), the oracle density reaching the best gate's perplexity (interpolated on each
-    oracle policy's curve of `ALL_ORACLES`, the lowest), and whether the best gate beats
-    every pattern."""
+    best gate's), the oracle density reaching the best gate's perplexity (`reach_density` on
+    each oracle policy's curve of `ALL_ORACLES`, the lowest; `oracle_density_bound` when it is
+    the sparsest measured point, so the ratio is a lower bound), and whether the best gate
+    beats every pattern."""
     rows = [r for r in results.data["rows"] if r["seq_len"] == seq_len]
     densities = _densities(results, seq_len) if densities is None else densities
     by = {(r["method"], r["target_density"]): r for r in rows}
@@ -550,12 +596,12 @@ def summary(results: Results, seq_len: int, densities=None) -> dict:
         pats = [r for r in rows if _is_pattern(r["method"]) and r["target_density"] == d
                 and r["density"] <= 1.1 * gate["density"]]
         best = min(pats, key=lambda r: r["ppl_change"]) if pats else None
-        found = [x for x in (_interp_density(c, gate["ppl_change"]) for c in curves)
+        found = [x for x in (reach_density(c, gate["ppl_change"]) for c in curves)
                  if x is not None]
-        same_ppl = min(found) if found else None
+        same_ppl, bound = min(found) if found else (None, False)
         out.append({"target": d, **{m: by.get((m, d)) for m in GATES + ORACLES},
                     "best_gate": gate, "best_pattern": best,
-                    "oracle_density_at_gate_ppl": same_ppl,
+                    "oracle_density_at_gate_ppl": same_ppl, "oracle_density_bound": bound,
                     "gate_over_oracle_density": None if same_ppl is None
                     else gate["density"] / same_ppl,
                     "gate_beats_patterns": None if not pats
@@ -588,12 +634,30 @@ def markdown(results: Results, seq_lens) -> str:
             best = row["best_pattern"]
             ratio = row["gate_over_oracle_density"]
             od = row["oracle_density_at_gate_ppl"]
+            le = "<= " if row.get("oracle_density_bound") else ""
+            ge = ">= " if row.get("oracle_density_bound") else ""
             beats = {None: "-", True: "yes", False: "no"}[row["gate_beats_patterns"]]
             lines.append(
                 f"| {row['target']} | " + " | ".join(_cell(row[m]) for m in GATES + ORACLES)
                 + f" | {best['method'] if best else '-'} | {_cell(best)} | "
-                f"{'-' if od is None else f'{od:.3f}'} | "
-                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {beats} |")
+                f"{'-' if od is None else f'{le}{od:.3f}'} | "
+                f"{'-' if ratio is None else f'{ge}{ratio:.2f}x'} | {beats} |")
+        lines += ["", "Equal perplexity (the goals): the lowest density at which each group's "
+                  "best curve first reaches the level (`<=`: its sparsest measured point already "
+                  "did; ratios with such a bound are bounds).", "",
+                  "| ppl change | gate | oracle | best pattern | gate / oracle | "
+                  "gate / pattern |", "|---" * 6 + "|"]
+        for e in equal_ppl(results, n):
+            cells = []
+            for name in ("gate", "oracle", "pattern"):
+                c = e[name]
+                cells.append("not reached" if c is None else
+                             f"{'<= ' if c['bound'] else ''}{c['density']:.3f} ({c['method']})")
+            for other in ("oracle", "pattern"):
+                r = e[f"gate_over_{other}"]
+                b = e[f"gate_over_{other}_bound"]
+                cells.append("-" if r is None else f"{b + ' ' if b else ''}{r:.2f}x")
+            lines.append(f"| +{100 * e['level']:g}% | " + " | ".join(cells) + " |")
         dens = _densities(results, n)
         lines += ["", "Every method (parameters in quality.json; `gate[NAME]`: an ablation gate "
                   "set, see quality.json's meta):", "",
@@ -795,13 +859,15 @@ def merge(out: Path, files: list[str], seq_lens) -> Results:
         data = json.loads(Path(f).read_text())
         results.data["meta"].update({k: v for k, v in data.get("meta", {}).items()
                                      if v is not None})
-        for row in data["rows"]:
-            results.data["rows"] = [r for r in results.data["rows"] if r["key"] != row["key"]]
-            results.data["rows"].append(row)
+        for table in ("rows", "needle"):  # later files win, row by row
+            for row in data.get(table, []):
+                results.data[table] = [r for r in results.data.get(table, [])
+                                       if r["key"] != row["key"]]
+                results.data[table].append(row)
     results.save()
     lens = sorted({r["seq_len"] for r in results.data["rows"]}, reverse=True) \
         if not seq_lens else seq_lens
-    (out / "quality.md").write_text(markdown(results, lens))
+    (out / "quality.md").write_text(markdown(results, lens) + needle_markdown(results))
     plot(results, lens, out / "quality.png")
     return results
 

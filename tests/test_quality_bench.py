@@ -78,12 +78,14 @@ def test_summary_best_gate_pattern_and_oracle_density(tmp_path):
     assert row["best_gate"]["method"] == "gate/threshold"
     assert row["best_pattern"]["method"] == "hierarchical"
     assert row["gate_beats_patterns"] is True
-    # log-linear between (0.10, 0.10) and (0.25, 0.01): ppl 0.20 is outside -> None
-    assert row["oracle_density_at_gate_ppl"] is None
+    # the oracle's sparsest point (0.10, +10%) is already below the gate's +20%: a bound
+    assert row["oracle_density_at_gate_ppl"] == 0.10 and row["oracle_density_bound"] is True
+    assert row["gate_over_oracle_density"] == pytest.approx(1.0)
     second = quality.summary(res, 8192)["rows"][1]
     # gate at +5%: on the oracle curve between +10% (0.10) and +1% (0.25)
     t = (math.log(0.05) - math.log(0.10)) / (math.log(0.01) - math.log(0.10))
     assert second["oracle_density_at_gate_ppl"] == pytest.approx(0.10 + t * 0.15)
+    assert second["oracle_density_bound"] is False
     assert second["gate_beats_patterns"] is None  # no pattern at that target
     md = quality.markdown(res, [8192])
     assert "| 0.1 |" in md and "hierarchical" in md
@@ -323,3 +325,26 @@ def test_phase_density_counts_prefill_and_decode_apart():
         assert got["decode_density"] == pytest.approx(1.0 if dense == "decode" else 3 / 9)
     with pytest.raises(ValueError, match="^dense: expected"):
         quality.PhaseDensity(inner, dense="both")
+
+
+def test_equal_ppl_reaches_levels_with_bounds(tmp_path):
+    res = _results(tmp_path, [
+        _row("gate/threshold", 0.05, 0.05, 0.06), _row("gate/threshold", 0.1, 0.10, 0.02),
+        _row("gate/threshold", 0.2, 0.20, 0.004),
+        _row("oracle/threshold", 0.05, 0.05, 0.02), _row("oracle/threshold", 0.1, 0.10, -0.003),
+        _row("hierarchical", 0.1, 0.10, 0.08), _row("hierarchical", 0.2, 0.20, 0.02),
+        _row("hierarchical", 0.3, 0.30, 0.005),
+    ])
+    one, three = quality.equal_ppl(res, 8192)
+    # +1%: gate between (0.10, 2%) and (0.20, 0.4%), log-linear
+    t = (math.log(0.01) - math.log(0.02)) / (math.log(0.004) - math.log(0.02))
+    assert one["gate"]["density"] == pytest.approx(0.10 + t * 0.10)
+    # the oracle crosses +1% between +2% (0.05) and -0.3% (0.10): linear (a sign change)
+    assert one["oracle"]["density"] == pytest.approx(0.05 + (0.01 - 0.02) / (-0.023) * 0.05)
+    assert one["oracle"]["bound"] is False and one["gate_over_oracle_bound"] == ""
+    # +3%: the oracle's sparsest point (+2% at 0.05) is already below: a lower-bound ratio
+    assert three["oracle"] == {"density": 0.05, "bound": True, "method": "oracle/threshold"}
+    assert three["gate_over_oracle_bound"] == ">="
+    assert three["pattern"]["method"] == "hierarchical" and three["gate_over_pattern"] < 1
+    md = quality.markdown(res, [8192])
+    assert "| +3% |" in md and ">= " in md
