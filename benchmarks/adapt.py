@@ -152,7 +152,7 @@ def train_stage(model, tok, args, out: Path, gates: Path, train_seqs) -> dict:
     """The adapter: loaded (verified) from OUT/adapter when it was trained for --steps, else
     trained (resuming OUT/train's checkpoint) and saved there. Returns its training record."""
     from adaptive_sparse.adapters import (
-        detach_lora, gate_weights_sha256, load_adapter, read_adapter, save_adapter)
+        detach_lora, gate_weights_sha256, get_lora, load_adapter, read_adapter, save_adapter)
     from gating.adapt import train_adapter
 
     where = out / "adapter"
@@ -175,6 +175,7 @@ def train_stage(model, tok, args, out: Path, gates: Path, train_seqs) -> dict:
     info.update(model=args.model, corpus=args.corpus, split="train",
                 train_sequences=int(len(train_seqs)), seq_len=args.seq_len)
     save_adapter(where, model, info, gates_sha256=sha, overwrite=True)
+    get_lora(model).manifest = read_adapter(where)[0]
     print(f"   {info['steps']} steps, {info['tokens']} tokens, {info['seconds']:.0f} s; "
           f"adapter in {where}", flush=True)
     return info
@@ -348,7 +349,17 @@ def _run(model, tok, args, out, gates, train_seqs, eval_seqs, dtype, t0, parser)
               "heads": model.config.num_attention_heads,
               "kv_heads": model.config.num_key_value_heads,
               "train": list(train_seqs.shape), "eval": list(eval_seqs.shape)}
+    from adaptive_sparse.adapters import get_lora
+
+    adapter = get_lora(model).manifest["manifest_sha256"]
+    previous = Results(out / "adapt.json", {})
+    if previous.data["meta"].get("adapter_sha256") not in (None, adapter):
+        for table in ("rows", "needle"):  # measured with another adapter: measured again
+            previous.data[table] = [r for r in previous.data.get(table, [])
+                                    if r.get("variant") != "lora"]
+        previous.save()
     results = Results(out / "adapt.json", {
+        "adapter_sha256": adapter,
         "model": args.model, "environment": environment(args.device), "gates": str(gates),
         "training": info, "shapes": shapes, "eval_docs": int(len(eval_seqs)),
         "split": "validation", "corpus": args.corpus, "dtype": dtype,
