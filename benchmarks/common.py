@@ -14,6 +14,7 @@ import torch
 from adaptive_sparse.masks import BlockSparseMask, block_causal, diagonal_blocks
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64),
+          "qwen2.5-coder-0.5b": (14, 2, 64),
           "gemma3-270m": (4, 1, 256)}  # Hq, Hkv, D (Gemma 3: its global layers)
 DENSE_BACKENDS = ("cudnn", "flash")  # SDPA backends timed as the dense baseline, CUDA only
 

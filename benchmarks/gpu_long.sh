@@ -70,6 +70,33 @@ LATENCY_CMD=${LATENCY_CMD-"python3 benchmarks/latency_sweep.py --model $MODEL --
 --time-budget 150"}
 DECODE_CMD=${DECODE_CMD-"python3 benchmarks/decode_e2e.py --model $MODEL --no-kernels \
 --decode-gates $Q/dtrain/decode_gates --out $Q/decode_e2e"}
+# session 7's second lease (lease7b): issue 14's exp2 on the FMA pipes (bf16 and FP8, d 128
+# and 64), issue 15's decode kernels (fused merge, split sizing) and gate cost at Qwen's and
+# Llama-3-8B's shapes, issue 13's prefill gate without host syncs (profile at 32k, then the
+# table at 16k and 32k with lower thresholds and calibrated budgets), generation tokens/s with
+# the decode gates, and the LoRA adaptation under the gate's masks
+R7=$Q/r7
+EXP2_CMD=${EXP2_CMD-"mkdir -p $R7; timeout -s INT -k 20 200 python3 benchmarks/attention.py \
+--shapes llama3-8b,qwen2.5-coder-0.5b --seqlens 32768 --densities 1.0,0.1 --no-flex \
+--exp2-poly 0,0.25,0.5 --json $R7/exp2_poly_h200.json --md $R7/exp2_poly_h200.md"}
+DECODE7_CMD=${DECODE7_CMD-"mkdir -p $R7; timeout -s INT 150 python3 benchmarks/decode.py \
+--shape qwen2.5-coder-0.5b --device $DEV --flex --contexts $L2 --batches 1,16 \
+--densities 0.05,0.1,0.2 --block-size 64 --gate-contexts $L2 --gate-batches 1,16 \
+--gate-density 0.1 --json $R7/decode_kernels.json --md $R7/decode_kernels.md; \
+timeout -s INT 150 python3 benchmarks/decode.py --shape llama3-8b --device $DEV \
+--contexts 131072 --batches 16 --densities 0.1 --block-size 64 --gate-contexts 32768,131072 \
+--gate-batches 1,16 --gate-density 0.1 --json $R7/decode_llama.json --md $R7/decode_llama.md"}
+GATE7_CMD=${GATE7_CMD-"G=$Q/q32/gates/demo/version_0/gates; mkdir -p $R7; timeout -s INT 120 \
+python3 benchmarks/profile_gate.py --shape qwen2.5-coder-0.5b --gates \$G --seqlens $L2 \
+--tau 0.00374 --layer 12 --reps 10 --warmup 2 --profile --sync-check \
+--json $R7/gate_profile_qwen25_32k_h200.json > $R7/gate_profile_qwen25_32k_h200.md 2>&1; \
+timeout -s INT 300 python3 benchmarks/e2e.py --model $MODEL --gates \$G --seqlens $L1,$L2 \
+--densities '' --thresholds 0.06,0.07,0.08,0.1 --budgets 0.07 --ppl-docs 2 \
+--json $R7/e2e_qwen25_gate_h200.json --md $R7/e2e_qwen25_gate_h200.md"}
+TOKENS7_CMD=${TOKENS7_CMD-"timeout -s INT 200 python3 benchmarks/decode_e2e.py --model $MODEL \
+--no-kernels --decode-gates $Q/dq/gates/demo/version_0/gates --new-tokens 64 \
+--out $R7/decode_e2e"}
+ADAPT_CMD=${ADAPT_CMD-}
 mkdir -p "$OUT" "$Q" /tmp/gq
 
 quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
@@ -275,6 +302,26 @@ quality7)  # session 7: the 16k table with q32's gates and the levers, the 32k t
     echo "quality7 done after $((SECONDS - t0)) s"
     touch $Q/done
     ;;
+lease7b)  # session 7, second lease: the timed stages one after another, alone on the GPU
+    # (issue 14's exp2 variants and issue 15's decode kernels beside the CPU-bound
+    # de-quantization, then the prefill gate profile and table, the decode tokens/s with the
+    # decode gates carried as .gates/dq), and the LoRA adaptation (untimed) last
+    t0=$SECONDS
+    (for stage in EXP2 DECODE7; do
+         var=${stage}_CMD; cmd=${!var}
+         [ -n "$cmd" ] && bash -c "$cmd" > $Q/${stage,,}.log 2>&1
+         echo "${stage,,}: exit $? after $((SECONDS - t0)) s"
+     done) &
+    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
+        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
+    echo "model cached after $((SECONDS - t0)) s"
+    wait
+    [ -n "$GATE7_CMD" ] && exclusive gate7 bash -c "$GATE7_CMD"
+    [ -n "$ADAPT_CMD" ] && exclusive adapt bash -c "$ADAPT_CMD"
+    [ -n "$TOKENS7_CMD" ] && exclusive tokens7 bash -c "$TOKENS7_CMD"
+    echo "lease7b done after $((SECONDS - t0)) s"
+    touch $Q/done
+    ;;
 finish)  # stop the trainings where their last checkpoint is, export those gates, then `rest`
     pkill -f "[g]pu_long.sh pipeline"; pkill -f "[t]rain-seq-len"; sleep 3
     for name in q32 $VARIANTS; do
@@ -296,6 +343,10 @@ rest)  # after training: the tables, then the prefill table alone
     t0=$SECONDS
     tables_then_timing
     touch $Q/done
+    ;;
+show)  # the stage commands as they will run (a check before a lease)
+    for v in KERNEL DECODE_KERNEL CHECK DTRAIN LATENCY DECODE EXP2 DECODE7 GATE7 TOKENS7 ADAPT; do
+        var=${v}_CMD; echo "$v: ${!var}"; done
     ;;
 stage)  # one function of this script, e.g. `stage exclusive e2e prefill_table` (a re-run)
     shift; t0=$SECONDS; "$@"
