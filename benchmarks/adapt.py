@@ -143,8 +143,8 @@ def gate_rows(args) -> list[tuple[str, float, dict]]:
         if not found:
             raise fail("--rows-from", f"gate rows {args.methods} at {args.eval_seq_len} tokens",
                        args.rows_from)
-        rows += [(r["method"], r["target_density"],
-                  {k: v for k, v in r["params"].items() if k != "gates"}) for r in found]
+        rows += [(r["method"], r["target_density"], {"policy": r["params"]["policy"]})
+                 for r in found]
     return rows
 
 

@@ -18,6 +18,7 @@ mask's BlockMask, CUDA) or "reference" (PyTorch, dense-masked per chunk of rows:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -228,8 +229,9 @@ def train_adapter(model, gate_set, sequences: torch.Tensor, out, *, steps: int, 
     """Train the adapter of `model` (attached here when it has none) for `steps` steps of one
     training sequence each (sequences LongTensor [S, N], shuffled per epoch), checkpointing to
     OUT/checkpoints/last.ckpt every `checkpoint_every` steps; a rerun resumes from it (and
-    trains nothing when it already reached `steps`). Returns {steps, tokens, seconds, loss,
-    final train loss}. `model` must already be on `device`."""
+    trains nothing when it already reached `steps`). Returns {steps, tokens, seconds (every
+    fit of the run, resumed ones added), loss, final train loss, ...}. `model` must already
+    be on `device`."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -250,14 +252,16 @@ def train_adapter(model, gate_set, sequences: torch.Tensor, out, *, steps: int, 
                          densities=densities, lr=lr, total_steps=steps, block_size=block_size,
                          backend=backend, chunk=chunk, gate_fast=gate_fast,
                          log_every=log_every, warmup=max(1, steps // 10))
-    atomic_write_json(out / RUN_FILE, {"kind": "adapter", "steps": steps,
-                                       "seq_len": int(sequences.shape[1])})
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    resume = None
-    if last.is_file():
+    resume, spent = None, 0.0
+    if last.is_file() and (out / RUN_FILE).is_file():
         check_resume(str(last))  # weights-only load first: Lightning's own load unpickles
         resume = str(last)
+        spent = float(json.loads((out / RUN_FILE).read_text()).get("seconds", 0.0))
+    record = {"kind": "adapter", "steps": steps, "seq_len": int(sequences.shape[1]),
+              "seconds": spent}
+    atomic_write_json(out / RUN_FILE, record)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=max(1, checkpoint_every),
                            enable_version_counter=False)
@@ -272,9 +276,10 @@ def train_adapter(model, gate_set, sequences: torch.Tensor, out, *, steps: int, 
     loader = DataLoader(TensorDataset(sequences), batch_size=1, shuffle=True, generator=gen)
     trainer.fit(module, loader, ckpt_path=resume)
     model.eval()
+    atomic_write_json(out / RUN_FILE, {**record, "seconds": spent + timer.seconds})
     return {"steps": int(trainer.global_step), "tokens_per_step": int(sequences.shape[1]),
             "tokens": int(trainer.global_step) * int(sequences.shape[1]),
-            "seconds": timer.seconds, "loss": loss, "densities": list(module.densities),
+            "seconds": spent + timer.seconds, "loss": loss, "densities": list(module.densities),
             "backend": backend, "lr": lr, "rank": module.lora.rank,
             "alpha": module.lora.alpha, "targets": list(module.lora.targets),
             "final_train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),

@@ -97,6 +97,28 @@ def test_training_lowers_the_kl_under_the_gate_masks():
     assert before > 0 and after < 0.6 * before
 
 
+def test_train_adapter_checkpoints_and_resumes(tmp_path):
+    from adaptive_sparse.adapters import detach_lora
+    from gating.adapt import train_adapter
+
+    model = tiny_llama()
+    gates = _gates(model)
+    seqs = torch.cat([_ids(64, seed=s) for s in range(2)])
+    kw = dict(rank=4, alpha=8, densities=(0.3,), block_size=16, chunk=32, checkpoint_every=1,
+              log_every=0)
+    first = train_adapter(model, gates, seqs, tmp_path, steps=2, **kw)
+    assert first["steps"] == 2 and first["tokens"] == 128 and first["resumed_from"] is None
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    trained = {n: p.detach().clone() for n, p in get_lora(model).named_parameters()}
+    detach_lora(model)
+    again = train_adapter(model, gates, seqs, tmp_path, steps=3, **kw)
+    assert again["steps"] == 3 and again["resumed_from"].endswith("last.ckpt")
+    assert again["seconds"] > first["seconds"]
+    lora = get_lora(model)  # the resumed adapter starts from the trained one, not from B = 0
+    assert any(float(p.abs().sum()) > 0 for n, p in lora.named_parameters() if n.endswith(".B"))
+    assert set(trained) == {n for n, _ in lora.named_parameters()}
+
+
 def test_save_load_roundtrip_and_loading_with_the_gate(tmp_path):
     from adaptive_sparse.adapters import gate_weights_sha256
     from adaptive_sparse.export import load_sparsifier, save_gate_artifact
