@@ -76,14 +76,14 @@ DECODE_CMD=${DECODE_CMD-"python3 benchmarks/decode_e2e.py --model $MODEL --no-ke
 # table at 16k and 32k with lower thresholds and calibrated budgets), generation tokens/s with
 # the decode gates, and the LoRA adaptation under the gate's masks
 R7=$Q/r7
-EXP2_CMD=${EXP2_CMD-"mkdir -p $R7; timeout -s INT -k 20 200 python3 benchmarks/attention.py \
+EXP2_CMD=${EXP2_CMD-"mkdir -p $R7; timeout -s INT -k 20 160 python3 benchmarks/attention.py \
 --shapes llama3-8b,qwen2.5-coder-0.5b --seqlens 32768 --densities 1.0,0.1 --no-flex \
 --exp2-poly 0,0.25,0.5 --json $R7/exp2_poly_h200.json --md $R7/exp2_poly_h200.md"}
 DECODE7_CMD=${DECODE7_CMD-"mkdir -p $R7; timeout -s INT 150 python3 benchmarks/decode.py \
 --shape qwen2.5-coder-0.5b --device $DEV --flex --contexts $L2 --batches 1,16 \
 --densities 0.05,0.1,0.2 --block-size 64 --gate-contexts $L2 --gate-batches 1,16 \
 --gate-density 0.1 --json $R7/decode_kernels.json --md $R7/decode_kernels.md; \
-timeout -s INT 150 python3 benchmarks/decode.py --shape llama3-8b --device $DEV \
+timeout -s INT 110 python3 benchmarks/decode.py --shape llama3-8b --device $DEV \
 --contexts 131072 --batches 16 --densities 0.1 --block-size 64 --gate-contexts 32768,131072 \
 --gate-batches 1,16 --gate-density 0.1 --json $R7/decode_llama.json --md $R7/decode_llama.md"}
 GATE7_CMD=${GATE7_CMD-"G=$Q/q32/gates/demo/version_0/gates; mkdir -p $R7; timeout -s INT 120 \
@@ -94,9 +94,14 @@ timeout -s INT 300 python3 benchmarks/e2e.py --model $MODEL --gates \$G --seqlen
 --densities '' --thresholds 0.06,0.07,0.08,0.1 --budgets 0.07 --ppl-docs 2 \
 --json $R7/e2e_qwen25_gate_h200.json --md $R7/e2e_qwen25_gate_h200.md"}
 TOKENS7_CMD=${TOKENS7_CMD-"timeout -s INT 200 python3 benchmarks/decode_e2e.py --model $MODEL \
---no-kernels --decode-gates $Q/dq/gates/demo/version_0/gates --new-tokens 64 \
+--no-kernels --decode-gates $Q/dq/gates/demo/version_0/gates --new-tokens 32 \
 --out $R7/decode_e2e"}
-ADAPT_CMD=${ADAPT_CMD-}
+ADAPT_CMD=${ADAPT_CMD-"timeout -s INT 420 python3 benchmarks/adapt.py --model $MODEL \
+--gates $Q/q32/gates/demo/version_0/gates --out $R7/adapt --device $DEV --seq-len $L1 \
+--train-docs 12 --steps 100 --checkpoint-every 20 --eval-seq-len $L2 --eval-docs 2 \
+--densities 0.05 0.1 \$(grep -qs '\"gate/threshold+budgets\"' $Q/q32/quality.json && \
+echo --rows-from $Q/q32/quality.json) --needle-lens $L2 --needle-depths 0.1 0.5 0.9 \
+--needle-density 0.1"}
 mkdir -p "$OUT" "$Q" /tmp/gq
 
 quality() {  # quality() OUT_DIR ARGS...: quality.py on the GPU, bf16 evaluation, Triton kernel
@@ -363,7 +368,8 @@ poll)
         $(cd $Q && ls -A | grep -v "^gate_cache$")
     # trained gate sets come back in pieces of at most 15 MiB (a returned file may hold 16 MiB;
     # `cat NAME.gates.*` here restores gates.safetensors; its manifest is in results.tar.gz)
-    for f in $Q/dtrain/decode_gates/*.safetensors; do  # the decode gates (small)
+    for f in $Q/dtrain/decode_gates/*.safetensors $Q/r7/adapt/adapter/*.safetensors; do
+        # the decode gates and the LoRA adapter (small; their manifests are in results.tar.gz)
         [ -e "$f" ] && cp "$f" "$OUT/"
     done
     for name in ${GATES_BACK:-}; do
