@@ -96,6 +96,9 @@ timeout -s INT 300 python3 benchmarks/e2e.py --model $MODEL --gates \$G --seqlen
 TOKENS7_CMD=${TOKENS7_CMD-"timeout -s INT 200 python3 benchmarks/decode_e2e.py --model $MODEL \
 --no-kernels --decode-gates $Q/dq/gates/demo/version_0/gates --new-tokens 32 \
 --out $R7/decode_e2e"}
+CHECK7_CMD=${CHECK7_CMD-"mkdir -p $R7; timeout 300 python3 -m pytest -q -m gpu tests/test_decode.py \
+tests/test_gate_fast.py tests/test_exp2_poly.py tests/test_adapt.py > $R7/pytest_gpu.log 2>&1; \
+echo pytest exit \$?"}
 ADAPT_CMD=${ADAPT_CMD-"timeout -s INT 420 python3 benchmarks/adapt.py --model $MODEL \
 --gates $Q/q32/gates/demo/version_0/gates --out $R7/adapt --device $DEV --seq-len $L1 \
 --train-docs 12 --steps 100 --checkpoint-every 20 --eval-seq-len $L2 --eval-docs 2 \
@@ -322,6 +325,8 @@ lease7b)  # session 7, second lease: the timed stages one after another, alone o
     echo "model cached after $((SECONDS - t0)) s"
     wait
     [ -n "$GATE7_CMD" ] && exclusive gate7 bash -c "$GATE7_CMD"
+    # the GPU tests of the session's kernels and gate path run beside the (untimed) adaptation
+    [ -n "$CHECK7_CMD" ] && (sleep 30; bash -c "$CHECK7_CMD" > $Q/check7.log 2>&1) &
     [ -n "$ADAPT_CMD" ] && exclusive adapt bash -c "$ADAPT_CMD"
     [ -n "$TOKENS7_CMD" ] && exclusive tokens7 bash -c "$TOKENS7_CMD"
     echo "lease7b done after $((SECONDS - t0)) s"
@@ -350,7 +355,8 @@ rest)  # after training: the tables, then the prefill table alone
     touch $Q/done
     ;;
 show)  # the stage commands as they will run (a check before a lease)
-    for v in KERNEL DECODE_KERNEL CHECK DTRAIN LATENCY DECODE EXP2 DECODE7 GATE7 TOKENS7 ADAPT; do
+    for v in KERNEL DECODE_KERNEL CHECK DTRAIN LATENCY DECODE EXP2 DECODE7 GATE7 TOKENS7 ADAPT \
+             CHECK7; do
         var=${v}_CMD; echo "$v: ${!var}"; done
     ;;
 stage)  # one function of this script, e.g. `stage exclusive e2e prefill_table` (a re-run)
