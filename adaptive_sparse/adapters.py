@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.A.to(x.dtype), self.B.to(x.dtype)
+        a, b = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
         return torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * self.scale
 
 

@@ -275,6 +275,9 @@ def train_adapter(model, gate_set, sequences: torch.Tensor, out, *, steps: int, 
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(sequences), batch_size=1, shuffle=True, generator=gen)
     trainer.fit(module, loader, ckpt_path=resume)
+    # Lightning's teardown leaves the module (the adapter with it) on the CPU: back to `device`
+    module.to(device)
+    model.to(device)
     model.eval()
     atomic_write_json(out / RUN_FILE, {**record, "seconds": spent + timer.seconds})
     return {"steps": int(trainer.global_step), "tokens_per_step": int(sequences.shape[1]),

@@ -246,3 +246,40 @@ def test_main_trains_evaluates_writes_its_table_and_resumes(smollm2, tmp_path, c
     assert bench.main(args) == 0  # resumes: training skipped, nothing measured again
     log = capsys.readouterr().out
     assert "training skipped" in log and "[256]" not in log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adapter_stays_on_the_gpu_after_training(tmp_path):
+    """Lightning's teardown moves the trained module to the CPU; the H200 run then failed in
+    its first LoRA evaluation (adapter on the CPU, activations on the GPU)."""
+    from gating.adapt import train_adapter
+
+    model = tiny_llama().cuda()
+    gates = _gates(model)
+    seqs = torch.cat([_ids(64, seed=s) for s in range(2)])
+    train_adapter(model, gates, seqs, tmp_path, steps=2, rank=4, alpha=8, densities=(0.3,),
+                  block_size=16, chunk=32, checkpoint_every=1, log_every=0,
+                  backend="reference", device="cuda")
+    lora = get_lora(model)
+    assert all(p.is_cuda for p in lora.parameters())
+    assert all(p.is_cuda for p in model.parameters())
+    ids = _ids(64).cuda()
+    with torch.no_grad():
+        on = model(ids).logits
+        with adapters_disabled(model):
+            off = model(ids).logits
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
+
+
+def test_lora_follows_the_input_device_and_dtype():
+    """An adapter left on another device or dtype than its input still applies (moved per call)."""
+    from adaptive_sparse.adapters import LoRALinear
+
+    layer = LoRALinear(8, 6, 2, 1.0)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, (x @ layer.A.double().T) @ layer.B.double().T)
