@@ -22,7 +22,9 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if compile is None:
         compile = q.is_cuda
     if compile:
-        fn = _compiled()
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                            or v.requires_grad)
+        fn = _compiled(train=grad and m.block_size < 128)
     kwargs = {}
     if return_lse:
         from torch.nn.attention.flex_attention import AuxRequest
@@ -38,7 +40,7 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o
 
 
-_COMPILED = None
+_COMPILED: dict = {}
 
 
 def kernel_options(block_size: int) -> dict:
@@ -47,9 +49,14 @@ def kernel_options(block_size: int) -> dict:
     return {} if block_size >= 128 else {"BLOCK_M": block_size, "BLOCK_N": block_size}
 
 
-def _compiled():
-    global _COMPILED
-    if _COMPILED is None:
+def _compiled(train: bool = False):
+    """Compiled Flex. `train`: a backward through masks of blocks under 128 (sparse-aware
+    training): Inductor's one default backward tile on Hopper at head_dim 64-128 is 128 keys
+    wide, which a 64-block mask rules out ("NoValidChoicesError" on the H200), so that compile
+    autotunes over its candidate tiles (32-64 wide among them)."""
+    if train not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
-        _COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED
+        _COMPILED[train] = torch.compile(
+            flex_attention, dynamic=False,
+            **({"mode": "max-autotune-no-cudagraphs"} if train else {}))
+    return _COMPILED[train]
