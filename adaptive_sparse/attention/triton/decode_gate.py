@@ -181,7 +181,7 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                        wk: torch.Tensor, kg: torch.Tensor, *, top_k: int, block_size: int,
                        poolings, q_scale: float, cache_seqlens: torch.Tensor | None = None,
                        keep_sink: bool = True, keep_diagonal: bool = True,
-                       local_blocks: int = 0, out=None):
+                       local_blocks: int = 0, out=None, programs: int | None = None):
     """One decode-gate step for a layer (see the module docstring).
 
     q [B, Hq, D] or [B, Hq, 1, D] (post-rotary, any float dtype); k_cache [B, Hkv, M, D] (the
@@ -189,7 +189,9 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
     kg fp32 [B, Hkv, cap, GD] with cap >= ceil(M / block_size): the projected key features of
     the complete blocks before the last one, the last block's row written here;
     cache_seqlens int32 [B] or None (every sequence holds M tokens); top_k: blocks per row
-    (forced blocks included); out: optional (kv_num_blocks, kv_indices) buffers to write.
+    (forced blocks included); out: optional (kv_num_blocks, kv_indices) buffers to write;
+    programs: programs per row (None: about two waves over the SMs; 1: a row's whole step in
+    one program, no arrival count across programs; never changes the result).
     Returns (kv_num_blocks int32 [B, Hkv], kv_indices int32 [B, Hkv, ceil(M / block_size)]:
     the kept blocks ascending, then the others ascending). Reads no value on the host."""
     if q.dim() == 4:
@@ -211,6 +213,9 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                          f"contiguous), got {kg.dtype} {tuple(kg.shape)}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+    if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool)
+                                 or programs < 1):
+        raise ValueError(f"programs: expected None or a positive int, got {programs!r}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k_cache.stride(-1) != 1:
@@ -241,7 +246,8 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
                 KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
                 MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
     rows = B * Hkv
-    waves = -(-2 * _sm_count(q.device) // rows)  # programs per row: about two waves in all
+    # programs per row: about two waves in all (or as asked)
+    waves = programs if programs is not None else -(-2 * _sm_count(q.device) // rows)
 
     def grid(m):
         return (rows, max(1, min(waves, -(-kb // m["CH"]))))
