@@ -61,7 +61,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
-    p.add_argument("--context", type=int, default=32768, help="cache tokens after the last step")
+    p.add_argument("--context", type=int, default=32800,
+                   help="cache tokens after the last step (default: block 512 begins at step "
+                        "18: a new block, a wider table and key-feature buffer)")
     p.add_argument("--steps", type=int, default=50, help="decode steps (the cache grows by 1)")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--heads", type=int, default=14)
@@ -150,16 +152,16 @@ def generation_phase(args, B: int, dtype, device, gates, tally) -> None:
     policy = token_budget_policy(max(1, round(args.density * args.context)), bs)
     fast = DecodeProvider(policy, gates=gates, fast=True, num_layers=L)
     eager = DecodeProvider(policy, gates=gates, fast=False, num_layers=L)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + B)
+    gen = torch.Generator(device=device).manual_seed(args.seed + B)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
     P = args.context - args.steps
     ks = [randn(B, Hkv, P, D) for _ in range(L)]
     vs = [randn(B, Hkv, P, D) for _ in range(L)]
     for layer in range(L):  # the prefill: the providers pool the prompt's blocks
-        q = randn(B, P, Hq, D).transpose(1, 2)
+        q = randn(B, 2, Hq, D).transpose(1, 2)  # a prefill call (its queries are not read)
         for p in (fast, eager):
             assert p(layer, q, ks[layer]) is None
     scale = D ** -0.5
@@ -216,18 +218,18 @@ def ragged_phase(args, dtype, device, gates, tally) -> None:
     c = gates.config
     Hq, Hkv, D, bs = c.num_heads, c.num_kv_heads, c.head_dim, c.block_size
     policy = token_budget_policy(max(1, round(args.density * args.context)), bs)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + 99)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 99)
     P = args.context - args.steps
     Mx = args.context
-    k_all = torch.randn(2, Hkv, Mx, D, generator=gen).to(device=device, dtype=dtype)
-    v_all = torch.randn(2, Hkv, Mx, D, generator=gen).to(device=device, dtype=dtype)
+    k_all = torch.randn(2, Hkv, Mx, D, generator=gen, device=device).to(dtype)
+    v_all = torch.randn(2, Hkv, Mx, D, generator=gen, device=device).to(dtype)
     gate = gates[0]
     for step in range(args.steps):
         M = P + step + 1
         lens = [M, max(1, M - args.ragged)]
         kb = -(-M // bs)
         k, v = k_all[:, :, :M].contiguous(), v_all[:, :, :M].contiguous()
-        q = torch.randn(2, Hq, 1, D, generator=gen).to(device=device, dtype=dtype)
+        q = torch.randn(2, Hq, 1, D, generator=gen, device=device).to(dtype)
         kg = torch.full((2, Hkv, kb + 8, c.gate_dim), float("nan"), device=device)
         feats = []
         with torch.no_grad():
@@ -289,6 +291,7 @@ def main(argv=None) -> int:
         print(f"batch {B}: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.ragged:
         ragged_phase(args, dtype, device, gates, tally)
+        print(f"ragged: {time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - t0
     print(f"\nsummary ({args.dtype}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, "
           f"d {args.head_dim}, block {args.block_size}, cache {args.context - args.steps + 1}"
