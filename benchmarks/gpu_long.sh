@@ -212,6 +212,25 @@ smol8k() {
         --tail-blocks 1 --tail-scale 4 16 --needle-diagnose
 }
 
+# load_or_abort: $MODEL de-quantized into the cache (the pipeline stops if it cannot load)
+load_or_abort() {
+    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
+        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
+    echo "model cached after $((SECONDS - t0)) s"
+}
+
+# model_free_then_load STAGE...: the model-free timed stages (their STAGE_CMD) one after
+# another, alone on the GPU beside the CPU-bound de-quantization; returns when both are done
+model_free_then_load() {
+    (for stage in "$@"; do
+         var=${stage}_CMD; cmd=${!var}
+         [ -n "$cmd" ] && bash -c "$cmd" > $Q/${stage,,}.log 2>&1
+         echo "${stage,,}: exit $? after $((SECONDS - t0)) s"
+     done) &
+    load_or_abort
+    wait
+}
+
 case "${1:-}" in
 split)  # here: the nine pieces and the code snapshot (ignored folders)
     g=$(PYTHONPATH=. python3 -c "from adaptive_sparse.models.loading import resolve_model_path as r
@@ -265,15 +284,7 @@ pipeline)
     t0=$SECONDS
     # the kernel stages need no model: they run alone on the GPU beside the CPU-bound
     # de-quantization, before any training starts
-    (for stage in KERNEL DECODE_KERNEL; do
-         var=${stage}_CMD; cmd=${!var}
-         [ -n "$cmd" ] && bash -c "$cmd" > $Q/${stage,,}.log 2>&1
-         echo "${stage,,}: exit $? after $((SECONDS - t0)) s"
-     done) &
-    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
-        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
-    echo "model cached after $((SECONDS - t0)) s"
-    wait
+    model_free_then_load KERNEL DECODE_KERNEL
     [ -n "$CHECK_CMD" ] && (bash -c "$CHECK_CMD" > $Q/check.log 2>&1) &
     [ -n "$DTRAIN_CMD" ] && (bash -c "$DTRAIN_CMD" > $Q/dtrain.log 2>&1) &
     have_gates q32 || train q32 $L2 $DOCS2 $STEPS2
@@ -293,9 +304,7 @@ quality7)  # session 7: the 16k table with q32's gates and the levers, the 32k t
     # (32k rows of session 6 carried as .prior/q32), SmolLM2 at 8k (item 5), all untimed
     t0=$SECONDS
     smol_assemble && (smol8k > $Q/smol8k.log 2>&1; echo "smol8k: exit $? after $((SECONDS - t0)) s") &
-    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
-        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
-    echo "model cached after $((SECONDS - t0)) s"
+    load_or_abort
     [ -n "$DTRAIN_CMD" ] && (bash -c "$DTRAIN_CMD" > $Q/dtrain.log 2>&1;
                              echo "dtrain: exit $? after $((SECONDS - t0)) s") &
     (DENS=$DENS7 quality $Q/q16 --gates "$(gates_of q32)" --seq-lens $L1 --needle-lens $L1 \
@@ -315,15 +324,7 @@ lease7b)  # session 7, second lease: the timed stages one after another, alone o
     # de-quantization, then the prefill gate profile and table, the decode tokens/s with the
     # decode gates carried as .gates/dq), and the LoRA adaptation (untimed) last
     t0=$SECONDS
-    (for stage in EXP2 DECODE7; do
-         var=${stage}_CMD; cmd=${!var}
-         [ -n "$cmd" ] && bash -c "$cmd" > $Q/${stage,,}.log 2>&1
-         echo "${stage,,}: exit $? after $((SECONDS - t0)) s"
-     done) &
-    python3 -c "from adaptive_sparse.models import load_model; load_model('$MODEL')" \
-        > $Q/load.log 2>&1 || { touch $Q/abort $Q/done; exit 1; }
-    echo "model cached after $((SECONDS - t0)) s"
-    wait
+    model_free_then_load EXP2 DECODE7
     [ -n "$GATE7_CMD" ] && exclusive gate7 bash -c "$GATE7_CMD"
     # the GPU tests of the session's kernels and gate path run beside the (untimed) adaptation
     [ -n "$CHECK7_CMD" ] && (sleep 30; bash -c "$CHECK7_CMD" > $Q/check7.log 2>&1) &
