@@ -123,6 +123,13 @@ def test_arbitrary_manifest_bytes_raise_artifact_error(raw):
         i, junk = raw
         raw = text[:i % len(text)] + junk + text[i % len(text) + 1:]
     (path / "manifest.json").write_bytes(raw)
+    try:  # a splice that only drops or adds whitespace is the same manifest: it must load
+        same = json.loads(raw) == manifest
+    except ValueError:
+        same = False
+    if same:
+        load_masks(path)
+        return
     with pytest.raises(ArtifactError):
         load_masks(path)
 
