@@ -19,7 +19,7 @@ Per sequence length, in one process on identical token ids:
   validation sequence (not one the perplexity is measured on; random ids in the default mode);
   `--budgets`: the threshold policy with per-(layer, head) budgets calibrated on that same
   sequence for each target density (`policies.BudgetCalibrator`, fed as
-  `benchmarks/quality.py --budgets gate/threshold` feeds it: `quality.budget_calibrators`);
+  `benchmarks/quality.py --budgets gate/threshold` feeds it: `ModelEvaluator.budget_calibrators`);
 - full-model prefill (use_cache=False, logits of the last token only), median ms over `--reps`
   CUDA-event-timed calls after warmup, for SDPA dense, ours with the dense mask, the trained gate
   at each density (gate network and mask building included), and the same masks replayed
@@ -252,18 +252,17 @@ def calibrate_tau(model, gates, ids, target: float, a, fast=None, iters: int = 1
 
 def threshold_budgets(model, cal_ids, n: int, a, fast=None):
     """A `policies.BudgetCalibrator` of the gate's threshold policy fed with every layer of
-    one dense forward over `cal_ids` [1, n] (`benchmarks.quality.budget_calibrators`, the
+    one dense forward over `cal_ids` [1, n] (`ModelEvaluator.budget_calibrators`, the
     calibration `quality.py --budgets gate/threshold` runs); `.policy(target)` gives the
     policy with per-(layer, head) budgets."""
-    from benchmarks.quality import budget_calibrators
     from sweeps.evaluators import ModelEvaluator
 
     dev = next(model.parameters()).device
     evaluator = ModelEvaluator(a.model or "e2e", seq_len=n, block_size=a.block_size,
                                gates=a.gates, device=str(dev), backend=a.backend,
                                model_obj=model, sequences=cal_ids, gate_fast=fast)
-    return budget_calibrators(evaluator, cal_ids, ["gate/threshold"],
-                              block_size=a.block_size, log=lambda *_: None)["gate/threshold"]
+    return evaluator.budget_calibrators(cal_ids, ["gate/threshold"],
+                                        log=lambda *_: None)["gate/threshold"]
 
 
 def mask_agreement(model, gates, policy, ids, a) -> dict:

@@ -119,52 +119,6 @@ def lever_label(lever: dict) -> str:
     return "+".join(parts)
 
 
-def budget_calibrators(evaluator, sequences, families, *, block_size: int = 64,
-                       log=print) -> dict:
-    """family ("gate/threshold", "oracle/density", ...) -> a `policies.BudgetCalibrator` fed
-    with every layer of one dense forward per calibration sequence (LongTensor [S, N]): the
-    gate's scores (its provider's own path, `keep_scores`) or the true block sums (the oracle's
-    ranking), against the true block sums."""
-    from adaptive_sparse.attention.block_maps import block_attention_maps
-    from adaptive_sparse.evaluate import final_hidden
-    from adaptive_sparse.models import observe_attention
-    from adaptive_sparse.policies import BudgetCalibrator, Policy
-
-    model = evaluator._load()[0]
-    layers = evaluator.num_layers
-    bases = {"threshold": Policy("threshold", tau=0.01), "density": Policy("density", density=0.1)}
-    cals = {f: BudgetCalibrator(bases[f.split("/")[1]], layers) for f in families}
-    gate = None
-    if any(f.startswith("gate") for f in cals):
-        gate = evaluator.provider("gate", {"policy": bases["threshold"].to_dict()})
-        gate.keep_scores = True
-    t0 = time.perf_counter()
-
-    def observer(call):
-        n, m = call.q.shape[2], call.k.shape[2]
-        _, bsum = block_attention_maps(call.q, call.k, block_size=block_size)
-        where = dict(q_len=n, kv_len=m, block_size=block_size)
-        if gate is not None:
-            gate(call.layer_idx, call.q, call.k)
-            scores = gate.last_scores.pop(call.layer_idx).float()
-        for f, cal in cals.items():
-            if f.startswith("gate"):
-                cal.update(call.layer_idx, scores, bsum, **where)
-            else:
-                cal.update(call.layer_idx, bsum, bsum, scores_are_probs=True, **where)
-
-    try:
-        with torch.no_grad(), observe_attention(model, observer):
-            for seq in sequences:
-                final_hidden(model, seq[None].to(evaluator.device))  # no [N, vocab] logits
-    finally:
-        if gate is not None:
-            gate.detach()
-    log(f"  budget curves of {', '.join(cals)} on {len(sequences)} calibration sequences in "
-        f"{time.perf_counter() - t0:.1f} s")
-    return cals
-
-
 def budget_members(cal, family: str, targets) -> list[dict]:
     """Calibrated settings for targets x BUDGET_SPREAD (calibration-data densities), ordered by
     density; each {"policy", ["target"], "_calibration": info}."""
@@ -452,8 +406,7 @@ def evaluate_table(evaluator, results: Results, seq_len: int, *, densities=DENSI
         if calib_sequences is None:
             raise ValueError("calib_sequences: expected calibration token ids [S, N] for "
                              f"--budgets {todo_budgets}, got None")
-        cals = budget_calibrators(evaluator, calib_sequences, todo_budgets,
-                                  block_size=block_size, log=log)
+        cals = evaluator.budget_calibrators(calib_sequences, todo_budgets, log=log)
         for f, cal in cals.items():
             fams[f"{f}+budgets"] = (f.split("/")[0], budget_members(cal, f, densities))
     plan = []

@@ -282,6 +282,54 @@ class ModelEvaluator:
                               self._load()[0], num_layers=self.num_layers,
                               gate_fast=self.gate_fast, gate_sets=self._gate_sets)
 
+    def budget_calibrators(self, sequences, families, *, log=print) -> dict:
+        """Per-(layer, head) budgets (issue 13): family ("gate/threshold", "oracle/density",
+        ...) -> a `policies.BudgetCalibrator` fed with every layer of one dense forward per
+        calibration sequence (LongTensor [S, N], never evaluation data): the gate's scores (its
+        provider's own path, `keep_scores`) or the true block sums (the oracle's ranking),
+        against the true block sums, at this evaluator's block size."""
+        import torch
+        from adaptive_sparse.attention.block_maps import block_attention_maps
+        from adaptive_sparse.evaluate import final_hidden
+        from adaptive_sparse.models import observe_attention
+        from adaptive_sparse.policies import BudgetCalibrator, Policy
+
+        model = self._load()[0]
+        layers = self.num_layers
+        block_size = self.block_size
+        bases = {"threshold": Policy("threshold", tau=0.01),
+                 "density": Policy("density", density=0.1)}
+        cals = {f: BudgetCalibrator(bases[f.split("/")[1]], layers) for f in families}
+        gate = None
+        if any(f.startswith("gate") for f in cals):
+            gate = self.provider("gate", {"policy": bases["threshold"].to_dict()})
+            gate.keep_scores = True
+        t0 = time.perf_counter()
+
+        def observer(call):
+            n, m = call.q.shape[2], call.k.shape[2]
+            _, bsum = block_attention_maps(call.q, call.k, block_size=block_size)
+            where = dict(q_len=n, kv_len=m, block_size=block_size)
+            if gate is not None:
+                gate(call.layer_idx, call.q, call.k)
+                scores = gate.last_scores.pop(call.layer_idx).float()
+            for f, cal in cals.items():
+                if f.startswith("gate"):
+                    cal.update(call.layer_idx, scores, bsum, **where)
+                else:
+                    cal.update(call.layer_idx, bsum, bsum, scores_are_probs=True, **where)
+
+        try:
+            with torch.no_grad(), observe_attention(model, observer):
+                for seq in sequences:
+                    final_hidden(model, seq[None].to(self.device))  # no [N, vocab] logits
+        finally:
+            if gate is not None:
+                gate.detach()
+        log(f"  budget curves of {', '.join(cals)} on {len(sequences)} calibration sequences in "
+            f"{time.perf_counter() - t0:.1f} s")
+        return cals
+
     def _nll(self, provider) -> float:
         """Mean next-token NLL over every predicted token of the sequences."""
         import torch
