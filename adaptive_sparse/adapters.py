@@ -202,18 +202,13 @@ def gate_weights_sha256(gates) -> str:
     return entry["sha256"]
 
 
-def _canonical(obj) -> bytes:
-    from adaptive_sparse.models.fingerprint import canonical_json
-
-    return canonical_json(obj).encode()
-
-
 def save_adapter(out, model, meta: Mapping | None = None, *, gates_sha256: str | None = None,
                  overwrite: bool = False) -> Path:
     """Write the adapter attached to `model` as an artifact folder `out` (see the module
     docstring); meta: JSON-safe facts (training steps, tokens, loss ...). Returns `out`."""
     from safetensors.torch import save
 
+    from adaptive_sparse.export.format import manifest_digest
     from adaptive_sparse.io import atomic_write_dir
     from adaptive_sparse.models.fingerprint import model_fingerprint, sha256_hex
 
@@ -232,7 +227,7 @@ def save_adapter(out, model, meta: Mapping | None = None, *, gates_sha256: str |
             "modules": lora.shapes(), "meta": json.loads(json.dumps(dict(meta or {}),
                                                                     default=str)),
             "files": {TENSORS: {"sha256": sha256_hex(data), "size": len(data)}}}
-    body["manifest_sha256"] = sha256_hex(_canonical(body))
+    body["manifest_sha256"] = manifest_digest(body)
     blobs = {TENSORS: data,
              MANIFEST: (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()}
     return atomic_write_dir(out, blobs, overwrite=overwrite, marker=MANIFEST)
@@ -245,6 +240,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     from safetensors.torch import load
 
+    from adaptive_sparse.export.format import manifest_digest
     from adaptive_sparse.io import open_in, read_dir_consistent
     from adaptive_sparse.models.fingerprint import sha256_hex
 
@@ -266,7 +262,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise fail("adapter.format_version", f"{FORMAT_VERSION} (upgrade adaptive-sparse "
                        "for newer ones)", m.get("format_version"))
         body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-        if sha256_hex(_canonical(body)) != m.get("manifest_sha256"):
+        if manifest_digest(body) != m.get("manifest_sha256"):
             raise fail("adapter.manifest_sha256", "the digest of the manifest (it was edited)",
                        m.get("manifest_sha256"))
         entry = (m.get("files") or {}).get(TENSORS)

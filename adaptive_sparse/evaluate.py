@@ -30,6 +30,14 @@ def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     return base(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of the LM head on hidden states [..., d] (the config's final logit
+    soft-capping applied when it has one). Differentiable: sparse-aware training uses it."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 @torch.no_grad()
 def sequence_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     """(summed next-token NLL in nats, number of predicted tokens) of input_ids LongTensor [B, L].
@@ -46,16 +54,11 @@ def sequence_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     hidden = final_hidden(model, ids)  # [B, L, d]
-    head = model.get_output_embeddings()
-    cfg = text_config(model)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
     total = 0.0
     L = ids.shape[1]
     for i in range(0, L - 1, _LOGIT_CHUNK):
         j = min(L - 1, i + _LOGIT_CHUNK)
-        logits = head(hidden[:, i:j]).float()  # [B, R, V]
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = lm_logits(model, hidden[:, i:j])  # [B, R, V]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        ids[:, i + 1:j + 1].reshape(-1), reduction="sum"))
     return total, int(ids.shape[0] * (L - 1))

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptive_sparse.adapters import DEFAULT_TARGETS, adapters_disabled, attach_lora, get_lora
 from adaptive_sparse.errors import fail
-from adaptive_sparse.models.config import text_config
 
 LOSSES = ("kl", "lm")
 TRAIN_BACKENDS = ("flex", "reference")
@@ -179,12 +178,10 @@ def chunked_loss(model, hidden: torch.Tensor, ids: torch.Tensor, teacher=None, *
     student) of the next-token distributions when `teacher` (hidden states [B, N, d]) is
     given, else the cross entropy; the LM head applied per `chunk` positions, each chunk
     checkpointed (its [B, chunk, vocab] logits recomputed in the backward)."""
-    head = model.get_output_embeddings()
-    softcap = getattr(text_config(model), "final_logit_softcapping", None)
+    from adaptive_sparse.evaluate import lm_logits
 
     def logits_of(h):
-        x = head(h).float()
-        return torch.tanh(x / softcap) * softcap if softcap else x
+        return lm_logits(model, h)
 
     def kl(hs, ht):
         return F.kl_div(F.log_softmax(logits_of(hs), -1), F.log_softmax(logits_of(ht), -1),
@@ -275,9 +272,8 @@ def train_adapter(model, gate_set, sequences: torch.Tensor, out, *, steps: int, 
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(sequences), batch_size=1, shuffle=True, generator=gen)
     trainer.fit(module, loader, ckpt_path=resume)
-    # Lightning's teardown leaves the module (the adapter with it) on the CPU: back to `device`
+    # Lightning's teardown leaves the module (the adapter, its one submodule) on the CPU
     module.to(device)
-    model.to(device)
     model.eval()
     atomic_write_json(out / RUN_FILE, {**record, "seconds": spent + timer.seconds})
     return {"steps": int(trainer.global_step), "tokens_per_step": int(sequences.shape[1]),
