@@ -12,13 +12,16 @@ tokens per second of generation, dense against sparse decode.
    ("dense"), dense through the adaptive_sparse attention routing ("dense, routed": what the
    routing itself costs), and the decode gates ("sparse": `DecodeProvider`, one fused Triton
    launch per layer for the gate and the split-KV kernel on its selection) under a token
-   budget of `--density` x context. Reported per batch: prefill seconds (to the first token's
-   logits), decode-only tokens per second (tokens after the first over the time after the
-   prefill), total tokens per second, the decode density and greedy agreement with dense.
+   budget of `--density` x context; with `--decode-select bounds` the keys' per-block min / max
+   bound selects instead (training-free, eager PyTorch scoring, no decode gates). Reported
+   per batch: prefill seconds (to the first token's logits), decode-only tokens per second
+   (tokens after the first over the time after the prefill), total tokens per second, the
+   decode density and greedy agreement with dense.
 
 Decode gates: `--decode-gates` (the artifact `benchmarks/decode_quality.py` writes to
 OUT/decode_gates, or a save_decode_gates file), else trained here as decode_quality.py trains
-them (`--train-steps`, about 90 s on an H200 at its defaults) and written to OUT/decode_gates.
+them (`--train-steps`, about 90 s on an H200 at its defaults) and written to OUT/decode_gates;
+none with `--decode-select bounds`.
 
     PYTHONPATH=. python3 benchmarks/decode_e2e.py --model qwen2.5-coder-0.5b \\
         --decode-gates runs/decode_quality/decode_gates --out runs/decode_e2e
@@ -49,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen2.5-coder-0.5b" if cuda else "smollm2-135m")
     p.add_argument("--out", default="runs/decode_e2e")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--decode-select", choices=("gate", "bounds"), default="gate",
+                   help="sparse decode selection: the decode gates or the keys' per-block "
+                        "min / max bound (training-free, no gates) (default %(default)s)")
     p.add_argument("--decode-gates", default=None,
                    help="decode-gate artifact folder or save_decode_gates file (else trained)")
     p.add_argument("--context", type=int, default=32768 if cuda else 1024,
@@ -134,7 +140,7 @@ def markdown(meta: dict, rows: list[dict], kernels: str | None) -> str:
     lines = [f"Model {meta['model']} ({meta['dtype']}) on {meta['device_name']}, torch "
              f"{meta['torch']}, transformers {meta['transformers']}; prompts of "
              f"{meta['prompt_tokens']} held-out tokens ({meta['corpus']}), {meta['new_tokens']} "
-             f"greedy tokens, prefill dense; sparse decode: decode gates ({meta['gates']}), "
+             f"greedy tokens, prefill dense; sparse decode: {meta['selection']}, "
              f"token budget {meta['budget_tokens']} ({meta['density']:g} of {meta['context']}), "
              f"block {meta['block_size']}.", "",
              "| batch | decode | prefill s | decode tokens/s | total tokens/s | decode density "
@@ -158,8 +164,8 @@ def markdown(meta: dict, rows: list[dict], kernels: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def check_args(args) -> argparse.Namespace:
+    """Defaults filled in, bad values refused (ValueError naming the flag; `main` exits 2)."""
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise fail("--device", "cpu, or cuda on a machine with CUDA", args.device)
@@ -167,11 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         args.train_steps = 300 if cuda else 20
     if args.train_seq_len is None:
         args.train_seq_len = 4096 if cuda else 512
+    if args.decode_select == "bounds" and args.decode_gates is not None:
+        raise fail("--decode-gates", "no decode gates with --decode-select bounds",
+                   args.decode_gates)
     if not 0 < args.density <= 1:
         raise fail("--density", "a share in (0, 1]", args.density)
     if args.new_tokens < 2 or args.context <= args.new_tokens + args.block_size:
         raise fail("--new-tokens", f"at least 2 and below --context - {args.block_size}",
                    args.new_tokens)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    try:
+        args = check_args(p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))  # exit status 2
+    cuda = args.device.startswith("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -200,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_gates=args.decode_gates, block_size=args.block_size, corpora=args.corpora,
         train_seq_len=args.train_seq_len, train_seqs=args.train_seqs,
         train_steps=args.train_steps, device=args.device, contexts=[args.context])
-    gates, training = obtain_gates(gate_args, model, tok, out, log)
+    gates, training = obtain_gates(gate_args, model, tok, out, log) \
+        if args.decode_select == "gate" else (None, None)
     layers = model_shapes(model)["num_layers"]
     budget = max(1, round(args.density * args.context))
     policy = token_budget_policy(budget, args.block_size)
@@ -213,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_tokens": prompt_len, "new_tokens": args.new_tokens, "corpus": args.corpus,
             "distinct_prompts": seqs.shape[0], "context": args.context,
             "density": args.density, "budget_tokens": budget, "policy": policy.to_dict(),
-            "block_size": args.block_size, "fused_gate_step": fast,
-            "gates": args.decode_gates or str(out / "decode_gates"), "training": training}
+            "block_size": args.block_size, "fused_gate_step": fast and gates is not None,
+            "decode_select": args.decode_select,
+            "selection": "the keys' per-block min / max bound" if gates is None else
+            f"decode gates ({args.decode_gates or out / 'decode_gates'})",
+            "gates": None if gates is None else args.decode_gates or str(out / "decode_gates"),
+            "training": training}
     rows, raw = [], []
     for B in args.batches:
         ids = seqs[torch.arange(B) % seqs.shape[0]].to(args.device)
         provider = DecodeProvider(policy, gates=gates, block_size=args.block_size,
-                                  num_layers=layers, fast=fast)
+                                  num_layers=layers, fast=fast,
+                                  decode="gate" if gates is not None else "bounds")
         t0 = time.perf_counter()
         res = compare_generation(model, ids, provider, max_new_tokens=args.new_tokens,
                                  block_size=args.block_size, backend=args.backend, warmup=2)

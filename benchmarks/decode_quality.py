@@ -2,7 +2,8 @@
 
 For one model (--model) this trains decode gates on the training split of the corpora (or loads
 --decode-gates, a decode-gate artifact or a save_decode_gates file; trained gates are written to
-OUT/decode_gates as an artifact and reused on a restart), then, per context length N and per
+OUT/decode_gates as an artifact and reused on a restart; only when --sources has "gate": "bounds",
+the keys' per-block min / max bound, and "oracle" need none), then, per context length N and per
 decode budget (each source in --sources at each density in --densities; a density d is a token
 budget of round(d * N) tokens, i.e. a top-k of ceil(d * N / block) cache blocks per KV head with
 the sink and the newest block forced), measures against dense decoding on the same prompts:
@@ -55,7 +56,7 @@ from benchmarks.quality import Results
 
 DENSITIES = (0.05, 0.1, 0.2)
 CORPORA = ("stdlib", "essays")
-SOURCES = ("gate", "oracle")
+SOURCES = ("gate", "oracle", "bounds")
 INSTRUCTION = ("\n\nExplain in detail what the text above says or does, part by part, "
                "quoting the important names.")
 NEEDLE_TOKENS = 12
@@ -397,7 +398,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--corpora", nargs="+", default=list(CORPORA))
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     p.add_argument("--sources", nargs="+", choices=SOURCES, default=["gate"],
-                   help="selections to measure: the decode gates and/or the oracle (the true "
+                   help="selections to measure: the decode gates, the keys' per-block min / "
+                        "max bound (bounds, training-free) and/or the oracle (the true "
                         "attention mass per block, a bound)")
     p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=64)
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
@@ -466,14 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
     log(f"== {args.model} ({args.dtype}) on {args.device} in {time.perf_counter() - t0:.0f} s")
-    gates, training = obtain_gates(args, model, tok, out, log)
+    gates, training = obtain_gates(args, model, tok, out, log) if "gate" in args.sources \
+        else (None, None)
     import transformers
     env = {**environment(), "transformers": transformers.__version__}
     shapes = dict(model_shapes(model))
     results = Results(out / "decode_quality.json", {
         "model": args.model, "dtype": args.dtype, "environment": env, "shapes": shapes,
         "block_size": args.block_size, "backend": args.backend, "training": training,
-        "decode_gates": args.decode_gates or str(out / "decode_gates"),
+        "decode_gates": (args.decode_gates or str(out / "decode_gates"))
+        if gates is not None else None,
         "tf_tokens": args.tf_tokens, "gen_tokens": args.gen_tokens,
         "needle_tokens": NEEDLE_TOKENS, "split": "validation + test (held out)",
         "corpora": list(args.corpora)})

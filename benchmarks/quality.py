@@ -28,7 +28,10 @@ Research levers (issue 13), each an ablation row of the same table and of the ne
   trained on decode-position queries) in every decoding step, at a decode token budget of the
   best gate's needle prefill density and at each --tail-scale multiple of it, rows
   ``best gate + decode gates xS``: the prefill gate's decoding rows against the decode gates'
-  at the same decode density.
+  at the same decode density;
+- ``--decode-bounds``: the same rows with the training-free selection of the keys' per-block
+  min / max bound (Quest; `DecodeProvider(decode="bounds")`, ``--bounds-combine`` max or
+  mean_prob) in every decoding step, rows ``best gate + bounds decode xS``.
 
 Calibration. A pattern's parameters for a target density come from one ordered family per
 pattern (one knob; the others fixed at common settings, written in ``FAMILIES``): every member
@@ -230,8 +233,8 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
     its masks kept in both. Ablations: with --budgets the best gate with calibrated budgets;
     with a lever (--tail-blocks / --min-blocks) the best gate's policy plus the lever; with
     --needle-diagnose the best gate with dense decoding steps and with a dense prefill; with
-    --decode-gates (loaded by `main` into args.decode_gate_set) the best gate's prefill and the
-    decode gates in the decoding steps (`decode_gate_picks`)."""
+    --decode-gates (loaded by `main` into args.decode_gate_set) and / or --decode-bounds the
+    best gate's prefill and that decode selection in the decoding steps (`decode_picks`)."""
     from adaptive_sparse.data import make_needle_samples
     from adaptive_sparse.evaluate import evaluate_needle
 
@@ -264,10 +267,12 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
         picks += [("best gate, dense decode", gate, "decode"),
                   ("best gate, dense prefill", gate, "prefill")]
     decode_gates = getattr(args, "decode_gate_set", None)
-    if gate is not None and decode_gates is not None:
-        picks += decode_gate_picks(gate, args)
-    elif decode_gates is not None:
-        log(f"  [{seq_len}] needle: no best gate at density {d}, no decode-gate rows")
+    sources = [s for s, on in (("decode gates", decode_gates is not None),
+                               ("bounds decode", getattr(args, "decode_bounds", False))) if on]
+    if gate is not None:
+        picks += [pick for source in sources for pick in decode_picks(gate, source, args)]
+    elif sources:
+        log(f"  [{seq_len}] needle: no best gate at density {d}, no {' / '.join(sources)} rows")
     for label, row, dense_phase in picks:
         key = f"{seq_len}|needle|{label}|{d}"
         if results.needle(key) is not None:
@@ -281,10 +286,10 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
                 "oracle" if row["method"].startswith("oracle") else row["method"]
             family = row.get("family", family)
             with evaluator._detached(evaluator.provider(family, row["params"])) as provider:
-                if isinstance(dense_phase, float):  # a decode-gate row: its budget's multiple
-                    provider, budget = decode_gate_provider(
-                        provider, decode_gates, results.needle(f"{seq_len}|needle|best gate|{d}"),
-                        dense_phase, seq_len, args)
+                if isinstance(dense_phase, tuple):  # a decode row: (source, budget multiple)
+                    provider, budget = decode_provider(
+                        provider, *dense_phase, results.needle(f"{seq_len}|needle|best gate|{d}"),
+                        seq_len, args)
                 counted = PhaseDensity(provider, dense=None if budget else dense_phase)
                 r = evaluate_needle(model, tokenizer, samples, counted, sparse=True,
                                     block_size=args.block_size, backend=args.backend,
@@ -304,36 +309,43 @@ def needle_stage(evaluator, tokenizer, results: Results, seq_len: int, args, log
             f"{r['needle_accuracy']:.2f} ({time.perf_counter() - t0:.1f} s)")
 
 
-def decode_gate_picks(gate: dict, args) -> list[tuple[str, dict, float]]:
-    """The needle picks of --decode-gates: (label, the best gate's row, the decode budget's
-    multiple S of the prefill density), S = 1 and each --tail-scale, labels
-    "best gate + decode gates xS". They follow the plain best gate's run, whose measured
-    prefill density sets the budget."""
+def decode_picks(gate: dict, source: str, args) -> list[tuple[str, dict, tuple[str, float]]]:
+    """The needle picks of --decode-gates (source "decode gates") or --decode-bounds ("bounds
+    decode"): (label, the best gate's row, (source, the decode budget's multiple S of the
+    prefill density)), S = 1 and each --tail-scale, labels "best gate + <source> xS". They
+    follow the plain best gate's run, whose measured prefill density sets the budget."""
     scales = dict.fromkeys([1.0, *args.tail_scale])
-    return [(f"best gate + decode gates x{s:g}", gate, float(s)) for s in scales]
+    return [(f"best gate + {source} x{s:g}", gate, (source, float(s))) for s in scales]
 
 
-def decode_gate_provider(prefill, decode_gates, best: dict | None, scale: float, seq_len: int,
-                         args):
-    """(provider, row fields) of one decode-gate needle run: `prefill` (the best gate's
-    provider) for the prompt, the decode gates for every decoding step under a token budget of
-    round(scale * p * seq_len) tokens (`token_budget_policy`: ceil(tokens / block) cache blocks
-    per KV head, the sink and the newest block forced), p the prefill density the best gate's
-    plain needle run measured (its table density when that run is missing)."""
+def decode_provider(prefill, source: str, scale: float, best: dict | None, seq_len: int, args):
+    """(provider, row fields) of one decode needle run: `prefill` (the best gate's provider) for
+    the prompt, then in every decoding step the decode gates (source "decode gates",
+    args.decode_gate_set) or the keys' per-block min / max bound ("bounds decode",
+    --bounds-combine) under a token budget of round(scale * p * seq_len) tokens
+    (`token_budget_policy`: ceil(tokens / block) cache blocks per KV head, the sink and the
+    newest block forced), p the prefill density the best gate's plain needle run measured (its
+    table density when that run is missing)."""
     from adaptive_sparse.gates.decode import DecodeProvider, token_budget_policy
 
     p = (best or {}).get("prefill_density")
-    source = "best gate needle prefill density"
+    budget_source = "best gate needle prefill density"
     if p is None:
-        p, source = (best or {}).get("density"), "best gate table density"
+        p, budget_source = (best or {}).get("density"), "best gate table density"
     if p is None:
-        raise RuntimeError("decode-gate needle rows need the best gate's needle run first")
+        raise RuntimeError(f"{source} needle rows need the best gate's needle run first")
     tokens = max(1, min(seq_len, round(scale * p * seq_len)))
     policy = token_budget_policy(tokens, args.block_size)
-    provider = DecodeProvider(policy, gates=decode_gates, prefill=prefill, decode="gate",
-                              block_size=args.block_size)
-    return provider, {"decode_gates": str(args.decode_gates), "decode_budget_scale": scale,
-                      "decode_budget_density": p * scale, "decode_budget_source": source,
+    if source == "decode gates":
+        provider = DecodeProvider(policy, gates=args.decode_gate_set, prefill=prefill,
+                                  decode="gate", block_size=args.block_size)
+        fields = {"decode_gates": str(args.decode_gates)}
+    else:
+        provider = DecodeProvider(policy, prefill=prefill, decode="bounds",
+                                  block_size=args.block_size, bounds_combine=args.bounds_combine)
+        fields = {"decode_select": "bounds", "bounds_combine": args.bounds_combine}
+    return provider, {**fields, "decode_budget_scale": scale,
+                      "decode_budget_density": p * scale, "decode_budget_source": budget_source,
                       "decode_budget_tokens": tokens, "decode_policy": policy.to_dict()}
 
 
@@ -783,6 +795,12 @@ def _parser() -> argparse.ArgumentParser:
                    "or save_decode_gates file: needle rows with the best gate's prefill and "
                    "these gates in the decoding steps, at a token budget of the prefill density "
                    "times 1 and each --tail-scale")
+    p.add_argument("--decode-bounds", action="store_true",
+                   help="needle rows like --decode-gates' with the keys' per-block min / max "
+                   "bound (training-free, no gates) selecting the decoding steps' blocks")
+    p.add_argument("--bounds-combine", choices=("max", "mean_prob"), default="max",
+                   help="--decode-bounds: a KV head's query group combined by the max of its "
+                   "bounds (default) or the mean of their softmax over the blocks")
     p.add_argument("--patterns", nargs="*", default=None,
                    help="the families of the table: the policies gate/threshold, gate/top_p, "
                    "oracle/threshold and the patterns by name (default: all of them; the gate "
@@ -891,6 +909,9 @@ def check_args(args) -> dict:
         if not args.needle_lens:
             raise fail("--decode-gates", "--needle-lens (the decode gates serve the needle "
                        "runs)", "no needle lengths")
+    if args.decode_bounds and not args.needle_lens:
+        raise fail("--decode-bounds", "--needle-lens (the bounds serve the needle runs)",
+                   "no needle lengths")
     try:
         for scale in args.tail_scale:
             Policy("threshold", tau=0.01, **lever_policy(args, scale))
@@ -938,7 +959,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          "calib_split": args.calib_split}
                                              if args.budgets else None,
                                              "lever": lever or None,
-                                             "decode_gates": args.decode_gates})
+                                             "decode_gates": args.decode_gates,
+                                             "decode_bounds": args.bounds_combine
+                                             if args.decode_bounds else None})
     lens = list(dict.fromkeys([*args.seq_lens, *args.needle_lens]))
     if lens:
         from adaptive_sparse.data import load_corpus, pack, split_documents

@@ -20,6 +20,14 @@ a token budget (`token_budget_policy`), "threshold" and "top_p" on the row's sof
 `keep_sink` forces block 0 and `keep_diagonal` the block of the new token (`local_blocks` more
 recent ones).
 
+Training-free selection after Quest (Tang et al. 2024): `block_key_bounds` keeps per cache block
+the elementwise min and max of its keys (`DecodeBoundsCache`, incrementally like the key
+features: a block's bounds are computed once, when it fills), and `bounds_scores` scores block j
+for a query q by sum_d max(q_d * kmax_j[d], q_d * kmin_j[d]), an upper bound of q . k over the
+block's keys that reads 2 vectors per block instead of its keys; the group's query heads are
+combined by their max (logits) or their mean softmax over the blocks (probabilities).
+`DecodeProvider(decode="bounds")` selects with it under the same policies, no gates needed.
+
 Training distills the dense attention of decode-position queries: for a query at position p the
 target is the mass of its group's attention (mean over the group's heads) on each complete block
 before p's block, renormalized; the loss is KL(target || softmax(scores)) over those blocks (p's
@@ -149,7 +157,61 @@ class DecodeGateSet(nn.ModuleList):
         self.config = config
 
 
-class DecodeKeyCache:
+class _BlockCache:
+    """Per-block features [B, Hkv, ceil(M / bs), F] of one layer's KV cache, kept in step with
+    the cache (the incremental contract of `DecodeKeyCache` and `DecodeBoundsCache`).
+
+    `update(k)` with the whole cache k [B, Hkv, M, D]: a call whose cache is the previous one
+    plus one token computes only the block that filled (if any) and the partial last block;
+    anything else (a new prompt, a different batch, a changed `_key`) recomputes from the given
+    cache once and counts `recomputes`. The buffer grows by powers of two. Subclasses give
+    `_key(k)`, `_layout(k)` (feature width, dtype) and `_features(part)`."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.recomputes = 0  # full recomputations (one per prompt)
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = None  # [B, Hkv, capacity, F]
+        self.length = 0
+        self.full = 0  # blocks computed from complete blocks
+        self.key = None
+
+    def _key(self, k: torch.Tensor) -> tuple:
+        return (k.shape[0], k.shape[1], k.device)
+
+    def _continues(self, k: torch.Tensor) -> bool:
+        return self._key(k) == self.key and k.shape[2] == self.length + 1
+
+    def _ensure(self, k: torch.Tensor, blocks: int) -> None:
+        if self.buf is None or self.buf.shape[2] < blocks:
+            width, dtype = self._layout(k)
+            cap = max(16, 1 << (blocks - 1).bit_length())
+            new = torch.empty(k.shape[0], k.shape[1], cap, width, dtype=dtype, device=k.device)
+            if self.buf is not None:
+                new[:, :, :self.full] = self.buf[:, :, :self.full]
+            self.buf = new
+
+    @torch.no_grad()
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        bs, M = self.block_size, k.shape[2]
+        if not self._continues(k):
+            self.reset()
+            self.key = self._key(k)
+            self.recomputes += 1
+        nb, full = num_blocks(M, bs), M // bs
+        self._ensure(k, nb)
+        if full > self.full:  # blocks that filled since the last call: computed once
+            self.buf[:, :, self.full:full] = self._features(k[:, :, self.full * bs:full * bs])
+            self.full = full
+        if nb > full:  # the partial last block (at most bs tokens)
+            self.buf[:, :, full:nb] = self._features(k[:, :, full * bs:])
+        self.length = M
+        return self.buf[:, :, :nb]
+
+
+class DecodeKeyCache(_BlockCache):
     """Projected key-block features of one layer's KV cache, kept in step with the cache.
 
     `update(k)` with the whole cache k [B, Hkv, M, D] returns kg [B, Hkv, ceil(M / bs), gd]. A
@@ -160,57 +222,103 @@ class DecodeKeyCache:
 
     def __init__(self, gate: DecodeGate):
         self.gate = gate
-        self.recomputes = 0  # full recomputations (one per prompt)
-        self.reset()
+        super().__init__(gate.config.block_size)
 
-    def reset(self) -> None:
-        self.buf = None  # [B, Hkv, capacity, gd]
-        self.length = 0
-        self.full = 0  # blocks pooled from complete blocks
-        self.key = None
+    def _key(self, k):
+        return (*super()._key(k), self.gate.wk._version, self.gate.wk.data_ptr())
 
-    def _ensure(self, B, H, blocks, gd, dtype, device) -> None:
-        if self.buf is None or self.buf.shape[2] < blocks:
-            cap = max(16, 1 << (blocks - 1).bit_length())
-            new = torch.empty(B, H, cap, gd, dtype=dtype, device=device)
-            if self.buf is not None:
-                new[:, :, :self.full] = self.buf[:, :, :self.full]
-            self.buf = new
+    def _layout(self, k):
+        return self.gate.wk.shape[-1], self.gate.wk.dtype
 
-    @torch.no_grad()
-    def update(self, k: torch.Tensor) -> torch.Tensor:
-        gate, bs = self.gate, self.gate.config.block_size
-        B, H, M, _ = k.shape
-        key = (B, H, k.device, gate.wk._version, gate.wk.data_ptr())
-        if key != self.key or M != self.length + 1:
-            self.reset()
-            self.key = key
-            self.recomputes += 1
-        nb, full = num_blocks(M, bs), M // bs
-        self._ensure(B, H, nb, gate.wk.shape[-1], gate.wk.dtype, k.device)
-        if full > self.full:  # blocks that filled since the last call: pooled once
-            part = k[:, :, self.full * bs:full * bs]
-            self.buf[:, :, self.full:full] = gate.project_keys(gate.pooled_keys(part))
-            self.full = full
-        if nb > full:  # the partial last block (at most bs tokens)
-            self.buf[:, :, full:nb] = gate.project_keys(gate.pooled_keys(k[:, :, full * bs:]))
-        self.length = M
-        return self.buf[:, :, :nb]
+    def _features(self, part):
+        return self.gate.project_keys(self.gate.pooled_keys(part))
 
     def advance(self, k: torch.Tensor) -> torch.Tensor:
         """For `DecodeGate.fused_select`, which writes the last block's features itself: the
         whole buffer [B, Hkv, capacity, gd] with every block before the last one of k
         [B, Hkv, M, D] current. A call that continues the cache by one token only grows the
         buffer (no pooling, no launch); anything else recomputes through `update`."""
-        gate, bs = self.gate, self.gate.config.block_size
-        B, H, M, _ = k.shape
-        key = (B, H, k.device, gate.wk._version, gate.wk.data_ptr())
-        if key != self.key or M != self.length + 1:
+        M = k.shape[2]
+        if not self._continues(k):
             self.update(k)
         else:
-            self._ensure(B, H, num_blocks(M, bs), gate.wk.shape[-1], gate.wk.dtype, k.device)
-            self.full, self.length = M // bs, M
+            self._ensure(k, num_blocks(M, self.block_size))
+            self.full, self.length = M // self.block_size, M
         return self.buf
+
+
+def block_key_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k [B, Hkv, M, D] (post-rotary keys) -> (kmin, kmax) [B, Hkv, ceil(M / bs), D] in k's
+    dtype: the elementwise min and max of each block's stored keys (a partial last block
+    bounds its real tokens only)."""
+    if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] < 1:
+        raise fail("k", "a tensor [B, Hkv, M >= 1, D]", getattr(k, "shape", type(k).__name__))
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES}", block_size)
+    pooled = pool_blocks(k, block_size, ("min", "max"))
+    return pooled["min"], pooled["max"]
+
+
+class DecodeBoundsCache(_BlockCache):
+    """`block_key_bounds` of one layer's KV cache, kept in step with it (`DecodeKeyCache`'s
+    incremental contract: one token more redoes the block that filled and the partial last
+    block; anything else recomputes once). `update(k)` with the whole cache k [B, Hkv, M, D]
+    returns (kmin, kmax) [B, Hkv, ceil(M / bs), D] in k's dtype, views of one buffer
+    [B, Hkv, capacity, 2 * D]."""
+
+    def _key(self, k):
+        return (*super()._key(k), k.shape[3], k.dtype)
+
+    def _layout(self, k):
+        return 2 * k.shape[3], k.dtype
+
+    def _features(self, part):
+        return torch.cat(block_key_bounds(part, self.block_size), dim=-1)
+
+    def update(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D = k.shape[3]
+        b = super().update(k)
+        return b[..., :D], b[..., D:]
+
+
+BOUNDS_COMBINES = ("max", "mean_prob")
+
+
+def bounds_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+                  scale: float | None = None, combine: str = "max") -> torch.Tensor:
+    """Quest scores of the cache blocks: q [B, Hq, N, D] (post-rotary), kmin / kmax
+    [B, Hkv, Kb, D] (`block_key_bounds`) -> fp32 [B, Hkv, N, Kb].
+
+    For query head h * G + g of KV head h, u[g, j] = scale * sum_d max(q_d * kmax_j[d],
+    q_d * kmin_j[d]) (= scale * (relu(q) . kmax_j - relu(-q) . kmin_j)), computed in fp32: an
+    upper bound of scale * q . k over block j's keys, equal to it for a one-token block. scale:
+    D ** -0.5 by default. combine "max": score_j = max_g u[g, j] (logits); "mean_prob": score_j
+    = mean_g softmax_j(u[g, :]) (probabilities over the row's blocks: a policy must then be
+    told `scores_are_probs`)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise fail("q", "a tensor [B, Hq, N, D]", getattr(q, "shape", type(q).__name__))
+    for name, t in (("kmin", kmin), ("kmax", kmax)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != q.shape[0] \
+                or t.shape[3] != q.shape[3] or q.shape[1] % max(1, t.shape[1]) \
+                or t.shape != kmin.shape:
+            raise fail(name, f"a tensor [B={q.shape[0]}, Hkv dividing {q.shape[1]}, Kb, "
+                       f"D={q.shape[3]}] (kmin and kmax alike)",
+                       getattr(t, "shape", type(t).__name__))
+    if combine not in BOUNDS_COMBINES:
+        raise fail("combine", f"one of {BOUNDS_COMBINES}", combine)
+    B, Hq, N, D = q.shape
+    Hkv = kmin.shape[1]
+    if scale is None:
+        scale = D ** -0.5
+    elif not isinstance(scale, (int, float)) or not scale > 0:
+        raise fail("scale", "a positive float or None", scale)
+    qf = q.float().view(B, Hkv, Hq // Hkv, N, D)
+    u = torch.einsum("bhgnd,bhkd->bhgnk", qf.clamp_min(0), kmax.float()) \
+        + torch.einsum("bhgnd,bhkd->bhgnk", qf.clamp_max(0), kmin.float())
+    u = u * scale  # [B, Hkv, G, N, Kb]
+    if combine == "max":
+        return u.amax(2)
+    return torch.softmax(u, dim=-1).mean(2)
 
 
 def token_budget_policy(tokens: int, block_size: int, **options) -> Policy:
@@ -221,9 +329,11 @@ def token_budget_policy(tokens: int, block_size: int, **options) -> Policy:
 
 
 def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, block_size: int,
-                         layer_idx: int = 0, num_layers: int = 1) -> BlockSparseMask:
-    """scores [B, Hkv, Kb] (logits of one new token per sequence) -> BlockSparseMask with
-    q_len 1, kv_len `kv_len` and heads Hkv (what the decode kernel reads). No device sync.
+                         layer_idx: int = 0, num_layers: int = 1,
+                         scores_are_probs: bool = False) -> BlockSparseMask:
+    """scores [B, Hkv, Kb] (logits of one new token per sequence; probabilities with
+    `scores_are_probs`) -> BlockSparseMask with q_len 1, kv_len `kv_len` and heads Hkv (what the
+    decode kernel reads). No device sync.
 
     A "top_k" / "density" policy whose budget is the same for every head takes a direct path
     (one top-k and one sort of each row on the device, no host tensor and no sync, meant for
@@ -236,7 +346,8 @@ def select_decode_blocks(scores: torch.Tensor, policy: Policy, *, kv_len: int, b
         if bool((budgets == budgets[0]).all()):
             return _top_k_mask(scores, int(budgets[0]), policy, kv_len, block_size)
     return policy.to_mask(scores[:, :, None], q_len=1, kv_len=kv_len, block_size=block_size,
-                          layer_idx=layer_idx, num_layers=num_layers, validate=False)
+                          layer_idx=layer_idx, num_layers=num_layers,
+                          scores_are_probs=scores_are_probs, validate=False)
 
 
 def uniform_top_k(policy: Policy, *, kv_len: int, block_size: int, layer_idx: int = 0,
@@ -413,7 +524,7 @@ def load_decode_gates(path, *, map_location="cpu") -> DecodeGateSet:
     return gates.eval()
 
 
-DECODE_MODES = ("dense", "gate", "oracle")
+DECODE_MODES = ("dense", "gate", "oracle", "bounds")
 
 
 class DecodeProvider:
@@ -421,9 +532,12 @@ class DecodeProvider:
 
     prefill: a provider for calls with more than one query (None: dense prefill).
     decode: for one-query calls, "dense" (None), "gate" (the decode gates' selection under
-        `policy`, key features kept by a `DecodeKeyCache` per layer) or "oracle" (the true
-        attention mass of the new token's group per block under `policy`: a quality bound that
-        reads the whole cache).
+        `policy`, key features kept by a `DecodeKeyCache` per layer), "bounds" (training-free:
+        `bounds_scores` of the keys' per-block min / max, kept by a `DecodeBoundsCache` per
+        layer, under `policy`) or "oracle" (the true attention mass of the new token's group
+        per block under `policy`: a quality bound that reads the whole cache).
+    bounds_combine: with decode="bounds", how a KV head's group of query heads is combined
+        (`bounds_scores`' combine): "max" (logits) or "mean_prob" (probabilities).
     policy: a `Policy` (or its dict); `token_budget_policy` gives a token budget.
     block_size: the cache block size of the decode selection (default: the gates', else 64);
         pass the same to `sparse_attention`.
@@ -436,9 +550,12 @@ class DecodeProvider:
 
     def __init__(self, policy=None, *, gates: DecodeGateSet | None = None, prefill=None,
                  decode: str = "gate", block_size: int | None = None,
-                 num_layers: int | None = None, fast: bool | None = None):
+                 num_layers: int | None = None, fast: bool | None = None,
+                 bounds_combine: str = "max"):
         if decode not in DECODE_MODES:
             raise fail("decode", f"one of {DECODE_MODES}", decode)
+        if bounds_combine not in BOUNDS_COMBINES:
+            raise fail("bounds_combine", f"one of {BOUNDS_COMBINES}", bounds_combine)
         if decode != "dense":
             policy = Policy.coerce(policy) if policy is not None else None
             if policy is None:
@@ -457,14 +574,18 @@ class DecodeProvider:
             raise fail("block_size", f"one of {SUPPORTED_BLOCK_SIZES} (that of the gates when "
                        "given)", block_size)
         self.block_size = block_size
+        self.bounds_combine = bounds_combine
+        # per layer: the gates' key features, or the key bounds (made on a layer's first call)
         self.caches = {} if gates is None else {i: DecodeKeyCache(g) for i, g in enumerate(gates)}
         self.num_layers = len(gates) if gates is not None else num_layers
         self.fast = fast
         self.selected_blocks = self.total_blocks = 0
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor):
+        if self.decode == "bounds" and layer_idx not in self.caches:
+            self.caches[layer_idx] = DecodeBoundsCache(self.block_size)
         if q.shape[2] > 1:
-            if self.decode == "gate":
+            if self.decode in ("gate", "bounds"):
                 self.caches[layer_idx].update(k)  # the prompt's blocks, pooled once
             return self.prefill(layer_idx, q, k) if self.prefill is not None else None
         if self.decode == "dense":
@@ -484,6 +605,12 @@ class DecodeProvider:
                 scores = self.gates[layer_idx].scores(q, kg)[:, :, 0]  # [B, Hkv, Kb]
                 mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
                                             layer_idx=layer_idx, num_layers=num_layers)
+            elif self.decode == "bounds":
+                kmin, kmax = self.caches[layer_idx].update(k)
+                scores = bounds_scores(q, kmin, kmax, combine=self.bounds_combine)[:, :, 0]
+                mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
+                                            layer_idx=layer_idx, num_layers=num_layers,
+                                            scores_are_probs=self.bounds_combine == "mean_prob")
             elif mask is None:
                 pos = torch.full((1,), M - 1, device=q.device)
                 mass = decode_block_mass(q, k, pos, block_size=bs)  # [B, Hkv, 1, Kb]

@@ -4,7 +4,8 @@
 attention call goes through the "adaptive_sparse" AttentionInterface registration: prefill calls
 (several queries) take the provider's prefill mask, decode calls (one query over the whole cache)
 its decode mask, served by the split-KV decode kernel on CUDA. `DecodeProvider`
-(adaptive_sparse.gates.decode) chooses each side: dense, decode gates, or the oracle.
+(adaptive_sparse.gates.decode) chooses each side: dense, decode gates, the keys' per-block
+min / max bound (training-free), or the oracle.
 
 `compare_generation` generates greedily twice, with the model's own dense attention and with the
 sparse provider, and reports tokens per second of each and how far the greedy tokens agree.
@@ -142,8 +143,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="greedy tokens generated per run (default %(default)s)")
     p.add_argument("--batch", type=_positive, default=1,
                    help="copies of the prompt generated together (default %(default)s)")
-    p.add_argument("--decode", choices=("dense", "gate", "oracle"), default="gate",
-                   help="decode-step selection: dense, the decode gates, or the oracle "
+    p.add_argument("--decode", choices=("dense", "gate", "bounds", "oracle"), default="gate",
+                   help="decode-step selection: dense, the decode gates, the keys' per-block "
+                        "min / max bound (training-free, no gates), or the oracle "
+                        "(default %(default)s)")
+    p.add_argument("--bounds-combine", choices=("max", "mean_prob"), default="max",
+                   help="--decode bounds: a KV head's query group combined by the max of its "
+                        "bounds or the mean of their softmax over the blocks "
                         "(default %(default)s)")
     p.add_argument("--prefill", choices=("dense", "oracle", "gate"), default="dense",
                    help="prefill attention: dense, the oracle, or trained prefill gates "
@@ -227,7 +233,7 @@ def make_decode_provider(args, model, tokenizer=None):
         raise fail("--block-size", f"{gate_set.config.block_size} (that of the prefill gates)",
                    args.block_size)
     provider = DecodeProvider(policy, gates=gates, prefill=prefill, decode=args.decode,
-                              block_size=args.block_size,
+                              block_size=args.block_size, bounds_combine=args.bounds_combine,
                               num_layers=model_shapes(model)["num_layers"])
     return provider, policy
 
@@ -264,6 +270,9 @@ def cmd_generate(args) -> int:
         raise fail("--device", "cpu, or cuda on a machine with CUDA", args.device)
     if args.train_steps < 0 or (args.train_steps and args.decode != "gate"):
         raise fail("--train-steps", "a count >= 0, with --decode gate", args.train_steps)
+    if args.decode_gates is not None and args.decode != "gate":
+        raise fail("--decode-gates", "no decode gates unless --decode gate",
+                   f"{args.decode_gates} with --decode {args.decode}")
     model, tokenizer = load_model(args.model)
     model.to(args.device)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
@@ -274,6 +283,7 @@ def cmd_generate(args) -> int:
     res = compare_generation(model, ids, provider, max_new_tokens=args.max_new_tokens,
                              block_size=args.block_size, backend=args.backend)
     res.update(model=args.model, decode=args.decode, prefill=args.prefill,
+               bounds_combine=args.bounds_combine if args.decode == "bounds" else None,
                policy=policy.to_dict(), block_size=args.block_size, device=args.device,
                torch=torch.__version__)
     dens = res["decode_density"]
