@@ -19,7 +19,9 @@ the query projection, scores of every block, top-k with sink and last block forc
 eagerly and replayed from one CUDA graph of all layers (what a deployment that graphs its decode
 step does), against dense decode attention of all layers (each dense method above, eager and
 graphed; each layer its own cache, so no layer reads another's from L2). Also timed: the gate
-plus our sparse kernel on the gate's selection, all layers, graphed.
+plus our sparse kernel on the gate's selection, all layers, graphed. `--gate-kinds gate,bounds`
+adds the same rows for the training-free bounds step (`decode_bounds_select`: the last block's
+key min / max, Quest scores of every block from the per-block bounds, the same top-k).
 
     PYTHONPATH=. python benchmarks/decode.py --json decode.json
     PYTHONPATH=. python benchmarks/decode.py --shape qwen2.5-coder-0.5b --flex --json q.json
@@ -160,17 +162,16 @@ def load_gates(path, shape, bs, device):
     return gates.to(device).eval()
 
 
-def check_fused_selection(gate, t, top_k, bs) -> None:
-    """The fused step's selection of one layer is a top-k of the eager gate's scores (the key
-    features of every block from the buffer the fused step completed): every kept block scores
-    at least the best dropped one, up to float rounding; sink and last block kept."""
-    with torch.no_grad():
-        scores = gate.scores(t["q"][:, :, None], t["kg"])[:, :, 0].float()  # [B, Hkv, Kb]
+def check_fused_selection(scores, t, top_k) -> None:
+    """A fused step's selection of one layer is a top-k of the eager scores [B, Hkv, Kb] (from
+    the buffers the step completed): every kept block scores at least the best dropped one, up
+    to float rounding; sink and last block kept."""
+    scores = scores.float()
     kb = scores.shape[-1]
     kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(
         -1, t["idx"].long(), torch.arange(kb, device=scores.device) < t["num"][..., None])
     if not bool((t["num"] == top_k).all()) or not bool(kept[..., 0].all() & kept[..., -1].all()):
-        raise RuntimeError(f"fused gate step: counts {t['num'].unique().tolist()} (expected "
+        raise RuntimeError(f"fused selection step: counts {t['num'].unique().tolist()} (expected "
                            f"{top_k}) or the sink / last block dropped")
     free = kept.clone()
     free[..., 0] = free[..., -1] = False
@@ -178,14 +179,16 @@ def check_fused_selection(gate, t, top_k, bs) -> None:
     high = scores.masked_fill(kept, float("-inf")).amax(-1)
     tol = 1e-3 * scores.abs().amax(-1).clamp_min(1.0)
     if not bool((low >= high - tol).all()):
-        raise RuntimeError("fused gate step: a dropped block scores above a kept one")
+        raise RuntimeError("fused selection step: a dropped block scores above a kept one")
 
 
-def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
-                   cache_budget: int = 48 << 30) -> dict:
-    """Per-token decode-gate work of every layer (one fused launch each) against dense decode
-    of every layer, eager and from one CUDA graph; plus gate + our sparse kernel, graphed."""
-    from adaptive_sparse.gates.decode import token_budget_policy, uniform_top_k
+def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log, kinds=("gate",),
+                   cache_budget: int = 48 << 30) -> list[dict]:
+    """Per-token selection work of every layer (one fused launch each; a row per kind: "gate"
+    the decode gate's step, "bounds" the Quest-style bounds step) against dense decode of every
+    layer, eager and from one CUDA graph; plus the selection + our sparse kernel, graphed."""
+    from adaptive_sparse.attention.triton.decode_bounds import decode_bounds_select
+    from adaptive_sparse.gates.decode import bounds_scores, token_budget_policy, uniform_top_k
 
     Hq, Hkv, D, L = shape
     kb = -(-M // bs)
@@ -203,7 +206,9 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
               for _ in range(distinct)]
     layers = []
     for i in range(L):
+        bounds = torch.randn(2, B, Hkv, kb, D, device=dev, dtype=dtype, generator=gen)
         layers.append({
+            "kmin": bounds.amin(0), "kmax": bounds.amax(0),
             "q": torch.randn(B, Hq, D, device=dev, dtype=dtype, generator=gen),
             "k": caches[i % distinct][0], "v": caches[i % distinct][1],
             "kg": torch.randn(B, Hkv, kb, gd, device=dev, generator=gen),
@@ -211,22 +216,37 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
             "idx": torch.full((B, Hkv, kb), -1, dtype=torch.int32, device=dev),
             "out": torch.empty(B, Hq, D, device=dev, dtype=dtype)})
 
-    def gate_step():
-        for g, t in zip(gates, layers):
+    def select(kind, g, t):
+        if kind == "gate":
             g.fused_select(t["q"], t["k"], t["kg"], top_k=top_k, out=(t["num"], t["idx"]))
+        else:
+            decode_bounds_select(t["q"], t["k"], t["kmin"], t["kmax"], top_k=top_k,
+                                 block_size=bs, out=(t["num"], t["idx"]))
 
-    def gate_and_sparse():
+    def gate_step(kind):
         for g, t in zip(gates, layers):
-            g.fused_select(t["q"], t["k"], t["kg"], top_k=top_k, out=(t["num"], t["idx"]))
+            select(kind, g, t)
+
+    def gate_and_sparse(kind):
+        for g, t in zip(gates, layers):
+            select(kind, g, t)
             sparse_decode_attention(t["q"], t["k"], t["v"], kv_num_blocks=t["num"],
                                     kv_indices=t["idx"], block_size=bs, scale=scale,
                                     backend="triton", out=t["out"], blocks_per_row=top_k)
 
-    gate_step()
-    check_fused_selection(gates[0], layers[0], top_k, bs)
-    row = {"context": M, "batch": B, "layers": L, "hq": Hq, "hkv": Hkv, "head_dim": D,
-           "block_size": bs, "density": top_k / kb, "top_k": top_k, "kv_caches": distinct,
-           "gate_ms": bench(gate_step), "gate_graph_ms": graph_bench(gate_step)}
+    base = {"context": M, "batch": B, "layers": L, "hq": Hq, "hkv": Hkv, "head_dim": D,
+            "block_size": bs, "density": top_k / kb, "top_k": top_k, "kv_caches": distinct}
+    rows = []
+    for kind in kinds:
+        gate_step(kind)
+        t = layers[0]
+        with torch.no_grad():
+            q = t["q"][:, :, None]
+            scores = gates[0].scores(q, t["kg"]) if kind == "gate" else \
+                bounds_scores(q, t["kmin"], t["kmax"], scale=scale)
+        check_fused_selection(scores[:, :, 0], t, top_k)
+        rows.append({"kind": kind, **base, "gate_ms": bench(lambda: gate_step(kind)),
+                     "gate_graph_ms": graph_bench(lambda: gate_step(kind))})
     dense = {}
     for name in dense_names(dev) + ("ours-dense",):
         def step(name=name):
@@ -241,16 +261,17 @@ def gate_step_cost(M, B, shape, bs, density, gates, gen, dev, log,
             log(f"dense {name} refused B={B} M={M}: {str(e).splitlines()[0]}")
             continue
         dense[name] = {"eager_ms": bench(step), "graph_ms": graph_bench(step)}
-    row["dense"] = dense
     best = min(((f"{n} {kind[:-3]}", ms) for n, d in dense.items() for kind, ms in d.items()
                 if ms is not None), key=lambda x: x[1])
-    row["best_dense"], row["best_dense_ms"] = best
-    row["gate_sparse_graph_ms"] = graph_bench(gate_and_sparse)
-    gate_ms = row["gate_graph_ms"] if row["gate_graph_ms"] is not None else row["gate_ms"]
-    row["gate_share_of_dense"] = gate_ms / best[1]
-    row["gate_timing"] = "graph" if row["gate_graph_ms"] is not None else "eager"
+    for row in rows:
+        row["dense"] = dense
+        row["best_dense"], row["best_dense_ms"] = best
+        row["gate_sparse_graph_ms"] = graph_bench(lambda: gate_and_sparse(row["kind"]))
+        gate_ms = row["gate_graph_ms"] if row["gate_graph_ms"] is not None else row["gate_ms"]
+        row["gate_share_of_dense"] = gate_ms / best[1]
+        row["gate_timing"] = "graph" if row["gate_graph_ms"] is not None else "eager"
     del layers, caches
-    return row
+    return rows
 
 
 def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict]]:
@@ -355,12 +376,13 @@ def run(args, log, save=lambda rows, gates: None) -> tuple[list[dict], list[dict
         gate_set = load_gates(args.decode_gates, shape, args.block_size, dev)
         for M in args.gate_contexts:
             for B in args.gate_batches:
-                g = gate_step_cost(M, B, shape, args.block_size, args.gate_density, gate_set,
-                                   gen, dev, log)
-                gates.append(g)
-                log(f"gate B={B} M={M}, {g['layers']} layers: eager {g['gate_ms']:.4f} ms, "
-                    f"graph {g['gate_graph_ms']} ms; best dense {g['best_dense']} "
-                    f"{g['best_dense_ms']:.4f} ms; share {g['gate_share_of_dense']:.3f}")
+                for g in gate_step_cost(M, B, shape, args.block_size, args.gate_density,
+                                        gate_set, gen, dev, log, kinds=args.gate_kinds):
+                    gates.append(g)
+                    log(f"{g['kind']} B={B} M={M}, {g['layers']} layers: eager "
+                        f"{g['gate_ms']:.4f} ms, graph {g['gate_graph_ms']} ms; best dense "
+                        f"{g['best_dense']} {g['best_dense_ms']:.4f} ms; share "
+                        f"{g['gate_share_of_dense']:.3f}")
                 if cuda:
                     torch.cuda.empty_cache()
                 save(rows, gates)
@@ -393,14 +415,14 @@ def table(env, rows, gates, shape) -> str:
         lines += ["", f"Decode gate per token, all {gates[0]['layers']} layers (one fused "
                   "launch per layer) vs "
                   "dense decode attention of all layers; ms (eager / CUDA graph):", "",
-                  "| context | batch | density | gate eager | gate graph | "
+                  "| step | context | batch | density | gate eager | gate graph | "
                   + " | ".join(f"{n} eager / graph" for n in names)
                   + " | best dense | gate / best dense | gate + sparse, graph |",
-                  "|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+                  "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
         for g in gates:
             cells = [f"{_ms(g['dense'][n]['eager_ms'])} / {_ms(g['dense'][n]['graph_ms'])}"
                      if n in g["dense"] else "-" for n in names]
-            lines.append(f"| {g['context']} | {g['batch']} | {g['density']:.3f} | "
+            lines.append(f"| {g['kind']} | {g['context']} | {g['batch']} | {g['density']:.3f} | "
                          f"{_ms(g['gate_ms'])} | {_ms(g['gate_graph_ms'])} | "
                          + " | ".join(cells)
                          + f" | {g['best_dense']} {g['best_dense_ms']:.4f} | "
@@ -417,6 +439,13 @@ def _floats(text):
     return [float(x) for x in text.split(",") if x]
 
 
+def _kinds(text):
+    kinds = tuple(x for x in text.split(",") if x)
+    if not kinds or set(kinds) - {"gate", "bounds"}:
+        raise argparse.ArgumentTypeError(f"expected gate and / or bounds, got {text!r}")
+    return kinds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
@@ -431,6 +460,9 @@ def main(argv=None) -> int:
                    help="batches of the gate timing (default 1,16)")
     p.add_argument("--gate-density", type=float, default=0.1,
                    help="token budget of the timed gate, a share of the context")
+    p.add_argument("--gate-kinds", type=_kinds, default=("gate",),
+                   help="selection steps timed per token: gate (the decode gate's fused step), "
+                        "bounds (the Quest-style bounds step), comma-separated (default gate)")
     p.add_argument("--layers", type=int, default=None,
                    help="layers of the gate timing (default: the shape's)")
     p.add_argument("--decode-gates", default=None,

@@ -28,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptive_sparse.attention.triton.decode import _sm_count
+from adaptive_sparse.attention.triton.decode import _pow2_at_least
+from adaptive_sparse.attention.triton.decode_select import (arrive_and_select, chunk_configs,
+                                                            last_block_keys, launch, program_row,
+                                                            step_buffers)
 
 POOLINGS = ("avg", "max", "min")
 
@@ -54,19 +57,8 @@ def decode_gate_fwd_kernel(
     [B, H_KV]; IDX int32 [B, H_KV, KB] (contiguous, KB <= KB_P2: the blocks of the longest
     sequence); SEQLENS int32 [B] (UNIFORM: every sequence holds N_KV tokens, SEQLENS unread).
     PROGRAMS (a power of two at least B * H_KV) is an autotune key only."""
-    bh = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    if UNIFORM:
-        seqlen = N_KV
-    else:
-        seqlen = tl.load(SEQLENS + b)
-    nb = tl.cdiv(seqlen, BS)
+    bh, b, h, seqlen, nb, first, end = program_row(SEQLENS, H_KV, N_KV, KB, BS, CH, UNIFORM)
     last = nb - 1
-    span = tl.cdiv(tl.cdiv(KB, CH), tl.num_programs(1)) * CH
-    first = chunk * span
-    end = tl.minimum(first + span, nb)
     offs_d = tl.arange(0, D)
     offs_o = tl.arange(0, GD_P2)
     o_ok = offs_o < GD
@@ -84,10 +76,8 @@ def decode_gate_fwd_kernel(
         qg = qg * Q_SCALE
         s_last = 0.0
         if last < end:  # this program holds the last block: its key features
-            rows = last * BS + tl.arange(0, BS)
-            valid = rows < seqlen
-            x = tl.load(K + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_km
-                        + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            x, valid = last_block_keys(K + b * stride_kb + h * stride_kh, stride_km, nb, seqlen,
+                                       offs_d, BS)
             wk = WK + h * (P * D * GD) + offs_d[:, None] * GD + offs_o[None, :]
             kg = tl.zeros([GD_P2], dtype=tl.float32)
             if AVG >= 0:
@@ -111,70 +101,13 @@ def decode_gate_fwd_kernel(
             sc = tl.where(j == last, s_last, tl.sum(kgc * qg[None, :], 1))
             tl.store(s_row + j, sc, mask=j < end)
 
-    tl.debug_barrier()  # every thread's scores stored before the release below
-    arrived = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(1) - 1:
-        # the row's last program: top-k with forced blocks, ties to the lower block number
-        offs = tl.arange(0, KB_P2)
-        in_row = offs < nb
-        s = tl.load(s_row + offs, mask=in_row, other=float("-inf"), cache_modifier=".cg")
-        s = tl.where(s == s, s, float("-inf"))  # NaN never ranks
-        forced = (offs < last) & (offs >= last - LOCAL)
-        if KEEP_SINK:
-            forced = forced | (offs == 0)
-        if KEEP_DIAG:
-            forced = forced | (offs == last)
-        s = tl.where(in_row & forced, float("inf"), s)
-        k = tl.minimum(TOP_K, nb)
-        ranked = tl.sort(s, descending=True)
-        kth = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
-        above = in_row & (s > kth)
-        tie = in_row & (s == kth) & (s > float("-inf"))
-        need = k - tl.sum(above.to(tl.int32), 0)
-        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
-        keep_i = keep.to(tl.int32)
-        n = tl.sum(keep_i, 0)
-        pos = tl.where(keep, tl.cumsum(keep_i, 0) - 1, n + tl.cumsum(1 - keep_i, 0) - 1)
-        tl.store(IDX + bh * KB + pos, offs.to(tl.int32), mask=offs < KB)
-        tl.store(NUM + bh, n)
-        tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
-
-
-def _configs():
-    # latency-bound: blocks scored per program (more programs per row, each re-projecting the
-    # query from L2) and the warps per program (the last one also sorts the row's scores)
-    return [triton.Config({"CH": ch}, num_warps=w) for ch, w in
-            ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8), (128, 8))]
+    arrive_and_select(s_row, CNT, NUM, IDX, bh, nb, TOP_K, KB, LOCAL, KB_P2, KEEP_SINK,
+                      KEEP_DIAG)
 
 
 decode_gate_fwd_autotuned = triton.autotune(
-    configs=_configs(), key=["KB_P2", "G", "D", "GD", "BS", "P", "UNIFORM", "PROGRAMS"],
+    configs=chunk_configs(), key=["KB_P2", "G", "D", "GD", "BS", "P", "UNIFORM", "PROGRAMS"],
 )(decode_gate_fwd_kernel)
-
-_WORKSPACES: dict[tuple, tuple] = {}
-
-
-def _workspace(device, rows: int, kb_p2: int):
-    """(scores fp32 [rows, kb_p2], arrival counts int32 [rows] of zeros), kept per device and
-    shape (no allocation per step after the first; layers share them: launches on one stream
-    run in order). The kernel leaves the counts at zero."""
-    key = (device, rows, kb_p2)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        if len(_WORKSPACES) > 64:
-            _WORKSPACES.clear()
-        ws = (torch.empty(rows, kb_p2, dtype=torch.float32, device=device),
-              torch.zeros(rows, dtype=torch.int32, device=device))
-        _WORKSPACES[key] = ws
-    return ws
-
-
-_BEST: dict[tuple, dict] = {}
-
-
-def _p2(x: int) -> int:
-    """The least power of two >= x (plain int arithmetic: called per decode step)."""
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
@@ -194,73 +127,33 @@ def decode_gate_select(q: torch.Tensor, k_cache: torch.Tensor, wq: torch.Tensor,
     one program, no arrival count across programs; never changes the result).
     Returns (kv_num_blocks int32 [B, Hkv], kv_indices int32 [B, Hkv, ceil(M / block_size)]:
     the kept blocks ascending, then the others ascending). Reads no value on the host."""
-    if q.dim() == 4:
-        q = q[:, :, 0]
+    q, k_cache, kb, kb_p2, scratch, count, num, idx = step_buffers(
+        q, k_cache, block_size=block_size, top_k=top_k, programs=programs, out=out)
     B, Hq, D = q.shape
-    Hkv, M = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
     G, GD = Hq // Hkv, wq.shape[-1]
     poolings = tuple(poolings)
-    if Hq % Hkv or tuple(wq.shape) != (Hkv, G * D, GD) \
-            or tuple(wk.shape) != (Hkv, len(poolings) * D, GD):
+    if tuple(wq.shape) != (Hkv, G * D, GD) or tuple(wk.shape) != (Hkv, len(poolings) * D, GD):
         raise ValueError(f"wq, wk: expected [{Hkv}, {G * D}, GD] and [{Hkv}, "
                          f"{len(poolings) * D}, GD], got {tuple(wq.shape)}, {tuple(wk.shape)}")
-    if D & (D - 1) or block_size & (block_size - 1):
-        raise ValueError(f"head_dim, block_size: expected powers of two, got {D}, {block_size}")
-    kb = -(-M // block_size)
     if kg.dtype != torch.float32 or kg.dim() != 4 or tuple(kg.shape[:2]) != (B, Hkv) \
             or kg.shape[2] < kb or kg.shape[3] != GD or kg.stride(-1) != 1:
         raise ValueError(f"kg: expected float32 [{B}, {Hkv}, >= {kb}, {GD}] (last dim "
                          f"contiguous), got {kg.dtype} {tuple(kg.shape)}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
-    if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool)
-                                 or programs < 1):
-        raise ValueError(f"programs: expected None or a positive int, got {programs!r}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1:
-        k_cache = k_cache.contiguous()
     if wq.dtype != torch.float32 or not wq.is_contiguous():
         wq = wq.float().contiguous()
     if wk.dtype != torch.float32 or not wk.is_contiguous():
         wk = wk.float().contiguous()
-    kb_p2 = max(16, _p2(kb))
-    scratch, count = _workspace(q.device, B * Hkv, kb_p2)
-    if out is None:
-        num = torch.empty(B, Hkv, dtype=torch.int32, device=q.device)
-        idx = torch.empty(B, Hkv, kb, dtype=torch.int32, device=q.device)
-    else:
-        num, idx = out
-        if num.shape != (B, Hkv) or idx.shape != (B, Hkv, kb) or num.dtype != torch.int32 \
-                or idx.dtype != torch.int32 or not (num.is_contiguous() and idx.is_contiguous()):
-            raise ValueError(f"out: expected contiguous int32 [{B}, {Hkv}] and [{B}, {Hkv}, "
-                             f"{kb}], got {tuple(num.shape)}, {tuple(idx.shape)}")
     slot = {p: (poolings.index(p) if p in poolings else -1) for p in POOLINGS}
     uniform = cache_seqlens is None
     args = (q, k_cache, wq, wk, kg, scratch, count, num, idx,
             num if uniform else cache_seqlens,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             kg.stride(0), kg.stride(1), kg.stride(2),
-            Hkv, M, top_k, kb, local_blocks, float(q_scale), _p2(B * Hkv))
-    meta = dict(G=G, D=D, GD=GD, GD_P2=_p2(GD), BS=block_size,
+            Hkv, k_cache.shape[2], top_k, kb, local_blocks, float(q_scale), _pow2_at_least(B * Hkv))
+    meta = dict(G=G, D=D, GD=GD, GD_P2=_pow2_at_least(GD), BS=block_size,
                 KB_P2=kb_p2, P=len(poolings), AVG=slot["avg"], MAX=slot["max"],
                 MIN=slot["min"], UNIFORM=uniform, KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal)
-    rows = B * Hkv
-    # programs per row: about two waves in all (or as asked)
-    waves = programs if programs is not None else -(-2 * _sm_count(q.device) // rows)
-
-    def grid(m):
-        return (rows, max(1, min(waves, -(-kb // m["CH"]))))
-
-    if q.is_cuda:  # the kernel is idempotent: autotuning may rerun it
-        key = (q.dtype, k_cache.dtype, *meta.values(), args[-1])
-        cfg = _BEST.get(key)
-        if cfg is None:
-            decode_gate_fwd_autotuned[grid](*args, **meta)
-            best = decode_gate_fwd_autotuned.best_config
-            _BEST[key] = {**best.kwargs, "num_warps": best.num_warps}
-        else:
-            decode_gate_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
-    else:  # the interpreter: one fixed configuration, small chunks (several per row)
-        decode_gate_fwd_kernel[grid({"CH": 4})](*args, **meta, CH=4, num_warps=4)
+    launch(decode_gate_fwd_kernel, decode_gate_fwd_autotuned, args, meta, rows=B * Hkv, kb=kb,
+           programs=programs, key=(q.dtype, k_cache.dtype, *meta.values(), args[-1]))
     return num, idx
