@@ -223,3 +223,32 @@ def test_gpu_bounds_step_replays_from_a_cuda_graph():
         want = decode_bounds_select(q, k, kmin.clone(), kmax.clone(), top_k=6, block_size=bs,
                                     cache_seqlens=seqlens)
         assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+@pytest.mark.parametrize("policy", [dict(kind="top_k", k=3), dict(kind="density", density=0.4,
+                                                                   local_blocks=1)])
+def test_fast_bounds_provider_selects_as_the_eager_one(policy):
+    """DecodeProvider(decode="bounds", fast=True) (one `decode_bounds_select` launch per step,
+    the bounds buffer grown without a launch, the last block's rows written by the kernel)
+    keeps the blocks the eager bounds provider keeps, over a prompt and 14 steps across a block
+    boundary; the cache is bounded once per prompt."""
+    from adaptive_sparse.gates.decode import DecodeProvider
+
+    fast = DecodeProvider(policy, decode="bounds", block_size=16, fast=True)
+    eager = DecodeProvider(policy, decode="bounds", block_size=16, fast=False)
+    gen = torch.Generator().manual_seed(5)
+    # blocks shifted apart (as bounds_case does): no near-ties between block scores
+    k = (torch.randn(2, 2, 6, 16, 16, generator=gen) * (torch.rand(2, 2, 6, 1, 1, generator=gen)
+         * 3 + 0.25) + torch.randn(2, 2, 6, 1, 16, generator=gen) * 2).flatten(2, 3)[:, :, :90]
+    for p in (fast, eager):
+        for layer in (0, 1):
+            assert p(layer, torch.randn(2, 4, 56, 16), k[:, :, :56]) is None  # dense prefill
+    for M in range(57, 71):
+        q = torch.randn(2, 4, 1, 16, generator=gen)
+        for layer in (0, 1):
+            a, b = fast(layer, q, k[:, :, :M]), eager(layer, q, k[:, :, :M])
+            assert a.kv_len == b.kv_len == M
+            assert torch.equal(a.to_dense(), b.to_dense()), (M, layer)
+    assert fast.caches[0].recomputes == 1
+    assert fast.decode_density() == pytest.approx(eager.decode_density())
+    assert fast.decode_density() < 0.9

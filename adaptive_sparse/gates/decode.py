@@ -210,6 +210,20 @@ class _BlockCache:
         self.length = M
         return self.buf[:, :, :nb]
 
+    def advance(self, k: torch.Tensor) -> torch.Tensor:
+        """For a fused step that writes the last block's features itself
+        (`DecodeGate.fused_select`, `decode_bounds_select`): the whole buffer
+        [B, Hkv, capacity, F] with every block before the last one of k [B, Hkv, M, D] current.
+        A call that continues the cache by one token only grows the buffer (no launch);
+        anything else recomputes through `update`."""
+        M = k.shape[2]
+        if not self._continues(k):
+            self.update(k)
+        else:
+            self._ensure(k, num_blocks(M, self.block_size))
+            self.full, self.length = M // self.block_size, M
+        return self.buf
+
 
 class DecodeKeyCache(_BlockCache):
     """Projected key-block features of one layer's KV cache, kept in step with the cache.
@@ -232,19 +246,6 @@ class DecodeKeyCache(_BlockCache):
 
     def _features(self, part):
         return self.gate.project_keys(self.gate.pooled_keys(part))
-
-    def advance(self, k: torch.Tensor) -> torch.Tensor:
-        """For `DecodeGate.fused_select`, which writes the last block's features itself: the
-        whole buffer [B, Hkv, capacity, gd] with every block before the last one of k
-        [B, Hkv, M, D] current. A call that continues the cache by one token only grows the
-        buffer (no pooling, no launch); anything else recomputes through `update`."""
-        M = k.shape[2]
-        if not self._continues(k):
-            self.update(k)
-        else:
-            self._ensure(k, num_blocks(M, self.block_size))
-            self.full, self.length = M // self.block_size, M
-        return self.buf
 
 
 def block_key_bounds(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +279,13 @@ class DecodeBoundsCache(_BlockCache):
     def update(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         D = k.shape[3]
         b = super().update(k)
+        return b[..., :D], b[..., D:]
+
+    def advance(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_BlockCache.advance` as (kmin, kmax) [B, Hkv, capacity, D] views (for
+        `decode_bounds_select`, which writes the last block's rows)."""
+        D = k.shape[3]
+        b = super().advance(k)
         return b[..., :D], b[..., D:]
 
 
@@ -543,9 +551,10 @@ class DecodeProvider:
         pass the same to `sparse_attention`.
     num_layers: the model's layer count, for a policy with a "linear" layer schedule (the gates'
         count when given).
-    fast: with decode="gate", run each decode step's key pooling, scoring and a uniform top-k
-        (`uniform_top_k`) as one Triton launch per layer (`DecodeGate.fused_select`); None:
-        on CUDA tensors. Other policies take the eager path.
+    fast: with decode="gate" (fp32 gates) or "bounds" (combine "max"), run each decode step's
+        last-block features, scoring and a uniform top-k (`uniform_top_k`) as one Triton launch
+        per layer (`DecodeGate.fused_select`, `decode_bounds_select`); None: on CUDA tensors.
+        Other policies take the eager path.
     `selected_blocks` / `total_blocks` (device tensors, no sync) count the decode selections."""
 
     def __init__(self, policy=None, *, gates: DecodeGateSet | None = None, prefill=None,
@@ -594,8 +603,7 @@ class DecodeProvider:
         num_layers = self.num_layers or layer_idx + 1  # only a "linear" layer schedule needs it
         with torch.no_grad():
             top_k = None
-            if self.decode == "gate" and (q.is_cuda if self.fast is None else self.fast) \
-                    and self.gates[layer_idx].wk.dtype == torch.float32:
+            if (q.is_cuda if self.fast is None else self.fast) and self._fusable(layer_idx):
                 top_k = uniform_top_k(self.policy, kv_len=M, block_size=bs,
                                       layer_idx=layer_idx, num_layers=num_layers)
             # one launch: the last block's features, the scores, the selection
@@ -605,7 +613,7 @@ class DecodeProvider:
                 scores = self.gates[layer_idx].scores(q, kg)[:, :, 0]  # [B, Hkv, Kb]
                 mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
                                             layer_idx=layer_idx, num_layers=num_layers)
-            elif self.decode == "bounds":
+            elif mask is None and self.decode == "bounds":
                 kmin, kmax = self.caches[layer_idx].update(k)
                 scores = bounds_scores(q, kmin, kmax, combine=self.bounds_combine)[:, :, 0]
                 mask = select_decode_blocks(scores, self.policy, kv_len=M, block_size=bs,
@@ -621,20 +629,37 @@ class DecodeProvider:
         self.total_blocks += mask.kv_num_blocks.numel() * num_blocks(M, bs)
         return mask
 
+    def _fusable(self, layer_idx: int) -> bool:
+        """Whether this layer's selection has a one-launch step: the decode gates with fp32
+        weights, or the bounds combined by max."""
+        if self.decode == "gate":
+            return self.gates[layer_idx].wk.dtype == torch.float32
+        return self.decode == "bounds" and self.bounds_combine == "max"
+
     def _fused(self, layer_idx: int, q, k, top_k: int) -> BlockSparseMask | None:
-        """The fused gate step's mask; None when the automatic fast path (fast=None) could not
-        launch (said once in a warning; the eager path serves from then on)."""
+        """The fused step's mask (`DecodeGate.fused_select` or `decode_bounds_select`); None
+        when the automatic fast path (fast=None) could not launch (said once in a warning; the
+        eager path serves from then on)."""
         p, M = self.policy, k.shape[2]
+        forced = dict(top_k=top_k, keep_sink=p.keep_sink, keep_diagonal=p.keep_diagonal,
+                      local_blocks=p.local_blocks)
         try:
-            num, idx = self.gates[layer_idx].fused_select(
-                q, k, self.caches[layer_idx].advance(k), top_k=top_k, keep_sink=p.keep_sink,
-                keep_diagonal=p.keep_diagonal, local_blocks=p.local_blocks)
+            if self.decode == "gate":
+                num, idx = self.gates[layer_idx].fused_select(
+                    q, k, self.caches[layer_idx].advance(k), **forced)
+            else:
+                from adaptive_sparse.attention.triton.decode_bounds import decode_bounds_select
+
+                kmin, kmax = self.caches[layer_idx].advance(k)
+                num, idx = decode_bounds_select(q, k, kmin, kmax, block_size=self.block_size,
+                                                **forced)
         except Exception as e:  # noqa: BLE001 - only the automatic choice falls back
             if self.fast is not None:
                 raise
             import warnings
-            warnings.warn(f"DecodeProvider: the fused decode-gate step failed ({type(e).__name__}:"
-                          f" {e}); using the eager gate path", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"DecodeProvider: the fused decode-{self.decode} step failed "
+                          f"({type(e).__name__}: {e}); using the eager path", RuntimeWarning,
+                          stacklevel=3)
             self.fast = False
             for cache in self.caches.values():  # recomputed from the cache by the eager path
                 cache.reset()
