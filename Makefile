@@ -26,7 +26,7 @@ demo: $(STAMP)
 # set before triton is imported, and it would let backend="triton" run on CPU tensors).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" --ignore=tests/test_triton.py $(PYTEST_ARGS)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" tests/test_triton.py tests/test_gate_fast.py tests/test_attention_bench.py tests/test_decode.py tests/test_fp8.py tests/test_kernel_out.py tests/test_attention_api.py tests/test_exp2_poly.py tests/test_decode_generation.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu and not slow" tests/test_triton.py tests/test_gate_fast.py tests/test_attention_bench.py tests/test_decode.py tests/test_fp8.py tests/test_kernel_out.py tests/test_attention_api.py tests/test_exp2_poly.py tests/test_decode_generation.py tests/test_decode_bounds_kernel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,3 +14,6 @@ needs_triton = pytest.mark.skipif(not (CUDA or INTERPRET),
                                   reason="triton backend: needs CUDA or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 gpu = pytest.mark.gpu
+# CPU tensors through a Triton kernel: only the interpreter runs them (on a CUDA machine without
+# it the kernel would get host pointers); their CUDA twins carry `gpu`
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: needs TRITON_INTERPRET=1")

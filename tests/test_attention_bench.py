@@ -3,13 +3,10 @@ Triton interpreter with small shapes: every row checked against the fp64 oracle.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                       reason="runs the Triton kernels on the CPU interpreter")
+from marks import needs_interpreter  # tests/ is on sys.path
 
 
 def _artifact(tmp_path, heads):

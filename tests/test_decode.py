@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adaptive_sparse.attention.decode import decode_reference, sparse_decode_attention
-from marks import CUDA, INTERPRET, gpu, needs_cuda, needs_triton  # tests/ is on sys.path
+from marks import CUDA, INTERPRET, gpu, needs_cuda, needs_interpreter, needs_triton  # tests/ is on sys.path
 
 # model and gate tests use no Triton kernel: run once, in the pass without the interpreter
 no_kernel = pytest.mark.skipif(INTERPRET, reason="no Triton kernel: runs in the other pass")
@@ -522,7 +522,7 @@ def test_generate_options_build_the_providers(prefill, tmp_path):
             model(ids)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,seqlens,options", [
     (150, None, dict(k=4)),
@@ -579,7 +579,7 @@ def test_fused_decode_gate_step_matches_the_eager_gate(dtype, M, seqlens, option
                 assert rest == sorted(set(range(-(-M // bs))) - set(got))
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("policy", [dict(kind="top_k", k=3), dict(kind="density", density=0.4,
                                                                    local_blocks=1)])
 def test_fast_decode_provider_selects_as_the_eager_one(policy):
@@ -609,7 +609,7 @@ def test_fast_decode_provider_selects_as_the_eager_one(policy):
     assert fast.decode_density() == pytest.approx(eager.decode_density())
 
 
-@needs_triton
+@needs_interpreter
 def test_generation_through_the_fused_gate_step_equals_the_eager_gates():
     """model.generate under sparse_attention with DecodeProvider(fast=True) (the fused Triton
     gate step, the decode kernel in the interpreter) gives the eager provider's greedy tokens;

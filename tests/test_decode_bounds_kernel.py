@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marks import CUDA, gpu, needs_cuda, needs_triton  # tests/ is on sys.path
+from marks import CUDA, gpu, needs_cuda, needs_interpreter, needs_triton  # tests/ is on sys.path
 
 pytestmark = needs_triton
 
@@ -225,6 +225,7 @@ def test_gpu_bounds_step_replays_from_a_cuda_graph():
         assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
 
 
+@needs_interpreter
 @pytest.mark.parametrize("policy", [dict(kind="top_k", k=3), dict(kind="density", density=0.4,
                                                                    local_blocks=1)])
 def test_fast_bounds_provider_selects_as_the_eager_one(policy):
