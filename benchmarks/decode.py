@@ -395,8 +395,9 @@ def _ms(x) -> str:
 
 def table(env, rows, gates, shape) -> str:
     HQ, HKV, D, _ = SHAPES[shape]
+    bs = (rows or gates)[0]["block_size"] if rows or gates else "-"
     lines = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {shape}: "
-             f"Hq {HQ} / Hkv {HKV}, D {D}, block {rows[0]['block_size'] if rows else '-'}",
+             f"Hq {HQ} / Hkv {HKV}, D {D}, block {bs}",
              "| context | batch | method | density | ms | ms, CUDA graph | TB/s | speedup vs "
              "best dense | speedup, graphs | 1/density | rel. err (reference) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
