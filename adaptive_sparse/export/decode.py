@@ -231,8 +231,8 @@ def run_decode_export(args: argparse.Namespace) -> Path:
     model, tok = load_model(args.model)
     # the policy (and, with --train-steps, gates trained from the identity init)
     ns = argparse.Namespace(**{**vars(args), "decode_gates": None}, decode="gate",
-                            prefill="dense", prefill_gates=None, save_decode_gates=None,
-                            device="cpu")
+                            bounds_combine="max", prefill="dense", prefill_gates=None,
+                            save_decode_gates=None, device="cpu")
     provider, policy = make_decode_provider(ns, model, tok)
     gates = provider.gates
     if args.decode_gates:  # an artifact's gates pass the fingerprint check against the model
