@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,20 @@ from benchmarks.quality import Results
 
 DENSITIES = (0.05, 0.1, 0.2)
 CORPORA = ("stdlib", "essays")
-SOURCES = ("gate", "oracle", "bounds")
+# selections: the decode gates, the oracle, the bounds (the group's max of the per-head bounds)
+# and "bounds_mean" (the group's mean of per-head softmaxes); a source may end in "+localN":
+# the N cache blocks before the newest forced too, inside the same token budget
+SOURCES = ("gate", "oracle", "bounds", "bounds_mean")
+_LOCAL = re.compile(r"^(?P<name>[a-z_]+)(\+local(?P<n>[0-9]+))?$")
+
+
+def parse_source(spec: str) -> tuple[str, int]:
+    """"NAME" or "NAME+localN" -> (NAME, N); NAME in SOURCES (exit 2 otherwise)."""
+    m = _LOCAL.match(spec)
+    if m is None or m["name"] not in SOURCES:
+        raise fail("--sources", f"each one of {SOURCES}, optionally with +localN (e.g. "
+                   "bounds+local2)", spec)
+    return m["name"], int(m["n"] or 0)
 INSTRUCTION = ("\n\nExplain in detail what the text above says or does, part by part, "
                "quoting the important names.")
 NEEDLE_TOKENS = 12
@@ -81,8 +95,12 @@ def make_provider(source: str, density: float | None, n: int, gates, args, num_l
 
     if source == "dense":
         return DecodeProvider(decode="dense", block_size=args.block_size), None
-    policy = token_budget_policy(max(1, round(density * n)), args.block_size)
-    return DecodeProvider(policy, gates=gates if source == "gate" else None, decode=source,
+    name, local = parse_source(source)
+    policy = token_budget_policy(max(1, round(density * n)), args.block_size,
+                                 local_blocks=local)
+    return DecodeProvider(policy, gates=gates if name == "gate" else None,
+                          decode="bounds" if name.startswith("bounds") else name,
+                          bounds_combine="mean_prob" if name == "bounds_mean" else "max",
                           block_size=args.block_size, num_layers=num_layers), policy
 
 
@@ -397,10 +415,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="context lengths N (default: 16384 32768 on CUDA, 1024 2048 on CPU)")
     p.add_argument("--corpora", nargs="+", default=list(CORPORA))
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
-    p.add_argument("--sources", nargs="+", choices=SOURCES, default=["gate"],
-                   help="selections to measure: the decode gates, the keys' per-block min / "
-                        "max bound (bounds, training-free) and/or the oracle (the true "
-                        "attention mass per block, a bound)")
+    p.add_argument("--sources", nargs="+", default=["gate"],
+                   help="selections to measure: the decode gates (gate), the keys' per-block "
+                        "min / max bound (bounds, training-free; bounds_mean: the query group "
+                        "combined by its mean softmax), the oracle (the true attention mass per "
+                        "block, a bound); NAME+localN also forces the N blocks before the newest")
     p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=64)
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     p.add_argument("--eval-seqs", type=int, default=None,
@@ -442,6 +461,8 @@ def defaults(args) -> argparse.Namespace:
                  "train_seq_len", "train_seqs"):
         if getattr(args, name) < 1:
             raise fail(f"--{name.replace('_', '-')}", "a positive int", getattr(args, name))
+    for spec in args.sources:
+        parse_source(spec)
     if any(d <= 0 or d > 1 for d in args.densities):
         raise fail("--densities", "values in (0, 1]", args.densities)
     small = min(args.contexts)
@@ -453,7 +474,11 @@ def defaults(args) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = defaults(_parser().parse_args(argv))
+    parser = _parser()
+    try:
+        args = defaults(parser.parse_args(argv))
+    except ValueError as e:
+        parser.error(str(e))  # exit status 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from adaptive_sparse.data import make_needle_samples, pack, score_answer
@@ -468,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
     log(f"== {args.model} ({args.dtype}) on {args.device} in {time.perf_counter() - t0:.0f} s")
-    gates, training = obtain_gates(args, model, tok, out, log) if "gate" in args.sources \
+    gates, training = obtain_gates(args, model, tok, out, log) \
+        if any(parse_source(spec)[0] == "gate" for spec in args.sources) \
         else (None, None)
     import transformers
     env = {**environment(), "transformers": transformers.__version__}

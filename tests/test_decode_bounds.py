@@ -192,7 +192,8 @@ def test_decode_quality_measures_bounds_without_training_gates(smollm2, tmp_path
     out = tmp_path / "dq"
     argv = ["--device", "cpu", "--contexts", "320", "--corpora", "essays", "--densities",
             "0.25", "--tf-tokens", "4", "--eval-seqs", "1", "--needle-per-depth", "1",
-            "--tasks", "tf", "needle", "--sources", "bounds", "--out", str(out)]
+            "--tasks", "tf", "needle", "--sources", "bounds", "bounds_mean+local1", "--out",
+            str(out)]
     assert decode_quality.main(argv) == 0
     log = capsys.readouterr().out
     assert "decode gates" not in log and not (out / "decode_gates").exists()
@@ -201,6 +202,9 @@ def test_decode_quality_measures_bounds_without_training_gates(smollm2, tmp_path
     tf, needle = rows["tf|essays|320|bounds|0.25"], rows["needle|essays|320|bounds|0.25"]
     assert math.isfinite(tf["perplexity"]) and math.isfinite(tf["ppl_change"])
     assert tf["density"] == 2 / 5 and 0 <= needle["needle_accuracy"] <= 1
+    # the block before the newest forced too: 3 of the 5 blocks, over the 2-block budget
+    local = rows["tf|essays|320|bounds_mean+local1|0.25"]
+    assert local["density"] == 3 / 5 and math.isfinite(local["ppl_change"])
     assert data["meta"].get("training") is None
     assert "| essays | 320 | bounds@0.25 | 0.400 |" in (out / "decode_quality.md").read_text()
 
@@ -239,9 +243,11 @@ def test_bad_bounds_flags_exit_2(tmp_path, capsys):
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--bounds-combine: invalid choice" in err and "error: --decode-bounds: expected" in err
-    with pytest.raises(SystemExit) as e:
-        decode_quality.main(["--sources", "quest", "--out", str(tmp_path / "dq")])
-    assert e.value.code == 2
+    for spec in ("quest", "bounds+locl2", "bounds+local"):
+        with pytest.raises(SystemExit) as e:
+            decode_quality.main(["--sources", spec, "--out", str(tmp_path / "dq")])
+        assert e.value.code == 2
+    assert "--sources: expected each one of" in capsys.readouterr().err
 
 
 def test_generate_options_build_a_bounds_provider():
